@@ -1,0 +1,12 @@
+// AVX-512 (F, BW, VL, DQ) kernels (16 fp32 lanes). Only called after a run-time CPU check.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define RLHF_ISA_AVX512
+#define RLHF_ISA_NS avx512
+#include "cpu/kernel_table.h"
+
+namespace rlhf_fast::avx512 {
+const KernelTable& kernel_table() {
+  static const KernelTable table = make_kernel_table<VecAvx512>("avx512");
+  return table;
+}
+}  // namespace rlhf_fast::avx512

@@ -1,0 +1,26 @@
+// Builds the KernelTable of the ISA this translation unit is compiled for. Included once, by
+// isa_<name>.cpp, after it has set the target and RLHF_ISA_NS.
+#pragma once
+
+#include "cpu/gae_kernel.h"
+#include "cpu/rank_loss_kernel.h"
+
+namespace rlhf_fast {
+namespace RLHF_ISA_NS {
+
+template <class V>
+KernelTable make_kernel_table(const char* isa) {
+  KernelTable table{};
+  table.isa = isa;
+  table.width = V::W;
+  table.gae[kF32] = &gae_rows<V, float>;
+  table.gae[kBF16] = &gae_rows<V, bf16_t>;
+  table.gae[kF16] = &gae_rows<V, fp16_t>;
+  table.rank_loss[kF32] = &rank_loss_rows<V, float>;
+  table.rank_loss[kBF16] = &rank_loss_rows<V, bf16_t>;
+  table.rank_loss[kF16] = &rank_loss_rows<V, fp16_t>;
+  return table;
+}
+
+}  // namespace RLHF_ISA_NS
+}  // namespace rlhf_fast

@@ -1,0 +1,82 @@
+// Plain C++ interface between the torch bindings (ops.cpp) and the ISA-specific kernels.
+//
+// Nothing here includes torch: the kernel translation units stay cheap to compile and free of
+// inline library code that could leak across ISAs. Each ISA exports one KernelTable.
+#pragma once
+
+#include <cstdint>
+
+namespace rlhf_fast {
+
+// Storage types of 16-bit inputs; kernels convert them to fp32 on load.
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
+
+enum DTypeIndex : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3 };
+
+// gae: rows [row_begin, row_end) of [B, T] inputs. Strides are in elements; the time
+// stride of every input is 1. Outputs are contiguous fp32 [B, T].
+struct GaeArgs {
+  const void* rewards;
+  const void* values;
+  const uint8_t* mask;  // nullptr: every step is valid
+  int64_t rewards_row_stride;
+  int64_t values_row_stride;
+  int64_t mask_row_stride;
+  int64_t T;
+  float gamma;
+  float lam;
+  float* advantages;
+  float* returns;
+};
+using GaeFn = void (*)(const GaeArgs&, int64_t row_begin, int64_t row_end);
+
+// rank_loss: rows [row_begin, row_end) of [B, K] rewards. Writes the *unnormalized* gradient
+// (sum over the row's valid pairs) to grad (contiguous fp32 [B, K]); the caller divides by
+// the batch's pair count once every row is done.
+struct RankLossArgs {
+  const void* rewards;
+  const uint8_t* mask;  // nullptr: every response is present
+  int64_t rewards_row_stride;
+  int64_t mask_row_stride;
+  int64_t K;
+  float* grad;
+};
+struct RankLossPartial {
+  double loss_sum;
+  int64_t pairs;
+};
+// scratch: at least rank_loss_scratch_floats(K, width) floats, private to the caller.
+using RankLossFn = RankLossPartial (*)(const RankLossArgs&, int64_t row_begin, int64_t row_end,
+                                       float* scratch);
+inline int64_t rank_loss_scratch_floats(int64_t K, int width) { return 3 * K * width; }
+
+struct KernelTable {
+  const char* isa;
+  int width;  // fp32 lanes; row blocks are this many rows
+  GaeFn gae[kNumDTypes];
+  RankLossFn rank_loss[kNumDTypes];
+};
+
+namespace scalar {
+const KernelTable& kernel_table();
+}
+namespace avx2 {
+const KernelTable& kernel_table();
+}
+namespace avx512 {
+const KernelTable& kernel_table();
+}
+
+// Chosen once at load time from the CPU's features; RLHF_FAST_CPU_ISA=scalar|avx2|avx512
+// forces a lower level (never a level the CPU lacks).
+const KernelTable& active_kernels();
+// Returns false (and changes nothing) when the CPU cannot run `isa`.
+bool set_active_isa(const char* isa);
+bool cpu_supports(const char* isa);
+
+}  // namespace rlhf_fast

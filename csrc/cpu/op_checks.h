@@ -1,0 +1,51 @@
+// Argument checks shared by the CPU op implementations. The Python wrappers check first and
+// give friendlier messages; these keep direct torch.ops calls from reading out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "cpu/kernels.h"
+
+namespace rlhf_fast {
+
+inline DTypeIndex float_dtype_index(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kHalf:
+      return kF16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
+                       t.scalar_type());
+  }
+}
+
+// The kernels read rows with unit stride along the last dimension; other strides are copied.
+inline at::Tensor unit_stride_rows(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+inline void check_2d_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [B, N], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+}
+
+// Returns the mask's data as bytes (nullptr when absent) and keeps its unit-stride copy alive.
+inline const uint8_t* mask_bytes(const std::optional<at::Tensor>& mask, const at::Tensor& like,
+                                 at::Tensor& holder) {
+  if (!mask.has_value()) return nullptr;
+  check_2d_cpu(*mask, "mask");
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be bool, got ",
+                   mask->scalar_type());
+  TORCH_CHECK_VALUE(mask->sizes() == like.sizes(), "mask must have shape ", like.sizes(),
+                    ", got ", mask->sizes());
+  holder = unit_stride_rows(*mask);
+  return reinterpret_cast<const uint8_t*>(holder.const_data_ptr<bool>());
+}
+
+}  // namespace rlhf_fast

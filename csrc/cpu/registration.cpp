@@ -1,0 +1,33 @@
+// Schemas of the rlhf_fast:: torch ops, their CPU kernels, and the small Python module
+// rlhf_fast._C (CPU feature queries). Fake (meta) implementations live in Python, in
+// rlhf_fast/ops/_library.py, next to the op wrappers.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+#include "cpu/ops.h"
+
+TORCH_LIBRARY(rlhf_fast, m) {
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam)"
+      " -> (Tensor advantages, Tensor returns)");
+  m.def("rank_loss(Tensor rewards, Tensor? mask) -> (Tensor loss, Tensor grad)");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("gae", &rlhf_fast::gae_cpu);
+  m.impl("rank_loss", &rlhf_fast::rank_loss_cpu);
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "rlhf-fast C++ CPU kernels; the ops themselves are torch.ops.rlhf_fast.*";
+  module.def(
+      "cpu_isa", [] { return std::string(rlhf_fast::active_kernels().isa); },
+      "ISA of the kernels in use: 'avx512', 'avx2' or 'scalar'.");
+  module.def(
+      "set_cpu_isa", [](const std::string& isa) { return rlhf_fast::set_active_isa(isa.c_str()); },
+      "Use the kernels of a lower ISA (for tests); returns False if the CPU lacks it.");
+  module.def(
+      "cpu_supports", [](const std::string& isa) { return rlhf_fast::cpu_supports(isa.c_str()); },
+      "Whether this CPU can run the kernels of `isa`.");
+}

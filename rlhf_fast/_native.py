@@ -1,0 +1,45 @@
+"""Loads the compiled extensions once and remembers why one is missing.
+
+rlhf_fast._C holds the C++ CPU kernels and the op schemas (torch.ops.rlhf_fast.*);
+rlhf_fast._cuda adds CUDA kernels to the same ops and is only built where torch has CUDA.
+A missing or broken extension never stops the package from importing: the dispatcher falls
+back to the reference backend and `rlhf-fast doctor` reports the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch  # noqa: F401  (must be imported before the extensions: they link libc10)
+
+
+def _try_import(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(name), None
+    except ImportError as error:  # not built, or built against another torch
+        return None, f"{type(error).__name__}: {error}"
+    except OSError as error:  # a shared library it needs is missing
+        return None, f"{type(error).__name__}: {error}"
+
+
+cpp, cpp_error = _try_import("rlhf_fast._C")
+if cpp_error is not None:
+    warnings.warn(
+        f"rlhf_fast: C++ kernels could not be loaded ({cpp_error}); CPU ops run on the "
+        "reference backend. Reinstall with the README's command to build them.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+cuda: ModuleType | None = None
+cuda_error: str | None
+if torch.version.cuda is None:
+    cuda_error = "this torch build has no CUDA"
+elif cpp is None:
+    cuda_error = "the CUDA kernels register into the C++ extension, which did not load"
+else:
+    cuda, cuda_error = _try_import("rlhf_fast._cuda")
+    if cuda_error is not None and "No module named" in cuda_error:
+        cuda_error = "not built (install with a CUDA toolkit and a CUDA build of torch)"

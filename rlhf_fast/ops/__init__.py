@@ -1,0 +1,21 @@
+"""rlhf_fast.ops: one public function per op.
+
+Every op takes `backend=None` ("reference" | "cpp" | "cuda" | "triton"); None picks the fastest
+backend available for the inputs' device, and the environment variable RLHF_FAST_BACKEND
+overrides that pick. The "reference" backend is plain PyTorch and defines each op.
+"""
+
+from rlhf_fast.ops import _library  # noqa: F401  (fake implementations for torch.compile)
+from rlhf_fast.ops._dispatch import BACKENDS, BackendUnavailableError, backends
+from rlhf_fast.ops.gae import gae, gae_reference
+from rlhf_fast.ops.rank_loss import rank_loss, rank_loss_reference
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "backends",
+    "gae",
+    "gae_reference",
+    "rank_loss",
+    "rank_loss_reference",
+]

@@ -1,0 +1,95 @@
+"""Backend choice shared by every op."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import NamedTuple
+
+import torch
+
+from rlhf_fast import _native
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+ENV_VAR = "RLHF_FAST_BACKEND"
+# Automatic pick, fastest first, by device type; "reference" always closes the list.
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+
+# Which backends each op implements; ops register themselves here when their module loads.
+IMPLEMENTED: dict[str, tuple[str, ...]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested (argument or RLHF_FAST_BACKEND) but cannot run these inputs."""
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str  # why not, or which devices it serves
+
+
+def _triton_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run tensors on `device`, else a short reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ kernels run on CPU tensors, not {device.type}"
+        return None if _native.cpp is not None else f"C++ extension not loaded ({_native.cpp_error})"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA kernels run on CUDA tensors, not {device.type}"
+        return None if _native.cuda is not None else f"CUDA extension: {_native.cuda_error}"
+    if backend == "triton":
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def choose(op: str, device: torch.device, requested: str | None) -> str:
+    """The backend that runs `op` on `device`: the requested one, or the fastest available."""
+    implemented = IMPLEMENTED[op]
+    if requested is None:
+        from_env = os.environ.get(ENV_VAR) or None
+        # The variable is a global preference: ops without that backend pick automatically.
+        if from_env is not None and (from_env not in BACKENDS or from_env in implemented):
+            requested = from_env
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+        if requested not in implemented:
+            raise BackendUnavailableError(
+                f"{op} has no {requested!r} backend (it has: {', '.join(implemented)})"
+            )
+        reason = unavailable_reason(requested, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
+        return requested
+    for backend in _PREFERENCE.get(device.type, ()):
+        if backend in implemented and unavailable_reason(backend, device) is None:
+            return backend
+    return "reference"
+
+
+def backends(device: str | torch.device = "cpu") -> dict[str, dict[str, BackendStatus]]:
+    """For each op, for each backend it implements: can it run on `device`, and if not, why."""
+    device = torch.device(device)
+    report: dict[str, dict[str, BackendStatus]] = {}
+    for op, implemented in IMPLEMENTED.items():
+        report[op] = {}
+        for backend in implemented:
+            reason = unavailable_reason(backend, device)
+            report[op][backend] = BackendStatus(reason is None, reason or f"runs on {device.type}")
+    return report

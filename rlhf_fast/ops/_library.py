@@ -1,0 +1,23 @@
+"""Fake (meta) implementations of the compiled rlhf_fast:: ops, so they trace under
+torch.compile and FakeTensor. The schemas themselves are defined in csrc/cpu/registration.cpp."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import _native
+
+if _native.cpp is not None:
+
+    @torch.library.register_fake("rlhf_fast::gae")
+    def _gae_fake(rewards, values, mask, gamma, lam):
+        shape = rewards.shape
+        return rewards.new_empty(shape, dtype=torch.float32), rewards.new_empty(
+            shape, dtype=torch.float32
+        )
+
+    @torch.library.register_fake("rlhf_fast::rank_loss")
+    def _rank_loss_fake(rewards, mask):
+        return rewards.new_empty((), dtype=torch.float32), rewards.new_empty(
+            rewards.shape, dtype=torch.float32
+        )

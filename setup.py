@@ -1,0 +1,77 @@
+"""Build of rlhf-fast's native kernels.
+
+Two extensions:
+  rlhf_fast._C     C++ CPU kernels (csrc/cpu), always built. Each SIMD level lives in its own
+                   translation unit compiled for that ISA; the best one is chosen at run time,
+                   so the binary never needs -march=native and runs on any x86-64.
+  rlhf_fast._cuda  CUDA kernels (csrc/cuda), built only where torch itself has CUDA and a
+                   CUDA toolkit is found. RLHF_FAST_BUILD_CUDA=0 skips it, =1 insists on it.
+
+The Triton kernels in kernels/ are installed as the subpackage rlhf_fast.kernels.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Python's own CFLAGS carry -g, which makes the .so ~10x larger; -g0 comes later and wins.
+COMMON_CXX = ["-O3", "-std=c++17", "-g0", "-fopenmp", "-fno-math-errno", "-Wall"]
+
+
+def rel(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def cpu_extension() -> CppExtension:
+    return CppExtension(
+        name="rlhf_fast._C",
+        sources=rel("csrc/cpu/*.cpp"),
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": COMMON_CXX},
+        extra_link_args=["-fopenmp", "-Wl,--strip-debug"],
+    )
+
+
+def want_cuda() -> bool:
+    import torch
+
+    flag = os.environ.get("RLHF_FAST_BUILD_CUDA", "auto")
+    if flag == "0":
+        return False
+    have = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "1" and not have:
+        raise RuntimeError(
+            "RLHF_FAST_BUILD_CUDA=1 but torch has no CUDA "
+            f"(torch.version.cuda={torch.version.cuda}) or no CUDA toolkit (CUDA_HOME={CUDA_HOME})"
+        )
+    return have
+
+
+def cuda_extension():
+    from torch.utils.cpp_extension import CUDAExtension
+
+    return CUDAExtension(
+        name="rlhf_fast._cuda",
+        sources=rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17", "-g0"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+        },
+    )
+
+
+ext_modules = [cpu_extension()]
+if want_cuda():
+    ext_modules.append(cuda_extension())
+
+setup(
+    packages=find_packages(include=["rlhf_fast", "rlhf_fast.*"]) + ["rlhf_fast.kernels"],
+    package_dir={"rlhf_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
