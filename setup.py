@@ -19,7 +19,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Python's own CFLAGS carry -g, which makes the .so ~10x larger; -g0 comes later and wins.
-COMMON_CXX = ["-O3", "-std=c++17", "-g0", "-fopenmp", "-fno-math-errno", "-Wall"]
+COMMON_CXX = ["-O3", "-std=c++20", "-g0", "-fopenmp", "-fno-math-errno", "-Wall"]
 
 
 def rel(pattern: str) -> list[str]:

@@ -20,6 +20,34 @@
 namespace rlhf_fast {
 namespace RLHF_ISA_NS {
 
+// The recurrence down one transposed tile: register j holds step t0 + j of every row.
+// Advantages overwrite r[j] and returns overwrite v[j].
+template <class V, bool kHasMask>
+inline __attribute__((always_inline)) void gae_tile(
+    typename V::reg* r, typename V::reg* v, const typename V::reg* m, int steps,
+    typename V::reg gamma, typename V::reg gamma_lam, typename V::reg& next_advantage,
+    typename V::reg& next_value) {
+  using reg = typename V::reg;
+  const reg zero = V::zero();
+  for (int j = steps - 1; j >= 0; --j) {
+    const reg delta = V::fma(gamma, next_value, V::sub(r[j], v[j]));
+    const reg advantage = V::fma(gamma_lam, next_advantage, delta);
+    const reg ret = V::add(advantage, v[j]);
+    if (kHasMask) {
+      const typename V::mask valid = V::nonzero(m[j]);
+      next_advantage = V::select(valid, advantage, next_advantage);
+      next_value = V::select(valid, v[j], next_value);
+      r[j] = V::select(valid, advantage, zero);
+      v[j] = V::select(valid, ret, zero);
+    } else {
+      next_advantage = advantage;
+      next_value = v[j];
+      r[j] = advantage;
+      v[j] = ret;
+    }
+  }
+}
+
 template <class V, class T, bool kHasMask>
 void gae_row_block(const GaeArgs& a, int64_t row0, int rows) {
   using reg = typename V::reg;
@@ -29,7 +57,6 @@ void gae_row_block(const GaeArgs& a, int64_t row0, int rows) {
   const reg gamma = V::set1(a.gamma);
   const reg gamma_lam = V::set1(a.gamma * a.lam);
   const reg zero = V::zero();
-
   reg next_advantage = zero;  // advantage of the next valid step, per row
   reg next_value = zero;      // value of the next valid step, per row
 
@@ -53,23 +80,12 @@ void gae_row_block(const GaeArgs& a, int64_t row0, int rows) {
     if (kHasMask) V::transpose(m);
 
     // After the transposes r[j], v[j] hold step t0 + j of every row; results overwrite them.
-    for (int j = steps - 1; j >= 0; --j) {
-      const reg delta = V::fma(gamma, next_value, V::sub(r[j], v[j]));
-      const reg advantage = V::fma(gamma_lam, next_advantage, delta);
-      const reg ret = V::add(advantage, v[j]);
-      if (kHasMask) {
-        const typename V::mask valid = V::nonzero(m[j]);
-        next_advantage = V::select(valid, advantage, next_advantage);
-        next_value = V::select(valid, v[j], next_value);
-        r[j] = V::select(valid, advantage, zero);
-        v[j] = V::select(valid, ret, zero);
-      } else {
-        next_advantage = advantage;
-        next_value = v[j];
-        r[j] = advantage;
-        v[j] = ret;
-      }
-    }
+    // Full chunks take the fully unrolled path (constant trip count keeps the tile in
+    // registers); only the one partial chunk at the end of time takes the generic loop.
+    if (steps == W)
+      gae_tile<V, kHasMask>(r, v, m, W, gamma, gamma_lam, next_advantage, next_value);
+    else
+      gae_tile<V, kHasMask>(r, v, m, steps, gamma, gamma_lam, next_advantage, next_value);
 
     V::transpose(r);
     V::transpose(v);

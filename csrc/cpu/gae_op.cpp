@@ -1,6 +1,5 @@
 // rlhf_fast::gae on the CPU: checks, output allocation, and parallelism over row blocks.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 
@@ -28,8 +27,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 
   const int64_t B = rewards.size(0), T = rewards.size(1);
   const auto fp32 = rewards.options().dtype(at::kFloat);
-  at::Tensor advantages = at::empty({B, T}, fp32);
-  at::Tensor returns = at::empty({B, T}, fp32);
+  at::Tensor advantages = new_output({B, T}, fp32);
+  at::Tensor returns = new_output({B, T}, fp32);
   if (B == 0 || T == 0) return {advantages, returns};
 
   GaeArgs args{};

@@ -3,7 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+
+#include <limits>
 
 #include <optional>
 
@@ -46,6 +49,19 @@ inline const uint8_t* mask_bytes(const std::optional<at::Tensor>& mask, const at
                     ", got ", mask->sizes());
   holder = unit_stride_rows(*mask);
   return reinterpret_cast<const uint8_t*>(holder.const_data_ptr<bool>());
+}
+
+// Test hook: when set, every output is filled with NaN before a kernel writes it, so an
+// element a kernel forgets to write fails the comparison with the reference.
+inline bool& poison_outputs() {
+  static bool enabled = false;
+  return enabled;
+}
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  if (poison_outputs()) out.fill_(std::numeric_limits<float>::quiet_NaN());
+  return out;
 }
 
 }  // namespace rlhf_fast

@@ -1,7 +1,6 @@
 // rlhf_fast::rank_loss on the CPU: the fused kernel per row block, then a deterministic
 // reduction (row blocks summed in order, whatever the thread count).
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
@@ -22,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> rank_loss_cpu(const at::Tensor& rewards,
 
   const int64_t B = rewards.size(0), K = rewards.size(1);
   const auto fp32 = rewards.options().dtype(at::kFloat);
-  at::Tensor grad = at::empty({B, K}, fp32);
+  at::Tensor grad = new_output({B, K}, fp32);
 
   RankLossArgs args{};
   args.rewards = r.const_data_ptr();

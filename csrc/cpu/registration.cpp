@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "cpu/op_checks.h"
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(rlhf_fast, m) {
@@ -30,4 +31,7 @@ PYBIND11_MODULE(_C, module) {
   module.def(
       "cpu_supports", [](const std::string& isa) { return rlhf_fast::cpu_supports(isa.c_str()); },
       "Whether this CPU can run the kernels of `isa`.");
+  module.def(
+      "set_poison_outputs", [](bool enabled) { rlhf_fast::poison_outputs() = enabled; },
+      "Test hook: fill every output with NaN before the kernels write it.");
 }
