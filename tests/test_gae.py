@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from backends_under_test import cpu_backend_params, using
 from oracles import gae_float64
+
 from rlhf_fast import ops
 
 SHAPES = [(1, 1), (1, 37), (5, 1), (17, 33), (3, 100), (40, 257)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from backends_under_test import cpu_backend_params, using
 from oracles import rank_loss_float64
+
 from rlhf_fast import ops
 
 SHAPES = [(1, 2), (3, 2), (7, 4), (33, 9), (17, 16), (5, 17), (2, 33), (4, 1)]

@@ -41,7 +41,11 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "cpp":
         if device.type != "cpu":
             return f"the C++ kernels run on CPU tensors, not {device.type}"
-        return None if _native.cpp is not None else f"C++ extension not loaded ({_native.cpp_error})"
+        if _native.cpp is None:
+            return f"C++ extension not loaded ({_native.cpp_error})"
+        return None
+    if backend in ("cuda", "triton") and device.type == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device"
     if backend == "cuda":
         if device.type != "cuda":
             return f"the CUDA kernels run on CUDA tensors, not {device.type}"
@@ -54,8 +58,14 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return None
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
             return None
-        return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+        return f"Triton runs on CUDA tensors (CPU ones with TRITON_INTERPRET=1), not {device.type}"
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def candidates(op: str, device_type: str) -> tuple[str, ...]:
+    """The backends of `op` that target `device_type`, fastest first, "reference" last."""
+    preferred = _PREFERENCE.get(device_type, ())
+    return tuple(b for b in preferred if b in IMPLEMENTED[op]) + ("reference",)
 
 
 def choose(op: str, device: torch.device, requested: str | None) -> str:
@@ -77,8 +87,8 @@ def choose(op: str, device: torch.device, requested: str | None) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
         return requested
-    for backend in _PREFERENCE.get(device.type, ()):
-        if backend in implemented and unavailable_reason(backend, device) is None:
+    for backend in candidates(op, device.type):
+        if unavailable_reason(backend, device) is None:
             return backend
     return "reference"
 
