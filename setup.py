@@ -58,10 +58,9 @@ def cuda_extension():
         name="rlhf_fast._cuda",
         sources=rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", "-g0"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
-        },
+        # No -std: torch adds the standard its own headers need (C++20 in recent versions).
+        # No --use_fast_math: the kernels promise the reference's fp32 arithmetic.
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]},
     )
 
 
