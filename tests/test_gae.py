@@ -28,6 +28,12 @@ def make_mask(kind: str, batch: int, steps: int, generator: torch.Generator):
     raise ValueError(kind)
 
 
+def assert_matches_oracle(advantages, returns, rewards, values, mask, gamma, lam, atol=2e-4):
+    expected_adv, expected_ret = gae_float64(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(advantages.double(), expected_adv, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(returns.double(), expected_ret, atol=atol, rtol=1e-4)
+
+
 def random_inputs(batch, steps, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     rewards = torch.randn(batch, steps, generator=generator).to(dtype)
@@ -46,12 +52,10 @@ def test_matches_float64_oracle(backend, shape, mask_kind, dtype):
         gamma, lam = (0.99, 0.95) if seed == 0 else (1.0, 0.9)
         with using(backend) as name:
             advantages, returns = ops.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=name)
-        expected_adv, expected_ret = gae_float64(rewards, values, mask, gamma, lam)
         assert advantages.dtype == returns.dtype == torch.float32
         assert advantages.shape == returns.shape == rewards.shape
         # Inputs are rounded to `dtype` before both computations: only fp32 accumulation differs.
-        torch.testing.assert_close(advantages.double(), expected_adv, atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(returns.double(), expected_ret, atol=2e-4, rtol=1e-4)
+        assert_matches_oracle(advantages, returns, rewards, values, mask, gamma, lam)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -61,9 +65,7 @@ def test_discount_extremes(backend, gamma, lam):
     mask = make_mask("gaps", 9, 70, generator)
     with using(backend) as name:
         advantages, returns = ops.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=name)
-    expected_adv, expected_ret = gae_float64(rewards, values, mask, gamma, lam)
-    torch.testing.assert_close(advantages.double(), expected_adv, atol=5e-4, rtol=1e-4)
-    torch.testing.assert_close(returns.double(), expected_ret, atol=5e-4, rtol=1e-4)
+    assert_matches_oracle(advantages, returns, rewards, values, mask, gamma, lam, atol=5e-4)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -77,9 +79,7 @@ def test_non_contiguous_views(backend):
     assert not rewards.is_contiguous() and not values.is_contiguous()
     with using(backend) as name:
         advantages, returns = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=name)
-    expected_adv, expected_ret = gae_float64(rewards, values, mask, 0.99, 0.95)
-    torch.testing.assert_close(advantages.double(), expected_adv, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(returns.double(), expected_ret, atol=2e-4, rtol=1e-4)
+    assert_matches_oracle(advantages, returns, rewards, values, mask, 0.99, 0.95)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -90,9 +90,7 @@ def test_padding_is_never_read(backend):
     poisoned_values = values.masked_fill(~mask, float("inf"))
     with using(backend) as name:
         advantages, returns = ops.gae(poisoned_rewards, poisoned_values, mask, backend=name)
-    expected_adv, expected_ret = gae_float64(rewards, values, mask, 1.0, 0.95)
-    torch.testing.assert_close(advantages.double(), expected_adv, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(returns.double(), expected_ret, atol=2e-4, rtol=1e-4)
+    assert_matches_oracle(advantages, returns, rewards, values, mask, 1.0, 0.95)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())

@@ -4,9 +4,4 @@
 #define RLHF_ISA_NS avx2
 #include "cpu/kernel_table.h"
 
-namespace rlhf_fast::avx2 {
-const KernelTable& kernel_table() {
-  static const KernelTable table = make_kernel_table<VecAvx2>("avx2");
-  return table;
-}
-}  // namespace rlhf_fast::avx2
+RLHF_DEFINE_KERNEL_TABLE(VecAvx2, "avx2")

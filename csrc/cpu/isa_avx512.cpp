@@ -6,9 +6,4 @@
 #define RLHF_ISA_NS avx512
 #include "cpu/kernel_table.h"
 
-namespace rlhf_fast::avx512 {
-const KernelTable& kernel_table() {
-  static const KernelTable table = make_kernel_table<VecAvx512>("avx512");
-  return table;
-}
-}  // namespace rlhf_fast::avx512
+RLHF_DEFINE_KERNEL_TABLE(VecAvx512, "avx512")

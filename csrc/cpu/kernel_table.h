@@ -24,3 +24,12 @@ KernelTable make_kernel_table(const char* isa) {
 
 }  // namespace RLHF_ISA_NS
 }  // namespace rlhf_fast
+
+// Defines rlhf_fast::<ISA>::kernel_table(), declared in kernels.h.
+#define RLHF_DEFINE_KERNEL_TABLE(VEC, NAME)                                 \
+  namespace rlhf_fast::RLHF_ISA_NS {                                        \
+  const KernelTable& kernel_table() {                                       \
+    static const KernelTable table = make_kernel_table<VEC>(NAME);         \
+    return table;                                                           \
+  }                                                                         \
+  }
