@@ -1,9 +1,24 @@
 // AVX-512 (F, BW, VL, DQ) kernels (16 fp32 lanes). Only called after a run-time CPU check.
 // GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_* "may be used uninitialized").
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,popcnt")
 #define RLHF_ISA_AVX512
 #define RLHF_ISA_NS avx512
+#include "cpu/gae_streaming_avx512.h"
 #include "cpu/kernel_table.h"
 
-RLHF_DEFINE_KERNEL_TABLE(VecAvx512, "avx512")
+namespace rlhf_fast::avx512 {
+
+// The generic row-block kernels, except GAE, which streams rows (gae_streaming_avx512.h).
+const KernelTable& kernel_table() {
+  static const KernelTable table = [] {
+    KernelTable t = make_kernel_table<VecAvx512>("avx512");
+    t.gae[kF32] = &gae_rows_streaming<float>;
+    t.gae[kBF16] = &gae_rows_streaming<bf16_t>;
+    t.gae[kF16] = &gae_rows_streaming<fp16_t>;
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace rlhf_fast::avx512
