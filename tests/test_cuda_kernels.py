@@ -235,13 +235,21 @@ def test_emulated_kernel_strided_inputs(emulator, dtype, gamma, lam):
 @pytest.mark.skipif(_native.cpp is None, reason="C++ CPU kernels not built")
 @pytest.mark.parametrize("dtype", DTYPE_INDEX, ids=str)
 def test_emulated_kernel_equals_cpp_kernel_bit_for_bit(emulator, dtype):
-    # Same fused multiply-adds in the same order: the CPU kernel and the CUDA kernel (whose
+    # Same fused multiply-adds in the same order: the CPU row-block kernels (scalar and AVX2;
+    # the AVX-512 one sums each chunk as a log-depth scan instead) and the CUDA kernel (whose
     # emulation this is; see the GPU test below) must agree to the last bit.
     rewards, values, mask = make_case((70, 300), dtype, "gaps", 1)
     emulated = gae_emulated(emulator, rewards, values, mask, 0.99, 0.95)
-    on_cpu = torch.ops.rlhf_fast.gae(rewards, values, mask, 0.99, 0.95)
-    for cpp, emulation in zip(on_cpu, emulated, strict=True):
-        assert torch.equal(cpp, emulation)
+    previous = _native.cpp.cpu_isa()
+    try:
+        for isa in ("scalar", "avx2"):
+            if not _native.cpp.set_cpu_isa(isa):
+                continue
+            on_cpu = torch.ops.rlhf_fast.gae(rewards, values, mask, 0.99, 0.95)
+            for cpp, emulation in zip(on_cpu, emulated, strict=True):
+                assert torch.equal(cpp, emulation), isa
+    finally:
+        _native.cpp.set_cpu_isa(previous)
 
 
 def test_emulated_kernel_broadcast_row(emulator):
