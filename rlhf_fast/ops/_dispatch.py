@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import NamedTuple
@@ -87,8 +88,15 @@ def choose(op: str, device: torch.device, requested: str | None) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
         return requested
-    for backend in candidates(op, device.type):
-        if unavailable_reason(backend, device) is None:
+    return _automatic_pick(op, device.type)
+
+
+@functools.cache
+def _automatic_pick(op: str, device_type: str) -> str:
+    # Cached: what is installed does not change while the process runs, and the pick sits on
+    # the path of every op call (small calls are dominated by such overheads).
+    for backend in candidates(op, device_type):
+        if unavailable_reason(backend, torch.device(device_type)) is None:
             return backend
     return "reference"
 
