@@ -174,3 +174,23 @@ def test_raw_op_rejects_bad_inputs():
         torch.ops.rlhf_fast.gae(rewards, rewards, torch.ones(4, 6), 1.0, 0.9)
     with pytest.raises(TypeError, match="rewards must be float32"):
         torch.ops.rlhf_fast.gae(rewards.double(), rewards.double(), None, 1.0, 0.9)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_large_outputs_reused_from_the_pool_stay_independent(backend):
+    """Outputs of >= 1 MiB come from a pool of freed blocks: a reused block must be fully
+    rewritten (outputs are NaN-poisoned here), and live outputs must never be handed out."""
+    shape = (300, 1000)
+    first_inputs = random_inputs(*shape, torch.float32, 21)
+    second_inputs = random_inputs(*shape, torch.float32, 22)
+    with using(backend) as name:
+        kept = ops.gae(*first_inputs[:2], backend=name)
+        kept_copy = [t.clone() for t in kept]
+        for _ in range(3):  # later calls reuse the blocks freed by the previous iteration
+            advantages, returns = ops.gae(*second_inputs[:2], backend=name)
+    for output, copy in zip(kept, kept_copy, strict=True):
+        assert torch.equal(output, copy)
+    assert advantages.data_ptr() not in (kept[0].data_ptr(), kept[1].data_ptr())
+    expected = ops.gae_reference(*second_inputs[:2])
+    torch.testing.assert_close(advantages, expected[0], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(returns, expected[1], atol=2e-4, rtol=1e-4)

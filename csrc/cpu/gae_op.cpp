@@ -26,9 +26,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   const uint8_t* mask_data = mask_bytes(mask, rewards, mask_holder);
 
   const int64_t B = rewards.size(0), T = rewards.size(1);
-  const auto fp32 = rewards.options().dtype(at::kFloat);
-  at::Tensor advantages = new_output({B, T}, fp32);
-  at::Tensor returns = new_output({B, T}, fp32);
+  at::Tensor advantages = new_output({B, T});
+  at::Tensor returns = new_output({B, T});
   if (B == 0 || T == 0) return {advantages, returns};
 
   GaeArgs args{};

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -11,6 +10,7 @@
 #include <optional>
 
 #include "cpu/kernels.h"
+#include "cpu/output_pool.h"
 
 namespace rlhf_fast {
 
@@ -58,8 +58,9 @@ inline bool& poison_outputs() {
   return enabled;
 }
 
-inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
+// A new fp32 CPU output (pooled when large: see output_pool.h).
+inline at::Tensor new_output(at::IntArrayRef sizes) {
+  at::Tensor out = pooled_empty_float(sizes);
   if (poison_outputs()) out.fill_(std::numeric_limits<float>::quiet_NaN());
   return out;
 }

@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> rank_loss_cpu(const at::Tensor& rewards,
 
   const int64_t B = rewards.size(0), K = rewards.size(1);
   const auto fp32 = rewards.options().dtype(at::kFloat);
-  at::Tensor grad = new_output({B, K}, fp32);
+  at::Tensor grad = new_output({B, K});
 
   RankLossArgs args{};
   args.rewards = r.const_data_ptr();

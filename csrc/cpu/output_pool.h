@@ -1,0 +1,18 @@
+// Reuse of large output buffers across op calls.
+//
+// A fresh multi-MB output costs one page fault per 4 KiB page on its first write (~1.5 us each
+// on our VMs): 4 MiB of GAE outputs took 1.6 ms to fault in, six times the kernel itself, and
+// glibc returns such blocks to the OS on free, so every call pays again. PPO calls the same ops
+// with the same shapes every step, so we keep freed output blocks of those sizes and hand them
+// out again. The pool holds at most RLHF_FAST_OUTPUT_POOL_MB (default 256; 0 disables it);
+// small outputs go through torch's allocator as usual.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace rlhf_fast {
+
+// An uninitialized fp32 tensor of `sizes` on the CPU, from the pool when it is large.
+at::Tensor pooled_empty_float(at::IntArrayRef sizes);
+
+}  // namespace rlhf_fast
