@@ -1,6 +1,7 @@
 // CUDA kernels of the rlhf_fast:: torch ops (schemas: csrc/cpu/registration.cpp), and the
 // module rlhf_fast._cuda, whose import registers them. Checks, output allocation, device guard
 // and stream live here; the kernels themselves see only pointers (csrc/cuda/gae.cuh).
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
