@@ -91,6 +91,11 @@ def choose(op: str, device: torch.device, requested: str | None) -> str:
     return _automatic_pick(op, device.type)
 
 
+def forget_automatic_picks() -> None:
+    """Called when an op gains a backend at run time (its kernels registered late)."""
+    _automatic_pick.cache_clear()
+
+
 @functools.cache
 def _automatic_pick(op: str, device_type: str) -> str:
     # Cached: what is installed does not change while the process runs, and the pick sits on

@@ -1,0 +1,75 @@
+"""y = x @ W.T (+ bias) with W a weight-only quantized matrix (rlhf_fast.quant)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.ops import _checks, _dispatch
+from rlhf_fast.quant.weight import QuantizedWeight
+
+# Backends register their kernels here as they land: name -> fn(x2d, qweight, bias) -> y2d.
+KERNELS: dict = {}
+_dispatch.IMPLEMENTED["quant_matmul"] = ("reference",)
+
+
+def register_kernel(backend: str, kernel) -> None:
+    KERNELS[backend] = kernel
+    implemented = _dispatch.IMPLEMENTED["quant_matmul"]
+    if backend not in implemented:
+        _dispatch.IMPLEMENTED["quant_matmul"] = implemented + (backend,)
+    _dispatch.forget_automatic_picks()
+
+
+def quant_matmul_reference(
+    x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The definition: x @ qweight.dequantize().T (+ bias), in fp32, returned in x's dtype."""
+    weight = qweight.dequantize(torch.float32).to(x.device)
+    y = F.linear(x.float(), weight, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def _check(x, qweight, bias) -> None:
+    x = _checks.tensor(x, "x")
+    if x.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(
+            f"qweight must be a rlhf_fast.quant.QuantizedWeight, got {type(qweight).__name__}"
+        )
+    if x.dim() == 0 or x.shape[-1] != qweight.in_features:
+        raise ValueError(
+            f"x must have shape [..., {qweight.in_features}] (in_features), got {tuple(x.shape)}"
+        )
+    if qweight.device != x.device:
+        raise ValueError(f"qweight is on {qweight.device} but x is on {x.device}")
+    if bias is not None:
+        bias = _checks.tensor(bias, "bias")
+        if bias.shape != (qweight.out_features,):
+            raise ValueError(
+                f"bias must have shape ({qweight.out_features},) (out_features), "
+                f"got {tuple(bias.shape)}"
+            )
+        _checks.same_device(bias, "bias", x, "x")
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    qweight: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x [..., in_features] (fp32 / bf16 / fp16) @ the dequantized weight.T, fp32 accumulation.
+
+    Returns [..., out_features] in x's dtype. The weight is never dequantized in full by the
+    fast backends: they unpack it tile by tile.
+    """
+    _check(x, qweight, bias)
+    backend = _dispatch.choose("quant_matmul", x.device, backend)
+    if backend == "reference":
+        return quant_matmul_reference(x, qweight, bias)
+    leading = x.shape[:-1]
+    y = KERNELS[backend](x.reshape(-1, qweight.in_features), qweight, bias)
+    return y.reshape(*leading, qweight.out_features)
