@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cpu/gae_kernel.h"
+#include "cpu/quant_matmul_kernel.h"
 #include "cpu/rank_loss_kernel.h"
 
 namespace rlhf_fast {
@@ -19,6 +20,8 @@ KernelTable make_kernel_table(const char* isa) {
   table.rank_loss[kF32] = &rank_loss_rows<V, float>;
   table.rank_loss[kBF16] = &rank_loss_rows<V, bf16_t>;
   table.rank_loss[kF16] = &rank_loss_rows<V, fp16_t>;
+  table.quant_matmul[kInt8] = &quant_matmul_channels<V, false>;
+  table.quant_matmul[kInt4] = &quant_matmul_channels<V, true>;
   return table;
 }
 

@@ -55,11 +55,32 @@ using RankLossFn = RankLossPartial (*)(const RankLossArgs&, int64_t row_begin, i
                                        float* scratch);
 inline int64_t rank_loss_scratch_floats(int64_t K, int width) { return 3 * K * width; }
 
+// quant_matmul: y[M, N] = x @ dequantize(W).T (+ bias) for output channels [n_begin, n_end).
+// x is fp32 with unit column stride; y is fp32 [M, N] rows. Formats: rlhf_fast/quant/weight.py.
+struct QuantMatmulArgs {
+  const float* x;
+  int64_t x_row_stride;
+  int64_t M, K;
+  const void* qdata;  // int8 [N, K] or packed int4 uint8 [N, Kp / 2]
+  int64_t qdata_row_stride;
+  const float* scales_f32;      // int8: per-channel scales [N]
+  const uint16_t* scales_f16;   // int4: fp16 bits [N, groups]
+  const uint16_t* offsets_f16;  // int4: fp16 bits [N, groups]
+  int64_t group_row_stride;     // int4: elements between channels in scales and offsets
+  int64_t group_size;           // int4: a multiple of 32
+  const float* bias;            // nullptr: no bias
+  float* y;
+  int64_t y_row_stride;
+};
+using QuantMatmulFn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t n_end);
+enum QuantFormat : int { kInt8 = 0, kInt4 = 1, kNumQuantFormats = 2 };
+
 struct KernelTable {
   const char* isa;
   int width;  // fp32 lanes; row blocks are this many rows
   GaeFn gae[kNumDTypes];
   RankLossFn rank_loss[kNumDTypes];
+  QuantMatmulFn quant_matmul[kNumQuantFormats];
 };
 
 namespace scalar {

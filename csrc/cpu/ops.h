@@ -15,4 +15,12 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 std::tuple<at::Tensor, at::Tensor> rank_loss_cpu(const at::Tensor& rewards,
                                                  const std::optional<at::Tensor>& mask);
 
+at::Tensor quant_matmul_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
+                                 const at::Tensor& scales, const std::optional<at::Tensor>& bias);
+
+at::Tensor quant_matmul_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
+                                 const at::Tensor& scales, const at::Tensor& offsets,
+                                 int64_t group_size, int64_t in_features,
+                                 const std::optional<at::Tensor>& bias);
+
 }  // namespace rlhf_fast

@@ -13,11 +13,17 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "gae(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam)"
       " -> (Tensor advantages, Tensor returns)");
   m.def("rank_loss(Tensor rewards, Tensor? mask) -> (Tensor loss, Tensor grad)");
+  m.def("quant_matmul_int8(Tensor x, Tensor qdata, Tensor scales, Tensor? bias) -> Tensor");
+  m.def(
+      "quant_matmul_int4(Tensor x, Tensor qdata, Tensor scales, Tensor offsets, int group_size,"
+      " int in_features, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("gae", &rlhf_fast::gae_cpu);
   m.impl("rank_loss", &rlhf_fast::rank_loss_cpu);
+  m.impl("quant_matmul_int8", &rlhf_fast::quant_matmul_int8_cpu);
+  m.impl("quant_matmul_int4", &rlhf_fast::quant_matmul_int4_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_fast import _native
 from rlhf_fast.ops import _checks, _dispatch
 from rlhf_fast.quant.weight import QuantizedWeight
 
@@ -73,3 +74,18 @@ def quant_matmul(
     leading = x.shape[:-1]
     y = KERNELS[backend](x.reshape(-1, qweight.in_features), qweight, bias)
     return y.reshape(*leading, qweight.out_features)
+
+
+def _quant_matmul_cpp(x, qweight, bias):
+    """The C++ kernels (csrc/cpu/quant_matmul_kernel.h): weights unpacked in registers, fp32
+    products and accumulation for every activation dtype (16-bit x is widened to fp32)."""
+    if qweight.bits == 8:
+        return torch.ops.rlhf_fast.quant_matmul_int8(x, qweight.data, qweight.scales, bias)
+    return torch.ops.rlhf_fast.quant_matmul_int4(
+        x, qweight.data, qweight.scales, qweight.offsets, qweight.group_size,
+        qweight.in_features, bias,
+    )  # fmt: skip
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "quant_matmul_int4"):
+    register_kernel("cpp", _quant_matmul_cpp)

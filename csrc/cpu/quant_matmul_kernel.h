@@ -1,0 +1,265 @@
+// y[M, N] = x[M, K] @ dequantize(W)[N, K].T (+ bias) for the weight-only formats of
+// rlhf_fast/quant/weight.py, with fp32 activations and fp32 accumulation.
+//
+// Why it is shaped this way:
+// - The weights are never dequantized to memory. Each 32-weight block of a row (16 bytes of
+//   int4, or 32 int8) is unpacked in registers and used right away, so a GEMV (M = 1) streams
+//   the packed bytes once: it is memory bound, and fewer bytes is the whole point.
+// - fp32 activations are never quantized: the dot products are fp32 FMAs of the exact
+//   dequantized weight values (q * scale + offset, as in dequantize()) with x, so the result
+//   matches the float64 reference to ~1e-6 relative. 16-bit activations are widened to fp32
+//   by the caller.
+// - A microkernel computes an MR x NR tile (rows of x x output channels): the NR channels'
+//   weights are unpacked once per step and used by all MR rows, and each x vector by all NR
+//   channels. For M > MR the driver walks K in chunks so that the x chunk stays in L2 and a
+//   channel tile's packed weights stay in L1 while every MR-row block of x passes over them.
+// - int4 unpacking is per ISA (Int4Unpack below). On AVX-512 a group's 16 possible weight
+//   values q * scale + offset are a 16-float table in one register: vpermps looks the weights
+//   up by their nibble (it reads only the low 4 bits of each index, so no AND is needed).
+#pragma once
+
+#include "cpu/simd.h"
+
+namespace rlhf_fast {
+namespace RLHF_ISA_NS {
+
+inline float half_bits_to_float(uint16_t bits) {
+#if defined(RLHF_ISA_AVX2) || defined(RLHF_ISA_AVX512)
+  return _cvtsh_ss(bits);
+#else
+  return fp16_to_float(fp16_t{bits});
+#endif
+}
+
+// Unpacks step t (0 .. 16/W - 1) of a 32-weight int4 block: bytes [tW, tW + W) hold the codes
+// of weights tW + lane (low nibbles) and 16 + tW + lane (high nibbles).
+template <class V>
+struct Int4Unpack;
+
+template <>
+struct Int4Unpack<VecScalar> {
+  struct Group {
+    float scale, offset;
+  };
+  static Group group(float scale, float offset) { return {scale, offset}; }
+  static void step(const uint8_t* bytes, const Group& g, float& lo, float& hi) {
+    lo = float(bytes[0] & 15) * g.scale + g.offset;
+    hi = float(bytes[0] >> 4) * g.scale + g.offset;
+  }
+  static float int8(const int8_t* p, int n) { return n > 0 ? float(p[0]) : 0.0f; }
+};
+
+#if defined(RLHF_ISA_AVX2)
+template <>
+struct Int4Unpack<VecAvx2> {
+  struct Group {
+    __m256 scale, offset;
+  };
+  static Group group(float scale, float offset) {
+    return {_mm256_set1_ps(scale), _mm256_set1_ps(offset)};
+  }
+  static void step(const uint8_t* bytes, const Group& g, __m256& lo, __m256& hi) {
+    __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+    __m256 qlo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
+    __m256 qhi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+    lo = _mm256_add_ps(_mm256_mul_ps(qlo, g.scale), g.offset);
+    hi = _mm256_add_ps(_mm256_mul_ps(qhi, g.scale), g.offset);
+  }
+  static __m256 int8(const int8_t* p, int n) {
+    __m128i raw;
+    if (n == 8) {
+      raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    } else {  // no masked byte load on AVX2: copy the tail (reading past it could fault)
+      int8_t tmp[16] = {};
+      for (int i = 0; i < n; ++i) tmp[i] = p[i];
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  }
+};
+#endif
+
+#if defined(RLHF_ISA_AVX512)
+template <>
+struct Int4Unpack<VecAvx512> {
+  struct Group {
+    __m512 table;  // table[q] = q * scale + offset
+  };
+  static Group group(float scale, float offset) {
+    const __m512 codes =
+        _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return {_mm512_add_ps(_mm512_mul_ps(codes, _mm512_set1_ps(scale)), _mm512_set1_ps(offset))};
+  }
+  static void step(const uint8_t* bytes, const Group& g, __m512& lo, __m512& hi) {
+    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    lo = _mm512_permutexvar_ps(q, g.table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), g.table);
+  }
+  static __m512 int8(const int8_t* p, int n) {
+    __m128i raw = n == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                          : _mm_maskz_loadu_epi8(VecAvx512::lanes(n), p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+  }
+};
+#endif
+
+inline int64_t clamp_lanes(int64_t n, int W) { return n < 0 ? 0 : (n > W ? W : n); }
+
+// Writes (first chunk: bias + sum, later chunks: y + sum) for each of the tile's outputs.
+template <class V, int MR, int NR>
+inline void finish_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, bool first,
+                        const typename V::reg (&acc)[MR][NR], const float* channel_scale) {
+  for (int m = 0; m < MR; ++m) {
+    float* y = a.y + (m0 + m) * a.y_row_stride + n0;
+    for (int j = 0; j < NR; ++j) {
+      float sum = static_cast<float>(V::hsum(acc[m][j]));
+      if (channel_scale) sum *= channel_scale[j];
+      const float base = first ? (a.bias ? a.bias[n0 + j] : 0.0f) : y[j];
+      y[j] = base + sum;
+    }
+  }
+}
+
+// int4: the MR x NR tile at (m0, n0) over the 32-weight blocks [block_begin, block_end).
+template <class V, int MR, int NR>
+void int4_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_begin,
+               int64_t block_end) {
+  using U = Int4Unpack<V>;
+  constexpr int W = V::W;
+  typename V::reg acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = V::zero();
+  const uint8_t* rows[NR];
+  for (int j = 0; j < NR; ++j)
+    rows[j] = static_cast<const uint8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
+  const float* xs = a.x + m0 * a.x_row_stride;
+  const int64_t blocks_per_group = a.group_size / 32;
+  const int64_t full_blocks = a.K / 32;  // blocks whose 32 columns all lie inside K
+
+  for (int64_t b = block_begin; b < block_end;) {
+    const int64_t group = b / blocks_per_group;
+    const int64_t group_end = (group + 1) * blocks_per_group;
+    const int64_t stop = group_end < block_end ? group_end : block_end;
+    typename U::Group groups[NR];
+    for (int j = 0; j < NR; ++j) {
+      const int64_t at = (n0 + j) * a.group_row_stride + group;
+      groups[j] = U::group(half_bits_to_float(a.scales_f16[at]),
+                           half_bits_to_float(a.offsets_f16[at]));
+    }
+    for (; b < stop; ++b) {
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + 16 * b + 512, 0, 0);
+#pragma GCC unroll 16
+      for (int t = 0; t < 16 / W; ++t) {
+        const int64_t k = 32 * b + t * W;
+        typename V::reg lo[NR], hi[NR];
+        for (int j = 0; j < NR; ++j) U::step(rows[j] + 16 * b + t * W, groups[j], lo[j], hi[j]);
+        for (int m = 0; m < MR; ++m) {
+          const float* x = xs + m * a.x_row_stride + k;
+          typename V::reg xlo, xhi;
+          if (b < full_blocks) {
+            xlo = V::load(x, W);
+            xhi = V::load(x + 16, W);
+          } else {  // the ragged end of K: columns past K contribute nothing
+            xlo = V::load(x, static_cast<int>(clamp_lanes(a.K - k, W)));
+            xhi = V::load(x + 16, static_cast<int>(clamp_lanes(a.K - k - 16, W)));
+          }
+          for (int j = 0; j < NR; ++j) {
+            acc[m][j] = V::fma(lo[j], xlo, acc[m][j]);
+            acc[m][j] = V::fma(hi[j], xhi, acc[m][j]);
+          }
+        }
+      }
+    }
+  }
+  finish_tile<V, MR, NR>(a, m0, n0, block_begin == 0, acc, nullptr);
+}
+
+// int8: the MR x NR tile at (m0, n0) over columns [32 * block_begin, min(32 * block_end, K)).
+template <class V, int MR, int NR>
+void int8_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_begin,
+               int64_t block_end) {
+  using U = Int4Unpack<V>;
+  constexpr int W = V::W;
+  typename V::reg acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = V::zero();
+  const int8_t* rows[NR];
+  for (int j = 0; j < NR; ++j)
+    rows[j] = static_cast<const int8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
+  const float* xs = a.x + m0 * a.x_row_stride;
+  const int64_t k_begin = 32 * block_begin;
+  const int64_t k_end = 32 * block_end < a.K ? 32 * block_end : a.K;
+  const int64_t k_full = k_begin + (k_end - k_begin) / W * W;
+
+  int64_t k = k_begin;
+  for (; k < k_full; k += W) {
+    if ((k & 63) == 0)
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + k + 1024, 0, 0);
+    typename V::reg w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = U::int8(rows[j] + k, W);
+    for (int m = 0; m < MR; ++m) {
+      const typename V::reg xv = V::load(xs + m * a.x_row_stride + k, W);
+      for (int j = 0; j < NR; ++j) acc[m][j] = V::fma(w[j], xv, acc[m][j]);
+    }
+  }
+  if (k < k_end) {
+    const int n = static_cast<int>(k_end - k);
+    typename V::reg w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = U::int8(rows[j] + k, n);
+    for (int m = 0; m < MR; ++m) {
+      const typename V::reg xv = V::load(xs + m * a.x_row_stride + k, n);
+      for (int j = 0; j < NR; ++j) acc[m][j] = V::fma(w[j], xv, acc[m][j]);
+    }
+  }
+  finish_tile<V, MR, NR>(a, m0, n0, block_begin == 0, acc, a.scales_f32 + n0);
+}
+
+using TileFn = void (*)(const QuantMatmulArgs&, int64_t, int64_t, int64_t, int64_t);
+
+// Tile shapes: up to kMaxRows rows of x by kMaxChannels output channels, and every smaller
+// shape for the edges (tile_table[rows - 1][channels - 1]).
+constexpr int kMaxRows = 4;
+constexpr int kMaxChannels = 4;
+
+template <class V, bool Int4, int MR, int... NRs>
+inline void fill_row(TileFn (&row)[kMaxChannels]) {
+  ((row[NRs - 1] = Int4 ? &int4_tile<V, MR, NRs> : &int8_tile<V, MR, NRs>), ...);
+}
+
+template <class V, bool Int4>
+struct TileTable {
+  TileFn fn[kMaxRows][kMaxChannels];
+  TileTable() {
+    fill_row<V, Int4, 1, 1, 2, 3, 4>(fn[0]);
+    fill_row<V, Int4, 2, 1, 2, 3, 4>(fn[1]);
+    fill_row<V, Int4, 3, 1, 2, 3, 4>(fn[2]);
+    fill_row<V, Int4, 4, 1, 2, 3, 4>(fn[3]);
+  }
+};
+
+// Output channels [n_begin, n_end) for all M rows. With few rows each tile streams its
+// channels' whole rows; otherwise K is walked in chunks (x chunk in L2, weights in L1).
+template <class V, bool Int4>
+void quant_matmul_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end) {
+  static const TileTable<V, Int4> tiles;
+  const int64_t blocks = (a.K + 31) / 32;
+  const int64_t chunk = a.M <= kMaxRows ? blocks : 16;
+  // Channels sharing one pass over a K chunk: their packed chunk stays in L1 meanwhile.
+  constexpr int64_t kChannelsPerPass = 32;
+  for (int64_t pass = n_begin; pass < n_end; pass += kChannelsPerPass) {
+    const int64_t pass_end = pass + kChannelsPerPass < n_end ? pass + kChannelsPerPass : n_end;
+    for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
+      const int64_t b1 = b0 + chunk < blocks ? b0 + chunk : blocks;
+      for (int64_t n = pass; n < pass_end; n += kMaxChannels) {
+        const int64_t nr = pass_end - n < kMaxChannels ? pass_end - n : kMaxChannels;
+        for (int64_t m = 0; m < a.M; m += kMaxRows) {
+          const int64_t mr = a.M - m < kMaxRows ? a.M - m : kMaxRows;
+          tiles.fn[mr - 1][nr - 1](a, m, n, b0, b1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace RLHF_ISA_NS
+}  // namespace rlhf_fast

@@ -1,0 +1,116 @@
+// rlhf_fast::quant_matmul_int8 / quant_matmul_int4 on the CPU: checks, fp32 activations,
+// and parallelism over output channels (each thread streams its own rows of the weight).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+
+#include "cpu/op_checks.h"
+#include "cpu/ops.h"
+
+namespace rlhf_fast {
+namespace {
+
+// 16-bit activations are widened once (M x K is small next to the weight); the kernels then
+// run the fp32 path, so every dtype gets fp32-exact products.
+at::Tensor fp32_rows(const at::Tensor& x) {
+  check_2d_cpu(x, "x");
+  float_dtype_index(x, "x");
+  return unit_stride_rows(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
+}
+
+void check_weight_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                         at::IntArrayRef sizes) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  float_dtype_index(*bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
+                    "] (out_features), got ", bias->sizes());
+  TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias must be on the CPU, got ", bias->device());
+  return bias->to(at::kFloat).contiguous();
+}
+
+at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
+               const at::Tensor& x32, const at::Tensor& bias32, int64_t N) {
+  const int64_t M = x32.size(0);
+  at::Tensor y = new_output({M, N});
+  if (M > 0 && N > 0) {
+    if (args.K == 0) {
+      bias32.defined() ? y.copy_(bias32.expand({M, N})) : y.zero_();
+    } else {
+      args.x = x32.const_data_ptr<float>();
+      args.x_row_stride = x32.stride(0);
+      args.M = M;
+      args.bias = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
+      args.y = y.data_ptr<float>();
+      args.y_row_stride = N;
+      const QuantMatmulFn kernel = active_kernels().quant_matmul[format];
+      // Tasks of whole 4-channel tiles; at least ~1M weights each so threads pay off.
+      const int64_t tiles = (N + 3) / 4;
+      const int64_t grain = std::max<int64_t>(1, (1 << 20) / (4 * args.K * std::max<int64_t>(M, 1)));
+      at::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+        kernel(args, first * 4, std::min(last * 4, N));
+      });
+    }
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor quant_matmul_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
+                                 const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
+  const at::Tensor x32 = fp32_rows(x);
+  TORCH_CHECK_VALUE(qdata.dim() == 2, "qdata must be 2-D [out_features, in_features], got ",
+                    qdata.sizes());
+  const int64_t N = qdata.size(0), K = x.size(1);
+  check_weight_tensor(qdata, "qdata", at::kChar, {N, K});
+  check_weight_tensor(scales, "scales", at::kFloat, {N});
+  const at::Tensor q = qdata.contiguous(), s = scales.contiguous();
+  const at::Tensor bias32 = bias_fp32(bias, N);
+
+  QuantMatmulArgs args{};
+  args.K = K;
+  args.qdata = q.const_data_ptr();
+  args.qdata_row_stride = K;
+  args.scales_f32 = s.const_data_ptr<float>();
+  return run(args, kInt8, x, x32, bias32, N);
+}
+
+at::Tensor quant_matmul_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
+                                 const at::Tensor& scales, const at::Tensor& offsets,
+                                 int64_t group_size, int64_t in_features,
+                                 const std::optional<at::Tensor>& bias) {
+  const at::Tensor x32 = fp32_rows(x);
+  TORCH_CHECK_VALUE(group_size > 0 && group_size % 32 == 0,
+                    "group_size must be a positive multiple of 32, got ", group_size);
+  TORCH_CHECK_VALUE(in_features == x.size(1), "x must have shape [M, ", in_features,
+                    "] (in_features), got ", x.sizes());
+  TORCH_CHECK_VALUE(qdata.dim() == 2, "qdata must be 2-D [out_features, padded / 2], got ",
+                    qdata.sizes());
+  const int64_t N = qdata.size(0), K = in_features;
+  const int64_t groups = (K + group_size - 1) / group_size;
+  check_weight_tensor(qdata, "qdata", at::kByte, {N, groups * group_size / 2});
+  check_weight_tensor(scales, "scales", at::kHalf, {N, groups});
+  check_weight_tensor(offsets, "offsets", at::kHalf, {N, groups});
+  const at::Tensor q = qdata.contiguous(), s = scales.contiguous(), o = offsets.contiguous();
+  const at::Tensor bias32 = bias_fp32(bias, N);
+
+  QuantMatmulArgs args{};
+  args.K = K;
+  args.qdata = q.const_data_ptr();
+  args.qdata_row_stride = groups * group_size / 2;
+  args.scales_f16 = reinterpret_cast<const uint16_t*>(s.const_data_ptr<at::Half>());
+  args.offsets_f16 = reinterpret_cast<const uint16_t*>(o.const_data_ptr<at::Half>());
+  args.group_row_stride = groups;
+  args.group_size = group_size;
+  return run(args, kInt4, x, x32, bias32, N);
+}
+
+}  // namespace rlhf_fast

@@ -1,0 +1,185 @@
+"""ops.quant_matmul on every CPU backend against a float64 product with the weight decoded
+here from the packed bytes (independently of QuantizedWeight.dequantize)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backends_under_test import cpu_backend_params, using
+
+from rlhf_fast import _native, ops
+from rlhf_fast.quant.weight import QuantizedWeight, quantize_weight
+
+# (M, K, N): K = 200 and 576 are ragged for g = 128 (and 200 for 64 and 32), N = 37 and 9 are
+# not multiples of the 4-channel tile, M = 130 is not a multiple of the 4-row tile.
+SHAPES = [(1, 64, 37), (3, 200, 37), (16, 576, 20), (130, 1000, 9), (5, 4096, 12)]
+FORMATS = [(8, -1), (4, 32), (4, 64), (4, 128)]
+# fp32: fp32 products and accumulation; 16-bit: the output's own rounding dominates.
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def decode_float64(qweight: QuantizedWeight) -> torch.Tensor:
+    """The [N, K] weight in float64, read straight from the layout in weight.py's docstring."""
+    n, k = qweight.shape
+    if qweight.bits == 8:
+        return qweight.data.double() * qweight.scales.double()[:, None]
+    packed = qweight.data.view(n, -1, 16).long()  # [N, blocks, 16 bytes]
+    codes = torch.cat([packed & 15, packed >> 4], dim=2).reshape(n, -1).double()
+    group = torch.arange(codes.shape[1]) // qweight.group_size
+    scales = qweight.scales.double()[:, group]
+    offsets = qweight.offsets.double()[:, group]
+    return (codes * scales + offsets)[:, :k]
+
+
+def expected_output(x, qweight, bias):
+    y = x.double() @ decode_float64(qweight).T
+    return y if bias is None else y + bias.double()
+
+
+def assert_close_to_oracle(y, x, qweight, bias):
+    expected = expected_output(x, qweight, bias)
+    assert y.dtype == x.dtype and y.shape == expected.shape
+    tolerance = RELATIVE_TOLERANCE[x.dtype]
+    scale = expected.abs().max().item() + 1e-30
+    torch.testing.assert_close(y.double(), expected, atol=tolerance * scale, rtol=tolerance)
+
+
+def make_weight(bits, group_size, n, k, generator):
+    weight = torch.randn(n, k, generator=generator)
+    return quantize_weight(weight, bits, 32 if bits == 8 else group_size)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("bits, group_size", FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_float64_oracle(backend, bits, group_size, dtype):
+    generator = torch.Generator().manual_seed(bits * 1000 + group_size)
+    for index, (m, k, n) in enumerate(SHAPES):
+        qweight = make_weight(bits, group_size, n, k, generator)
+        x = torch.randn(m, k, generator=generator).to(dtype)
+        bias = torch.randn(n, generator=generator) if index % 2 else None
+        with using(backend) as name:
+            y = ops.quant_matmul(x, qweight, bias, backend=name)
+        assert_close_to_oracle(y, x, qweight, bias)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("bits", [8, 4])
+def test_strided_and_batched_inputs(backend, bits):
+    generator = torch.Generator().manual_seed(7)
+    qweight = make_weight(bits, 64, 21, 200, generator)
+    wide = torch.randn(6, 230, generator=generator)
+    column_slice = wide[:, 17:217]  # row stride 230
+    transposed = torch.randn(200, 5, generator=generator).T  # column stride 5
+    batched = torch.randn(2, 3, 200, generator=generator)
+    bias = torch.randn(21, generator=generator).bfloat16()  # bias of another dtype
+    for x in (column_slice, transposed, batched):
+        with using(backend) as name:
+            y = ops.quant_matmul(x, qweight, bias, backend=name)
+        assert y.shape == (*x.shape[:-1], 21)
+        flat = x.reshape(-1, 200)
+        assert_close_to_oracle(y.reshape(-1, 21), flat, qweight, bias.float())
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_pad_codes_are_never_used(backend):
+    # K = 40 pads to 64 with g = 64: the pad's codes are arbitrary, and x has only 40 columns.
+    generator = torch.Generator().manual_seed(3)
+    qweight = make_weight(4, 64, 7, 40, generator)
+    garbage = qweight.data.clone()
+    garbage[:, 16:] |= 0xF0  # high nibbles of block 1: codes 48..63
+    garbage[:, 24:] |= 0x0F  # low nibbles of its bytes 8..15: codes 40..47
+    noisy = QuantizedWeight(4, 64, qweight.shape, garbage, qweight.scales, qweight.offsets)
+    x = torch.randn(3, 40, generator=generator)
+    with using(backend) as name:
+        y = ops.quant_matmul(x, noisy, backend=name)
+    torch.testing.assert_close(y, ops.quant_matmul_reference(x, qweight), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_empty_batch(backend):
+    qweight = make_weight(4, 32, 5, 64, torch.Generator().manual_seed(0))
+    with using(backend) as name:
+        y = ops.quant_matmul(torch.empty(0, 64), qweight, backend=name)
+    assert y.shape == (0, 5)
+
+
+def raw_call(qweight, x, bias=None):
+    if qweight.bits == 8:
+        return torch.ops.rlhf_fast.quant_matmul_int8(x, qweight.data, qweight.scales, bias)
+    return torch.ops.rlhf_fast.quant_matmul_int4(
+        x, qweight.data, qweight.scales, qweight.offsets, qweight.group_size,
+        qweight.in_features, bias,
+    )  # fmt: skip
+
+
+needs_cpp = pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bad_inputs_name_the_argument(bits):
+    qweight = make_weight(bits, 32, 6, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="x must have shape"):
+        ops.quant_matmul(torch.randn(2, 63), qweight)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.quant_matmul(torch.ones(2, 64, dtype=torch.int32), qweight)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.quant_matmul(torch.randn(2, 64), qweight, torch.randn(5))
+
+
+@needs_cpp
+@pytest.mark.parametrize("bits", [8, 4])
+def test_raw_op_bad_inputs_name_the_argument(bits):
+    qweight = make_weight(bits, 32, 6, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="x must have shape|qdata must have shape"):
+        raw_call(qweight, torch.randn(2, 63))
+    with pytest.raises(TypeError, match="x must be float32"):
+        raw_call(qweight, torch.ones(2, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        raw_call(qweight, torch.randn(64))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        raw_call(qweight, torch.randn(2, 64), torch.randn(5))
+    wrong_scales = QuantizedWeight(
+        bits, qweight.group_size, qweight.shape, qweight.data, qweight.scales.double(),
+        qweight.offsets,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="scales must be"):
+        raw_call(wrong_scales, torch.randn(2, 64))
+
+
+@needs_cpp
+def test_raw_int4_op_checks_group_size():
+    qweight = make_weight(4, 32, 6, 64, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="group_size must be"):
+        torch.ops.rlhf_fast.quant_matmul_int4(
+            x, qweight.data, qweight.scales, qweight.offsets, 48, 64, None
+        )
+
+
+def opcheck_samples():
+    generator = torch.Generator().manual_seed(5)
+    for bits, group_size, (m, k, n), dtype in [
+        (8, -1, (3, 40, 5), torch.float32),
+        (4, 32, (1, 70, 9), torch.bfloat16),
+        (4, 64, (4, 128, 6), torch.float16),
+    ]:
+        qweight = make_weight(bits, group_size, n, k, generator)
+        x = torch.randn(m, k, generator=generator).to(dtype)
+        yield qweight, x, torch.randn(n, generator=generator)
+
+
+@needs_cpp
+@pytest.mark.parametrize("sample", list(opcheck_samples()), ids=["int8", "int4-g32", "int4-g64"])
+def test_opcheck(sample):
+    qweight, x, bias = sample
+    if qweight.bits == 8:
+        op, args = torch.ops.rlhf_fast.quant_matmul_int8.default, (
+            x, qweight.data, qweight.scales, bias,
+        )  # fmt: skip
+    else:
+        op, args = torch.ops.rlhf_fast.quant_matmul_int4.default, (
+            x, qweight.data, qweight.scales, qweight.offsets, qweight.group_size,
+            qweight.in_features, bias,
+        )  # fmt: skip
+    torch.library.opcheck(op, args)
