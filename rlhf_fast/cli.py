@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rlhf_fast.quant import cli_quantize
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -16,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show versions, CPU features, devices and which backend each op uses",
         description="Show versions, CPU features, devices and which backend each op uses.",
     )
+    cli_quantize.add_parser(commands)
     return parser
 
 
@@ -25,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_fast import doctor
 
         return doctor.run()
+    if args.command == "quantize":
+        return cli_quantize.run(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
