@@ -19,7 +19,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show versions, CPU features, devices and which backend each op uses.",
     )
     cli_quantize.add_parser(commands)
+    _add_chat_parser(commands)
     return parser
+
+
+def _add_chat_parser(commands) -> None:
+    chat = commands.add_parser(
+        "chat",
+        help="chat with a model directory (streaming, history, /reset, /exit)",
+        description="Chat with a causal LM directory. --prompt answers once and exits.",
+    )
+    chat.add_argument("model_dir", metavar="MODEL_DIR", help="HF model directory (safetensors)")
+    bits = chat.add_mutually_exclusive_group()
+    bits.add_argument("--int4", action="store_true", help="quantize weights to int4 on load")
+    bits.add_argument("--int8", action="store_true", help="quantize weights to int8 on load")
+    chat.add_argument("--group-size", type=int, default=128, help="int4 group size (128)")
+    chat.add_argument("--system", metavar="TEXT", help="system message")
+    chat.add_argument("--prompt", metavar="TEXT", help="answer this once and exit")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (0.7)")
+    chat.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0: off)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: off)")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style (1: off)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (256)")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
+    chat.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return doctor.run()
     if args.command == "quantize":
         return cli_quantize.run(args)
+    if args.command == "chat":
+        from rlhf_fast import chat
+
+        return chat.run(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,0 +1,204 @@
+"""`rlhf-fast chat`: talk to a causal LM directory, streaming its answers.
+
+The prompt is the tokenizer's chat template when it has one; otherwise this plain template,
+one line per message, ending with the assistant's header for the model to continue:
+
+    System: {system}
+    User: {message}
+    Assistant: {answer}
+    User: {message}
+    Assistant:
+
+Interactive mode keeps the history; `/reset` clears it (the system message stays), `/exit`,
+end of input or Ctrl-C at the prompt quit, Ctrl-C during an answer stops that answer.
+`--prompt TEXT` answers once and exits. After each answer one line on stderr reports decode
+tokens/s, prefill time and effective GB/s (model bytes read per token times tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROMPT_MARKER = ">>> "
+FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+class ChatError(Exception):
+    """A problem to report on one line of stderr (exit code 2), never as a traceback."""
+
+
+def load_model(model_dir: Path, quantize: int | None, group_size: int, device: str):
+    """The model, on `device`: dense HF directories (safetensors only) or quantized ones."""
+    try:
+        from rlhf_fast.quant.io import load_model as load_quantizable
+    except ImportError:
+        load_quantizable = None
+    if load_quantizable is not None:
+        return load_quantizable(
+            model_dir, quantize=quantize, group_size=group_size, device=device, dtype=None
+        )
+    if quantize is not None:
+        raise ChatError(f"--int{quantize} needs rlhf_fast.quant.io, which is not installed yet")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, use_safetensors=True, local_files_only=True, trust_remote_code=False
+    )
+    return model.to(device)
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer) for the command line's arguments; ChatError on any failure."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        what = "no config.json in" if model_dir.is_dir() else "no such directory:"
+        raise ChatError(f"cannot load model: {what} {model_dir}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ChatError("--device cuda: no CUDA device is available")
+    quantize = 4 if args.int4 else 8 if args.int8 else None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=False
+        )
+        model = load_model(model_dir, quantize, args.group_size, device)
+    except ChatError:
+        raise
+    except Exception as error:  # transformers raises many types; report them all on one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ChatError(
+            f"cannot load model from {model_dir}: {type(error).__name__}: {reason}"
+        ) from None
+    return model.eval(), tokenizer
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the whole conversation, ending where the assistant's answer starts."""
+    if tokenizer.chat_template:
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as error:
+            raise ChatError(f"the tokenizer's chat template failed: {error}") from None
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    lines = [f"{FALLBACK_ROLES[m['role']]}: {m['content']}" for m in messages]
+    return tokenizer("\n".join(lines + ["Assistant:"]))["input_ids"]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def sampling_config(args: argparse.Namespace):
+    from rlhf_fast.models.generate import SamplingConfig
+
+    try:
+        return SamplingConfig(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except ValueError as error:
+        raise ChatError(str(error)) from None
+
+
+def answer(model, tokenizer, messages, args, turn: int) -> str:
+    """Stream the model's answer to stdout; the stats line goes to stderr."""
+    from rlhf_fast.models.generate import (
+        GenerationStats,
+        StreamDecoder,
+        generate_tokens,
+        model_bytes,
+    )
+
+    config = sampling_config(args)
+    stats = GenerationStats(model_bytes=model_bytes(model))
+    decoder = StreamDecoder(tokenizer)
+    seed = None if args.seed is None else args.seed + turn
+    tokens = generate_tokens(
+        model,
+        prompt_ids(tokenizer, messages),
+        config,
+        eos_token_ids=eos_ids(model, tokenizer),
+        seed=seed,
+        stats=stats,
+    )
+    try:
+        for token in tokens:
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        tokens.close()
+        sys.stderr.write("\n[interrupted]")
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    print(f"[{stats.summary()}]", file=sys.stderr, flush=True)
+    return decoder.text
+
+
+def read_line() -> str | None:
+    """One line typed by the user, or None at end of input / Ctrl-C."""
+    try:
+        return input(PROMPT_MARKER)
+    except (EOFError, KeyboardInterrupt):
+        sys.stdout.write("\n")
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sampling_config(args)  # bad flags fail before the slow load
+        model, tokenizer = load(args)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        if args.prompt is not None:
+            answer(model, tokenizer, system + [{"role": "user", "content": args.prompt}], args, 0)
+            return 0
+        print(
+            f"chatting with {args.model_dir}: /reset clears the history, /exit quits",
+            file=sys.stderr,
+            flush=True,
+        )
+        messages = list(system)
+        turn = 0
+        while (line := read_line()) is not None:
+            command = line.strip()
+            if command == "/exit":
+                break
+            if command == "/reset":
+                messages = list(system)
+                print("[history cleared]", file=sys.stderr, flush=True)
+                continue
+            if not command:
+                continue
+            messages.append({"role": "user", "content": line})
+            try:
+                reply = answer(model, tokenizer, messages, args, turn)
+            except ChatError as error:
+                print(f"rlhf-fast chat: {error}", file=sys.stderr, flush=True)
+                messages.pop()
+                continue
+            messages.append({"role": "assistant", "content": reply})
+            turn += 1
+        return 0
+    except ChatError as error:
+        print(f"rlhf-fast chat: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

@@ -1,0 +1,391 @@
+"""`rlhf-fast chat` and the generation under it, on a tiny random Llama built here."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_fast.cli import main
+from rlhf_fast.models.generate import (
+    SamplingConfig,
+    StreamDecoder,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    generate_tokens,
+    sample_next_token,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import TINY_CHAT_TEMPLATE, make_tiny_model_dir, train_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def templated_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(
+        tmp_path_factory.mktemp("templated"), chat_template=TINY_CHAT_TEMPLATE
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("plain"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(plain_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(plain_dir, use_safetensors=True).eval()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    config = SamplingConfig(temperature=0, top_k=3, top_p=0.5)
+    assert sample_next_token(logits, torch.tensor([], dtype=torch.long), config) == int(
+        logits.argmax()
+    )
+
+
+def test_top_k_keeps_only_k():
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0, 1.0, 0.0])
+    kept = torch.isfinite(filter_top_k(logits, 3)).nonzero().flatten().tolist()
+    assert kept == [1, 3, 4]
+    config = SamplingConfig(temperature=1.0, top_k=2)
+    generator = torch.Generator().manual_seed(0)
+    drawn = {sample_next_token(logits, torch.tensor([]), config, generator) for _ in range(200)}
+    assert drawn == {1, 3}
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = torch.tensor([0.04, 0.4, 0.3, 0.2, 0.06]).log()
+
+    def kept(p):
+        return torch.isfinite(filter_top_p(logits, p)).nonzero().flatten().tolist()
+
+    assert kept(0.39) == [1]  # the top token alone reaches 0.39
+    assert kept(0.5) == [1, 2]
+    assert kept(0.85) == [1, 2, 3]
+    assert kept(0.95) == [1, 2, 3, 4]  # 0.96 with the fourth: the 0.04 token is left out
+    assert kept(0.99) == [0, 1, 2, 3, 4]
+    assert kept(0.01) == [1]  # never empty
+    assert kept(1.0) == [0, 1, 2, 3, 4]
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([2.0, -2.0, 1.0, -1.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, -1.0]
+    assert logits.tolist() == [2.0, -2.0, 1.0, -1.0]  # input untouched
+    # Greedy would repeat token 0; a strong penalty moves it to the unseen token 2.
+    config = SamplingConfig(temperature=0, repetition_penalty=4.0)
+    assert sample_next_token(logits, torch.tensor([0]), config) == 2
+
+
+def test_bad_sampling_values_raise():
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"repetition_penalty": 0}):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+
+
+def test_same_seed_same_output(tiny_model):
+    config = SamplingConfig(temperature=1.5, top_k=50, top_p=0.95, max_new_tokens=12)
+
+    def run(seed):
+        return list(generate_tokens(tiny_model, [5, 6, 7], config, seed=seed))
+
+    assert run(3) == run(3)
+    assert len(run(3)) == 12
+    assert run(3) != run(4)
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+
+def test_kv_cache_generation_equals_no_cache_greedy(tiny_model):
+    prompt = [3, 17, 42, 99, 7]
+    config = SamplingConfig(temperature=0, max_new_tokens=20)
+    with_cache = list(generate_tokens(tiny_model, prompt, config))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            logits = tiny_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    assert with_cache == ids[len(prompt) :]
+    reference = tiny_model.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=20, eos_token_id=None
+    )
+    assert with_cache == reference[0, len(prompt) :].tolist()
+
+
+def test_generation_stops_at_eos_and_fills_stats(tiny_model):
+    from rlhf_fast.models.generate import GenerationStats, model_bytes
+
+    config = SamplingConfig(temperature=0, max_new_tokens=10)
+    free = list(generate_tokens(tiny_model, [3, 4], config))
+    stats = GenerationStats(model_bytes=model_bytes(tiny_model))
+    stopped = list(
+        generate_tokens(tiny_model, [3, 4], config, eos_token_ids={free[3]}, stats=stats)
+    )
+    assert stopped == free[: free.index(free[3])]
+    assert stats.prompt_tokens == 2 and stats.new_tokens == len(stopped)
+    assert stats.model_bytes == sum(p.numel() * 4 for p in tiny_model.parameters()) + sum(
+        b.numel() * b.element_size() for b in tiny_model.buffers()
+    )
+    assert "tok/s" in stats.summary() and "GB/s" in stats.summary()
+
+
+def test_stream_decoder_never_splits_characters():
+    tokenizer = train_tokenizer()
+    text = "Café 東京 🙂 naïve über"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # some characters span several tokens
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def test_one_shot_through_main(templated_dir, capsys):
+    argv = ["chat", str(templated_dir), "--prompt", "hi", "--temperature", "0"]
+    assert main(argv + ["--max-new-tokens", "8", "--device", "cpu"]) == 0
+    first = capsys.readouterr()
+    assert main(argv + ["--max-new-tokens", "8", "--system", "be brief"]) == 0
+    with_system = capsys.readouterr()
+    assert first.out.endswith("\n") and first.out.strip()
+    assert "tok/s" in first.err and "prefill" in first.err and "GB/s" in first.err
+    assert "Traceback" not in first.err
+    assert with_system.out != first.out  # the system message reached the prompt
+
+    # The printed text is the decoded greedy continuation of the templated prompt.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(templated_dir)
+    model = AutoModelForCausalLM.from_pretrained(templated_dir).eval()
+    prompt = tokenizer("<|user|>hi\n<|assistant|>", add_special_tokens=False)["input_ids"]
+    config = SamplingConfig(temperature=0, max_new_tokens=8)
+    tokens = list(generate_tokens(model, prompt, config, eos_token_ids={tokenizer.eos_token_id}))
+    assert first.out == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+
+
+def test_one_shot_sampling_is_seeded(plain_dir, capsys):
+    argv = ["chat", str(plain_dir), "--prompt", "hello", "--max-new-tokens", "10"]
+    argv += ["--temperature", "1.2", "--top-k", "40", "--top-p", "0.9"]
+    argv += ["--repetition-penalty", "1.2"]
+    outputs = []
+    for seed in ("5", "5", "6"):
+        assert main(argv + ["--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+def test_fallback_template_without_chat_template(plain_dir):
+    from transformers import AutoTokenizer
+
+    from rlhf_fast.chat import prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(plain_dir)
+    assert not tokenizer.chat_template
+    messages = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    expected = "System: Be kind.\nUser: Hi\nAssistant: Hello!\nUser: How are you?\nAssistant:"
+    assert tokenizer.decode(prompt_ids(tokenizer, messages), skip_special_tokens=True) == expected
+
+
+def test_answer_streams_token_by_token(plain_dir, monkeypatch, capsys):
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    argv = ["chat", str(plain_dir), "--prompt", "hi", "--temperature", "0"]
+    assert main(argv + ["--max-new-tokens", "12"]) == 0
+    assert sum(1 for piece in writes if piece.strip()) >= 3
+
+
+def test_interactive_over_piped_stdin(templated_dir, monkeypatch, capsys):
+    """History, /reset and a clean exit at end of input (no /exit)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n/reset\nhello\n"))
+    argv = ["chat", str(templated_dir), "--temperature", "0", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    answers = [a for a in captured.out.split(">>> ") if a]
+    assert len(answers) == 4  # three answers, then the newline printed at end of input
+    assert answers[0] == answers[2]  # after /reset, the same question gets the same answer
+    assert captured.err.count("tok/s") == 3 and "[history cleared]" in captured.err
+
+
+def test_one_shot_subprocess(templated_dir, capsys):
+    command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(templated_dir)]
+    command += ["--prompt", "hi", "--temperature", "0", "--max-new-tokens", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert main(command[3:]) == 0
+    assert result.stdout == capsys.readouterr().out
+    assert "tok/s" in result.stderr and "Traceback" not in result.stderr
+
+
+class _Terminal:
+    """A child process on a pseudo-terminal: what a user typing at the chat would see."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.master, slave = pty.openpty()
+        # A session of its own with the terminal as its controlling tty, so that ^C typed on
+        # the terminal reaches it as SIGINT.
+        self.process = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=_env(),
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(slave)
+        self.seen = b""
+
+    def read_until(self, marker: bytes, timeout: float = 60.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.seen:
+            ready, _, _ = select.select(
+                [self.master], [], [], max(0.0, deadline - time.monotonic())
+            )
+            if not ready:
+                raise AssertionError(f"no {marker!r} within {timeout} s; saw {self.seen!r}")
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"child exited before {marker!r}; saw {self.seen!r}")
+            self.seen += chunk
+        before, _, self.seen = self.seen.partition(marker)
+        return before
+
+    def type(self, text: bytes) -> None:
+        os.write(self.master, text)
+
+    def close(self) -> int:
+        code = self.process.wait(timeout=30)
+        os.close(self.master)
+        return code
+
+
+def test_interactive_session_on_a_terminal(templated_dir, capsys):
+    argv = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(templated_dir)]
+    argv += ["--temperature", "0", "--max-new-tokens", "8"]
+    assert main(argv[3:] + ["--prompt", "hello"]) == 0
+    expected = capsys.readouterr().out.rstrip("\n").replace("\n", "\r\n").encode()
+
+    terminal = _Terminal(argv)
+    try:
+        terminal.read_until(b">>> ")
+        terminal.type(b"hello\n")
+        answer = terminal.read_until(b">>> ")
+        assert expected in answer and b"tok/s" in answer
+        terminal.type(b"/reset\n")
+        assert b"[history cleared]" in terminal.read_until(b">>> ")
+        terminal.type(b"hello\n")
+        assert expected in terminal.read_until(b">>> ")
+        terminal.type(b"/exit\n")
+        assert terminal.close() == 0
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+    assert b"Traceback" not in answer
+
+
+def test_ctrl_c_at_the_prompt_exits_cleanly(plain_dir):
+    argv = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(plain_dir), "--max-new-tokens", "4"]
+    terminal = _Terminal(argv)
+    try:
+        terminal.read_until(b">>> ")
+        terminal.type(b"\x03")  # the terminal turns ^C into SIGINT
+        code = terminal.close()
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+    assert code == 0
+    assert b"Traceback" not in terminal.seen
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "broken"])
+def test_bad_model_dir_exits_2_with_one_line(tmp_path, kind, capsys):
+    model_dir = tmp_path / "model"
+    if kind != "missing":
+        model_dir.mkdir()
+    if kind == "broken":
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["chat", str(model_dir), "--prompt", "hi"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and str(model_dir) in captured.err
+
+
+def test_missing_dir_subprocess_exit_code(tmp_path):
+    command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(tmp_path / "nope")]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_bad_flag_value_exits_2(templated_dir, capsys):
+    assert main(["chat", str(templated_dir), "--prompt", "hi", "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def _has_quant_loader() -> bool:
+    try:
+        from rlhf_fast.quant.io import load_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _has_quant_loader(),
+    reason="rlhf_fast.quant.io.load_model (the int4/int8 loader) is missing",
+)
+@pytest.mark.parametrize("flag", ["--int4", "--int8"])
+def test_quantized_chat(templated_dir, flag, capsys):
+    argv = ["chat", str(templated_dir), flag, "--group-size", "32", "--prompt", "hi"]
+    assert main(argv + ["--temperature", "0", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and "tok/s" in captured.err
