@@ -29,31 +29,13 @@ class ChatError(Exception):
     """A problem to report on one line of stderr (exit code 2), never as a traceback."""
 
 
-def load_model(model_dir: Path, quantize: int | None, group_size: int, device: str):
-    """The model, on `device`: dense HF directories (safetensors only) or quantized ones."""
-    try:
-        from rlhf_fast.quant.io import load_model as load_quantizable
-    except ImportError:
-        load_quantizable = None
-    if load_quantizable is not None:
-        return load_quantizable(
-            model_dir, quantize=quantize, group_size=group_size, device=device, dtype=None
-        )
-    if quantize is not None:
-        raise ChatError(f"--int{quantize} needs rlhf_fast.quant.io, which is not installed yet")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, use_safetensors=True, local_files_only=True, trust_remote_code=False
-    )
-    return model.to(device)
-
-
 def load(args: argparse.Namespace):
     """(model, tokenizer) for the command line's arguments; ChatError on any failure."""
     import torch
     import transformers
     from transformers import AutoTokenizer
+
+    from rlhf_fast.quant.io import load_model
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -71,9 +53,9 @@ def load(args: argparse.Namespace):
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=False
         )
-        model = load_model(model_dir, quantize, args.group_size, device)
-    except ChatError:
-        raise
+        model = load_model(
+            model_dir, quantize=quantize, group_size=args.group_size, device=device, dtype="auto"
+        )
     except Exception as error:  # transformers raises many types; report them all on one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ChatError(

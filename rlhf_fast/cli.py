@@ -33,7 +33,7 @@ def _add_chat_parser(commands) -> None:
     bits = chat.add_mutually_exclusive_group()
     bits.add_argument("--int4", action="store_true", help="quantize weights to int4 on load")
     bits.add_argument("--int8", action="store_true", help="quantize weights to int8 on load")
-    chat.add_argument("--group-size", type=int, default=128, help="int4 group size (128)")
+    chat.add_argument("--group-size", type=int, default=32, help="int4 group size (32)")
     chat.add_argument("--system", metavar="TEXT", help="system message")
     chat.add_argument("--prompt", metavar="TEXT", help="answer this once and exit")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (0.7)")

@@ -389,3 +389,20 @@ def test_quantized_chat(templated_dir, flag, capsys):
     assert main(argv + ["--temperature", "0", "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.out.endswith("\n") and "tok/s" in captured.err
+
+
+@pytest.mark.skipif(
+    not _has_quant_loader(),
+    reason="rlhf_fast.quant.io.load_model (the int4/int8 loader) is missing",
+)
+def test_quantized_directory_loads_without_flags(templated_dir, tmp_path, capsys):
+    quantized = tmp_path / "int8"
+    assert main(["quantize", str(templated_dir), "--bits", "8", "--output", str(quantized)]) == 0
+    capsys.readouterr()
+    argv = ["chat", str(quantized), "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and "tok/s" in captured.err
+    # Asking for other bits than the directory holds is a one-line error, exit code 2.
+    assert main(argv + ["--int4"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
