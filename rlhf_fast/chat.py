@@ -21,6 +21,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlhf_fast.models.generate import (
+    GenerationStats,
+    SamplingConfig,
+    StreamDecoder,
+    generate_tokens,
+    model_bytes,
+)
+
 PROMPT_MARKER = ">>> "
 FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -31,16 +39,16 @@ class ChatError(Exception):
 
 def load(args: argparse.Namespace):
     """(model, tokenizer) for the command line's arguments; ChatError on any failure."""
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        what = "no config.json in" if model_dir.is_dir() else "no such directory:"
+        raise ChatError(f"cannot load model: {what} {model_dir}")
     import torch
     import transformers
     from transformers import AutoTokenizer
 
     from rlhf_fast.quant.io import load_model
 
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        what = "no config.json in" if model_dir.is_dir() else "no such directory:"
-        raise ChatError(f"cannot load model: {what} {model_dir}")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,9 +93,7 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def sampling_config(args: argparse.Namespace):
-    from rlhf_fast.models.generate import SamplingConfig
-
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     try:
         return SamplingConfig(
             temperature=args.temperature,
@@ -100,27 +106,13 @@ def sampling_config(args: argparse.Namespace):
         raise ChatError(str(error)) from None
 
 
-def answer(model, tokenizer, messages, args, turn: int) -> str:
-    """Stream the model's answer to stdout; the stats line goes to stderr."""
-    from rlhf_fast.models.generate import (
-        GenerationStats,
-        StreamDecoder,
-        generate_tokens,
-        model_bytes,
-    )
-
-    config = sampling_config(args)
+def answer(model, tokenizer, messages, config: SamplingConfig, seed: int | None) -> str:
+    """Stream the model's answer to stdout (Ctrl-C stops it); the stats line goes to stderr."""
     stats = GenerationStats(model_bytes=model_bytes(model))
     decoder = StreamDecoder(tokenizer)
-    seed = None if args.seed is None else args.seed + turn
-    tokens = generate_tokens(
-        model,
-        prompt_ids(tokenizer, messages),
-        config,
-        eos_token_ids=eos_ids(model, tokenizer),
-        seed=seed,
-        stats=stats,
-    )
+    ids = prompt_ids(tokenizer, messages)
+    eos = eos_ids(model, tokenizer)
+    tokens = generate_tokens(model, ids, config, eos_token_ids=eos, seed=seed, stats=stats)
     try:
         for token in tokens:
             sys.stdout.write(decoder.push(token))
@@ -131,7 +123,7 @@ def answer(model, tokenizer, messages, args, turn: int) -> str:
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
     print(f"[{stats.summary()}]", file=sys.stderr, flush=True)
-    return decoder.text
+    return decoder.text.strip()
 
 
 def read_line() -> str | None:
@@ -143,40 +135,36 @@ def read_line() -> str | None:
         return None
 
 
+def interactive(model, tokenizer, system: list[dict], config: SamplingConfig, seed) -> None:
+    print("chat: /reset clears the history, /exit quits", file=sys.stderr, flush=True)
+    messages = list(system)
+    while (line := read_line()) is not None and line.strip() != "/exit":
+        if line.strip() == "/reset":
+            messages = list(system)
+            print("[history cleared]", file=sys.stderr, flush=True)
+        elif line.strip():
+            turn_seed = None if seed is None else seed + len(messages)
+            try:
+                reply = answer(model, tokenizer, messages + [user(line)], config, turn_seed)
+            except ChatError as error:  # a template that rejects this history: say so, go on
+                print(f"rlhf-fast chat: {error}", file=sys.stderr, flush=True)
+                continue
+            messages += [user(line), {"role": "assistant", "content": reply}]
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        sampling_config(args)  # bad flags fail before the slow load
+        config = sampling_config(args)  # bad flags fail before the slow load
         model, tokenizer = load(args)
         system = [{"role": "system", "content": args.system}] if args.system else []
-        if args.prompt is not None:
-            answer(model, tokenizer, system + [{"role": "user", "content": args.prompt}], args, 0)
-            return 0
-        print(
-            f"chatting with {args.model_dir}: /reset clears the history, /exit quits",
-            file=sys.stderr,
-            flush=True,
-        )
-        messages = list(system)
-        turn = 0
-        while (line := read_line()) is not None:
-            command = line.strip()
-            if command == "/exit":
-                break
-            if command == "/reset":
-                messages = list(system)
-                print("[history cleared]", file=sys.stderr, flush=True)
-                continue
-            if not command:
-                continue
-            messages.append({"role": "user", "content": line})
-            try:
-                reply = answer(model, tokenizer, messages, args, turn)
-            except ChatError as error:
-                print(f"rlhf-fast chat: {error}", file=sys.stderr, flush=True)
-                messages.pop()
-                continue
-            messages.append({"role": "assistant", "content": reply})
-            turn += 1
+        if args.prompt is None:
+            interactive(model, tokenizer, system, config, args.seed)
+        else:
+            answer(model, tokenizer, system + [user(args.prompt)], config, args.seed)
         return 0
     except ChatError as error:
         print(f"rlhf-fast chat: {error}", file=sys.stderr)
