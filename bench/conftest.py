@@ -36,6 +36,8 @@ _CPU_AT_START = pytest.StashKey[tuple]()
 FAST_PROVIDERS = ("cpp", "cuda", "triton")
 # Column order of the summary; the ratios are other / fast, except memcpy / fast.
 OTHER_PROVIDERS = ("reference", "peer", "vectorized", "memcpy")
+# The group whose bytes_moved / median is the machine's read bandwidth (see test_bench_quant).
+READ_BANDWIDTH_OP = "read_bandwidth"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -127,8 +129,10 @@ def _seconds_per_call(fn: Callable[[], object]) -> float:
 
 @pytest.fixture
 def measure(benchmark, request: pytest.FixtureRequest):
-    """measure(fn, op=, device=, size=, provider=, bytes_moved=None): time `fn()` (inputs
-    already built) in the group "<op> <device> <size>"; bytes_moved gives a GB/s column."""
+    """measure(fn, op=, device=, size=, provider=, bytes_moved=None, weight_bytes=None): time
+    `fn()` (inputs already built) in the group "<op> <device> <size>"; bytes_moved gives a
+    GB/s column; weight_bytes (the provider's weight bytes read per call) puts the group in the
+    weight-streaming table, with GB/s and the share of the measured read bandwidth."""
     quick = quick_mode(request.config)
 
     def run(
@@ -139,11 +143,14 @@ def measure(benchmark, request: pytest.FixtureRequest):
         size: str,
         provider: str,
         bytes_moved: int | None = None,
+        weight_bytes: int | None = None,
     ) -> object:
         benchmark.group = f"{op} {device} {size}"
         benchmark.extra_info.update(op=op, device=device, size=size, provider=provider)
         if bytes_moved is not None:
             benchmark.extra_info["bytes_moved"] = bytes_moved
+        if weight_bytes is not None:  # a weight-streaming op: goes to the second table
+            benchmark.extra_info["weight_bytes"] = weight_bytes
         timed = _synchronized(fn, device)
         seconds = _seconds_per_call(timed)
         if seconds > SLOW_CALL_S:
@@ -185,6 +192,7 @@ class _Group:
 
     medians: dict[str, tuple[float, int]] = field(default_factory=dict)
     bytes_moved: float | None = None
+    weight_bytes: dict[str, float] = field(default_factory=dict)  # per provider
 
 
 def _collect(benchmarks) -> dict[tuple[str, str, str], _Group]:
@@ -198,6 +206,8 @@ def _collect(benchmarks) -> dict[tuple[str, str, str], _Group]:
         group.medians[info["provider"]] = (bench.stats.median, bench.stats.rounds)
         if "bytes_moved" in info:
             group.bytes_moved = float(info["bytes_moved"])
+        if "weight_bytes" in info:
+            group.weight_bytes[info["provider"]] = float(info["weight_bytes"])
     return groups
 
 
@@ -212,6 +222,8 @@ def _median_cell(group: _Group, provider: str | None) -> str:
 def _summary_rows(groups: dict[tuple[str, str, str], _Group]) -> list[list[str]]:
     rows = []
     for (op, device, size), group in groups.items():
+        if group.weight_bytes or op == READ_BANDWIDTH_OP:
+            continue  # in the weight-streaming table
         medians = {provider: median for provider, (median, _) in group.medians.items()}
         fast_name = min(
             (p for p in FAST_PROVIDERS if p in medians), key=medians.__getitem__, default=None
@@ -249,18 +261,45 @@ _HEADER = [
 ]
 
 
-def _write_summary(terminalreporter, config: pytest.Config) -> None:
-    session = getattr(config, "_benchmarksession", None)
-    if session is None or session.disabled:
-        return
-    rows = _summary_rows(_collect(session.benchmarks))
+def _read_bandwidth(groups: dict[tuple[str, str, str], _Group]) -> float | None:
+    for (op, _, _), group in groups.items():
+        if op == READ_BANDWIDTH_OP and group.bytes_moved and group.medians:
+            return group.bytes_moved / min(m for m, _ in group.medians.values())
+    return None
+
+
+def _write_weight_table(write, groups: dict[tuple[str, str, str], _Group]) -> None:
+    """One line per (size, provider) of weight-streaming ops: median, GB/s of weight bytes,
+    share of the measured read bandwidth, and speed relative to the group's first provider."""
+    read_bandwidth = _read_bandwidth(groups)
+    header = ["op", "device", "size", "provider", "median", "weight GB/s", "% read bw", "speedup"]
+    rows = []
+    for (op, device, size), group in groups.items():
+        if not group.weight_bytes:
+            continue
+        baseline = next(iter(group.medians.values()))[0]
+        for provider, (median, _) in group.medians.items():
+            weight = group.weight_bytes.get(provider)
+            gbps = weight / median / 1e9 if weight else None
+            share = weight / median / read_bandwidth if weight and read_bandwidth else None
+            rows.append([
+                op, device, size, provider, _median_cell(group, provider),
+                "-" if gbps is None else f"{gbps:.1f}",
+                "-" if share is None else f"{share:.0%}",
+                _format_ratio(baseline, median),
+            ])  # fmt: skip
     if not rows:
         return
-    widths = [max(len(row[i]) for row in [_HEADER, *rows]) for i in range(len(_HEADER))]
-    write = terminalreporter.write_line
-    terminalreporter.write_sep("=", "rlhf_fast: median time per call, and ratios")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    bandwidth = "not measured" if read_bandwidth is None else f"{read_bandwidth / 1e9:.1f} GB/s"
+    write(f"Weight-streaming ops (read bandwidth measured in this run: {bandwidth}; speedup is")
+    write("relative to the first provider of each size):")
+    for row in [header, *rows]:
+        write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _write_elementwise_table(write, rows: list[list[str]]) -> None:
     write(
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads. "
         "x/fast: how many times slower x is than the fastest fast backend (higher is better "
         "for us);"
     )
@@ -268,9 +307,26 @@ def _write_summary(terminalreporter, config: pytest.Config) -> None:
         "memcpy/fast: a copy of the op's bytes (read + written) over the fast time, 1.0 = "
         "at the memory limit. '~': median of only a few rounds (slow provider)."
     )
+    widths = [max(len(row[i]) for row in [_HEADER, *rows]) for i in range(len(_HEADER))]
     for row in [_HEADER, *rows]:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         write("  ".join(cells).rstrip())
+
+
+def _write_summary(terminalreporter, config: pytest.Config) -> None:
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled:
+        return
+    groups = _collect(session.benchmarks)
+    rows = _summary_rows(groups)
+    if not rows and not any(g.weight_bytes for g in groups.values()):
+        return
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("=", "rlhf_fast: median time per call, and ratios")
+    write(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads.")
+    if rows:
+        _write_elementwise_table(write, rows)
+    _write_weight_table(write, groups)
     share = _other_processes_share(config)
     if share is not None:
         write(f"Other processes used {share:.0%} of the {os.cpu_count()} CPUs during this session.")

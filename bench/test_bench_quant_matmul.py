@@ -1,0 +1,125 @@
+"""quant_matmul: our int4 / int8 kernels beside torch's own CPU options for the same linear
+layer: fp32 and bf16 F.linear, and aten's weight-only int8 / int4 packed ops.
+
+Decode (M = 1) is a stream over the weights, so each provider's weights are rotated over
+several copies that together exceed the 32 MiB L3: every call reads its weights from DRAM, as
+in a real model whose layers do not fit in cache. The summary's weight-streaming table gives
+GB/s of weight bytes and the share of the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quick_mode
+
+from rlhf_fast import ops
+from rlhf_fast.ops import backends
+from rlhf_fast.quant import quantize_weight
+
+MS = [1, 8, 32, 128]
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in_features K, out_features N)
+ROTATE_BYTES = 96 << 20  # 3x the L3: each call finds its weights evicted
+SIZE_PARAMS = [
+    pytest.param((m, k, n), id=f"M{m}-K{k}-N{n}", marks=pytest.mark.bench_full if i else ())
+    for i, (m, (k, n)) in enumerate(itertools.product(MS, SHAPES))
+]
+PROVIDERS = [
+    "fp32",  # first: the table's speedups are relative to it
+    "bf16",
+    "torch-int8pack",
+    "torch-int4pack-g128",
+    "ours-int8",
+    "ours-int8-bf16x",
+    "ours-int4-g128",
+    "ours-int4-g128-bf16x",
+    "ours-int4-g32",
+]
+
+
+def _copies(weight_bytes: int) -> int:
+    return max(2, -(-ROTATE_BYTES // weight_bytes))
+
+
+def _torch_int4pack(weight: torch.Tensor, group: int = 128):
+    """aten's packed int4 CPU format: codes 0..15 around 8, bf16 (scale, zero) per group."""
+    n, k = weight.shape
+    groups = weight.view(n, k // group, group)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    zero = low + 8 * scale
+    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k).int(), 2)
+    scale_and_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
+    return packed, scale_and_zero
+
+
+@functools.cache  # weights are reused across M; the largest set is ~3 GB for all providers
+def _build(provider: str, k: int, n: int, seed: int):
+    """(call(x) -> y, activation dtype, weight bytes read per call) for one weight copy."""
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
+    if provider == "fp32":
+        return (lambda x: F.linear(x, weight)), torch.float32, weight.nbytes
+    if provider == "bf16":
+        w16 = weight.bfloat16()
+        return (lambda x: F.linear(x, w16)), torch.bfloat16, w16.nbytes
+    if provider == "torch-int8pack":
+        q = quantize_weight(weight, 8)
+        scales = q.scales.bfloat16()
+        call = lambda x: torch.ops.aten._weight_int8pack_mm(x, q.data, scales)  # noqa: E731
+        return call, torch.bfloat16, q.data.nbytes + scales.nbytes
+    if provider == "torch-int4pack-g128":
+        packed, scale_and_zero = _torch_int4pack(weight)
+        call = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+            x, packed, 128, scale_and_zero
+        )
+        return call, torch.bfloat16, packed.nbytes + scale_and_zero.nbytes
+    bits = 8 if "int8" in provider else 4
+    group = 32 if provider.endswith("g32") else 128
+    q = quantize_weight(weight, bits, group)
+    dtype = torch.bfloat16 if provider.endswith("bf16x") else torch.float32
+    return (lambda x: ops.quant_matmul(x, q)), dtype, q.nbytes
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("size", SIZE_PARAMS)
+def test_quant_matmul(measure, request, size, provider):
+    cpp = backends()["quant_matmul"].get("cpp")
+    if provider.startswith("ours") and not (cpp and cpp.available):
+        pytest.skip("the C++ quant_matmul kernels are not built")
+    m, k, n = size
+    first_call, dtype, weight_bytes = _build(provider, k, n, seed=0)
+    # Quick mode (a CI smoke run) skips the rotation: building the copies is its slowest part.
+    copies = 1 if quick_mode(request.config) else _copies(weight_bytes)
+    calls = [first_call] + [_build(provider, k, n, seed)[0] for seed in range(1, copies)]
+    x = torch.randn(m, k).to(dtype)
+    rotation = itertools.cycle(calls)
+    measure(
+        lambda: next(rotation)(x),
+        op="quant_matmul",
+        device="cpu",
+        size=f"M={m} K={k} N={n}",
+        provider=provider,
+        weight_bytes=weight_bytes,
+    )
+
+
+@pytest.mark.parametrize(
+    "gib",
+    [pytest.param(1, id="1GiB", marks=pytest.mark.bench_full), pytest.param(0.25, id="256MiB")],
+)
+def test_read_bandwidth(measure, gib):
+    """The machine's read bandwidth with torch's threads: a sum over a buffer far beyond L3."""
+    data = torch.ones(int(gib * (1 << 30)) // 4)
+    measure(
+        lambda: data.sum(),
+        op="read_bandwidth",
+        device="cpu",
+        size=f"sum of {gib} GiB",
+        provider="torch.sum",
+        bytes_moved=data.nbytes,
+    )
