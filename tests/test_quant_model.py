@@ -187,6 +187,9 @@ def test_skip_patterns_match_components_and_fnmatch():
         f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"
     ]
     assert model.config.quantization["skip"] == ["lm_head", "mlp", "*.layers.1.*"]
+    prefixed = quantize_model(tiny_model("llama"), 8, skip=("lm_head", "model.layers.0"))
+    assert isinstance(prefixed.model.layers[0].mlp.up_proj, nn.Linear)
+    assert isinstance(prefixed.model.layers[1].mlp.up_proj, QuantLinear)
     gpt2 = quantize_model(tiny_model("gpt2"), 4, skip=("c_*",))
     assert [n for n, m in gpt2.named_modules() if isinstance(m, QuantLinear)] == ["lm_head"]
 

@@ -16,11 +16,11 @@ DEFAULT_SKIP = ("lm_head",)
 
 def is_skipped(name: str, skip: Iterable[str]) -> bool:
     """True when a qualified module name matches one of `skip`: a name component equal to the
-    pattern ("lm_head", "mlp"), or an fnmatch pattern on the full name or on any component
-    ("*.layers.0.*", "*_proj")."""
+    pattern ("lm_head", "mlp"), a dotted prefix ("model.layers.0"), or an fnmatch pattern on the
+    full name or on any component ("*.layers.0.*", "*_proj")."""
     components = name.split(".")
     for pattern in skip:
-        if fnmatch.fnmatchcase(name, pattern):
+        if fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + "."):
             return True
         if any(fnmatch.fnmatchcase(component, pattern) for component in components):
             return True
