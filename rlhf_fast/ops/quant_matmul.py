@@ -89,3 +89,13 @@ def _quant_matmul_cpp(x, qweight, bias):
 
 if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "quant_matmul_int4"):
     register_kernel("cpp", _quant_matmul_cpp)
+
+
+def _quant_matmul_triton(x, qweight, bias):
+    # Imported on first use: the package must import where triton is not installed.
+    from rlhf_fast.kernels.quant_matmul import quant_matmul_triton
+
+    return quant_matmul_triton(x, qweight, bias)
+
+
+register_kernel("triton", _quant_matmul_triton)
