@@ -1,6 +1,7 @@
 // AVX-512 (F, BW, VL, DQ) kernels (16 fp32 lanes). Only called after a run-time CPU check.
-// GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_* "may be used uninitialized").
+// GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_* "[may be] used uninitialized").
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,popcnt")
 #define RLHF_ISA_AVX512
 #define RLHF_ISA_NS avx512
@@ -16,6 +17,8 @@ const KernelTable& kernel_table() {
     t.gae[kF32] = &gae_rows_streaming<float>;
     t.gae[kBF16] = &gae_rows_streaming<bf16_t>;
     t.gae[kF16] = &gae_rows_streaming<fp16_t>;
+    if (__builtin_cpu_supports("avx512bf16"))
+      t.quant_matmul_int4_bf16 = &avx512bf16::quant_matmul_int4_bf16;
     return t;
   }();
   return table;

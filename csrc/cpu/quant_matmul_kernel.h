@@ -103,6 +103,20 @@ struct Int4Unpack<VecAvx512> {
 };
 #endif
 
+inline float reduce_add(float v) { return v; }
+#if defined(RLHF_ISA_AVX2) || defined(RLHF_ISA_AVX512)
+inline float reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+#if defined(RLHF_ISA_AVX512)
+inline float reduce_add(__m512 v) {
+  return reduce_add(_mm512_castps512_ps256(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E))));
+}
+#endif
+
 inline int64_t clamp_lanes(int64_t n, int W) { return n < 0 ? 0 : (n > W ? W : n); }
 
 // Writes (first chunk: bias + sum, later chunks: y + sum) for each of the tile's outputs.
@@ -112,7 +126,7 @@ inline void finish_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, bool f
   for (int m = 0; m < MR; ++m) {
     float* y = a.y + (m0 + m) * a.y_row_stride + n0;
     for (int j = 0; j < NR; ++j) {
-      float sum = static_cast<float>(V::hsum(acc[m][j]));
+      float sum = reduce_add(acc[m][j]);
       if (channel_scale) sum *= channel_scale[j];
       const float base = first ? (a.bias ? a.bias[n0 + j] : 0.0f) : y[j];
       y[j] = base + sum;
@@ -126,9 +140,12 @@ void int4_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_b
                int64_t block_end) {
   using U = Int4Unpack<V>;
   constexpr int W = V::W;
-  typename V::reg acc[MR][NR];
+  // Small tiles keep a second set of accumulators so that consecutive FMAs are independent
+  // (with one set, a GEMV waits on the FMA latency instead of memory).
+  constexpr bool kSplit = MR * NR <= 8;
+  typename V::reg acc[MR][NR], acc2[MR][NR];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) acc[m][j] = V::zero();
+    for (int j = 0; j < NR; ++j) acc[m][j] = acc2[m][j] = V::zero();
   const uint8_t* rows[NR];
   for (int j = 0; j < NR; ++j)
     rows[j] = static_cast<const uint8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
@@ -165,12 +182,18 @@ void int4_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_b
           }
           for (int j = 0; j < NR; ++j) {
             acc[m][j] = V::fma(lo[j], xlo, acc[m][j]);
-            acc[m][j] = V::fma(hi[j], xhi, acc[m][j]);
+            if constexpr (kSplit)
+              acc2[m][j] = V::fma(hi[j], xhi, acc2[m][j]);
+            else
+              acc[m][j] = V::fma(hi[j], xhi, acc[m][j]);
           }
         }
       }
     }
   }
+  if constexpr (kSplit)
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) acc[m][j] = V::add(acc[m][j], acc2[m][j]);
   finish_tile<V, MR, NR>(a, m0, n0, block_begin == 0, acc, nullptr);
 }
 
@@ -180,37 +203,40 @@ void int8_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_b
                int64_t block_end) {
   using U = Int4Unpack<V>;
   constexpr int W = V::W;
-  typename V::reg acc[MR][NR];
+  constexpr bool kSplit = MR * NR <= 8;  // as in int4_tile
+  typename V::reg acc[MR][NR], acc2[MR][NR];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) acc[m][j] = V::zero();
+    for (int j = 0; j < NR; ++j) acc[m][j] = acc2[m][j] = V::zero();
   const int8_t* rows[NR];
   for (int j = 0; j < NR; ++j)
     rows[j] = static_cast<const int8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
   const float* xs = a.x + m0 * a.x_row_stride;
   const int64_t k_begin = 32 * block_begin;
   const int64_t k_end = 32 * block_end < a.K ? 32 * block_end : a.K;
-  const int64_t k_full = k_begin + (k_end - k_begin) / W * W;
-
-  int64_t k = k_begin;
-  for (; k < k_full; k += W) {
-    if ((k & 63) == 0)
-      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + k + 1024, 0, 0);
-    typename V::reg w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = U::int8(rows[j] + k, W);
-    for (int m = 0; m < MR; ++m) {
-      const typename V::reg xv = V::load(xs + m * a.x_row_stride + k, W);
-      for (int j = 0; j < NR; ++j) acc[m][j] = V::fma(w[j], xv, acc[m][j]);
-    }
-  }
-  if (k < k_end) {
-    const int n = static_cast<int>(k_end - k);
+  // Adds columns [k, k + n) (n <= W) to acc (or acc2).
+  auto step = [&](int64_t k, int n, bool second) __attribute__((always_inline)) {
     typename V::reg w[NR];
     for (int j = 0; j < NR; ++j) w[j] = U::int8(rows[j] + k, n);
     for (int m = 0; m < MR; ++m) {
       const typename V::reg xv = V::load(xs + m * a.x_row_stride + k, n);
-      for (int j = 0; j < NR; ++j) acc[m][j] = V::fma(w[j], xv, acc[m][j]);
+      for (int j = 0; j < NR; ++j) {
+        if (kSplit && second)
+          acc2[m][j] = V::fma(w[j], xv, acc2[m][j]);
+        else
+          acc[m][j] = V::fma(w[j], xv, acc[m][j]);
+      }
     }
+  };
+  int64_t k = k_begin;
+  for (; k + 2 * W <= k_end; k += 2 * W) {
+    if ((k & 63) < 2 * W)
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + k + 1024, 0, 0);
+    step(k, W, false);
+    step(k + W, W, true);
   }
+  for (; k < k_end; k += W) step(k, static_cast<int>(clamp_lanes(k_end - k, W)), false);
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = V::add(acc[m][j], acc2[m][j]);
   finish_tile<V, MR, NR>(a, m0, n0, block_begin == 0, acc, a.scales_f32 + n0);
 }
 
@@ -243,7 +269,9 @@ template <class V, bool Int4>
 void quant_matmul_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end) {
   static const TileTable<V, Int4> tiles;
   const int64_t blocks = (a.K + 31) / 32;
-  const int64_t chunk = a.M <= kMaxRows ? blocks : 16;
+  // The x chunk (M rows x 32 * chunk columns of fp32) is re-read from L2 by every channel tile.
+  const int64_t l2_blocks = (int64_t(1) << 17) / (32 * a.M);
+  const int64_t chunk = a.M <= kMaxRows ? blocks : (l2_blocks < 16 ? 16 : l2_blocks);
   // Channels sharing one pass over a K chunk: their packed chunk stays in L1 meanwhile.
   constexpr int64_t kChannelsPerPass = 32;
   for (int64_t pass = n_begin; pass < n_end; pass += kChannelsPerPass) {

@@ -1,7 +1,8 @@
-// rlhf_fast::quant_matmul_int8 / quant_matmul_int4 on the CPU: checks, fp32 activations,
-// and parallelism over output channels (each thread streams its own rows of the weight).
+// rlhf_fast::quant_matmul_int8 / quant_matmul_int4 on the CPU: checks, the activation layout
+// the chosen kernel reads, and parallelism over output channels (each thread streams its own
+// rows of the weight).
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/constant_pad_nd.h>
 
 #include <algorithm>
 
@@ -11,12 +12,16 @@
 namespace rlhf_fast {
 namespace {
 
-// 16-bit activations are widened once (M x K is small next to the weight); the kernels then
-// run the fp32 path, so every dtype gets fp32-exact products.
+// 16-bit activations are widened once (M x K is small next to the weight) for the fp32 path,
+// which gives every dtype fp32-exact products. Only int4 with bf16 x and M > 1 takes the
+// vdpbf16ps path (quant_matmul_bf16_avx512.h), where it is available.
 at::Tensor fp32_rows(const at::Tensor& x) {
+  return unit_stride_rows(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
+}
+
+void check_x(const at::Tensor& x) {
   check_2d_cpu(x, "x");
   float_dtype_index(x, "x");
-  return unit_stride_rows(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
 }
 
 void check_weight_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
@@ -36,21 +41,39 @@ at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, int64_t N) {
   return bias->to(at::kFloat).contiguous();
 }
 
+// bf16 x in the pair order of quant_matmul_bf16_avx512.h: per 32-column block,
+// (x[j], x[16 + j]) for j = 0..15, zero-padded to whole blocks.
+at::Tensor bf16_block_pairs(const at::Tensor& x) {
+  const int64_t M = x.size(0), blocks = (x.size(1) + 31) / 32;
+  at::Tensor padded = at::constant_pad_nd(x, {0, blocks * 32 - x.size(1)});
+  return padded.reshape({M, blocks, 2, 16}).transpose(2, 3).contiguous().view({M, blocks * 32});
+}
+
 at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
-               const at::Tensor& x32, const at::Tensor& bias32, int64_t N) {
-  const int64_t M = x32.size(0);
+               const at::Tensor& bias32, int64_t N) {
+  const int64_t M = x.size(0);
+  const KernelTable& kernels = active_kernels();
+  QuantMatmulFn kernel = kernels.quant_matmul[format];
+  at::Tensor x_holder;
+  if (format == kInt4 && x.scalar_type() == at::kBFloat16 && M > 1 &&
+      kernels.quant_matmul_int4_bf16 != nullptr) {
+    kernel = kernels.quant_matmul_int4_bf16;
+    x_holder = bf16_block_pairs(x);
+    args.x_bf16_pairs = reinterpret_cast<const uint16_t*>(x_holder.const_data_ptr<at::BFloat16>());
+  } else {
+    x_holder = fp32_rows(x);
+    args.x = x_holder.const_data_ptr<float>();
+  }
+  args.x_row_stride = x_holder.stride(0);
   at::Tensor y = new_output({M, N});
   if (M > 0 && N > 0) {
     if (args.K == 0) {
       bias32.defined() ? y.copy_(bias32.expand({M, N})) : y.zero_();
     } else {
-      args.x = x32.const_data_ptr<float>();
-      args.x_row_stride = x32.stride(0);
       args.M = M;
       args.bias = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
       args.y = y.data_ptr<float>();
       args.y_row_stride = N;
-      const QuantMatmulFn kernel = active_kernels().quant_matmul[format];
       // Tasks of whole 4-channel tiles; at least ~1M weights each so threads pay off.
       const int64_t tiles = (N + 3) / 4;
       const int64_t grain = std::max<int64_t>(1, (1 << 20) / (4 * args.K * std::max<int64_t>(M, 1)));
@@ -66,7 +89,7 @@ at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
 
 at::Tensor quant_matmul_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
                                  const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
-  const at::Tensor x32 = fp32_rows(x);
+  check_x(x);
   TORCH_CHECK_VALUE(qdata.dim() == 2, "qdata must be 2-D [out_features, in_features], got ",
                     qdata.sizes());
   const int64_t N = qdata.size(0), K = x.size(1);
@@ -80,14 +103,14 @@ at::Tensor quant_matmul_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
   args.qdata = q.const_data_ptr();
   args.qdata_row_stride = K;
   args.scales_f32 = s.const_data_ptr<float>();
-  return run(args, kInt8, x, x32, bias32, N);
+  return run(args, kInt8, x, bias32, N);
 }
 
 at::Tensor quant_matmul_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
                                  const at::Tensor& scales, const at::Tensor& offsets,
                                  int64_t group_size, int64_t in_features,
                                  const std::optional<at::Tensor>& bias) {
-  const at::Tensor x32 = fp32_rows(x);
+  check_x(x);
   TORCH_CHECK_VALUE(group_size > 0 && group_size % 32 == 0,
                     "group_size must be a positive multiple of 32, got ", group_size);
   TORCH_CHECK_VALUE(in_features == x.size(1), "x must have shape [M, ", in_features,
@@ -110,7 +133,7 @@ at::Tensor quant_matmul_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
   args.offsets_f16 = reinterpret_cast<const uint16_t*>(o.const_data_ptr<at::Half>());
   args.group_row_stride = groups;
   args.group_size = group_size;
-  return run(args, kInt4, x, x32, bias32, N);
+  return run(args, kInt4, x, bias32, N);
 }
 
 }  // namespace rlhf_fast
