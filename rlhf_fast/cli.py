@@ -33,16 +33,30 @@ def _add_chat_parser(commands) -> None:
     bits = chat.add_mutually_exclusive_group()
     bits.add_argument("--int4", action="store_true", help="quantize weights to int4 on load")
     bits.add_argument("--int8", action="store_true", help="quantize weights to int8 on load")
-    chat.add_argument("--group-size", type=int, default=32, help="int4 group size (32)")
+    chat.add_argument(
+        "--group-size", type=int, metavar="N", default=32, help="int4 group size (32)"
+    )
     chat.add_argument("--system", metavar="TEXT", help="system message")
     chat.add_argument("--prompt", metavar="TEXT", help="answer this once and exit")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (0.7)")
-    chat.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0: off)")
-    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: off)")
-    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style (1: off)")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (256)")
-    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
-    chat.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    chat.add_argument(
+        "--temperature", type=float, metavar="T", default=0.7, help="0 is greedy (0.7)"
+    )
+    chat.add_argument(
+        "--top-k", type=int, metavar="K", default=0, help="keep the k likeliest (0: off)"
+    )
+    chat.add_argument(
+        "--top-p", type=float, metavar="P", default=1.0, help="nucleus mass to keep (1: off)"
+    )
+    chat.add_argument(
+        "--repetition-penalty", type=float, metavar="R", default=1.0, help="CTRL-style (1: off)"
+    )
+    chat.add_argument(
+        "--max-new-tokens", type=int, metavar="N", default=256, help="answer length cap (256)"
+    )
+    chat.add_argument("--seed", type=int, metavar="S", default=None, help="sampling seed")
+    chat.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="auto", help="auto: cuda if present"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
