@@ -24,9 +24,8 @@
 // and x past K reads as 0); int8 rows that are not 16-byte multiples (K % 16 != 0) or
 // unaligned x fall back to narrower loads of the same coalesced pattern.
 //
-// M > 1 launches gridDim.y rows of x over the same warps: correct but it re-reads W per row
-// (mostly from L2), so prefill-sized M belongs to a GEMM (the Triton kernel,
-// kernels/quant_matmul.py); the ops layer routes large M there.
+// M > 1 runs the rows of x along gridDim.y: correct, but W is re-read once per row (mostly from
+// L2), so prefill-sized M belongs to a GEMM (the Triton kernel, kernels/quant_matmul.py).
 //
 // The per-lane program is plain C++ in quant_gemv_lane.cuh, which the CPU tests run in
 // emulation (tests/quant_gemv_cuda_emulator.cpp).
@@ -92,7 +91,9 @@ cudaError_t launch(const QuantGemvArgs& args, cudaStream_t stream) {
   const int64_t blocks = (args.N + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x's limit
   const int64_t element = sizeof(typename D::raw);
-  const bool vector_x = aligned16(args.x) && (args.x_row_stride * element) % 16 == 0;
+  // With one row of x its row stride is never used (a [1, K] view of a column may have any).
+  const bool vector_x =
+      aligned16(args.x) && (args.M == 1 || (args.x_row_stride * element) % 16 == 0);
   bool vector_w = aligned16(args.qdata) && args.qdata_row_stride % 16 == 0;
   if constexpr (kInt4) {
     if (!vector_w || args.group_size <= 0 || args.group_size % kBlockWeights != 0)

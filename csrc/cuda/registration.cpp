@@ -67,8 +67,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
 // ---- quant_matmul_int8 / quant_matmul_int4 (schemas: csrc/cpu/registration.cpp)
 //
 // Both run the GEMV of csrc/cuda/quant_gemv.cu, built for M = 1 (decoding). Larger M is correct
-// but re-reads the weight per row of x; the Python op sends such batches to the Triton GEMM
-// (kernels/quant_matmul.py) instead.
+// but re-reads the weight once per row of x (mostly from L2): prefill-sized batches belong to
+// the Triton GEMM (kernels/quant_matmul.py), and a Python "cuda" backend for quant_matmul should
+// send M > 1 there.
 
 void check_weight(const at::Tensor& t, const char* name, at::ScalarType dtype,
                   at::IntArrayRef sizes, const at::Tensor& x) {
