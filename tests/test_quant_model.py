@@ -351,7 +351,7 @@ def saved(tmp_path, family: str = "llama"):
 
 def rewrite(weights_file, change) -> None:
     with safe_open(str(weights_file), "pt") as handle:
-        tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}  # noqa: SIM118
+        tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     change(tensors)
     save_file(tensors, weights_file, metadata={"format": "pt"})
 

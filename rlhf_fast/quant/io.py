@@ -12,6 +12,7 @@ quantized layers ever exists.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -140,7 +141,7 @@ def _open_weights(weights_file: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{weights_file}: missing (quantized weights)")
     try:
         with safe_open(str(weights_file), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            return {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for a bad header
         raise ValueError(
             f"{weights_file}: not a readable safetensors file ({_one_line(error)})"
@@ -254,7 +255,8 @@ def load_quantized(
             raise ValueError(f"{weights_file}: {error}") from None
     _materialize_buffers(model)
     model.tie_weights()
-    leftover = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    everything = itertools.chain(model.named_parameters(), model.named_buffers())
+    leftover = [name for name, tensor in everything if tensor.is_meta]
     if leftover:
         raise ValueError(f"{weights_file}: {leftover[0]} was not loaded (still on the meta device)")
     generation_file = path / "generation_config.json"
