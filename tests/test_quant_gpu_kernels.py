@@ -304,6 +304,20 @@ def gemv_emulated(lib, x, qweight, bias, *, vector_x=True, vector_w=True):
     return y
 
 
+@needs_gxx
+def test_emulated_gemv_stays_in_bounds_under_address_sanitizer(tmp_path):
+    # Buffers of exactly the format's sizes (x exactly M x K: a read past K is caught), ragged
+    # K from 1 to 4200, groups of 32 / 64 / 96, every activation dtype, against a double sum.
+    program = tmp_path / "quant_gemv_emulator_asan"
+    run(
+        [GXX, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
+         "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+         "-DQUANT_GEMV_EMULATOR_SELF_TEST", "-I", str(CSRC), "-o", str(program),
+         str(ROOT / "tests" / "quant_gemv_cuda_emulator.cpp")]
+    )  # fmt: skip
+    assert run([str(program)]).stdout.strip() == "ok"
+
+
 # K: ragged, under one block, one vector run of 16, and long enough that the unrolled loop
 # runs several rounds (int4: > 128 blocks; int8: > 128 runs of 16; 4200 is not a multiple
 # of 16, the int8 byte path).
