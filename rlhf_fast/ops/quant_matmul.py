@@ -72,8 +72,38 @@ def quant_matmul(
     if backend == "reference":
         return quant_matmul_reference(x, qweight, bias)
     leading = x.shape[:-1]
-    y = KERNELS[backend](x.reshape(-1, qweight.in_features), qweight, bias)
+    x2d = x.reshape(-1, qweight.in_features)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad:
+        y = _FusedQuantMatmul.apply(x2d, qweight, bias, KERNELS[backend])
+    else:
+        y = KERNELS[backend](x2d, qweight, bias)
     return y.reshape(*leading, qweight.out_features)
+
+
+class _FusedQuantMatmul(torch.autograd.Function):
+    """The weight is frozen, but gradients must reach x (LoRA adapters and trainable layers
+    below a quantized one) and a trainable bias. Forward runs the fast kernel; backward is
+    grad_y @ W on the dequantized weight (a dense copy only while backward runs)."""
+
+    @staticmethod
+    def forward(ctx, x2d, qweight, bias, kernel):
+        ctx.qweight = qweight
+        ctx.x_dtype = x2d.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return kernel(x2d, qweight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.qweight.dequantize(torch.float32).to(grad_y.device)
+            grad_x = (grad_y.float() @ weight).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, None
 
 
 def _quant_matmul_cpp(x, qweight, bias):

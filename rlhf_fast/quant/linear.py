@@ -26,21 +26,6 @@ def _conv1d_class() -> type | None:
 _FORMAT_TENSORS = ("scales", "offsets")  # float tensors whose dtype is part of the format
 
 
-class _InputGradient(torch.autograd.Function):
-    """Frozen weight, but the gradient must still reach x (LoRA adapters and trainable layers
-    below a quantized one): forward on the fast kernel, backward grad_y @ W (dequantized)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
-        ctx.layer = layer
-        return ops.quant_matmul(x, layer.qweight, layer.bias)
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        weight = ctx.layer.dequantize(torch.float32).to(grad_y.device)
-        return (grad_y.float() @ weight).to(grad_y.dtype), None
-
-
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The [out_features, in_features] weight of an nn.Linear or a transformers Conv1D."""
     conv1d = _conv1d_class()
@@ -149,8 +134,7 @@ class QuantLinear(nn.Module):
         return self.qweight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _InputGradient.apply(x, self)
+        # ops.quant_matmul passes gradients to x (and a trainable bias); never to the weight.
         return ops.quant_matmul(x, self.qweight, self.bias)
 
     def _apply(self, fn, recurse: bool = True):
