@@ -17,8 +17,6 @@ const KernelTable& kernel_table() {
     t.gae[kF32] = &gae_rows_streaming<float>;
     t.gae[kBF16] = &gae_rows_streaming<bf16_t>;
     t.gae[kF16] = &gae_rows_streaming<fp16_t>;
-    if (__builtin_cpu_supports("avx512bf16"))
-      t.quant_matmul_int4_bf16 = &avx512bf16::quant_matmul_int4_bf16;
     return t;
   }();
   return table;

@@ -59,9 +59,7 @@ inline int64_t rank_loss_scratch_floats(int64_t K, int width) { return 3 * K * w
 // x is fp32 with unit column stride; y is fp32 [M, N] rows. Formats: rlhf_fast/quant/weight.py.
 struct QuantMatmulArgs {
   const float* x;
-  const uint16_t* x_bf16_pairs;  // bf16 int4 path only: bf16 x in block-pair order (see
-                                 // quant_matmul_bf16_avx512.h), 32 * ceil(K / 32) columns
-  int64_t x_row_stride;          // of whichever x the kernel reads
+  int64_t x_row_stride;
   int64_t M, K;
   const void* qdata;  // int8 [N, K] or packed int4 uint8 [N, Kp / 2]
   int64_t qdata_row_stride;
@@ -83,8 +81,6 @@ struct KernelTable {
   GaeFn gae[kNumDTypes];
   RankLossFn rank_loss[kNumDTypes];
   QuantMatmulFn quant_matmul[kNumQuantFormats];
-  // int4 with bf16 activations, M > 1 (vdpbf16ps); nullptr where the CPU lacks AVX512_BF16.
-  QuantMatmulFn quant_matmul_int4_bf16;
 };
 
 namespace scalar {
@@ -96,9 +92,7 @@ const KernelTable& kernel_table();
 namespace avx512 {
 const KernelTable& kernel_table();
 }
-namespace avx512bf16 {
-void quant_matmul_int4_bf16(const QuantMatmulArgs& args, int64_t n_begin, int64_t n_end);
-}
+
 
 // Chosen once at load time from the CPU's features; RLHF_FAST_CPU_ISA=scalar|avx2|avx512
 // forces a lower level (never a level the CPU lacks).

@@ -151,45 +151,56 @@ void int4_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_b
     rows[j] = static_cast<const uint8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
   const float* xs = a.x + m0 * a.x_row_stride;
   const int64_t blocks_per_group = a.group_size / 32;
-  const int64_t full_blocks = a.K / 32;  // blocks whose 32 columns all lie inside K
-
-  for (int64_t b = block_begin; b < block_end;) {
-    const int64_t group = b / blocks_per_group;
-    const int64_t group_end = (group + 1) * blocks_per_group;
-    const int64_t stop = group_end < block_end ? group_end : block_end;
-    typename U::Group groups[NR];
+  auto load_groups = [&](int64_t group, typename U::Group (&groups)[NR]) {
     for (int j = 0; j < NR; ++j) {
       const int64_t at = (n0 + j) * a.group_row_stride + group;
       groups[j] = U::group(half_bits_to_float(a.scales_f16[at]),
                            half_bits_to_float(a.offsets_f16[at]));
     }
-    for (; b < stop; ++b) {
-      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + 16 * b + 512, 0, 0);
+  };
+  // Block b; `full` = all its 32 columns lie inside K. Only the last block of a row can be
+  // partial, and it runs after the loop, so the hot loop has no branch that would make GCC
+  // keep the accumulators in memory.
+  auto block = [&](int64_t b, const typename U::Group (&groups)[NR], bool full)
+                   __attribute__((always_inline)) {
 #pragma GCC unroll 16
-      for (int t = 0; t < 16 / W; ++t) {
-        const int64_t k = 32 * b + t * W;
-        typename V::reg lo[NR], hi[NR];
-        for (int j = 0; j < NR; ++j) U::step(rows[j] + 16 * b + t * W, groups[j], lo[j], hi[j]);
-        for (int m = 0; m < MR; ++m) {
-          const float* x = xs + m * a.x_row_stride + k;
-          typename V::reg xlo, xhi;
-          if (b < full_blocks) {
-            xlo = V::load(x, W);
-            xhi = V::load(x + 16, W);
-          } else {  // the ragged end of K: columns past K contribute nothing
-            xlo = V::load(x, static_cast<int>(clamp_lanes(a.K - k, W)));
-            xhi = V::load(x + 16, static_cast<int>(clamp_lanes(a.K - k - 16, W)));
-          }
-          for (int j = 0; j < NR; ++j) {
-            acc[m][j] = V::fma(lo[j], xlo, acc[m][j]);
-            if constexpr (kSplit)
-              acc2[m][j] = V::fma(hi[j], xhi, acc2[m][j]);
-            else
-              acc[m][j] = V::fma(hi[j], xhi, acc[m][j]);
-          }
+    for (int t = 0; t < 16 / W; ++t) {
+      const int64_t k = 32 * b + t * W;
+      typename V::reg lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) U::step(rows[j] + 16 * b + t * W, groups[j], lo[j], hi[j]);
+      for (int m = 0; m < MR; ++m) {
+        const float* x = xs + m * a.x_row_stride + k;
+        const typename V::reg xlo =
+            V::load(x, full ? W : static_cast<int>(clamp_lanes(a.K - k, W)));
+        const typename V::reg xhi =
+            V::load(x + 16, full ? W : static_cast<int>(clamp_lanes(a.K - k - 16, W)));
+        for (int j = 0; j < NR; ++j) {
+          acc[m][j] = V::fma(lo[j], xlo, acc[m][j]);
+          if constexpr (kSplit)
+            acc2[m][j] = V::fma(hi[j], xhi, acc2[m][j]);
+          else
+            acc[m][j] = V::fma(hi[j], xhi, acc[m][j]);
         }
       }
     }
+  };
+  const int64_t full_blocks = a.K / 32;
+  const int64_t full_end = block_end < full_blocks ? block_end : full_blocks;
+  for (int64_t b = block_begin; b < full_end;) {
+    const int64_t group = b / blocks_per_group;
+    const int64_t group_end = (group + 1) * blocks_per_group;
+    const int64_t stop = group_end < full_end ? group_end : full_end;
+    typename U::Group groups[NR];
+    load_groups(group, groups);
+    for (; b < stop; ++b) {
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + 16 * b + 512, 0, 0);
+      block(b, groups, true);
+    }
+  }
+  if (full_end < block_end) {  // the ragged end of K: columns past K contribute nothing
+    typename U::Group groups[NR];
+    load_groups(full_end / blocks_per_group, groups);
+    block(full_end, groups, false);
   }
   if constexpr (kSplit)
     for (int m = 0; m < MR; ++m)
@@ -242,51 +253,56 @@ void int8_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_b
 
 using TileFn = void (*)(const QuantMatmulArgs&, int64_t, int64_t, int64_t, int64_t);
 
-// Tile shapes: up to kMaxRows rows of x by kMaxChannels output channels, and every smaller
-// shape for the edges (tile_table[rows - 1][channels - 1]).
-constexpr int kMaxRows = 4;
-constexpr int kMaxChannels = 4;
-
-template <class V, bool Int4, int MR, int... NRs>
-inline void fill_row(TileFn (&row)[kMaxChannels]) {
-  ((row[NRs - 1] = Int4 ? &int4_tile<V, MR, NRs> : &int8_tile<V, MR, NRs>), ...);
-}
-
-template <class V, bool Int4>
+// Every tile shape up to MaxRows x MaxChannels, for the edges: fn[rows - 1][channels - 1].
+template <class V, bool Int4, int MaxRows, int MaxChannels>
 struct TileTable {
-  TileFn fn[kMaxRows][kMaxChannels];
-  TileTable() {
-    fill_row<V, Int4, 1, 1, 2, 3, 4>(fn[0]);
-    fill_row<V, Int4, 2, 1, 2, 3, 4>(fn[1]);
-    fill_row<V, Int4, 3, 1, 2, 3, 4>(fn[2]);
-    fill_row<V, Int4, 4, 1, 2, 3, 4>(fn[3]);
+  static constexpr int kRows = MaxRows, kChannels = MaxChannels;
+  TileFn fn[MaxRows][MaxChannels];
+  TileTable() { fill<0>(); }
+  template <int I>
+  void fill() {
+    if constexpr (I < MaxRows * MaxChannels) {
+      constexpr int rows = I / MaxChannels + 1, channels = I % MaxChannels + 1;
+      fn[rows - 1][channels - 1] =
+          Int4 ? &int4_tile<V, rows, channels> : &int8_tile<V, rows, channels>;
+      fill<I + 1>();
+    }
   }
 };
 
-// Output channels [n_begin, n_end) for all M rows. With few rows each tile streams its
-// channels' whole rows; otherwise K is walked in chunks (x chunk in L2, weights in L1).
-template <class V, bool Int4>
-void quant_matmul_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end) {
-  static const TileTable<V, Int4> tiles;
-  const int64_t blocks = (a.K + 31) / 32;
-  // The x chunk (M rows x 32 * chunk columns of fp32) is re-read from L2 by every channel tile.
-  const int64_t l2_blocks = (int64_t(1) << 17) / (32 * a.M);
-  const int64_t chunk = a.M <= kMaxRows ? blocks : (l2_blocks < 16 ? 16 : l2_blocks);
-  // Channels sharing one pass over a K chunk: their packed chunk stays in L1 meanwhile.
+// Few rows (decoding): up to 4 rows x 4 channels, each tile streams its channels' whole rows.
+// More rows: 8 x 2 tiles (16 accumulators; per block 2 channels are unpacked for 16 rows' FMAs)
+// over K chunks of 1024 columns. A pass of 32 channels' packed chunk (16 KiB of int4) and one
+// 8-row block of x's chunk (32 KiB) stay in L1 while the tiles sweep them; x's chunk (M x 4 KiB)
+// stays in L2.
+template <class Tiles>
+void sweep(const Tiles& tiles, const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end,
+           int64_t chunk) {
   constexpr int64_t kChannelsPerPass = 32;
+  const int64_t blocks = (a.K + 31) / 32;
   for (int64_t pass = n_begin; pass < n_end; pass += kChannelsPerPass) {
     const int64_t pass_end = pass + kChannelsPerPass < n_end ? pass + kChannelsPerPass : n_end;
     for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
       const int64_t b1 = b0 + chunk < blocks ? b0 + chunk : blocks;
-      for (int64_t n = pass; n < pass_end; n += kMaxChannels) {
-        const int64_t nr = pass_end - n < kMaxChannels ? pass_end - n : kMaxChannels;
-        for (int64_t m = 0; m < a.M; m += kMaxRows) {
-          const int64_t mr = a.M - m < kMaxRows ? a.M - m : kMaxRows;
+      for (int64_t m = 0; m < a.M; m += Tiles::kRows) {
+        const int64_t mr = a.M - m < Tiles::kRows ? a.M - m : Tiles::kRows;
+        for (int64_t n = pass; n < pass_end; n += Tiles::kChannels) {
+          const int64_t nr = pass_end - n < Tiles::kChannels ? pass_end - n : Tiles::kChannels;
           tiles.fn[mr - 1][nr - 1](a, m, n, b0, b1);
         }
       }
     }
   }
+}
+
+template <class V, bool Int4>
+void quant_matmul_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end) {
+  static const TileTable<V, Int4, 4, 4> gemv_tiles;
+  static const TileTable<V, Int4, 8, 2> gemm_tiles;
+  if (a.M <= 4)
+    sweep(gemv_tiles, a, n_begin, n_end, (a.K + 31) / 32);
+  else
+    sweep(gemm_tiles, a, n_begin, n_end, 32);
 }
 
 }  // namespace RLHF_ISA_NS
