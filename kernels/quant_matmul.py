@@ -22,11 +22,19 @@ registers (join + permute) would cost shuffles; the two x loads are contiguous 1
 
 int8. Same idea with one scale per row: y = s[n] * sum_k x q, applied once after the K loop.
 
-Precision: accumulation is always fp32. fp32 x uses an IEEE fp32 dot (never TF32: the op
-promises the reference's fp32 accumulation). fp16 / bf16 x feed the tensor cores as they are,
-with codes converted exactly to the same type. Under the Triton interpreter bf16 is
-unreliable, so there bf16 x is upcast to fp32 right after the load. K edges are masked (x reads
-0 past K, so the int4 pad never contributes), N edges are masked on every load and the store.
+Precision: accumulation is always fp32, and the codes are exact in every dot input type.
+fp16 / bf16 x feed the tensor cores as they are. fp32 x uses a 3xTF32 dot on the GPU: x is
+split into two TF32 parts (about 22 of fp32's 24 bits) and, since a code has no low part, two
+tensor-core products recover x q to ~2^-22, well inside the fp32 tolerance of the reference.
+An IEEE fp32 dot would be exact but runs on the FMA units and, compiled for sm_90, spills
+thousands of bytes per thread at these tiles. Under the Triton interpreter the dot is plain
+fp32, and bf16 x is upcast to fp32 right after the load (interpreted bf16 is unreliable).
+Edges: x reads 0 past K (so the int4 pad never contributes); N is masked on every load and the
+store.
+
+Launch shapes (_GPU_SHAPES) were checked by compiling each for sm_90 (triton.compile with a
+GPUTarget, no GPU needed) and reading ptxas's report: none spills; tests re-check that they
+compile. Their speed is unmeasured (no GPU yet): tune them on one.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ def _int4_kernel(
     x_ptr, data_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr,
     M, N, K, group_size,
     stride_xm, stride_xk, stride_data, stride_scales, stride_offsets, stride_ym,
-    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -75,12 +83,8 @@ def _int4_kernel(
         )  # fmt: skip
         q_low = (packed & 0xF).to(DOT_DTYPE)
         q_high = (packed >> 4).to(DOT_DTYPE)
-        if IEEE:
-            step = tl.dot(x_low, q_low, input_precision="ieee")
-            step = tl.dot(x_high, q_high, step, input_precision="ieee")
-        else:
-            step = tl.dot(x_low, q_low)
-            step = tl.dot(x_high, q_high, step)
+        step = tl.dot(x_low, q_low, input_precision=PRECISION)
+        step = tl.dot(x_high, q_high, step, input_precision=PRECISION)
         group = k0 // group_size
         scale = tl.load(scales_ptr + cols64 * stride_scales + group, mask=col_ok, other=0.0)
         offset = tl.load(offsets_ptr + cols64 * stride_offsets + group, mask=col_ok, other=0.0)
@@ -99,7 +103,7 @@ def _int8_kernel(
     x_ptr, data_ptr, scales_ptr, bias_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_data, stride_ym,
-    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,10 +125,7 @@ def _int8_kernel(
             data_ptr + cols64[None, :] * stride_data + k[:, None],
             mask=col_ok[None, :] & k_ok[:, None], other=0,
         ).to(DOT_DTYPE)  # fmt: skip
-        if IEEE:
-            acc = tl.dot(x, q, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, q, acc)
+        acc = tl.dot(x, q, acc, input_precision=PRECISION)
     acc *= tl.load(scales_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -144,19 +145,45 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32
 
 
-def _launch_shape(m: int, n: int, k_limit: int) -> tuple[int, int, int, int, int]:
+# (fp32 x, bits, M class) -> (BLOCK_M, BLOCK_N, largest BLOCK_K, num_warps, num_stages);
+# M classes: decode-like M <= 16, M <= 64, larger. Small M is a weight stream: 64-wide N tiles
+# give enough programs to cover the SMs, long K steps keep each load wide. Large M uses
+# wgmma-sized tiles; int4 keeps BLOCK_M at 64 because its per-step partial product doubles
+# the accumulator registers (128 x 128 spilled). fp32 tiles are smaller: 3xTF32 operands
+# take twice the registers and shared memory.
+_GPU_SHAPES = {
+    (False, 4, 0): (16, 64, 128, 4, 4),
+    (False, 4, 1): (32, 128, 64, 4, 4),
+    (False, 4, 2): (64, 128, 64, 8, 3),
+    (False, 8, 0): (16, 64, 128, 4, 4),
+    (False, 8, 1): (32, 128, 64, 4, 4),
+    (False, 8, 2): (128, 128, 64, 8, 3),
+    (True, 4, 0): (16, 64, 64, 4, 3),
+    (True, 4, 1): (32, 64, 64, 4, 3),
+    (True, 4, 2): (64, 128, 32, 8, 3),
+    (True, 8, 0): (16, 64, 64, 4, 3),
+    (True, 8, 1): (32, 64, 64, 4, 3),
+    (True, 8, 2): (128, 128, 32, 8, 3),
+}
+
+
+def _launch_shape(
+    bits: int, dot_dtype, m: int, n: int, k_limit: int
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K <= k_limit, a power of 2."""
-    block_m = min(128 if not _interpreted() else 64, max(16, triton.next_power_of_2(m)))
     if _interpreted():
         # The interpreter pays per program and per step, not per element: few, large tiles.
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
         return block_m, min(64, max(16, triton.next_power_of_2(n))), min(k_limit, 128), 1, 1
-    if m <= 16:
-        # Decode-like: the weight stream is all that matters; narrow N tiles give enough
-        # programs to cover every SM, long K steps keep loads wide.
-        return block_m, 64, min(k_limit, 128), 4, 4
-    if m <= 64:
-        return block_m, 128, min(k_limit, 64), 4, 4
-    return block_m, 128, min(k_limit, 64), 8, 3
+    m_class = 0 if m <= 16 else 1 if m <= 64 else 2
+    block_m, block_n, block_k, warps, stages = _GPU_SHAPES[dot_dtype == tl.float32, bits, m_class]
+    return block_m, block_n, min(block_k, k_limit), warps, stages
+
+
+def _precision(dot_dtype) -> str | None:
+    if dot_dtype != tl.float32:
+        return None  # fp16 / bf16 products are exact in the fp32 accumulator
+    return "ieee" if _interpreted() else "tf32x3"
 
 
 def quant_matmul_triton(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -174,12 +201,12 @@ def quant_matmul_triton(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> 
     if bias is not None:
         bias = bias.contiguous()
     dot_dtype = _dot_dtype(x.dtype)
-    common = dict(HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32)
+    common = dict(HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype, PRECISION=_precision(dot_dtype))
     if qweight.bits == 4:
         group_size = qweight.group_size
         # The largest power-of-2 multiple of 32 that divides the group (g is a multiple of 32).
         k_limit = _INT4_BLOCK * (group_size // _INT4_BLOCK & -(group_size // _INT4_BLOCK))
-        block_m, block_n, block_k, warps, stages = _launch_shape(m, n, k_limit)
+        block_m, block_n, block_k, warps, stages = _launch_shape(4, dot_dtype, m, n, k_limit)
         offsets = qweight.offsets.contiguous()
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _int4_kernel[grid](
@@ -191,7 +218,7 @@ def quant_matmul_triton(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> 
             num_stages=stages, **common,
         )  # fmt: skip
         return y
-    block_m, block_n, block_k, warps, stages = _launch_shape(m, n, 128)
+    block_m, block_n, block_k, warps, stages = _launch_shape(8, dot_dtype, m, n, 128)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _int8_kernel[grid](
         x, data, scales, bias if bias is not None else scales, y,
