@@ -445,11 +445,14 @@ def test_cuda_gemv_matches_float64_oracle(fmt, dtype):
 @needs_gpu
 def test_cuda_gemv_unaligned_weight_view_and_empty_shapes():
     qweight = make_weight("int4-g32", 9, 64, 0)
-    # The same codes at an odd byte offset inside a larger buffer: the binding must copy them.
-    buffer = torch.empty(qweight.data.numel() + 1, dtype=torch.uint8)
-    buffer[1:] = qweight.data.flatten()
-    shifted = QuantizedWeight(4, 32, (9, 64), buffer[1:].view(9, 32), qweight.scales,
-                              qweight.offsets).to("cuda")  # fmt: skip
+    # The same codes at an odd byte offset inside a larger CUDA buffer: the binding must copy
+    # them to an aligned place for its 16-byte loads.
+    buffer = torch.empty(qweight.data.numel() + 1, dtype=torch.uint8, device="cuda")
+    buffer[1:] = qweight.data.flatten().cuda()
+    shifted = QuantizedWeight(
+        4, 32, (9, 64), buffer[1:].view(9, 32), qweight.scales.cuda(), qweight.offsets.cuda()
+    )
+    assert shifted.data.data_ptr() % 16 != 0
     x = torch.randn(1, 64, device="cuda")
     assert_close_to_oracle(cuda_op(x, shifted, None), x, qweight, None)
     assert cuda_op(x[:0], shifted, None).shape == (0, 9)
