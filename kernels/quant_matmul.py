@@ -26,15 +26,16 @@ Precision: accumulation is always fp32, and the codes are exact in every dot inp
 fp16 / bf16 x feed the tensor cores as they are. fp32 x uses a 3xTF32 dot on the GPU: x is
 split into two TF32 parts (about 22 of fp32's 24 bits) and, since a code has no low part, two
 tensor-core products recover x q to ~2^-22, well inside the fp32 tolerance of the reference.
-An IEEE fp32 dot would be exact but runs on the FMA units and, compiled for sm_90, spills
-thousands of bytes per thread at these tiles. Under the Triton interpreter the dot is plain
-fp32, and bf16 x is upcast to fp32 right after the load (interpreted bf16 is unreliable).
+An IEEE fp32 dot would match the reference's arithmetic, but it runs on the FMA units and,
+compiled for sm_90, spills thousands of bytes per thread at these tiles. Under the Triton
+interpreter the dot is plain fp32, and bf16 x is upcast to fp32 right after the load
+(interpreted bf16 is unreliable).
 Edges: x reads 0 past K (so the int4 pad never contributes); N is masked on every load and the
 store.
 
 Launch shapes (_GPU_SHAPES) were checked by compiling each for sm_90 (triton.compile with a
-GPUTarget, no GPU needed) and reading ptxas's report: none spills; tests re-check that they
-compile. Their speed is unmeasured (no GPU yet): tune them on one.
+GPUTarget, no GPU needed) and reading ptxas's report: none spills. The tests compile the
+decode and large-M shapes again for sm_90. Their speed is unmeasured (no GPU yet): tune on one.
 """
 
 from __future__ import annotations
