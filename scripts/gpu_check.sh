@@ -138,6 +138,7 @@ step timing 60 time_gae
 if [[ -e tests/test_triton_kernels.py ]]; then
   step triton_tests 90 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_triton_kernels.py
 fi
+step quant_gpu_tests 120 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_quant_gpu_kernels.py
 step sanitizer 90 sanitize
 step bench 60 "$PY" -m pytest -q -p no:cacheprovider bench/
 

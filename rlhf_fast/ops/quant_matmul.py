@@ -107,8 +107,9 @@ class _FusedQuantMatmul(torch.autograd.Function):
 
 
 def _quant_matmul_cpp(x, qweight, bias):
-    """The C++ kernels (csrc/cpu/quant_matmul_kernel.h): weights unpacked in registers, fp32
-    products and accumulation for every activation dtype (16-bit x is widened to fp32)."""
+    """The registered ops: on CPU tensors the C++ kernels (csrc/cpu/quant_matmul_kernel.h:
+    weights unpacked in registers, fp32 products and accumulation for every activation dtype),
+    on CUDA tensors the CUDA GEMV (csrc/cuda/quant_gemv.cu)."""
     if qweight.bits == 8:
         return torch.ops.rlhf_fast.quant_matmul_int8(x, qweight.data, qweight.scales, bias)
     return torch.ops.rlhf_fast.quant_matmul_int4(
@@ -129,3 +130,15 @@ def _quant_matmul_triton(x, qweight, bias):
 
 
 register_kernel("triton", _quant_matmul_triton)
+
+
+def _quant_matmul_cuda(x, qweight, bias):
+    """Decode (one row) on the CUDA GEMV, which reads each weight byte once; larger M on the
+    Triton GEMM, which reuses each unpacked weight tile across rows."""
+    if x.shape[0] != 1:
+        return _quant_matmul_triton(x, qweight, bias)
+    return _quant_matmul_cpp(x, qweight, bias)  # the same torch ops, dispatched to CUDA
+
+
+if _native.cuda is not None and hasattr(torch.ops.rlhf_fast, "quant_matmul_int4"):
+    register_kernel("cuda", _quant_matmul_cuda)
