@@ -68,6 +68,10 @@ struct QuantMatmulArgs {
   const uint16_t* offsets_f16;  // int4: fp16 bits [N, groups]
   int64_t group_row_stride;     // int4: elements between channels in scales and offsets
   int64_t group_size;           // int4: a multiple of 32
+  const int16_t* x_q;           // int4 VNNI GEMV only (quant_gemv_vnni_avx512.h): x quantized
+  const float* x_scales;        // per 128 columns [M, x_chunks], their scales [M, x_chunks]
+  const float* x_sums;          // and the sums of the quantized x [M, x_chunks]
+  int64_t x_chunks;
   const float* bias;            // nullptr: no bias
   float* y;
   int64_t y_row_stride;
@@ -81,6 +85,9 @@ struct KernelTable {
   GaeFn gae[kNumDTypes];
   RankLossFn rank_loss[kNumDTypes];
   QuantMatmulFn quant_matmul[kNumQuantFormats];
+  // int4 x 16-bit activations, M <= 4, group size a multiple of 128 (AVX512_VNNI, int16
+  // activations); nullptr where the CPU lacks VNNI.
+  QuantMatmulFn quant_gemv_int4_vnni;
 };
 
 namespace scalar {
@@ -91,6 +98,9 @@ const KernelTable& kernel_table();
 }
 namespace avx512 {
 const KernelTable& kernel_table();
+}
+namespace avx512vnni {
+void quant_gemv_int4_vnni(const QuantMatmulArgs& args, int64_t n_begin, int64_t n_end);
 }
 
 

@@ -193,7 +193,7 @@ void int4_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0, int64_t block_b
     typename U::Group groups[NR];
     load_groups(group, groups);
     for (; b < stop; ++b) {
-      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + 16 * b + 512, 0, 0);
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(rows[j] + 16 * b + 1024, 0, 3);
       block(b, groups, true);
     }
   }

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "cpu/op_checks.h"
 #include "cpu/ops.h"
@@ -11,7 +13,7 @@ namespace rlhf_fast {
 namespace {
 
 // 16-bit activations are widened once (M x K is small next to the weight): every dtype gets
-// fp32-exact products. (A vdpbf16ps path for bf16 x was slower here: on our Zen 5 one
+// fp32-exact products, except in the int4 VNNI GEMV for 16-bit x (quant_gemv_vnni_avx512.h). (A vdpbf16ps path for bf16 x was slower here: on our Zen 5 one
 // vdpbf16ps zmm issues every ~0.8 ns against ~0.2 ns for an FMA, half the FMA's flop rate.)
 at::Tensor fp32_rows(const at::Tensor& x) {
   return unit_stride_rows(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
@@ -39,13 +41,61 @@ at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, int64_t N) {
   return bias->to(at::kFloat).contiguous();
 }
 
+// Activations of the VNNI GEMV (quant_gemv_vnni_avx512.h): per row and 128 columns, int16
+// codes round(x / scale) with scale = max |x| / 32767, in the order of the packed nibbles
+// (per 64 columns: the 32 of the low nibbles, then the 32 of the high ones); plus the scale and
+// the sum of the quantized x (scale * sum of codes).
+struct QuantizedActivations {
+  std::vector<int16_t> codes;
+  std::vector<float> scales, sums;
+};
+
+QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks) {
+  const int64_t M = x32.size(0), K = x32.size(1);
+  QuantizedActivations q;
+  q.codes.assign(M * chunks * 128, 0);
+  q.scales.assign(M * chunks, 0.0f);
+  q.sums.assign(M * chunks, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = x32.const_data_ptr<float>() + m * x32.stride(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = 128 * c, end = std::min(begin + 128, K);
+      float amax = 0.0f;
+      for (int64_t k = begin; k < end; ++k) amax = std::max(amax, std::fabs(x[k]));
+      const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      int16_t* codes = q.codes.data() + (m * chunks + c) * 128;
+      int64_t code_sum = 0;
+      for (int i = 0; i < 128; ++i) {
+        const int half = i / 64, p = i % 32;
+        const int64_t column = begin + 64 * half + 32 * (p / 16) + p % 16 + (i % 64 >= 32 ? 16 : 0);
+        if (column < end) codes[i] = static_cast<int16_t>(std::nearbyint(x[column] * inverse));
+        code_sum += codes[i];
+      }
+      q.scales[m * chunks + c] = amax / 32767.0f;
+      q.sums[m * chunks + c] = amax / 32767.0f * static_cast<float>(code_sum);
+    }
+  }
+  return q;
+}
+
 at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
                const at::Tensor& bias32, int64_t N) {
   const int64_t M = x.size(0);
-  const QuantMatmulFn kernel = active_kernels().quant_matmul[format];
+  const KernelTable& kernels = active_kernels();
+  QuantMatmulFn kernel = kernels.quant_matmul[format];
   const at::Tensor x32 = fp32_rows(x);
   args.x = x32.const_data_ptr<float>();
   args.x_row_stride = x32.stride(0);
+  QuantizedActivations quantized;
+  if (format == kInt4 && x.scalar_type() != at::kFloat && M <= 4 &&
+      args.group_size % 128 == 0 && kernels.quant_gemv_int4_vnni != nullptr) {
+    args.x_chunks = (args.K + 127) / 128;
+    quantized = quantize_activations(x32, args.x_chunks);
+    args.x_q = quantized.codes.data();
+    args.x_scales = quantized.scales.data();
+    args.x_sums = quantized.sums.data();
+    kernel = kernels.quant_gemv_int4_vnni;
+  }
   at::Tensor y = new_output({M, N});
   if (M > 0 && N > 0) {
     if (args.K == 0) {
