@@ -85,7 +85,7 @@ struct KernelTable {
   GaeFn gae[kNumDTypes];
   RankLossFn rank_loss[kNumDTypes];
   QuantMatmulFn quant_matmul[kNumQuantFormats];
-  // int4 x 16-bit activations, M <= 4, group size a multiple of 128 (AVX512_VNNI, int16
+  // int4 x 16-bit activations, M <= 16, group size a multiple of 128 (AVX512_VNNI, int16
   // activations); nullptr where the CPU lacks VNNI.
   QuantMatmulFn quant_gemv_int4_vnni;
 };

@@ -1,4 +1,4 @@
-// int4 GEMV (M <= 4) for 16-bit activations with AVX512_VNNI, for group sizes that are a
+// int4 GEMV (M <= 16) for 16-bit activations with AVX512_VNNI, for group sizes that are a
 // multiple of 128: the decode path of a bf16 / fp16 model.
 //
 // Why: at M = 1 the fp32 path spends ~6 instructions per 32 weights per channel on unpacking

@@ -87,7 +87,8 @@ at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
   args.x = x32.const_data_ptr<float>();
   args.x_row_stride = x32.stride(0);
   QuantizedActivations quantized;
-  if (format == kInt4 && x.scalar_type() != at::kFloat && M <= 4 &&
+  // Up to 16 rows the quantized x (M x K int16) stays in L2 while every channel tile reads it.
+  if (format == kInt4 && x.scalar_type() != at::kFloat && M <= 16 &&
       args.group_size % 128 == 0 && kernels.quant_gemv_int4_vnni != nullptr) {
     args.x_chunks = (args.K + 127) / 128;
     quantized = quantize_activations(x32, args.x_chunks);
