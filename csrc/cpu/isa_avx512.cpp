@@ -17,6 +17,7 @@ const KernelTable& kernel_table() {
     t.gae[kF32] = &gae_rows_streaming<float>;
     t.gae[kBF16] = &gae_rows_streaming<bf16_t>;
     t.gae[kF16] = &gae_rows_streaming<fp16_t>;
+    t.dequantize_int4_bf16 = &dequantize_int4_bf16;
     if (__builtin_cpu_supports("avx512vnni"))
       t.quant_gemv_int4_vnni = &avx512vnni::quant_gemv_int4_vnni;
     return t;

@@ -305,5 +305,43 @@ void quant_matmul_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_
     sweep(gemm_tiles, a, n_begin, n_end, 32);
 }
 
+#if defined(RLHF_ISA_AVX512)
+// fp32 -> bf16 bits, round to nearest even (no NaN inputs here: the weights are finite).
+inline __m256i float_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i rounding = _mm512_add_epi32(
+      _mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16));
+}
+
+// Dequantizes int4 output channels [n_begin, n_end) to bf16 (round to nearest even) into out,
+// rows of K: the large-M path for bf16 activations hands such tiles to torch's bf16 GEMM.
+inline void dequantize_int4_bf16(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end,
+                                 uint16_t* out) {
+  using U = Int4Unpack<VecAvx512>;
+  const int64_t blocks = (a.K + 31) / 32, blocks_per_group = a.group_size / 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = static_cast<const uint8_t*>(a.qdata) + n * a.qdata_row_stride;
+    uint16_t* dst = out + (n - n_begin) * a.K;
+    U::Group group{};
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (b % blocks_per_group == 0) {
+        const int64_t at = n * a.group_row_stride + b / blocks_per_group;
+        group = U::group(half_bits_to_float(a.scales_f16[at]),
+                         half_bits_to_float(a.offsets_f16[at]));
+      }
+      __m512 lo, hi;
+      U::step(row + 16 * b, group, lo, hi);
+      const int64_t k = 32 * b;
+      const int lo_lanes = static_cast<int>(clamp_lanes(a.K - k, 16));
+      const int hi_lanes = static_cast<int>(clamp_lanes(a.K - k - 16, 16));
+      _mm256_mask_storeu_epi16(dst + k, VecAvx512::lanes(lo_lanes), float_to_bf16(lo));
+      if (hi_lanes > 0)
+        _mm256_mask_storeu_epi16(dst + k + 16, VecAvx512::lanes(hi_lanes), float_to_bf16(hi));
+    }
+  }
+}
+#endif
+
 }  // namespace RLHF_ISA_NS
 }  // namespace rlhf_fast

@@ -1,6 +1,8 @@
 // rlhf_fast::quant_matmul_int8 / quant_matmul_int4 on the CPU: checks, fp32 activations,
 // and parallelism over output channels (each thread streams its own rows of the weight).
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <cmath>
@@ -78,10 +80,36 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks)
   return q;
 }
 
+// bf16 x with many rows: dequantize 128-channel tiles of the weight to bf16 (1 MiB at
+// K = 4096, so a tile stays in L2) and multiply each with torch's bf16 GEMM (oneDNN), which
+// reaches several times the flop rate of our fp32 FMAs here. The weight is rounded to bf16,
+// the precision the activations already have; products are summed in fp32 by oneDNN.
+at::Tensor bf16_tiles_matmul(const QuantMatmulArgs& args, DequantizeBf16Fn dequantize,
+                             const at::Tensor& x, const at::Tensor& bias32, int64_t N) {
+  const int64_t M = x.size(0), K = args.K;
+  constexpr int64_t kTile = 128;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y32 = new_output({M, N});
+  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t first, int64_t last) {
+    at::Tensor weight = at::empty({kTile, K}, x.options());
+    for (int64_t tile = first; tile < last; ++tile) {
+      const int64_t n0 = tile * kTile, n1 = std::min(n0 + kTile, N);
+      at::Tensor w = weight.narrow(0, 0, n1 - n0);
+      dequantize(args, n0, n1, reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()));
+      y32.narrow(1, n0, n1 - n0).copy_(at::mm(xc, w.t()));
+    }
+  });
+  if (bias32.defined()) y32.add_(bias32);
+  return y32.to(at::kBFloat16);
+}
+
 at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
                const at::Tensor& bias32, int64_t N) {
   const int64_t M = x.size(0);
   const KernelTable& kernels = active_kernels();
+  if (format == kInt4 && x.scalar_type() == at::kBFloat16 && M >= 32 && args.K > 0 && N > 0 &&
+      kernels.dequantize_int4_bf16 != nullptr)
+    return bf16_tiles_matmul(args, kernels.dequantize_int4_bf16, x, bias32, N);
   QuantMatmulFn kernel = kernels.quant_matmul[format];
   const at::Tensor x32 = fp32_rows(x);
   args.x = x32.const_data_ptr<float>();
