@@ -14,8 +14,8 @@ from rlhf_fast.quant.weight import QuantizedWeight, quantize_weight
 # not multiples of the 4-channel tile, M = 130 is not a multiple of the 4-row tile.
 SHAPES = [(1, 64, 37), (3, 200, 37), (16, 576, 20), (130, 1000, 9), (5, 4096, 12), (4, 700, 6)]
 # int4 with a group size that is a multiple of 128 and 16-bit x at M <= 16 takes the VNNI GEMV
-# (int16 activations) where the CPU has it; int4 with bf16 x at M >= 32 the bf16 tiles + torch
-# GEMM path (AVX-512); other cases the fp32 path.
+# (int16 activations) where the CPU has it; int4 with bf16 x at M >= 32 (AVX-512) or other x at
+# M >= 64 dequantized tiles + torch's GEMM (M = 130 below); other cases the fp32 kernels.
 FORMATS = [(8, -1), (4, 32), (4, 64), (4, 128), (4, 256)]
 # fp32: fp32 products and accumulation; 16-bit: the output's own rounding dominates.
 RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}

@@ -22,6 +22,7 @@ KernelTable make_kernel_table(const char* isa) {
   table.rank_loss[kF16] = &rank_loss_rows<V, fp16_t>;
   table.quant_matmul[kInt8] = &quant_matmul_channels<V, false>;
   table.quant_matmul[kInt4] = &quant_matmul_channels<V, true>;
+  table.dequantize_int4_f32 = &dequantize_int4_f32<V>;
   return table;
 }
 

@@ -77,9 +77,8 @@ struct QuantMatmulArgs {
   int64_t y_row_stride;
 };
 using QuantMatmulFn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t n_end);
-// Writes int4 channels [n_begin, n_end) dequantized to bf16 bits, rows of K, to out.
-using DequantizeBf16Fn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t n_end,
-                                  uint16_t* out);
+// Writes int4 channels [n_begin, n_end) dequantized (fp32, or bf16 bits), rows of K, to out.
+using DequantizeFn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t n_end, void* out);
 enum QuantFormat : int { kInt8 = 0, kInt4 = 1, kNumQuantFormats = 2 };
 
 struct KernelTable {
@@ -91,8 +90,9 @@ struct KernelTable {
   // int4 x 16-bit activations, M <= 16, group size a multiple of 128 (AVX512_VNNI, int16
   // activations); nullptr where the CPU lacks VNNI.
   QuantMatmulFn quant_gemv_int4_vnni;
-  // int4 -> bf16 tiles for the large-M bf16 path; nullptr below AVX-512.
-  DequantizeBf16Fn dequantize_int4_bf16;
+  // int4 -> fp32 / bf16 tiles for the large-M paths (bf16: nullptr below AVX-512).
+  DequantizeFn dequantize_int4_f32;
+  DequantizeFn dequantize_int4_bf16;
 };
 
 namespace scalar {

@@ -305,6 +305,34 @@ void quant_matmul_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_
     sweep(gemm_tiles, a, n_begin, n_end, 32);
 }
 
+// Dequantizes int4 output channels [n_begin, n_end) to fp32 into out (rows of K), with the
+// values of dequantize(): the large-M path hands such tiles to torch's fp32 GEMM.
+template <class V>
+void dequantize_int4_f32(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end, void* out) {
+  using U = Int4Unpack<V>;
+  constexpr int W = V::W;
+  const int64_t blocks = (a.K + 31) / 32, blocks_per_group = a.group_size / 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = static_cast<const uint8_t*>(a.qdata) + n * a.qdata_row_stride;
+    float* dst = static_cast<float*>(out) + (n - n_begin) * a.K;
+    typename U::Group group{};
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (b % blocks_per_group == 0) {
+        const int64_t at = n * a.group_row_stride + b / blocks_per_group;
+        group = U::group(half_bits_to_float(a.scales_f16[at]),
+                         half_bits_to_float(a.offsets_f16[at]));
+      }
+      for (int t = 0; t < 16 / W; ++t) {
+        typename V::reg lo, hi;
+        U::step(row + 16 * b + t * W, group, lo, hi);
+        const int64_t k = 32 * b + t * W;
+        V::store(dst + k, lo, static_cast<int>(clamp_lanes(a.K - k, W)));
+        V::store(dst + k + 16, hi, static_cast<int>(clamp_lanes(a.K - k - 16, W)));
+      }
+    }
+  }
+}
+
 #if defined(RLHF_ISA_AVX512)
 // fp32 -> bf16 bits, round to nearest even (no NaN inputs here: the weights are finite).
 inline __m256i float_to_bf16(__m512 v) {
@@ -317,7 +345,8 @@ inline __m256i float_to_bf16(__m512 v) {
 // Dequantizes int4 output channels [n_begin, n_end) to bf16 (round to nearest even) into out,
 // rows of K: the large-M path for bf16 activations hands such tiles to torch's bf16 GEMM.
 inline void dequantize_int4_bf16(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end,
-                                 uint16_t* out) {
+                                 void* out_bits) {
+  uint16_t* out = static_cast<uint16_t*>(out_bits);
   using U = Int4Unpack<VecAvx512>;
   const int64_t blocks = (a.K + 31) / 32, blocks_per_group = a.group_size / 32;
   for (int64_t n = n_begin; n < n_end; ++n) {

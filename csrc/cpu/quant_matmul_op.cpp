@@ -80,36 +80,42 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks)
   return q;
 }
 
-// bf16 x with many rows: dequantize 128-channel tiles of the weight to bf16 (1 MiB at
-// K = 4096, so a tile stays in L2) and multiply each with torch's bf16 GEMM (oneDNN), which
-// reaches several times the flop rate of our fp32 FMAs here. The weight is rounded to bf16,
-// the precision the activations already have; products are summed in fp32 by oneDNN.
-at::Tensor bf16_tiles_matmul(const QuantMatmulArgs& args, DequantizeBf16Fn dequantize,
-                             const at::Tensor& x, const at::Tensor& bias32, int64_t N) {
+// Many rows: dequantize tiles of the weight (~1 MiB, so a tile stays in L2) and multiply each
+// with torch's GEMM (oneDNN), whose bf16 and fp32 flop rates beat our register-dequantizing
+// kernel here once the weight is reused by enough rows. fp32 tiles hold exactly dequantize()'s
+// values (fp32 and fp16 x, computed in fp32); bf16 tiles round the weight to bf16, the
+// precision the bf16 activations already have (oneDNN sums the products in fp32).
+at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn dequantize,
+                                    const at::Tensor& x, const at::Tensor& bias32, int64_t N) {
   const int64_t M = x.size(0), K = args.K;
-  constexpr int64_t kTile = 128;
+  const int64_t tile = std::max<int64_t>(16, (int64_t(1) << 20) / (K * x.element_size()));
   const at::Tensor xc = x.contiguous();
   at::Tensor y32 = new_output({M, N});
-  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t first, int64_t last) {
-    at::Tensor weight = at::empty({kTile, K}, x.options());
-    for (int64_t tile = first; tile < last; ++tile) {
-      const int64_t n0 = tile * kTile, n1 = std::min(n0 + kTile, N);
+  at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t first, int64_t last) {
+    at::Tensor weight = at::empty({tile, K}, x.options());
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t n0 = t * tile, n1 = std::min(n0 + tile, N);
       at::Tensor w = weight.narrow(0, 0, n1 - n0);
-      dequantize(args, n0, n1, reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()));
+      dequantize(args, n0, n1, w.data_ptr());
       y32.narrow(1, n0, n1 - n0).copy_(at::mm(xc, w.t()));
     }
   });
   if (bias32.defined()) y32.add_(bias32);
-  return y32.to(at::kBFloat16);
+  return y32;
 }
 
 at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
                const at::Tensor& bias32, int64_t N) {
   const int64_t M = x.size(0);
   const KernelTable& kernels = active_kernels();
-  if (format == kInt4 && x.scalar_type() == at::kBFloat16 && M >= 32 && args.K > 0 && N > 0 &&
-      kernels.dequantize_int4_bf16 != nullptr)
-    return bf16_tiles_matmul(args, kernels.dequantize_int4_bf16, x, bias32, N);
+  if (format == kInt4 && args.K > 0 && N > 0) {
+    if (x.scalar_type() == at::kBFloat16 && M >= 32 && kernels.dequantize_int4_bf16 != nullptr)
+      return dequantized_tiles_matmul(args, kernels.dequantize_int4_bf16, x, bias32, N)
+          .to(at::kBFloat16);
+    if (x.scalar_type() != at::kBFloat16 && M >= 64)
+      return dequantized_tiles_matmul(args, kernels.dequantize_int4_f32, fp32_rows(x), bias32, N)
+          .to(x.scalar_type());
+  }
   QuantMatmulFn kernel = kernels.quant_matmul[format];
   const at::Tensor x32 = fp32_rows(x);
   args.x = x32.const_data_ptr<float>();
