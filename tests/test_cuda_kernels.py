@@ -93,7 +93,8 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
     )  # fmt: skip
     symbols = run(["nm", "-C", str(obj)]).stdout
     assert "PyInit__cuda" in symbols
-    assert "rlhf_fast::launch_gae" in symbols
+    for launcher in ("launch_gae", "launch_quant_gemv_int4", "launch_quant_gemv_int8"):
+        assert f"rlhf_fast::{launcher}" in symbols
 
 
 # ---------------------------------------------------------------- test cases

@@ -8,6 +8,7 @@ import torch
 from backends_under_test import cpu_backend_params, using
 
 from rlhf_fast import _native, ops
+from rlhf_fast.ops.quant_matmul import registered_quant_matmul
 from rlhf_fast.quant.weight import QuantizedWeight, quantize_weight
 
 # (M, K, N): K = 200 and 576 are ragged for g = 128 (and 200 for 64 and 32), N = 37 and 9 are
@@ -108,12 +109,7 @@ def test_empty_batch(backend):
 
 
 def raw_call(qweight, x, bias=None):
-    if qweight.bits == 8:
-        return torch.ops.rlhf_fast.quant_matmul_int8(x, qweight.data, qweight.scales, bias)
-    return torch.ops.rlhf_fast.quant_matmul_int4(
-        x, qweight.data, qweight.scales, qweight.offsets, qweight.group_size,
-        qweight.in_features, bias,
-    )  # fmt: skip
+    return registered_quant_matmul(x, qweight, bias)
 
 
 needs_cpp = pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded")

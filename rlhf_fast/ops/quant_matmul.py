@@ -106,7 +106,7 @@ class _FusedQuantMatmul(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-def _quant_matmul_cpp(x, qweight, bias):
+def registered_quant_matmul(x, qweight, bias):
     """The registered ops: on CPU tensors the C++ kernels (csrc/cpu/quant_matmul_kernel.h:
     weights unpacked in registers, fp32 products and accumulation for every activation dtype),
     on CUDA tensors the CUDA GEMV (csrc/cuda/quant_gemv.cu)."""
@@ -119,7 +119,7 @@ def _quant_matmul_cpp(x, qweight, bias):
 
 
 if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "quant_matmul_int4"):
-    register_kernel("cpp", _quant_matmul_cpp)
+    register_kernel("cpp", registered_quant_matmul)
 
 
 def _quant_matmul_triton(x, qweight, bias):
@@ -137,7 +137,7 @@ def _quant_matmul_cuda(x, qweight, bias):
     Triton GEMM, which reuses each unpacked weight tile across rows."""
     if x.shape[0] != 1:
         return _quant_matmul_triton(x, qweight, bias)
-    return _quant_matmul_cpp(x, qweight, bias)  # the same torch ops, dispatched to CUDA
+    return registered_quant_matmul(x, qweight, bias)  # the same torch ops, dispatched to CUDA
 
 
 if _native.cuda is not None and hasattr(torch.ops.rlhf_fast, "quant_matmul_int4"):
