@@ -12,15 +12,12 @@
 #include <cstdint>
 
 #include "cpu/kernels.h"  // GaeArgs: the same argument block as the CPU kernels
+#include "cuda/element_types.cuh"
 
-#if defined(__CUDACC__)
-#include <cuda_fp16.h>
-#define GAE_FN __device__ __forceinline__
-#else
+#if !defined(__CUDACC__)
 #include <cmath>
-#include <cstring>
-#define GAE_FN inline
 #endif
+#define GAE_FN RLHF_CUDA_FN
 
 namespace rlhf_fast {
 namespace cuda_gae {
@@ -51,47 +48,10 @@ struct WarpTile {
   uint8_t valid[kRows][kMaskPitch];
 };
 
-GAE_FN float float_from_bits(uint32_t bits) {
-#if defined(__CUDACC__)
-  return __uint_as_float(bits);
-#else
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-#endif
-}
-
-// Input element types: what a lane loads from global memory, and its exact fp32 value.
-struct F32 {
-  using raw = float;
-  static GAE_FN float to_float(float x) { return x; }
-};
-
-struct BF16 {  // bf16 is the upper half of an fp32: widening is a shift, on both CPU and GPU
-  using raw = uint16_t;
-  static GAE_FN float to_float(uint16_t bits) { return float_from_bits(uint32_t{bits} << 16); }
-};
-
-struct F16 {
-  using raw = uint16_t;
-  static GAE_FN float to_float(uint16_t bits) {
-#if defined(__CUDACC__)
-    return __half2float(__ushort_as_half(bits));
-#else
-    const uint32_t sign = uint32_t{bits & 0x8000u} << 16;
-    uint32_t exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
-    if (exponent == 0x1f) return float_from_bits(sign | 0x7f800000u | (mantissa << 13));
-    if (exponent != 0) return float_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
-    if (mantissa == 0) return float_from_bits(sign);
-    exponent = 113;  // subnormal: shift the leading one up to the implicit bit
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    return float_from_bits(sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13));
-#endif
-  }
-};
+using cuda_elements::BF16;
+using cuda_elements::F16;
+using cuda_elements::F32;
+using cuda_elements::float_from_bits;
 
 // One lane's registers: its elements of the tile in flight (element (i, k) is row
 // row_of(lane, i) at step t0 + step_of(lane, k)), and the recurrence's carries for row `lane`.

@@ -9,15 +9,13 @@
 
 #include <cstdint>
 
+#include "cuda/element_types.cuh"
 #include "cuda/quant_gemv_args.h"
 
-#if defined(__CUDACC__)
-#include <cuda_fp16.h>
-#define QG_FN __device__ __forceinline__
-#else
+#if !defined(__CUDACC__)
 #include <cstring>
-#define QG_FN inline
 #endif
+#define QG_FN RLHF_CUDA_FN
 
 namespace rlhf_fast {
 namespace quant_gemv {
@@ -26,47 +24,12 @@ constexpr int kWarp = 32;
 constexpr int kBlockWeights = 32;  // int4: weights per packed block (16 bytes)
 constexpr int kUnroll = 4;         // 16-byte weight loads a lane keeps in flight
 
-QG_FN float float_from_bits(uint32_t bits) {
-#if defined(__CUDACC__)
-  return __uint_as_float(bits);
-#else
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-#endif
-}
-
-QG_FN float half_to_float(uint16_t bits) {
-#if defined(__CUDACC__)
-  return __half2float(__ushort_as_half(bits));
-#else
-  const uint32_t sign = uint32_t{bits & 0x8000u} << 16;
-  uint32_t exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
-  if (exponent == 0x1f) return float_from_bits(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent != 0) return float_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
-  if (mantissa == 0) return float_from_bits(sign);
-  exponent = 113;  // subnormal: shift the leading one up to the implicit bit
-  while ((mantissa & 0x400u) == 0) {
-    mantissa <<= 1;
-    --exponent;
-  }
-  return float_from_bits(sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13));
-#endif
-}
-
 // Activation types: the stored element and its exact fp32 value.
-struct F32 {
-  using raw = float;
-  static QG_FN float to_float(float x) { return x; }
-};
-struct BF16 {  // the upper half of an fp32
-  using raw = uint16_t;
-  static QG_FN float to_float(uint16_t bits) { return float_from_bits(uint32_t{bits} << 16); }
-};
-struct F16 {
-  using raw = uint16_t;
-  static QG_FN float to_float(uint16_t bits) { return half_to_float(bits); }
-};
+using cuda_elements::BF16;
+using cuda_elements::F16;
+using cuda_elements::F32;
+using cuda_elements::float_from_bits;
+using cuda_elements::half_to_float;
 
 struct Bytes16 {
   uint32_t word[4];
