@@ -51,6 +51,19 @@ inline const uint8_t* mask_bytes(const std::optional<at::Tensor>& mask, const at
   return reinterpret_cast<const uint8_t*>(holder.const_data_ptr<bool>());
 }
 
+// The int4 layout's arguments (rlhf_fast/quant/weight.py): returns the number of groups of
+// a row. Shared by the CPU and CUDA bindings; the tensors' own shapes are checked by each.
+inline int64_t check_int4_arguments(const at::Tensor& x, const at::Tensor& qdata,
+                                    int64_t group_size, int64_t in_features) {
+  TORCH_CHECK_VALUE(group_size > 0 && group_size % 32 == 0,
+                    "group_size must be a positive multiple of 32, got ", group_size);
+  TORCH_CHECK_VALUE(in_features == x.size(1), "x must have shape [M, ", in_features,
+                    "] (in_features), got ", x.sizes());
+  TORCH_CHECK_VALUE(qdata.dim() == 2, "qdata must be 2-D [out_features, padded / 2], got ",
+                    qdata.sizes());
+  return (in_features + group_size - 1) / group_size;
+}
+
 // Test hook: when set, every output is filled with NaN before a kernel writes it, so an
 // element a kernel forgets to write fails the comparison with the reference.
 inline bool& poison_outputs() {

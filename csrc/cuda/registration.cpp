@@ -146,14 +146,8 @@ at::Tensor quant_matmul_int4_cuda(const at::Tensor& x, const at::Tensor& qdata,
                                   int64_t group_size, int64_t in_features,
                                   const std::optional<at::Tensor>& bias) {
   const DTypeIndex dtype = check_x(x);
-  TORCH_CHECK_VALUE(group_size > 0 && group_size % 32 == 0,
-                    "group_size must be a positive multiple of 32, got ", group_size);
-  TORCH_CHECK_VALUE(in_features == x.size(1), "x must have shape [M, ", in_features,
-                    "] (in_features), got ", x.sizes());
-  TORCH_CHECK_VALUE(qdata.dim() == 2, "qdata must be 2-D [out_features, padded / 2], got ",
-                    qdata.sizes());
+  const int64_t groups = check_int4_arguments(x, qdata, group_size, in_features);
   const int64_t N = qdata.size(0), K = in_features;
-  const int64_t groups = (K + group_size - 1) / group_size;
   check_weight(qdata, "qdata", at::kByte, {N, groups * group_size / 2}, x);
   check_weight(scales, "scales", at::kHalf, {N, groups}, x);
   check_weight(offsets, "offsets", at::kHalf, {N, groups}, x);
