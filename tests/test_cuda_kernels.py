@@ -14,46 +14,32 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from native_build import (
+    CSRC,
+    DTYPE_INDEX,
+    GXX,
+    NVCC,
+    ROOT,
+    TORCH_NVCC_DEFINES,
+    build_emulator,
+    needs_gpu,
+    needs_nvcc,
+    run,
+)  # fmt: skip
 
 from rlhf_fast import _native, ops
 from rlhf_fast.ops import gae_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-NVCC = shutil.which("nvcc")
-GXX = shutil.which("g++")
-# The defines torch's CUDAExtension passes to nvcc: the kernels must build under them.
-TORCH_NVCC_DEFINES = [
-    "-D__CUDA_NO_HALF_OPERATORS__",
-    "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__",
-]
-DTYPE_INDEX = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Both sides widen the inputs to fp32 exactly, so whatever the input dtype only the order of
 # fp32 roundings differs (fused multiply-adds here, separate ones in the reference): the
 # tolerances are the same for each dtype, sized for rows of ~1000 steps with gamma = lam = 1.
 TOLERANCES = {dtype: {"atol": 1e-4, "rtol": 1e-5} for dtype in DTYPE_INDEX}
-
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
-needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or _native.cuda is None,
-    reason=f"needs a GPU and the CUDA extension ({_native.cuda_error or 'no GPU visible'})",
-)
-
-
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 # ---------------------------------------------------------------- 1. build checks
@@ -162,15 +148,7 @@ DISCOUNTS = [(0.99, 0.95), (1.0, 1.0), (0.0, 0.7), (0.5, 0.0)]
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    if GXX is None:
-        pytest.skip("g++ is not on PATH")
-    library = tmp_path_factory.mktemp("gae_emulator") / "libgae_emulator.so"
-    run(
-        [GXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-         "-Wno-unknown-pragmas", "-I", str(CSRC), "-o", str(library),
-         str(ROOT / "tests" / "gae_cuda_emulator.cpp")]
-    )  # fmt: skip
-    lib = ctypes.CDLL(str(library))
+    lib = build_emulator(tmp_path_factory.mktemp("gae_emulator"), "gae_cuda_emulator.cpp")
     lib.gae_emulated.restype = ctypes.c_int
     lib.gae_emulated.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_float] * 2

@@ -17,15 +17,23 @@ import ctypes
 import importlib.util
 import math
 import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from native_build import (
+    CSRC,
+    DTYPE_INDEX,
+    GXX,
+    NVCC,
+    ROOT,
+    TORCH_NVCC_DEFINES,
+    build_emulator,
+    needs_gpu,
+    needs_nvcc,
+    run,
+)  # fmt: skip
 
-from rlhf_fast import _native
 from rlhf_fast.quant.weight import QuantizedWeight, pack_int4, quantize_weight, unpack_int4
 
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
@@ -54,17 +62,6 @@ from rlhf_fast.ops.quant_matmul import (  # noqa: E402
     registered_quant_matmul,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-NVCC = shutil.which("nvcc")
-GXX = shutil.which("g++")
-TORCH_NVCC_DEFINES = [
-    "-D__CUDA_NO_HALF_OPERATORS__",
-    "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__",
-]
-DTYPE_INDEX = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Results are rounded once from an fp32 accumulator: fp32 differs from the float64 oracle by
 # accumulation order only; fp16 / bf16 by about one unit in the last place of the output.
 TOLERANCES = {
@@ -79,18 +76,7 @@ needs_interpreter = pytest.mark.skipif(
     reason="triton missing, or imported before TRITON_INTERPRET=1 was set (set it in the "
     "environment, or run this module alone)",
 )
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ is not on PATH")
-needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or _native.cuda is None,
-    reason=f"needs a GPU and the CUDA extension ({_native.cuda_error or 'no GPU visible'})",
-)
-
-
-def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, **kwargs)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 # ---------------------------------------------------------------- cases and the oracle
@@ -305,15 +291,9 @@ def test_quant_gemv_compiles_cleanly(arch, std, tmp_path):
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    if GXX is None:
-        pytest.skip("g++ is not on PATH")
-    library = tmp_path_factory.mktemp("quant_gemv_emulator") / "libquant_gemv_emulator.so"
-    run(
-        [GXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-         "-Wno-unknown-pragmas", "-I", str(CSRC), "-o", str(library),
-         str(ROOT / "tests" / "quant_gemv_cuda_emulator.cpp")]
-    )  # fmt: skip
-    lib = ctypes.CDLL(str(library))
+    lib = build_emulator(
+        tmp_path_factory.mktemp("quant_gemv_emulator"), "quant_gemv_cuda_emulator.cpp"
+    )
     lib.quant_gemv_emulated.restype = ctypes.c_int
     lib.quant_gemv_emulated.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
