@@ -1,7 +1,8 @@
 """`rlhf-fast chat`: talk to a causal LM directory, streaming its answers.
 
 The prompt is the tokenizer's chat template when it has one; otherwise this plain template,
-one line per message, ending with the assistant's header for the model to continue:
+one line per message, ending with the assistant's header for the model to continue (both are
+rendered by rlhf_fast/models/prompt_format.py, which the trainer shares):
 
     System: {system}
     User: {message}
@@ -28,9 +29,9 @@ from rlhf_fast.models.generate import (
     generate_tokens,
     model_bytes,
 )
+from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 
 PROMPT_MARKER = ">>> "
-FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 class ChatError(Exception):
@@ -74,16 +75,10 @@ def load(args: argparse.Namespace):
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the whole conversation, ending where the assistant's answer starts."""
-    if tokenizer.chat_template:
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        except Exception as error:
-            raise ChatError(f"the tokenizer's chat template failed: {error}") from None
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    lines = [f"{FALLBACK_ROLES[m['role']]}: {m['content']}" for m in messages]
-    return tokenizer("\n".join(lines + ["Assistant:"]))["input_ids"]
+    try:
+        return prompt_token_ids(tokenizer, messages)
+    except TemplateError as error:
+        raise ChatError(str(error)) from None
 
 
 def eos_ids(model, tokenizer) -> set[int]:
