@@ -1,0 +1,247 @@
+"""Load a local Hugging Face causal LM for training, and attach LoRA adapters to it.
+
+Only local directories are read (`local_files_only=True`), only safetensors weights
+(`use_safetensors=True`), and never remote code (`trust_remote_code=False`). A directory may
+also be a peft adapter directory (adapter_config.json naming its base model, as the SFT stage
+exports it): the base is loaded and the adapter merged into it, so `--model runs/sft-x/adapter`
+works as well as `--model runs/sft-x/merged`.
+
+Every failure is a `ModelLoadError` whose message is one line naming the directory.
+
+LoRA is attached in exactly one place, `attach_lora`, so that switching from plain peft to the
+fused LoRA ops of `rlhf_fast.lora` is a change of that function only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Module names (last path component) that LoRA targets by default, per model family: every
+# linear projection of attention and MLP, never the LM head. Families not listed get every
+# nn.Linear / Conv1D leaf except the output embedding (see default_lora_targets).
+LORA_TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "bloom": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded; str() is one line naming the directory."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None  # None: the family's default (LORA_TARGETS)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' | 'cuda' | 'auto' -> 'cpu' or 'cuda'; asking for cuda without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda: no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """The directory as an absolute Path, or ModelLoadError saying what is missing."""
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: model directory does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a directory (expected a model directory)")
+    if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+        raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)")
+    return path.resolve()
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model directory an exported adapter names (base_model_name_or_path)."""
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        base = config["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(f"{adapter_dir / ADAPTER_CONFIG}: {_one_line(error)}") from None
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path")
+    return check_model_dir(base)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu"
+) -> nn.Module:
+    """An AutoModelForCausalLM from a local directory (or an adapter dir: its base with the
+    adapter merged), in eval mode with every parameter frozen; the caller picks what trains."""
+    path = check_model_dir(model_dir)
+    torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    if not (path / "config.json").is_file():
+        return _load_adapter_merged(path, torch_dtype, device)
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+        )
+    except Exception as error:  # transformers raises many types: report each on one line
+        raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def load_backbone(
+    model_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu"
+) -> nn.Module:
+    """The decoder of a causal LM directory without its LM head (AutoModel: LlamaModel,
+    GPT2Model, ...), frozen, in eval mode: what the reward model reads hidden states from."""
+    path = check_model_dir(model_dir)
+    if not (path / "config.json").is_file():  # an adapter dir: merge, then drop the LM head
+        return load_causal_lm(path, dtype=dtype, device=device).base_model
+    torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    _quiet_transformers()
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+        )
+    except Exception as error:
+        raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _load_adapter_merged(adapter_dir: Path, dtype: torch.dtype, device: str) -> nn.Module:
+    from peft import PeftModel
+
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    base = load_causal_lm(adapter_base(adapter_dir), dtype=name, device=device)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    except Exception as error:
+        reason = _one_line(error)
+        raise ModelLoadError(f"{adapter_dir}: cannot load the adapter ({reason})") from None
+    model = model.merge_and_unload()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The directory's tokenizer (an adapter dir without one: its base's), with a pad token:
+    the EOS token when it has none (the collators never treat a trained EOS as padding)."""
+    path = check_model_dir(model_dir)
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    has_own = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    source = path if has_own or (path / "config.json").is_file() else adapter_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=True, trust_remote_code=False
+        )
+    except Exception as error:
+        raise ModelLoadError(f"{source}: cannot load the tokenizer ({_one_line(error)})") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"{source}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{source}: the tokenizer has no EOS token (SFT trains it)")
+    return tokenizer
+
+
+def _is_projection(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """The family's projections (LORA_TARGETS) when present in `model`, else every Linear /
+    Conv1D leaf name except the output embedding and classification heads."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_projection(m)}
+    family = LORA_TARGETS.get(model_type)
+    if family and leaves.intersection(family):
+        return tuple(t for t in family if t in leaves)
+    excluded = {"lm_head", "score", "embed_out", "output", "classifier", "value_head"}
+    targets = tuple(sorted(leaves - excluded))
+    if not targets:
+        raise ModelLoadError(f"no linear layers to put LoRA on in {type(model).__name__}")
+    return targets
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """`model` wrapped with trainable LoRA adapters (peft), every other weight frozen.
+
+    The one place LoRA is attached: the fused `rlhf_fast.lora` path will replace this body.
+    GPT-2's Conv1D stores weights transposed, hence fan_in_fan_out for it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    if settings.r <= 0:
+        raise ModelLoadError(f"--lora-r must be a positive integer, got {settings.r}")
+    targets = settings.targets or default_lora_targets(model)
+    found = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if _is_projection(m)}
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise ModelLoadError(
+            f"--lora-targets: {', '.join(missing)} not found in {type(model).__name__} "
+            f"(its linear layers: {', '.join(sorted(found))})"
+        )
+    transposed = any(isinstance(found[t], Conv1D) for t in targets)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        fan_in_fan_out=transposed,
+        bias="none",
+    )
+    return get_peft_model(model, config)
