@@ -1,0 +1,286 @@
+"""y = x @ W.T (+ bias) + scaling * (dropout(x) @ A.T) @ B.T: a LoRA linear layer in one op.
+
+W (dense or a frozen `QuantizedWeight`) gets no gradient; x, A, B (and a bias that requires
+grad) do. The LoRA branch is under 1% of the base GEMM's FLOPs at r = 16, so what costs in an
+unfused layer (peft's) is everything around it: a second [M, N] output, the scale and the add
+(more [M, N] passes), a second [M, K] input gradient and its sum, and the dropout's [M, K]
+copies saved for backward. The fused backend removes those:
+
+- forward: y = bias + x W^T, then y += (s * x A^T) B^T accumulated in place (GEMM, beta = 1);
+- backward: dx = dy W, then dx += (s * dy B) A in place; dA and dB from the [M, r] products;
+- saved: x (needed for dA anyway), the [M, r] product s * x A^T, and with dropout only the RNG
+  state: the keep mask is drawn again in backward instead of keeping [M, K] tensors alive;
+- a quantized W is never dequantized whole: the forward runs `ops.quant_matmul` (C++ kernels
+  that unpack tiles), the backward's dy W dequantizes row blocks of W, one at a time.
+
+Dropout draws its mask as torch.nn.Dropout does on CPU (`bernoulli_(1 - p)` on a tensor of the
+LoRA weights' dtype, scaled by 1 / (1 - p)), so with the same RNG state the reference, the
+fused path and peft's layer drop the same elements.
+
+Precision: the base GEMM runs in x's dtype (as F.linear); the LoRA products run in x's dtype
+with the GEMMs' fp32 accumulation (like autocast), and their gradients are returned in A's and
+B's dtypes (peft keeps fp32 adapters on a bf16 model: those get bf16-accurate gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.ops import _checks, _dispatch
+from rlhf_fast.ops.quant_matmul import quant_matmul
+from rlhf_fast.quant.weight import QuantizedWeight
+
+# "cpp": the autograd.Function below, which drives ATen's C++ GEMMs (oneDNN / MKL) with
+# in-place accumulation and, for quantized weights, rlhf_fast's C++ quant_matmul kernels.
+_dispatch.IMPLEMENTED["lora_linear"] = ("reference", "cpp")
+
+# Weight elements dequantized at a time in backward (row blocks of W): 2M elements is 8 MB in
+# fp32, small beside the weight's dense copy (64 MB for 4096 x 4096) and big enough that the
+# GEMM over the block runs at full speed.
+DEQUANT_BLOCK_ELEMENTS = 1 << 21
+
+
+def dropout_noise(
+    shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """torch.nn.Dropout's scaled keep mask as it draws it on CPU: bernoulli(1 - p) / (1 - p)."""
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The definition, in fp32 with plain autograd, returned in x's dtype (no gradient to W)."""
+    if isinstance(weight, QuantizedWeight):
+        dense = weight.dequantize(torch.float32).to(x.device)
+    else:
+        dense = weight.detach().float()
+    x32 = x.float()
+    dropped = x32
+    if dropout > 0:
+        dropped = x32 * dropout_noise(x.shape, dropout, lora_A.dtype, x.device).float()
+    y = F.linear(x32, dense, None if bias is None else bias.float())
+    y = y + scaling * F.linear(F.linear(dropped, lora_A.float()), lora_B.float())
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check(x, weight, bias, lora_A, lora_B, scaling, dropout) -> tuple[float, float]:
+    x = _checks.tensor(x, "x")
+    if x.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if isinstance(weight, QuantizedWeight):
+        out_features, in_features = weight.shape
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    else:
+        weight = _checks.float_tensor(weight, "weight", 2)
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+        _checks.same_device(weight, "weight", x, "x")
+        out_features, in_features = weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}"
+        )
+    if bias is not None:
+        bias = _checks.float_tensor(bias, "bias", 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if not isinstance(weight, QuantizedWeight) and bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        _checks.same_device(bias, "bias", x, "x")
+    lora_A = _checks.float_tensor(lora_A, "lora_A", 2)
+    lora_B = _checks.float_tensor(lora_B, "lora_B", 2)
+    rank = lora_A.shape[0]
+    if rank < 1 or lora_A.shape[1] != in_features:
+        raise ValueError(
+            f"lora_A must have shape [r >= 1, {in_features}], got {tuple(lora_A.shape)}"
+        )
+    if lora_B.shape != (out_features, rank):
+        raise ValueError(
+            f"lora_B must have shape ({out_features}, {rank}) (out_features, r), "
+            f"got {tuple(lora_B.shape)}"
+        )
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
+    _checks.same_device(lora_A, "lora_A", x, "x")
+    _checks.same_device(lora_B, "lora_B", x, "x")
+    scaling = _checks.finite_float(scaling, "scaling")
+    dropout = _checks.finite_float(dropout, "dropout")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return scaling, dropout
+
+
+# --------------------------------------------------------------------------------------------
+# The frozen base: x W^T forward, dy W backward
+# --------------------------------------------------------------------------------------------
+
+
+class _DenseBase:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()
+
+    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if bias is None:
+            return torch.mm(x2d, self.weight.t())
+        return torch.addmm(bias.detach(), x2d, self.weight.t())
+
+    def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
+        return torch.mm(grad_y, self.weight)
+
+
+class _QuantizedBase:
+    def __init__(self, qweight: QuantizedWeight) -> None:
+        self.qweight = qweight
+
+    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return quant_matmul(x2d, self.qweight, None if bias is None else bias.detach())
+
+    def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """dy W = sum over row blocks b of dy[:, b] W[b, :], each block dequantized alone."""
+        q = self.qweight
+        out_features, in_features = q.shape
+        rows = max(64, DEQUANT_BLOCK_ELEMENTS // in_features // 64 * 64)
+        grad_x = None
+        for start in range(0, out_features, rows):
+            stop = min(start + rows, out_features)
+            block = QuantizedWeight(
+                q.bits, q.group_size, (stop - start, in_features), q.data[start:stop],
+                q.scales[start:stop], None if q.offsets is None else q.offsets[start:stop],
+            ).dequantize(grad_y.dtype)  # fmt: skip
+            if grad_x is None:
+                grad_x = torch.mm(grad_y[:, start:stop], block)
+            else:
+                grad_x.addmm_(grad_y[:, start:stop], block)
+        return grad_x
+
+
+# --------------------------------------------------------------------------------------------
+# The fused autograd.Function
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _noise_from_state(state, shape, p, dtype, device) -> torch.Tensor:
+    """The noise the forward drew, drawn again from its saved RNG state (global state kept)."""
+    getter, setter = (
+        (lambda: torch.cuda.get_rng_state(device), lambda s: torch.cuda.set_rng_state(s, device))
+        if device.type == "cuda"
+        else (torch.get_rng_state, torch.set_rng_state)
+    )
+    current = getter()
+    try:
+        setter(state)
+        return dropout_noise(shape, p, dtype, device)
+    finally:
+        setter(current)
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, lora_A, lora_B, bias, base, scaling, dropout):
+        compute = x2d.dtype
+        a = lora_A.detach().to(compute)
+        b = lora_B.detach().to(compute)
+        noise = rng_state = None
+        if dropout > 0:
+            rng_state = _rng_state(x2d.device)
+            noise = dropout_noise(x2d.shape, dropout, lora_A.dtype, x2d.device).to(compute)
+        dropped = x2d if noise is None else x2d * noise
+        scaled_t = torch.mm(dropped, a.t()).mul_(scaling)  # [M, r]
+        y = base.forward(x2d, bias)
+        y.addmm_(scaled_t, b.t())  # in place: no second [M, N] tensor, no add pass
+
+        ctx.base, ctx.scaling, ctx.dropout, ctx.rng_state = base, scaling, dropout, rng_state
+        ctx.lora_dtype = lora_A.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # x only where dA needs it, s * x A^T only where dB does; never the [M, K] mask.
+        ctx.save_for_backward(
+            x2d if ctx.needs_input_grad[1] else None,
+            scaled_t if ctx.needs_input_grad[2] else None,
+            a,
+            b,
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, scaled_t, a, b = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        grad_y = grad_y.to(a.dtype)
+        grad_x = grad_a = grad_b = grad_bias = None
+        noise = None
+        if ctx.dropout > 0 and (need_x or need_a):
+            shape = (grad_y.shape[0], a.shape[1])
+            noise = _noise_from_state(
+                ctx.rng_state, shape, ctx.dropout, ctx.lora_dtype, grad_y.device
+            ).to(a.dtype)
+        if need_x or need_a:
+            scaled_dt = torch.mm(grad_y, b).mul_(ctx.scaling)  # s * dy B, [M, r]
+        if need_x:
+            grad_x = ctx.base.grad_input(grad_y)
+            if noise is None:
+                grad_x.addmm_(scaled_dt, a)
+            else:
+                grad_x.add_(torch.mm(scaled_dt, a).mul_(noise))
+        if need_a:
+            dropped = x2d if noise is None else x2d * noise
+            grad_a = torch.mm(scaled_dt.t(), dropped).to(ctx.lora_dtype)
+        if need_b:
+            grad_b = torch.mm(grad_y.t(), scaled_t).to(ctx.lora_dtype)
+        if need_bias:
+            grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_a, grad_b, grad_bias, None, None, None
+
+
+def _lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, dropout):
+    base = _QuantizedBase(weight) if isinstance(weight, QuantizedWeight) else _DenseBase(weight)
+    out_features = weight.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _FusedLoraLinear.apply(x2d, lora_A, lora_B, bias, base, scaling, dropout)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    dropout: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x [..., in] @ W.T (+ bias) + scaling * (dropout(x) @ lora_A.T) @ lora_B.T -> [..., out].
+
+    weight: [out, in] dense in x's dtype, or a QuantizedWeight (int8 / int4); frozen.
+    lora_A: [r, in], lora_B: [out, r], both of one float dtype (may differ from x's).
+    dropout: probability of dropping an element of x on the LoRA branch (training only: pass
+    0 in eval). Gradients flow to x, lora_A, lora_B and a bias that requires grad.
+    """
+    scaling, dropout = _check(x, weight, bias, lora_A, lora_B, scaling, dropout)
+    backend = _dispatch.choose("lora_linear", x.device, backend)
+    if backend == "reference":
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout)
+    return _lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, dropout)
