@@ -1,0 +1,196 @@
+"""The run configuration of `rlhf-fast train`: one flat dataclass, loaded from defaults, then
+a `--config run.yaml`, then command-line flags (each layer overriding the one before).
+
+Every field is a YAML key of the same name and a flag with dashes (`lora_r` <-> `--lora-r`);
+an unknown key or a value of the wrong type is a `ConfigError` with a one-line message naming
+the file and key. The resolved config is written to the run directory as config.yaml, and a
+resumed run reads it back from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ("sft", "rm")
+LATER_STAGES = ("ppo", "all")  # a later issue
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value (one line)."""
+
+
+def _help(text: str, **kwargs) -> typing.Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = _help("sft | rm", default="sft")
+    model: str | None = _help("base model directory (HF, safetensors)", default=None)
+    data: str | None = _help("training data, JSONL (DESIGN.md formats)", default=None)
+    output: str | None = _help("run directory (default runs/<stage>-<timestamp>)", default=None)
+    merge: bool = _help("also export a merged model directory", default=False)
+    dtype: str = _help("fp32 | bf16 (weights and compute)", default="fp32")
+    device: str = _help("cpu | cuda | auto", default="auto")
+    seed: int = _help("seed of the init, data order, dropout and held-out split", default=0)
+    lr: float = _help("peak learning rate", default=2e-4)
+    schedule: str = _help("cosine | linear | constant (after warmup)", default="cosine")
+    warmup_steps: int = _help("linear warmup steps", default=0)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _help("gradient clipping norm (0: off)", default=1.0)
+    batch_size: int = _help("examples (prompts, for rm) per micro-batch", default=4)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    epochs: float = _help("passes over the training data (when max_steps is 0)", default=1.0)
+    max_steps: int = _help("optimizer steps (0: from epochs)", default=0)
+    max_length: int = _help("tokens per sequence (longer ones are truncated)", default=512)
+    pack: bool = _help("sft: pack several examples per row", default=False)
+    lora_r: int = _help("LoRA rank", default=8)
+    lora_alpha: float = _help("LoRA alpha (scaling alpha / r)", default=16.0)
+    lora_dropout: float = _help("LoRA dropout", default=0.0)
+    lora_targets: list[str] | None = _help(
+        "module names to put LoRA on (default: all linear projections)", default=None
+    )
+    rm_loss: str = _help(
+        "rm: rank (K-wise pairs) | mse (direct scores) | auto (from the data)", default="auto"
+    )
+    eval_fraction: float = _help("share of examples held out for evaluation", default=0.1)
+    eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
+    save_every: int = _help("checkpoint every N steps (0: only at the end)", default=50)
+    keep_checkpoints: int = _help("checkpoints to keep (0: all)", default=2)
+    log_every: int = _help("write metrics every N steps", default=1)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_CHOICES = {
+    "stage": STAGES,
+    "dtype": ("fp32", "bf16"),
+    "device": ("cpu", "cuda", "auto"),
+    "schedule": ("cosine", "linear", "constant"),
+    "rm_loss": ("auto", "rank", "mse"),
+}
+_POSITIVE = ("batch_size", "grad_accum", "max_length", "lora_r", "log_every")
+_NON_NEGATIVE = (
+    "warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "epochs", "eval_every",
+    "save_every", "keep_checkpoints", "lr", "lora_alpha",
+)  # fmt: skip
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a field: list for list[str], else bool/int/float/str."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(base) is list or isinstance(base, types.GenericAlias):
+        return list, optional
+    return base, optional
+
+
+def _coerce(name: str, value, where: str):
+    base, optional = field_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: '{name}' must not be empty")
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is list:
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        expected = {list: "a list of names"}.get(base, base.__name__)
+        raise ConfigError(f"{where}: '{name}' must be {expected}, got {value!r}")
+    return value
+
+
+def apply(config: TrainConfig, values: dict, where: str) -> TrainConfig:
+    """A copy of `config` with `values` (key -> value) applied; `where` names their source."""
+    updates = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        updates[name] = _coerce(name, value, where)
+    return dataclasses.replace(config, **updates)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """The same config, or ConfigError naming the first bad value."""
+    if config.stage in LATER_STAGES:
+        raise ConfigError(f"stage '{config.stage}' is not available yet: use --stage sft or rm")
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(
+                f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}"
+            )
+    for name in _POSITIVE:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in _NON_NEGATIVE:
+        value = getattr(config, name)
+        if value < 0 or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    if config.max_steps == 0 and config.epochs == 0:
+        raise ConfigError("set max_steps or epochs (both are 0)")
+    if not config.model:
+        raise ConfigError("--model DIR is required")
+    if not config.data:
+        raise ConfigError("--data FILE is required")
+    return config
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML file, or ConfigError (missing file, bad YAML, not a mapping)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{line}: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
+def load(path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:
+    return apply(base or TrainConfig(), read_yaml(path), str(path))
+
+
+def to_yaml(config: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def write(config: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(to_yaml(config))

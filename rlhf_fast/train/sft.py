@@ -1,0 +1,107 @@
+"""Supervised fine-tuning stage: next-token loss on the answer tokens (and the EOS) only.
+
+The labels come from the data layer (`encode_sft`): -100 on prompt and padding, so the loss is
+the mean cross-entropy over answer tokens. With `pack`, several examples share a row (position
+ids restart per example; the model must keep them apart, checked with `packing_isolates`).
+
+Export: RUN_DIR/adapter/ (a peft adapter + the tokenizer: plain peft loads it onto the base
+model) and, with merge, RUN_DIR/merged/ (LoRA merged in: plain transformers loads it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.models.load import LoraSettings, attach_lora, load_causal_lm
+from rlhf_fast.train.config import ConfigError, TrainConfig
+from rlhf_fast.train.data import (
+    IGNORE_INDEX,
+    SFTCollator,
+    encode_sft,
+    packing_isolates,
+    read_sft,
+    split_held_out,
+)
+from rlhf_fast.train.loop import Stage
+
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+EVAL_BATCH = 8
+
+
+def read_data(config: TrainConfig) -> tuple[TrainConfig, list, list]:
+    """(config, train, held_out); DataError on the first bad line."""
+    return (config, *split_held_out(read_sft(config.data), config.eval_fraction, config.seed))
+
+
+def token_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each labelled token given the tokens before it (labels -100 skipped)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: str) -> Stage:
+    """Encode the examples, load the model with LoRA and return the Stage for the loop."""
+    encoded = [encode_sft(tokenizer, example, config.max_length) for example in train]
+    held_encoded = [encode_sft(tokenizer, example, config.max_length) for example in held_out]
+    base = load_causal_lm(config.model, dtype=config.dtype, device=device)
+    if config.pack and not packing_isolates(base):
+        raise ConfigError(
+            f"--pack: {type(base).__name__} would let packed examples attend to each other"
+        )
+    torch.manual_seed(config.seed)
+    model = attach_lora(base, lora_settings(config))
+    pad = tokenizer.pad_token_id
+    collate = SFTCollator(pad, pack_to=config.max_length if config.pack else None)
+    eval_collate = SFTCollator(pad)
+
+    def loss(batch):
+        return token_loss(model, batch), {"tokens": _tokens(batch)}
+
+    def evaluate() -> dict[str, float]:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(held_encoded), EVAL_BATCH):
+                batch = eval_collate(held_encoded[start : start + EVAL_BATCH])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                total += token_loss(model, batch, reduction="sum").item()
+                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return {"loss": total / max(count, 1)}
+
+    return Stage("sft", model, encoded, collate, loss, evaluate if held_encoded else None)
+
+
+def lora_settings(config: TrainConfig) -> LoraSettings:
+    targets = tuple(config.lora_targets) if config.lora_targets else None
+    return LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+
+
+def export(model, tokenizer, run_dir: Path, config: TrainConfig) -> dict[str, Path]:
+    """Write adapter/ (and merged/ with config.merge); returns {"adapter": ..., "merged": ...}."""
+    paths = {"adapter": run_dir / ADAPTER_DIR}
+    # The adapter names the directory it was trained on (which may itself be an adapter dir).
+    model.peft_config["default"].base_model_name_or_path = str(Path(config.model).resolve())
+    model.save_pretrained(paths["adapter"], safe_serialization=True)
+    tokenizer.save_pretrained(paths["adapter"])
+    if config.merge:
+        paths["merged"] = run_dir / MERGED_DIR
+        merged = model.merge_and_unload()
+        merged.save_pretrained(paths["merged"], safe_serialization=True)
+        tokenizer.save_pretrained(paths["merged"])
+    return paths
