@@ -1,0 +1,130 @@
+"""fuse / unfuse: peft LoRA Linear layers run ops.lora_linear for forward and backward.
+
+The layer stays peft's own module (same parameters, names, state_dict, adapter switching,
+`disable_adapter()`, save/load); only its forward is replaced, on the instance, by one that
+calls the fused op with the active adapter's A, B, scaling and dropout probability. Calls the
+fused op does not cover (several active adapters, DoRA and other LoRA variants, merged
+adapters, `adapter_names=` mixed batches, lora_bias, a trainable base weight, ...) run peft's
+own forward, and a warning says so once per reason. Adapters disabled: peft's forward too
+(the base layer alone), which is what a PPO reference model through disable_adapter() needs.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from rlhf_fast import ops
+from rlhf_fast.quant.linear import QuantLinear, dense_weight, is_quantizable
+from rlhf_fast.quant.weight import QuantizedWeight
+
+_FUSED_FLAG = "_rlhf_fast_lora_fused"
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(
+        f"rlhf_fast.lora: {reason}: those LoRA layers run peft's unfused forward",
+        stacklevel=3,
+    )
+
+
+def _base_weight(layer: LoraLinear):
+    """(weight, bias, why not) of the layer's frozen base: dense [out, in] or QuantizedWeight."""
+    base = layer.get_base_layer()
+    if isinstance(base, QuantLinear):
+        return base.qweight, base.bias, None
+    if not is_quantizable(base):
+        return None, None, f"base layer type {type(base).__name__} is not covered"
+    weight = dense_weight(base)  # a transposed view for GPT-2's Conv1D: no copy
+    if weight.requires_grad:
+        return None, None, "a trainable base weight (the fused op gives the base no gradient)"
+    return weight, base.bias, None
+
+
+def _uncovered(layer: LoraLinear, args, kwargs) -> str | None:
+    """Why this call must run peft's forward, or None; "" means silently (nothing to warn)."""
+    if layer.disable_adapters:
+        return ""
+    if args or kwargs:
+        return "extra forward arguments (e.g. adapter_names= mixed batches)"
+    if layer.merged:
+        return "merged adapters"
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not active:
+        return ""
+    if len(active) > 1:
+        return "several active adapters"
+    adapter = active[0]
+    if adapter in layer.lora_variant:
+        return "DoRA or another LoRA variant"
+    if layer.lora_bias.get(adapter, False):
+        return "lora_bias=True"
+    if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
+        return "a custom dropout module"
+    return None
+
+
+def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    reason = _uncovered(self, args, kwargs)
+    weight = bias = None
+    if reason is None:
+        weight, bias, reason = _base_weight(self)
+    if reason is None and not isinstance(weight, QuantizedWeight) and weight.dtype != x.dtype:
+        reason = "input dtype differs from the base weight's"
+    if reason is not None:
+        if reason:
+            _warn_once(reason)
+        return type(self).forward(self, x, *args, **kwargs)
+    adapter = next(name for name in self.active_adapters if name in self.lora_A)
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return ops.lora_linear(
+        x,
+        weight,
+        bias,
+        self.lora_A[adapter].weight,
+        self.lora_B[adapter].weight,
+        self.scaling[adapter],
+        dropout=p,
+    )
+
+
+def _lora_linear_layers(model: nn.Module):
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            yield module
+
+
+def fuse(model: nn.Module) -> int:
+    """Make every peft LoRA Linear / Conv1D layer of `model` use the fused op; returns how many.
+
+    Idempotent. Training, eval, adapter switching and saving work as before; `unfuse` undoes.
+    """
+    count = 0
+    for layer in _lora_linear_layers(model):
+        layer.forward = types.MethodType(_fused_forward, layer)
+        setattr(layer, _FUSED_FLAG, True)
+        count += 1
+    return count
+
+
+def unfuse(model: nn.Module) -> int:
+    """Give every fused layer of `model` back peft's own forward; returns how many."""
+    count = 0
+    for layer in _lora_linear_layers(model):
+        if layer.__dict__.pop(_FUSED_FLAG, False):
+            layer.__dict__.pop("forward", None)
+            count += 1
+    return count
+
+
+def is_fused(layer: nn.Module) -> bool:
+    return bool(layer.__dict__.get(_FUSED_FLAG, False))
