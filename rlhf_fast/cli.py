@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rlhf_fast.quant import cli_quantize
+from rlhf_fast.train import cli_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show versions, CPU features, devices and which backend each op uses",
         description="Show versions, CPU features, devices and which backend each op uses.",
     )
+    cli_train.add_parser(commands)
     cli_quantize.add_parser(commands)
     _add_chat_parser(commands)
     return parser
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_fast import doctor
 
         return doctor.run()
+    if args.command == "train":
+        return cli_train.run(args)
     if args.command == "quantize":
         return cli_quantize.run(args)
     if args.command == "chat":

@@ -68,7 +68,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {
+CHOICES = {
     "stage": STAGES,
     "dtype": ("fp32", "bf16"),
     "device": ("cpu", "cuda", "auto"),
@@ -134,7 +134,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     """The same config, or ConfigError naming the first bad value."""
     if config.stage in LATER_STAGES:
         raise ConfigError(f"stage '{config.stage}' is not available yet: use --stage sft or rm")
-    for name, choices in _CHOICES.items():
+    for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(
                 f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}"
