@@ -35,6 +35,7 @@ from rlhf_fast.train.data import (
     encode_scored,
     encode_sft,
     packing_isolates,
+    pad_token_id,
     read_prompts,
     read_rm,
     read_sft,
@@ -165,7 +166,7 @@ BAD_LINES = [
         {"prompt": "a", "messages": [USER, ASSISTANT]},
         'has both "messages" and "prompt"; give one',
     ),
-    ("sft", {"messages": [USER]}, '"messages" must end with a assistant turn, not user'),
+    ("sft", {"messages": [USER]}, '"messages" must end with an assistant turn, not user'),
     (
         "sft",
         {"messages": [ASSISTANT]},
@@ -507,10 +508,15 @@ def test_encode_bad_arguments(plain_tokenizer):
     for bad in (1, 0, 2.5, None):
         with pytest.raises(ValueError, match="max_length"):
             encode_sft(plain_tokenizer, example, bad)
+    assert pad_token_id(plain_tokenizer) == plain_tokenizer.pad_token_id
     tokenizer = train_tokenizer()
+    tokenizer.pad_token = None
+    assert pad_token_id(tokenizer) == tokenizer.eos_token_id  # no pad token: pad with EOS
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="eos_token"):
         encode_sft(tokenizer, example, 10)
+    with pytest.raises(ValueError, match="eos_token"):
+        pad_token_id(tokenizer)
 
 
 # ---- collators ------------------------------------------------------------------------------

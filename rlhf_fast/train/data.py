@@ -17,6 +17,7 @@ from rlhf_fast.train.data_encode import (
     encode_scored,
     encode_sft,
     eos_token_id,
+    pad_token_id,
 )
 from rlhf_fast.train.data_examples import (
     DataError,
@@ -45,6 +46,7 @@ __all__ = [
     "encode_sft",
     "eos_token_id",
     "packing_isolates",
+    "pad_token_id",
     "read_prompts",
     "read_rm",
     "read_sft",

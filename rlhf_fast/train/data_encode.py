@@ -65,6 +65,13 @@ def eos_token_id(tokenizer) -> int:
     return int(eos)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS (GPT-2 and Llama
+    tokenizers ship without a pad token). Padding is never trained, whichever id it is."""
+    pad = tokenizer.pad_token_id
+    return eos_token_id(tokenizer) if pad is None else int(pad)
+
+
 def _prompt_and_answer(tokenizer, messages, response, max_length, source):
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(

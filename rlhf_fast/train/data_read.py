@@ -234,7 +234,9 @@ def _messages(record: dict, final_role: str) -> Messages:
         content = _nonempty(message["content"], f'{name}["content"]')
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != final_role:
-        raise LineError(f'"messages" must end with a {final_role} turn, not {messages[-1]["role"]}')
+        article = "an" if final_role == "assistant" else "a"
+        last = messages[-1]["role"]
+        raise LineError(f'"messages" must end with {article} {final_role} turn, not {last}')
     return messages
 
 
