@@ -1,0 +1,162 @@
+"""lora_linear: one LoRA linear layer, forward + backward, fused beside peft and the limit.
+
+Providers per size (group "lora_linear cpu <size>"):
+- "cpp": rlhf_fast.ops.lora_linear (the fused backend);
+- "peer": peft's LoRA Linear (peft 0.21) on the same base weight and adapters;
+- "base-gemms": the frozen layer's two GEMMs alone, x W^T and dy W: the limit (no LoRA);
+- int4 groups: "peer" dequantizes the whole int4 weight once per step to x's dtype and runs
+  peft's layer on it (what bitsandbytes-style QLoRA does; bitsandbytes even dequantizes
+  twice, in forward and in backward, so this peer is the kinder one).
+
+Memory is reported as the bytes each provider keeps alive for backward (found with
+torch.autograd.graph.saved_tensors_hooks, distinct storages, the input x included): on CPU
+there is no allocator peak counter, and this is the part of training memory a LoRA layer
+decides. It goes into each benchmark's extra_info ("saved_bytes") and is printed.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from rlhf_fast import ops
+from rlhf_fast.quant import quantize_weight
+
+QUICK_SIZES = [(64, 256, 256, 16)]  # (M, K, N, r)
+FULL_SIZES = [
+    (m, k, n, r)
+    for m, (k, n), r in itertools.product((512, 2048), ((4096, 4096), (4096, 11008)), (16, 64))
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SIZE_PARAMS = [pytest.param(s, id="M{}-K{}-N{}-r{}".format(*s)) for s in QUICK_SIZES] + [
+    pytest.param(s, id="M{}-K{}-N{}-r{}".format(*s), marks=pytest.mark.bench_full)
+    for s in FULL_SIZES
+]
+SCALING = 2.0
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward during fn()."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _peft_layer(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> nn.Module:
+    n, k = weight.shape
+    holder = nn.Sequential(nn.Linear(k, n, bias=False, dtype=weight.dtype))
+    config = LoraConfig(
+        r=lora_A.shape[0], lora_alpha=SCALING * lora_A.shape[0], target_modules=["0"]
+    )
+    model = get_peft_model(holder, config, autocast_adapter_dtype=False)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    return layer
+
+
+def _inputs(m, k, n, r, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    lora_A = (torch.randn(r, k, generator=g) / k**0.5).to(dtype).requires_grad_()
+    lora_B = (torch.randn(n, r, generator=g) / r**0.5).to(dtype).requires_grad_()
+    grad_y = torch.randn(m, n, generator=g).to(dtype)
+    return x, weight, lora_A, lora_B, grad_y
+
+
+def _step(forward, x, params, grad_y):
+    def run():
+        for t in (x, *params):
+            t.grad = None
+        forward().backward(grad_y)
+
+    return run
+
+
+def _providers(weight, x, lora_A, lora_B, grad_y, quantized):
+    dense = weight.dequantize(x.dtype) if quantized else weight
+    peft_layer = _peft_layer(dense, lora_A, lora_B)
+    peft_params = [p for p in peft_layer.parameters() if p.requires_grad]
+
+    def peer():
+        if quantized:  # dequantize the whole weight each step, then peft on it
+            peft_layer.base_layer.weight.data = weight.dequantize(x.dtype)
+        return peft_layer(x)
+
+    providers = {
+        "cpp": _step(
+            lambda: ops.lora_linear(x, weight, None, lora_A, lora_B, SCALING, backend="cpp"),
+            x, (lora_A, lora_B), grad_y,
+        ),
+        "peer": _step(peer, x, peft_params, grad_y),
+    }  # fmt: skip
+    if not quantized:
+        frozen = weight.detach()
+
+        def base_gemms():
+            torch.mm(x.detach(), frozen.t())
+            torch.mm(grad_y, frozen)
+
+        providers["base-gemms"] = base_gemms
+    return providers
+
+
+@pytest.mark.parametrize("provider", ["cpp", "peer", "base-gemms"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("size", SIZE_PARAMS)
+def test_lora_linear(measure, benchmark, size, dtype, provider):
+    m, k, n, r = size
+    x, weight, lora_A, lora_B, grad_y = _inputs(m, k, n, r, DTYPES[dtype])
+    fn = _providers(weight, x, lora_A, lora_B, grad_y, quantized=False)[provider]
+    if provider != "base-gemms":
+        benchmark.extra_info["saved_bytes"] = _saved_bytes(fn)
+        print(f"\n{provider} {dtype} {size}: saved for backward {_mb(benchmark)} MB")
+    measure(fn, op=f"lora_linear {dtype}", device="cpu", size=_name(size), provider=provider)
+
+
+@pytest.mark.parametrize("provider", ["cpp", "peer"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("size", SIZE_PARAMS)
+def test_lora_linear_int4(measure, benchmark, size, dtype, provider):
+    m, k, n, r = size
+    x, weight, lora_A, lora_B, grad_y = _inputs(m, k, n, r, DTYPES[dtype])
+    qweight = quantize_weight(weight.float(), 4, 128)
+    fn = _providers(qweight, x, lora_A, lora_B, grad_y, quantized=True)[provider]
+    benchmark.extra_info["saved_bytes"] = _saved_bytes(fn)
+    print(f"\nint4 {provider} {dtype} {size}: saved for backward {_mb(benchmark)} MB")
+    measure(fn, op=f"lora_linear_int4 {dtype}", device="cpu", size=_name(size), provider=provider)
+
+
+def _name(size) -> str:
+    return "M{}-K{}-N{}-r{}".format(*size)
+
+
+def _mb(benchmark) -> str:
+    return f"{benchmark.extra_info['saved_bytes'] / 2**20:.1f}"
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "int4"])
+def test_providers_agree(quantized):
+    """The timed providers compute the same thing (a benchmark of a wrong peer is no baseline)."""
+    x, weight, lora_A, lora_B, grad_y = _inputs(48, 256, 96, 8, torch.float32)
+    w = quantize_weight(weight, 4, 128) if quantized else weight
+    providers = _providers(w, x, lora_A, lora_B, grad_y, quantized)
+    grads = []
+    for name in ("cpp", "peer"):
+        providers[name]()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
