@@ -103,6 +103,17 @@ def test_read_sft_both_formats_and_blank_lines(tmp_path):
     assert [e.source for e in examples] == [f"{path}:1", f"{path}:4"]
 
 
+def test_byte_order_mark_crlf_and_unicode_line_separators(tmp_path):
+    """A BOM (Windows editors), CRLF endings, and U+2028 inside a string (JSON allows it raw;
+    str.splitlines would break the line there)."""
+    path = tmp_path / "sft.jsonl"
+    line = json.dumps({"prompt": "a\u2028b", "response": "c\u0085d"}, ensure_ascii=False)
+    path.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\r\n\r\n" + line.encode() + b"\r\n")
+    examples = read_sft(path)
+    assert [e.source for e in examples] == [f"{path}:1", f"{path}:3"]
+    assert examples[0] == SFTExample([{"role": "user", "content": "a\u2028b"}], "c\u0085d")
+
+
 def test_read_rm_pairwise_and_kwise_mix(tmp_path):
     path = write_lines(
         tmp_path / "rm.jsonl",

@@ -1,6 +1,8 @@
 """JSONL readers for the formats in DESIGN.md, and the held-out split.
 
-One JSON object a line; blank lines are skipped (they still count for line numbers). Every
+One JSON object a line (UTF-8, a leading byte-order mark allowed; lines end at \n, \r\n or \r
+only, so a U+2028 inside a string is not a line break); blank lines are skipped (they still
+count for line numbers). Every
 line is checked before anything is returned, so that nothing trains on a bad file: the first
 bad line is raised as `DataError("FILE:LINE: what is wrong (N more bad lines after this one)")`.
 
@@ -38,6 +40,7 @@ from rlhf_fast.train.data_examples import (
 )
 
 Example = TypeVar("Example")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class LineError(ValueError):
@@ -85,6 +88,8 @@ def _read_lines(path: str | Path, parse: Callable[[dict, str], object], same_kin
         raw_lines = Path(path).read_bytes().splitlines()
     except OSError as error:
         raise DataError(str(path), f"cannot read: {error.strerror or error}") from None
+    if raw_lines and raw_lines[0].startswith(UTF8_BOM):  # editors on Windows write one
+        raw_lines[0] = raw_lines[0][len(UTF8_BOM) :]
     examples, errors = [], []
     first_kind = None  # (type, line) of the first good line, when kinds must not mix
     for number, raw in enumerate(raw_lines, start=1):
