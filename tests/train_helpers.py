@@ -1,0 +1,85 @@
+"""Shared pieces of the trainer tests: toy data files, configs and parameter comparison.
+
+The toy preference is separable by construction: answer k of a prompt holds (K-1-k) copies of
+the marker word "sunny" among random filler words, so the best answer has the most markers and
+every pair of a ranking is ordered by a rule a reward model can learn from the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.train.config import TrainConfig
+
+WORDS = "the quick brown fox jumps over lazy dog hello weather".split()
+MARKER = "sunny"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def sft_records(count: int = 8) -> list[dict]:
+    """Prompts that differ, one fixed answer: easy to fit in a few steps."""
+    return [
+        {"prompt": f"What is {WORDS[i % len(WORDS)]} {i}?", "response": "It is sunny and warm."}
+        for i in range(count)
+    ]
+
+
+def ranked_records(count: int = 48, responses: int = 3, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        answers = []
+        for rank in range(responses):
+            words = rng.sample(WORDS, 3)
+            for _ in range(responses - 1 - rank):
+                words.insert(rng.randrange(len(words) + 1), MARKER)
+            answers.append(" ".join(words))
+        records.append({"prompt": f"Say {rng.choice(WORDS)}", "responses": answers})
+    return records
+
+
+def scored_records(count: int = 24, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        markers = rng.randrange(3)
+        words = rng.sample(WORDS, 3) + [MARKER] * markers
+        rng.shuffle(words)
+        records.append({"prompt": "Say it", "response": " ".join(words), "score": float(markers)})
+    return records
+
+
+def config(stage: str, model: Path, data: Path, output: Path, **overrides) -> TrainConfig:
+    values = dict(
+        stage=stage,
+        model=str(model),
+        data=str(data),
+        output=str(output),
+        device="cpu",
+        lr=1e-2,
+        batch_size=4,
+        max_steps=4,
+        save_every=0,
+        eval_fraction=0.0,
+        max_length=64,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_parameters(first: dict, second: dict, atol: float = 1e-6) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], atol=atol, rtol=1e-6, msg=name)
