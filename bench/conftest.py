@@ -129,10 +129,11 @@ def _seconds_per_call(fn: Callable[[], object]) -> float:
 
 @pytest.fixture
 def measure(benchmark, request: pytest.FixtureRequest):
-    """measure(fn, op=, device=, size=, provider=, bytes_moved=None, weight_bytes=None): time
-    `fn()` (inputs already built) in the group "<op> <device> <size>"; bytes_moved gives a
-    GB/s column; weight_bytes (the provider's weight bytes read per call) puts the group in the
-    weight-streaming table, with GB/s and the share of the measured read bandwidth."""
+    """measure(fn, op=, device=, size=, provider=, bytes_moved=None, weight_bytes=None,
+    tokens=None): time `fn()` (inputs already built) in the group "<op> <device> <size>";
+    bytes_moved gives a GB/s column; weight_bytes (the provider's weight bytes read per call)
+    puts the group in the weight-streaming table, with GB/s and the share of the measured read
+    bandwidth; tokens (tokens processed per call) puts it in the throughput table (tokens/s)."""
     quick = quick_mode(request.config)
 
     def run(
@@ -144,6 +145,7 @@ def measure(benchmark, request: pytest.FixtureRequest):
         provider: str,
         bytes_moved: int | None = None,
         weight_bytes: int | None = None,
+        tokens: int | None = None,
     ) -> object:
         benchmark.group = f"{op} {device} {size}"
         benchmark.extra_info.update(op=op, device=device, size=size, provider=provider)
@@ -151,6 +153,8 @@ def measure(benchmark, request: pytest.FixtureRequest):
             benchmark.extra_info["bytes_moved"] = bytes_moved
         if weight_bytes is not None:  # a weight-streaming op: goes to the second table
             benchmark.extra_info["weight_bytes"] = weight_bytes
+        if tokens is not None:  # a throughput benchmark: goes to the tokens/s table
+            benchmark.extra_info["tokens"] = tokens
         timed = _synchronized(fn, device)
         seconds = _seconds_per_call(timed)
         if seconds > SLOW_CALL_S:
@@ -193,6 +197,7 @@ class _Group:
     medians: dict[str, tuple[float, int]] = field(default_factory=dict)
     bytes_moved: float | None = None
     weight_bytes: dict[str, float] = field(default_factory=dict)  # per provider
+    tokens: dict[str, float] = field(default_factory=dict)  # per provider, per call
 
 
 def _collect(benchmarks) -> dict[tuple[str, str, str], _Group]:
@@ -208,6 +213,8 @@ def _collect(benchmarks) -> dict[tuple[str, str, str], _Group]:
             group.bytes_moved = float(info["bytes_moved"])
         if "weight_bytes" in info:
             group.weight_bytes[info["provider"]] = float(info["weight_bytes"])
+        if "tokens" in info:
+            group.tokens[info["provider"]] = float(info["tokens"])
     return groups
 
 
@@ -222,8 +229,8 @@ def _median_cell(group: _Group, provider: str | None) -> str:
 def _summary_rows(groups: dict[tuple[str, str, str], _Group]) -> list[list[str]]:
     rows = []
     for (op, device, size), group in groups.items():
-        if group.weight_bytes or op == READ_BANDWIDTH_OP:
-            continue  # in the weight-streaming table
+        if group.weight_bytes or group.tokens or op == READ_BANDWIDTH_OP:
+            continue  # in the weight-streaming or the throughput table
         medians = {provider: median for provider, (median, _) in group.medians.items()}
         fast_name = min(
             (p for p in FAST_PROVIDERS if p in medians), key=medians.__getitem__, default=None
@@ -298,6 +305,30 @@ def _write_weight_table(write, groups: dict[tuple[str, str, str], _Group]) -> No
         write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _write_throughput_table(write, groups: dict[tuple[str, str, str], _Group]) -> None:
+    """One line per (size, provider) of throughput benchmarks: median, tokens/s, and speed
+    relative to the group's first provider."""
+    header = ["op", "device", "size", "provider", "median", "tokens/s", "speedup"]
+    rows = []
+    for (op, device, size), group in groups.items():
+        if not group.tokens:
+            continue
+        baseline = next(iter(group.medians.values()))[0]
+        for provider, (median, _) in group.medians.items():
+            tokens = group.tokens.get(provider)
+            rows.append([
+                op, device, size, provider, _median_cell(group, provider),
+                "-" if tokens is None else f"{tokens / median:.0f}",
+                _format_ratio(baseline, median),
+            ])  # fmt: skip
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    write("Throughput (speedup is relative to the first provider of each size):")
+    for row in [header, *rows]:
+        write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 def _write_elementwise_table(write, rows: list[list[str]]) -> None:
     write(
         "x/fast: how many times slower x is than the fastest fast backend (higher is better "
@@ -319,7 +350,7 @@ def _write_summary(terminalreporter, config: pytest.Config) -> None:
         return
     groups = _collect(session.benchmarks)
     rows = _summary_rows(groups)
-    if not rows and not any(g.weight_bytes for g in groups.values()):
+    if not rows and not any(g.weight_bytes or g.tokens for g in groups.values()):
         return
     write = terminalreporter.write_line
     terminalreporter.write_sep("=", "rlhf_fast: median time per call, and ratios")
@@ -327,6 +358,7 @@ def _write_summary(terminalreporter, config: pytest.Config) -> None:
     if rows:
         _write_elementwise_table(write, rows)
     _write_weight_table(write, groups)
+    _write_throughput_table(write, groups)
     share = _other_processes_share(config)
     if share is not None:
         write(f"Other processes used {share:.0%} of the {os.cpu_count()} CPUs during this session.")
