@@ -215,3 +215,38 @@ def _call(**changes):
 def test_bad_input_names_the_argument(changes, error, name):
     with pytest.raises(error, match=rf"^{name} "):
         _call(**changes)
+
+
+needs_dequantize_op = pytest.mark.skipif(
+    lora_module._DEQUANTIZE_ROWS_OP is None, reason="C++ extension without lora_dequantize_rows"
+)
+
+
+@needs_dequantize_op
+@pytest.mark.parametrize("bits, group_size, k", [(4, 128, 300), (4, 32, 64), (8, -1, 77)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dequantize_rows_op_gives_the_bits_of_dequantize(bits, group_size, k, dtype):
+    weight = torch.randn(50, k, generator=torch.Generator().manual_seed(k))
+    qweight = quantize_weight(weight, bits, 32 if bits == 8 else group_size)
+    rows = lora_module.dequantize_rows(qweight, 7, 43, dtype)
+    assert torch.equal(rows, qweight.dequantize(dtype)[7:43])
+
+
+@needs_dequantize_op
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_rows_opcheck(bits):
+    qweight = quantize_weight(torch.randn(12, 70), bits, 32)
+    args = (qweight.data, qweight.scales, qweight.offsets, qweight.group_size, 70, torch.bfloat16)
+    torch.library.opcheck(torch.ops.rlhf_fast.lora_dequantize_rows.default, args)
+
+
+@needs_dequantize_op
+def test_dequantize_rows_op_rejects_inconsistent_tensors():
+    qweight = quantize_weight(torch.randn(12, 64), 4, 32)
+    op = torch.ops.rlhf_fast.lora_dequantize_rows
+    with pytest.raises(ValueError, match="scales"):
+        op(qweight.data, qweight.scales[:5], qweight.offsets, 32, 64, torch.float32)
+    with pytest.raises(ValueError, match="qdata"):
+        op(qweight.data, qweight.scales, qweight.offsets, 32, 128, torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        op(qweight.data, qweight.scales, qweight.offsets, 32, 64, torch.int32)

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "cpu/lora_ops.h"
 #include "cpu/op_checks.h"
 #include "cpu/ops.h"
 
@@ -17,6 +18,9 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "quant_matmul_int4(Tensor x, Tensor qdata, Tensor scales, Tensor offsets, int group_size,"
       " int in_features, Tensor? bias) -> Tensor");
+  m.def(
+      "lora_dequantize_rows(Tensor qdata, Tensor scales, Tensor? offsets, int group_size,"
+      " int in_features, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
@@ -24,6 +28,7 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("rank_loss", &rlhf_fast::rank_loss_cpu);
   m.impl("quant_matmul_int8", &rlhf_fast::quant_matmul_int8_cpu);
   m.impl("quant_matmul_int4", &rlhf_fast::quant_matmul_int4_cpu);
+  m.impl("lora_dequantize_rows", &rlhf_fast::lora_dequantize_rows_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -29,3 +29,10 @@ if _native.cpp is not None:
     @torch.library.register_fake("rlhf_fast::quant_matmul_int4")
     def _quant_matmul_int4_fake(x, qdata, scales, offsets, group_size, in_features, bias):
         return x.new_empty((x.shape[0], qdata.shape[0]))
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "lora_dequantize_rows"):
+
+    @torch.library.register_fake("rlhf_fast::lora_dequantize_rows")
+    def _lora_dequantize_rows_fake(qdata, scales, offsets, group_size, in_features, dtype):
+        return qdata.new_empty((qdata.shape[0], in_features), dtype=dtype)

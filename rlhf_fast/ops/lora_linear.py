@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_fast import _native
 from rlhf_fast.ops import _checks, _dispatch
 from rlhf_fast.ops.quant_matmul import quant_matmul
 from rlhf_fast.quant.weight import QuantizedWeight
@@ -39,6 +40,11 @@ _dispatch.IMPLEMENTED["lora_linear"] = ("reference", "cpp")
 # fp32, small beside the weight's dense copy (64 MB for 4096 x 4096) and big enough that the
 # GEMM over the block runs at full speed.
 DEQUANT_BLOCK_ELEMENTS = 1 << 21
+_DEQUANTIZE_ROWS_OP = (
+    torch.ops.rlhf_fast.lora_dequantize_rows
+    if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "lora_dequantize_rows")
+    else None
+)
 
 
 def dropout_noise(
@@ -143,6 +149,24 @@ class _DenseBase:
         return torch.mm(grad_y, self.weight)
 
 
+def dequantize_rows(
+    qweight: QuantizedWeight, start: int, stop: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows start:stop of the weight, [stop - start, in_features] in dtype: the C++ op
+    (csrc/cpu/lora_dequantize_rows.cpp, one pass) on CPU, QuantizedWeight.dequantize of the
+    rows elsewhere; both give the same bits."""
+    offsets = None if qweight.offsets is None else qweight.offsets[start:stop]
+    rows = QuantizedWeight(
+        qweight.bits, qweight.group_size, (stop - start, qweight.in_features),
+        qweight.data[start:stop], qweight.scales[start:stop], offsets,
+    )  # fmt: skip
+    if _DEQUANTIZE_ROWS_OP is not None and qweight.device.type == "cpu":
+        return _DEQUANTIZE_ROWS_OP(
+            rows.data, rows.scales, rows.offsets, rows.group_size, rows.in_features, dtype
+        )
+    return rows.dequantize(dtype)
+
+
 class _QuantizedBase:
     def __init__(self, qweight: QuantizedWeight) -> None:
         self.qweight = qweight
@@ -159,10 +183,7 @@ class _QuantizedBase:
         grad_x = None
         for start in range(0, out_features, rows):
             stop = min(start + rows, out_features)
-            block = QuantizedWeight(
-                q.bits, q.group_size, (stop - start, in_features), q.data[start:stop],
-                q.scales[start:stop], None if q.offsets is None else q.offsets[start:stop],
-            ).dequantize(grad_y.dtype)  # fmt: skip
+            block = dequantize_rows(q, start, stop, grad_y.dtype)
             if grad_x is None:
                 grad_x = torch.mm(grad_y[:, start:stop], block)
             else:
