@@ -1,0 +1,242 @@
+"""Checkpoints and resume: 2 steps + resume + 2 steps == 4 steps (in process, and after a
+kill -9 of a CLI run in the middle of writing a checkpoint), no-pickle round trips of optimizer
+and RNG states, atomic writes, and one-line errors for corrupt or mismatched checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_families import make_family_dir
+from train_helpers import assert_same_parameters, config, ranked_records, sft_records, write_jsonl
+
+from rlhf_fast.cli import main
+from rlhf_fast.train import checkpoint as ckpt
+from rlhf_fast.train.run import run_stage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    return {
+        "llama": make_family_dir(root / "llama", "llama"),
+        "gpt2": make_family_dir(root / "gpt2", "gpt2"),  # dropout in its config: RNG matters
+        "sft": write_jsonl(root / "sft.jsonl", sft_records(7)),
+        "ranked": write_jsonl(root / "ranked.jsonl", ranked_records(10, responses=3)),
+    }
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt.find_checkpoint(run_dir) / ckpt.TRAINABLE_FILE)
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+# Dropout in the LoRA layers and the model, accumulation, epochs crossed mid-step, warmup and
+# a cosine decay: everything that resume must restore exactly.
+_HARD = dict(lora_dropout=0.2, grad_accum=2, batch_size=3, warmup_steps=1, save_every=2)
+
+
+@pytest.mark.parametrize(("stage", "data"), [("sft", "sft"), ("rm", "ranked")])
+def test_two_steps_resume_two_steps_equals_four(stage, data, setup, tmp_path):
+    model = setup["gpt2"]
+    straight = config(stage, model, setup[data], tmp_path / "straight", **_HARD)
+    run_stage(straight)
+    split = config(stage, model, setup[data], tmp_path / "split", **_HARD)
+    stopped = run_stage(split, stop_after=2)
+    assert stopped.result.step == 2 and not stopped.exports
+    assert ckpt.find_checkpoint(tmp_path / "split").name == "step-00000002"
+    resumed = run_stage(split, resume=tmp_path / "split")
+    assert resumed.result.step == 4 and resumed.exports
+    assert_same_parameters(_final(tmp_path / "split"), _final(tmp_path / "straight"))
+    assert _steps(tmp_path / "split") == [1, 2, 3, 4]
+    # Without the restored state the runs part: the check above can fail.
+    fresh = run_stage(config(stage, model, setup[data], tmp_path / "fresh", **_HARD, seed=1))
+    assert not torch.equal(
+        next(iter(_final(tmp_path / "fresh").values())),
+        next(iter(_final(tmp_path / "straight").values())),
+    ), fresh
+
+
+# Runs the CLI with checkpoint writing made to hang when it reaches KILL_STEP (after creating the
+# temporary directory), and tells the test so through a marker file: the kill lands mid-write.
+_KILLABLE = """
+import sys, time
+from pathlib import Path
+from rlhf_fast.train import checkpoint
+write = checkpoint._write_files
+def hanging_write(directory, files, state):
+    if state["step"] == int(sys.argv[2]):
+        Path(sys.argv[1]).write_text(str(directory))
+        time.sleep(300)
+    return write(directory, files, state)
+checkpoint._write_files = hanging_write
+from rlhf_fast.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_kill_9_mid_checkpoint_then_resume(setup, tmp_path):
+    run_dir, marker = tmp_path / "killed", tmp_path / "marker"
+    flags = ["--lora-dropout", "0.2", "--grad-accum", "2", "--batch-size", "3",
+             "--warmup-steps", "1", "--save-every", "1", "--max-steps", "6", "--lr", "0.01",
+             "--max-length", "64", "--device", "cpu", "--eval-fraction", "0"]  # fmt: skip
+    args = ["train", "--stage", "sft", "--model", str(setup["gpt2"]), "--data", str(setup["sft"])]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _KILLABLE,
+            str(marker),
+            "4",
+            *args,
+            "--output",
+            str(run_dir),
+            *flags,
+        ],
+        env=_cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never reached step 4"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert Path(marker.read_text()).is_dir()  # a half-written temporary checkpoint was left
+    assert ckpt.find_checkpoint(run_dir).name == "step-00000003"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "rlhf_fast.cli", "train", "--resume", str(run_dir)],
+        env=_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "next: rlhf-fast train --stage rm" in resumed.stdout
+    assert not list((run_dir / ckpt.CHECKPOINTS_DIR).glob(".tmp-*"))  # the leftover is gone
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+
+    straight = config(
+        "sft", setup["gpt2"], setup["sft"], tmp_path / "straight", lora_dropout=0.2,
+        grad_accum=2, batch_size=3, warmup_steps=1, max_steps=6, lr=0.01,
+    )  # fmt: skip
+    run_stage(straight)
+    assert_same_parameters(_final(run_dir), _final(tmp_path / "straight"))
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.AdamW(params, lr=0.1, betas=(0.8, 0.9))
+    for _ in range(2):
+        sum((p**2).sum() for p in params).backward()
+        optimizer.step()
+    tensors, meta = ckpt.flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, tmp_path / "o.safetensors")
+    (tmp_path / "o.json").write_text(json.dumps(meta))
+    restored = ckpt.unflatten_optimizer(
+        load_file(tmp_path / "o.safetensors"), json.loads((tmp_path / "o.json").read_text())
+    )
+    other = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1.0)
+    other.load_state_dict(restored)
+    expected = optimizer.state_dict()
+    got = other.state_dict()
+    assert got["param_groups"][0]["lr"] == 0.1 and tuple(got["param_groups"][0]["betas"]) == (
+        0.8,
+        0.9,
+    )
+    for index, state in expected["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(got["state"][index][name], value, atol=0, rtol=0)
+
+
+def test_rng_states_round_trip():
+    json_part, tensors = ckpt.capture_rng()
+    json_part = json.loads(json.dumps(json_part))  # as state.json stores it
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    ckpt.restore_rng(json_part, tensors)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_atomic_write_ignores_and_prunes_leftovers(tmp_path):
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    leftover = tmp_path / ckpt.CHECKPOINTS_DIR / ".tmp-step-00000009-dead"
+    leftover.mkdir(parents=True)
+    (leftover / ckpt.STATE_FILE).write_text("{")
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(
+            tmp_path, step=step, position={"epoch": 0, "index": step},
+            trainable={"w": param}, optimizer=optimizer, scheduler=scheduler, keep=2,
+        )  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / ckpt.CHECKPOINTS_DIR).iterdir())
+    assert names == ["step-00000002", "step-00000003"]
+    loaded = ckpt.load_checkpoint(tmp_path)
+    assert loaded.step == 3 and loaded.position == {"epoch": 0, "index": 3}
+    assert torch.equal(loaded.trainable["w"], torch.ones(2))
+
+
+def test_corrupt_checkpoints_give_one_line_errors(setup, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_stage(config("sft", setup["llama"], setup["sft"], run_dir, max_steps=2, save_every=1))
+    latest = ckpt.find_checkpoint(run_dir)
+    weights = latest / ckpt.TRAINABLE_FILE
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.load_checkpoint(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "truncated" in error and "\n" not in error
+
+    (latest / ckpt.STATE_FILE).write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable"):
+        ckpt.load_checkpoint(latest)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.load_checkpoint(tmp_path)
+
+    # A checkpoint of another LoRA shape does not load into this model.
+    other = tmp_path / "other"
+    run_stage(config("sft", setup["llama"], setup["sft"], other, max_steps=1, lora_r=2))
+    with pytest.raises(ckpt.CheckpointError, match="has shape"):
+        run_stage(config("sft", setup["llama"], setup["sft"], tmp_path / "x"), resume=other)
