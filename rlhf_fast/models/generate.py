@@ -7,6 +7,10 @@ close it gets to the memory's bandwidth.
 It yields token ids as they are chosen so that a caller can stream them; `StreamDecoder`
 turns that stream into text without ever printing half of a multi-byte character.
 
+Supported Llama-family models (Llama, Mistral, Qwen2 on the CPU) run through the lean path of
+`fast_decoder.FastDecoder` (fused weights, static KV cache, a few torch calls per layer); any
+other model, or `decoder="hf"` / RLHF_FAST_DECODER=hf, runs the HF forward with its KV cache.
+
 Sampling order, per step: repetition penalty on the raw logits, then greedy argmax when the
 temperature is 0, else divide by the temperature, keep the top-k, keep the top-p nucleus and
 draw from the softmax with a seeded `torch.Generator`.
@@ -15,6 +19,7 @@ draw from the softmax with a seeded `torch.Generator`.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -152,6 +157,56 @@ def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, keywords):
     return out.logits[0, -1], new_cache
 
 
+DECODER_ENV = "RLHF_FAST_DECODER"  # "hf" forces the HF forward, "fast" insists on the lean path
+DECODER_CHOICES = ("auto", "hf", "fast")
+
+
+def _choose_decoder(model: torch.nn.Module, decoder: str | None) -> str:
+    """The path for this model, "fast" or "hf": the argument, else RLHF_FAST_DECODER, else auto."""
+    from rlhf_fast.models.fast_decoder import unsupported_reason
+
+    choice = decoder or os.environ.get(DECODER_ENV, "").strip().lower() or "auto"
+    if choice not in DECODER_CHOICES:
+        source = "decoder" if decoder else DECODER_ENV
+        raise ValueError(f"{source} must be one of {DECODER_CHOICES}, got {choice!r}")
+    if choice == "hf":
+        return "hf"
+    reason = unsupported_reason(model)
+    if reason is None:
+        return "fast"
+    if choice == "fast":
+        raise ValueError(f"decoder='fast': {reason}")
+    return "hf"
+
+
+class _HFSteps:
+    """The HF forward with its own KV cache: prefill(prompt) then step(token), logits [V]."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.keywords, self.cache = model, _forward_keywords(model), None
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        logits, self.cache = _forward(self.model, prompt.reshape(1, -1), None, self.keywords)
+        return logits
+
+    def step(self, token_input: torch.Tensor) -> torch.Tensor:
+        logits, self.cache = _forward(self.model, token_input, self.cache, self.keywords)
+        return logits
+
+
+class _FastSteps:
+    def __init__(self, model: torch.nn.Module, capacity: int) -> None:
+        from rlhf_fast.models.fast_decoder import decoder_for
+
+        self.decoder = decoder_for(model, capacity)
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.decoder.prefill(prompt.reshape(-1))
+
+    def step(self, token_input: torch.Tensor) -> torch.Tensor:
+        return self.decoder.step(int(token_input.reshape(-1)[0]))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,12 +220,15 @@ def generate_tokens(
     eos_token_ids: Iterable[int] = (),
     seed: int | None = None,
     stats: GenerationStats | None = None,
+    decoder: str | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time until an EOS id (not yielded) or `max_new_tokens`.
 
     `input_ids` is one prompt (1-D or [1, T]). The prompt is run once (prefill); every later
     step feeds only the last token with the KV cache. `stats`, when given, is filled in as
-    the generation runs.
+    the generation runs. `decoder`: "auto" (default; RLHF_FAST_DECODER overrides) takes the
+    lean path where the model supports it, "hf" the HF forward, "fast" the lean path or a
+    ValueError.
     """
     device = next(model.parameters()).device
     prompt = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
@@ -189,8 +247,11 @@ def generate_tokens(
     length = prompt.shape[1]
 
     started = time.perf_counter()
-    keywords = _forward_keywords(model)
-    logits, cache = _forward(model, prompt, None, keywords)
+    if _choose_decoder(model, decoder) == "fast":
+        steps = _FastSteps(model, prompt.shape[1] + config.max_new_tokens)
+    else:
+        steps = _HFSteps(model)
+    logits = steps.prefill(prompt)
     token = sample_next_token(logits, context[:length], config, generator)
     _sync(device)
     stats.prefill_seconds = time.perf_counter() - started
@@ -205,7 +266,7 @@ def generate_tokens(
         length += 1
         started = time.perf_counter()
         step_input = context[length - 1 : length].reshape(1, 1)
-        logits, cache = _forward(model, step_input, cache, keywords)
+        logits = steps.step(step_input)
         token = sample_next_token(logits, context[:length], config, generator)
         _sync(device)
         stats.decode_seconds += time.perf_counter() - started
