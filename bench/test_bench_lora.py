@@ -4,9 +4,16 @@ Providers per size (group "lora_linear cpu <size>"):
 - "cpp": rlhf_fast.ops.lora_linear (the fused backend);
 - "peer": peft's LoRA Linear (peft 0.21) on the same base weight and adapters;
 - "base-gemms": the frozen layer's two GEMMs alone, x W^T and dy W: the limit (no LoRA);
-- int4 groups: "peer" dequantizes the whole int4 weight once per step to x's dtype and runs
-  peft's layer on it (what bitsandbytes-style QLoRA does; bitsandbytes even dequantizes
-  twice, in forward and in backward, so this peer is the kinder one).
+- int4 groups: "peer" dequantizes the whole int4 weight once per step to x's dtype with
+  QuantizedWeight.dequantize and runs peft's layer on it (what bitsandbytes-style QLoRA does;
+  bitsandbytes even dequantizes twice, in forward and in backward, so this peer is the kinder
+  one); "peer-fast-dequantize" is the same with our one-pass C++ decode of the whole weight
+  (the strongest such baseline we have: it costs memory, not time).
+
+One training step of a small Llama-shaped model (group "lora_train_step"): forward with
+labels and backward, LoRA r=16 on every projection, fused ("cpp") vs peft ("peer"), in fp32
+and in bf16, and QLoRA (int4 base, fp32 activations) fused. Memory there is the model's
+parameter and buffer bytes plus the bytes saved for backward.
 
 Memory is reported as the bytes each provider keeps alive for backward (found with
 torch.autograd.graph.saved_tensors_hooks, distinct storages, the input x included): on CPU
@@ -23,7 +30,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from rlhf_fast import ops
+from rlhf_fast import lora, ops
+from rlhf_fast.ops.lora_linear import dequantize_rows
 from rlhf_fast.quant import quantize_weight
 
 QUICK_SIZES = [(64, 256, 256, 16)]  # (M, K, N, r)
@@ -97,6 +105,10 @@ def _providers(weight, x, lora_A, lora_B, grad_y, quantized):
             peft_layer.base_layer.weight.data = weight.dequantize(x.dtype)
         return peft_layer(x)
 
+    def peer_fast_dequantize():
+        peft_layer.base_layer.weight.data = dequantize_rows(weight, 0, weight.shape[0], x.dtype)
+        return peft_layer(x)
+
     providers = {
         "cpp": _step(
             lambda: ops.lora_linear(x, weight, None, lora_A, lora_B, SCALING, backend="cpp"),
@@ -104,7 +116,9 @@ def _providers(weight, x, lora_A, lora_B, grad_y, quantized):
         ),
         "peer": _step(peer, x, peft_params, grad_y),
     }  # fmt: skip
-    if not quantized:
+    if quantized:
+        providers["peer-fast-dequantize"] = _step(peer_fast_dequantize, x, peft_params, grad_y)
+    else:
         frozen = weight.detach()
 
         def base_gemms():
@@ -128,7 +142,7 @@ def test_lora_linear(measure, benchmark, size, dtype, provider):
     measure(fn, op=f"lora_linear {dtype}", device="cpu", size=_name(size), provider=provider)
 
 
-@pytest.mark.parametrize("provider", ["cpp", "peer"])
+@pytest.mark.parametrize("provider", ["cpp", "peer", "peer-fast-dequantize"])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("size", SIZE_PARAMS)
 def test_lora_linear_int4(measure, benchmark, size, dtype, provider):
@@ -160,3 +174,62 @@ def test_providers_agree(quantized):
         providers[name]()
         grads.append(x.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+TRAIN_SIZES = [
+    pytest.param((64, 2, 64), id="h64-l2-t64"),
+    pytest.param((512, 4, 512), id="h512-l4-t512", marks=pytest.mark.bench_full),
+]
+TRAIN_PROVIDERS = ["cpp", "peer", "cpp-int4"]
+
+
+def _train_model(hidden, layers, provider, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora_config = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, init_lora_weights=False,
+        target_modules=projections,
+    )  # fmt: skip
+    if provider == "cpp-int4":
+        return lora.prepare_qlora(model, bits=4, group_size=128, lora_config=lora_config)
+    model = get_peft_model(model, lora_config)
+    if provider == "cpp":
+        lora.fuse(model)
+    return model
+
+
+def _model_bytes(model) -> int:
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("size", TRAIN_SIZES)
+def test_lora_train_step(measure, benchmark, size, dtype, provider):
+    hidden, layers, tokens = size
+    if provider == "cpp-int4" and dtype == "bf16":
+        pytest.skip("QLoRA is measured with fp32 activations")
+    model = _train_model(hidden, layers, provider, DTYPES[dtype]).train()
+    ids = torch.randint(0, 1024, (2, tokens // 2), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    saved = _saved_bytes(step)
+    weights = _model_bytes(model)
+    benchmark.extra_info.update(saved_bytes=saved, model_bytes=weights)
+    print(
+        f"\ntrain step {provider} {dtype} {size}: weights {weights / 2**20:.1f} MB + saved for "
+        f"backward {saved / 2**20:.1f} MB = {(weights + saved) / 2**20:.1f} MB"
+    )
+    name = "h{}-l{}-t{}".format(*size)
+    measure(step, op=f"lora_train_step {dtype}", device="cpu", size=name, provider=provider)
