@@ -1,0 +1,130 @@
+"""`rlhf-fast train`: config layering, --dry-run, the run directory, the summary, and the
+documented one-line errors (exit 2) for bad flags, config keys, model dirs and data lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from tiny_families import make_family_dir
+from train_helpers import ranked_records, sft_records, write_jsonl
+
+from rlhf_fast.cli import main
+from rlhf_fast.train.config import TrainConfig, apply, validate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {
+        "model": make_family_dir(root / "model", "llama", chat_template=True),
+        "sft": write_jsonl(root / "sft.jsonl", sft_records(6)),
+        "ranked": write_jsonl(root / "ranked.jsonl", ranked_records(8)),
+    }
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err  # one line
+    return err
+
+
+def test_no_arguments_names_the_demo(capsys):
+    assert main(["train"]) == 2
+    assert "built-in demo" in _error(capsys)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "all"])
+def test_later_stages_are_refused(stage, files, capsys):
+    assert main(["train", "--stage", stage, "--model", str(files["model"]), "--data", "x"]) == 2
+    assert f"stage '{stage}' is not available yet" in _error(capsys)
+
+
+def test_unknown_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--stage", "sft", "--learning-rate", "1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
+
+
+def test_missing_model_dir(files, tmp_path, capsys):
+    args = ["train", "--stage", "sft", "--data", str(files["sft"]), "--output", str(tmp_path)]
+    assert main([*args, "--model", str(tmp_path / "nope")]) == 2
+    assert _error(capsys).endswith("nope: model directory does not exist")
+    assert main([*args, "--model", str(tmp_path)]) == 2
+    assert "no config.json" in _error(capsys)
+
+
+def test_malformed_data_line_stops_before_training(files, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(sft_records(1)[0]) + "\n" + '{"prompt": "hi"}\n')
+    output = tmp_path / "run"
+    code = main(["train", "--stage", "sft", "--model", str(files["model"]), "--data", str(data),
+                 "--output", str(output)])  # fmt: skip
+    assert code == 2
+    assert f"{data}:2:" in _error(capsys)
+    assert not output.exists()  # nothing was trained or written
+
+
+def test_config_file_flags_override_and_unknown_keys(files, tmp_path, capsys):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(f"stage: rm\nmodel: {files['model']}\ndata: x.jsonl\nlr: 0.5\nlora_r: 4\n")
+    assert main(["train", "--config", str(run_yaml), "--lr", "0.25", "--dry-run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["stage"], resolved["lr"], resolved["lora_r"]) == ("rm", 0.25, 4)
+    assert set(resolved) == set(TrainConfig.__dataclass_fields__)
+
+    run_yaml.write_text("stage: sft\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(run_yaml)]) == 2
+    assert "run.yaml: unknown key 'learning_rate'" in _error(capsys)
+    run_yaml.write_text("lr: fast\n")
+    assert main(["train", "--config", str(run_yaml)]) == 2
+    assert "'lr' must be float" in _error(capsys)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        validate(apply(TrainConfig(model="m", data="d"), {"batch_size": 0}, "x"))
+    with pytest.raises(ValueError, match="dtype must be one of fp32, bf16"):
+        validate(TrainConfig(model="m", data="d", dtype="fp16"))
+    with pytest.raises(ValueError, match="x: 'merge' must be bool"):
+        apply(TrainConfig(), {"merge": "yes"}, "x")
+
+
+def test_sft_then_rm_through_the_cli(files, tmp_path, capsys):
+    sft_dir, rm_dir = tmp_path / "sft", tmp_path / "rm"
+    common = ["--device", "cpu", "--max-steps", "3", "--save-every", "2", "--max-length", "64"]
+    assert main(["train", "--stage", "sft", "--model", str(files["model"]), "--data",
+                 str(files["sft"]), "--output", str(sft_dir), "--merge", *common]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"next: rlhf-fast train --stage rm --model {sft_dir / 'merged'}" in out
+    assert f"rlhf-fast chat {sft_dir / 'merged'}" in out
+    for name in ("config.yaml", "metrics.jsonl", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "merged/config.json",
+                 "merged/model.safetensors", "checkpoints/step-00000003/state.json"):  # fmt: skip
+        assert (sft_dir / name).is_file(), name
+    assert not list(sft_dir.rglob("*.bin")) and not list(sft_dir.rglob("*.pt"))  # no pickle
+    assert len((sft_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert yaml.safe_load((sft_dir / "config.yaml").read_text())["max_steps"] == 3
+
+    assert main(["train", "--stage", "rm", "--model", str(sft_dir / "merged"), "--data",
+                 str(files["ranked"]), "--output", str(rm_dir), *common]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert str(rm_dir / "reward_model") in out
+    config = json.loads((rm_dir / "reward_model" / "reward_config.json").read_text())
+    assert config["backbone"] == "adapter" and config["base_model"] == str(sft_dir / "merged")
+
+    # The same output again without --resume would mix two runs: refused.
+    assert main(["train", "--stage", "rm", "--model", str(sft_dir / "merged"), "--data",
+                 str(files["ranked"]), "--output", str(rm_dir), *common]) == 2  # fmt: skip
+    assert "--resume" in _error(capsys)
