@@ -1,0 +1,259 @@
+"""The demo's task: tiny questions whose answers a program can judge.
+
+Three kinds of question, each with one right answer:
+
+    Add 3 and 14.                          -> 17
+    Which is larger, 12 or 7?              -> 12
+    Reverse the letters: a c f             -> f c a
+
+The judge scores an answer in [0, 1] from three visible properties, weighted so that every
+combination has its own score (8 distinct levels, which is what lets a ranking be strictly
+ordered by the judge):
+
+    correct    0.55   the final answer equals the right one
+    formatted  0.30   the answer is exactly "The answer is X." (after the polite opening)
+    polite     0.15   the answer opens with "Sure!"
+
+The final answer is what follows the last lead-in phrase ("The answer is ", "It is ",
+"I think "), or the whole reply when it has none, less one trailing period. So "Sure! The
+answer is 17." scores 1.0, "It is 17." 0.55, "Sure! The answer is 16." 0.45 and "17" 0.55.
+
+The data files imitate what a project would have: SFT answers that are decent but imperfect
+(right 85% of the time, formatted 60%, polite 50%: imitating them scores ~0.7 on average,
+which leaves PPO room to improve), K-wise rankings (K = 4..8) of answers of varied quality
+ordered by the judge, and PPO / evaluation prompts drawn from questions that the SFT and RM
+data never ask. Everything is a deterministic function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+CORRECT_WEIGHT, FORMAT_WEIGHT, POLITE_WEIGHT = 0.55, 0.30, 0.15
+POLITE_OPENING = "Sure! "
+LEAD_INS = ("The answer is ", "It is ", "I think ")
+LETTERS = "abcdefgh"
+
+# Shares of the SFT answers that have each property (drawn independently).
+SFT_CORRECT, SFT_FORMATTED, SFT_POLITE = 0.85, 0.60, 0.50
+
+_ADD = re.compile(r"Add (\d+) and (\d+)\.")
+_LARGER = re.compile(r"Which is larger, (\d+) or (\d+)\?")
+_REVERSE = re.compile(r"Reverse the letters: ([a-z](?: [a-z])*)")
+_FORMATTED = re.compile(r"(Sure! )?The answer is [^.]+\.")
+
+
+# ---------------------------------------------------------------- questions
+
+
+def make_question(rng: random.Random) -> str:
+    """One question of a random kind."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return f"Add {rng.randint(0, 19)} and {rng.randint(0, 19)}."
+    if kind == 1:
+        a, b = rng.sample(range(0, 30), 2)  # distinct, so there is a larger one
+        return f"Which is larger, {a} or {b}?"
+    letters = " ".join(rng.choice(LETTERS) for _ in range(3))
+    return f"Reverse the letters: {letters}"
+
+
+def solve(question: str) -> str:
+    """The right answer to a question of the task; ValueError for any other text."""
+    question = question.strip()
+    if m := _ADD.fullmatch(question):
+        return str(int(m[1]) + int(m[2]))
+    if m := _LARGER.fullmatch(question):
+        return str(max(int(m[1]), int(m[2])))
+    if m := _REVERSE.fullmatch(question):
+        return " ".join(reversed(m[1].split()))
+    raise ValueError(f"not a question of the demo task: {question!r}")
+
+
+def split_of(question: str) -> str:
+    """ "train" (SFT and RM data), "ppo" or "eval": fixed by the question's text alone (CRC32,
+    stable across runs and machines), so that no split ever shares a question."""
+    bucket = zlib.crc32(question.encode()) % 10
+    return "eval" if bucket == 0 else "ppo" if bucket in (1, 2) else "train"
+
+
+# ---------------------------------------------------------------- the judge
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    formatted: bool
+    polite: bool
+
+    @property
+    def score(self) -> float:
+        return (
+            CORRECT_WEIGHT * self.correct
+            + FORMAT_WEIGHT * self.formatted
+            + POLITE_WEIGHT * self.polite
+        )
+
+
+def final_answer(response: str) -> str:
+    """What follows the last lead-in phrase (or the whole reply), less one trailing period."""
+    body = response.strip()
+    if body.startswith(POLITE_OPENING.strip()):
+        body = body[len(POLITE_OPENING.strip()) :].strip()
+    cut = max((body.rfind(lead) + len(lead) for lead in LEAD_INS if lead in body), default=0)
+    body = body[cut:].strip()
+    return body[:-1].strip() if body.endswith(".") else body
+
+
+def verdict(question: str, response: str) -> Verdict:
+    body = response.strip()
+    return Verdict(
+        correct=final_answer(body) == solve(question),
+        formatted=_FORMATTED.fullmatch(body) is not None,
+        polite=body.startswith(POLITE_OPENING.strip()),
+    )
+
+
+def judge(question: str, response: str) -> float:
+    """The score of `response` to `question`, in [0, 1] (see the module docstring)."""
+    return verdict(question, response).score
+
+
+# ---------------------------------------------------------------- answers
+
+
+def wrong_answer(question: str, rng: random.Random) -> str:
+    right = solve(question)
+    if m := _LARGER.fullmatch(question):
+        return str(min(int(m[1]), int(m[2])))
+    if _REVERSE.fullmatch(question):
+        letters = right.split()
+        candidates = [" ".join(reversed(letters))] + [
+            " ".join(rng.sample(letters, len(letters))) for _ in range(4)
+        ]
+        wrong = [c for c in candidates if c != right]
+        if wrong:
+            return rng.choice(wrong)
+        return " ".join(rng.choice([c for c in LETTERS if c != letters[0]]) for _ in letters)
+    near = [int(right) + d for d in (-3, -2, -1, 1, 2, 3) if int(right) + d >= 0]
+    return str(rng.choice(near))
+
+
+def write_answer(
+    question: str, rng: random.Random, *, correct: bool, formatted: bool, polite: bool
+) -> str:
+    """An answer with exactly the given properties, worded at random."""
+    answer = solve(question) if correct else wrong_answer(question, rng)
+    if formatted:
+        text = f"The answer is {answer}."
+    else:
+        text = rng.choice([f"It is {answer}.", f"{answer}", f"{answer}.", f"I think {answer}."])
+    text = POLITE_OPENING + text if polite else text
+    assert verdict(question, text) == Verdict(correct, formatted, polite), (question, text)
+    return text
+
+
+def sft_answer(question: str, rng: random.Random) -> str:
+    return write_answer(
+        question,
+        rng,
+        correct=rng.random() < SFT_CORRECT,
+        formatted=rng.random() < SFT_FORMATTED,
+        polite=rng.random() < SFT_POLITE,
+    )
+
+
+def ranking(question: str, rng: random.Random, k: int) -> list[str]:
+    """k answers with distinct verdicts (so distinct scores), best first."""
+    verdicts = [
+        Verdict(c, f, p) for c in (True, False) for f in (True, False) for p in (True, False)
+    ]
+    chosen = sorted(rng.sample(verdicts, k), key=lambda v: v.score, reverse=True)
+    return [
+        write_answer(question, rng, correct=v.correct, formatted=v.formatted, polite=v.polite)
+        for v in chosen
+    ]
+
+
+# ---------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    sft: int = 2000
+    rm: int = 800
+    ppo_prompts: int = 512
+    eval_prompts: int = 128
+
+
+@dataclass(frozen=True)
+class DemoData:
+    sft: Path
+    rm: Path
+    prompts: Path
+    eval_prompts: Path
+
+
+def questions_of_split(split: str, count: int, rng: random.Random) -> list[str]:
+    """`count` random questions of one split (repeats allowed, as in real data)."""
+    questions: list[str] = []
+    while len(questions) < count:
+        question = make_question(rng)
+        if split_of(question) == split:
+            questions.append(question)
+    return questions
+
+
+def distinct_questions_of_split(split: str, count: int, rng: random.Random) -> list[str]:
+    """`count` different questions of one split (evaluation: a repeat would weigh twice)."""
+    questions: dict[str, None] = {}
+    for _ in range(200 * count):
+        if len(questions) == count:
+            return list(questions)
+        question = make_question(rng)
+        if split_of(question) == split:
+            questions[question] = None
+    raise ValueError(f"the {split!r} split has fewer than {count} different questions")
+
+
+def write_demo_data(
+    directory: str | Path, seed: int = 0, sizes: DemoSizes = DemoSizes()
+) -> DemoData:
+    """Write sft.jsonl, rm.jsonl, prompts.jsonl and eval_prompts.jsonl (DESIGN.md formats)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sft = [
+        {"prompt": q, "response": sft_answer(q, rng)}
+        for q in questions_of_split("train", sizes.sft, rng)
+    ]
+    rm = [
+        {"prompt": q, "responses": ranking(q, rng, rng.randint(4, 8))}
+        for q in questions_of_split("train", sizes.rm, rng)
+    ]
+    prompts = [{"prompt": q} for q in questions_of_split("ppo", sizes.ppo_prompts, rng)]
+    evaluation = [
+        {"prompt": q} for q in distinct_questions_of_split("eval", sizes.eval_prompts, rng)
+    ]
+    names = ("sft.jsonl", "rm.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
+    data = DemoData(*(directory / name for name in names))
+    for path, rows in zip(names, (sft, rm, prompts, evaluation), strict=True):
+        with open(directory / path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return data
+
+
+def task_texts(seed: int = 0) -> list[str]:
+    """Text covering everything the task can say (questions and answers of every kind and
+    wording), for training the demo's tokenizer."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(3000):
+        question = make_question(rng)
+        texts += [question, *ranking(question, rng, 3)]
+    return texts

@@ -1,0 +1,209 @@
+"""The demo task (rlhf_fast/demo/task.py) and its tokenizer and model (rlhf_fast/demo/model.py):
+the judge on hand-checked answers, the data files in DESIGN.md's formats, rankings ordered by
+the judge, determinism, and a model directory that plain transformers loads offline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from rlhf_fast.demo import model as demo_model
+from rlhf_fast.demo import task
+from rlhf_fast.demo.task import Verdict, judge, solve, verdict
+
+SMALL = task.DemoSizes(sft=120, rm=40, ppo_prompts=30, eval_prompts=20)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return task.write_demo_data(tmp_path_factory.mktemp("demo"), seed=3, sizes=SMALL)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- the judge
+
+
+def test_solve():
+    assert solve("Add 3 and 14.") == "17"
+    assert solve("Which is larger, 12 or 7?") == "12"
+    assert solve("Which is larger, 2 or 29?") == "29"
+    assert solve("Reverse the letters: a c f") == "f c a"
+    with pytest.raises(ValueError, match="not a question"):
+        solve("Add three and four.")
+
+
+@pytest.mark.parametrize(
+    "question, response, expected",
+    [
+        # weights: correct 0.55, formatted 0.30, polite 0.15
+        ("Add 3 and 14.", "Sure! The answer is 17.", 0.55 + 0.30 + 0.15),
+        ("Add 3 and 14.", "The answer is 17.", 0.55 + 0.30),
+        ("Add 3 and 14.", "Sure! The answer is 16.", 0.30 + 0.15),
+        ("Add 3 and 14.", "It is 17.", 0.55),
+        ("Add 3 and 14.", "17", 0.55),
+        ("Add 3 and 14.", "Sure! I think 17.", 0.55 + 0.15),
+        ("Add 3 and 14.", "The answer is 117.", 0.30),  # 117 is not 17
+        ("Add 3 and 14.", "The answer is 17", 0.55),  # no period: not the format
+        ("Add 3 and 14.", "The answer is 17. The answer is 16.", 0.0),  # the last answer counts
+        ("Add 3 and 14.", "sure! the answer is 17.", 0.0),  # case matters throughout
+        ("Which is larger, 12 or 7?", "Sure! The answer is 7.", 0.30 + 0.15),
+        ("Reverse the letters: a c f", "Sure! The answer is f c a.", 1.0),
+        ("Reverse the letters: a c f", "The answer is b f c a.", 0.30),
+        ("Reverse the letters: a c f", "Sure!", 0.15),
+        ("Reverse the letters: a c f", "", 0.0),
+    ],
+)
+def test_judge_hand_checked(question, response, expected):
+    assert judge(question, response) == pytest.approx(expected)
+
+
+def test_every_verdict_has_its_own_score():
+    scores = [Verdict(c, f, p).score for c in (0, 1) for f in (0, 1) for p in (0, 1)]
+    assert len(set(round(s, 9) for s in scores)) == 8
+    assert min(scores) == 0 and max(scores) == pytest.approx(1.0)
+
+
+def test_written_answers_have_the_asked_properties():
+    rng = random.Random(0)
+    for _ in range(300):
+        question = task.make_question(rng)
+        wanted = Verdict(rng.random() < 0.5, rng.random() < 0.5, rng.random() < 0.5)
+        answer = task.write_answer(
+            question, rng, correct=wanted.correct, formatted=wanted.formatted, polite=wanted.polite
+        )
+        assert verdict(question, answer) == wanted, (question, answer)
+
+
+# ---------------------------------------------------------------- data files
+
+
+def test_files_follow_design_formats(demo_data):
+    sft, rm = read_jsonl(demo_data.sft), read_jsonl(demo_data.rm)
+    prompts, evaluation = read_jsonl(demo_data.prompts), read_jsonl(demo_data.eval_prompts)
+    assert (len(sft), len(rm), len(prompts), len(evaluation)) == (120, 40, 30, 20)
+    assert all(set(row) == {"prompt", "response"} for row in sft)
+    assert all(
+        set(row) == {"prompt", "responses"} and 4 <= len(row["responses"]) <= 8 for row in rm
+    )
+    assert all(set(row) == {"prompt"} for row in prompts + evaluation)
+    for row in sft + rm + prompts + evaluation:
+        solve(row["prompt"])  # every prompt is a question of the task
+    assert len({row["prompt"] for row in evaluation}) == len(evaluation)
+
+
+def test_files_parse_with_the_trainer_readers(demo_data):
+    from rlhf_fast.train import data
+
+    assert len(data.read_sft(demo_data.sft)) == 120
+    rankings = data.read_rm(demo_data.rm)
+    assert len(rankings) == 40 and all(isinstance(r, data.RankExample) for r in rankings)
+    assert len(data.read_prompts(demo_data.prompts)) == 30
+    assert len(data.read_prompts(demo_data.eval_prompts)) == 20
+
+
+def test_rankings_are_strictly_ordered_by_the_judge(demo_data):
+    for row in read_jsonl(demo_data.rm):
+        scores = [judge(row["prompt"], response) for response in row["responses"]]
+        assert all(a > b for a, b in zip(scores, scores[1:], strict=False)), (row, scores)
+
+
+def test_splits_share_no_question(demo_data):
+    train = {row["prompt"] for row in read_jsonl(demo_data.sft) + read_jsonl(demo_data.rm)}
+    ppo = {row["prompt"] for row in read_jsonl(demo_data.prompts)}
+    evaluation = {row["prompt"] for row in read_jsonl(demo_data.eval_prompts)}
+    assert not (train & ppo) and not (train & evaluation) and not (ppo & evaluation)
+    assert {task.split_of(q) for q in train} == {"train"}
+
+
+def test_sft_answers_are_decent_but_imperfect():
+    """The SFT data has room above it: imitating it scores well below the maximum of 1."""
+    rng = random.Random(0)
+    scores = [
+        judge(q, task.sft_answer(q, rng)) for q in (task.make_question(rng) for _ in range(2000))
+    ]
+    # expected 0.85 * 0.55 + 0.60 * 0.30 + 0.50 * 0.15 = 0.7225
+    assert sum(scores) / len(scores) == pytest.approx(0.7225, abs=0.03)
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path, demo_data):
+    again = task.write_demo_data(tmp_path / "again", seed=3, sizes=SMALL)
+    other = task.write_demo_data(tmp_path / "other", seed=4, sizes=SMALL)
+    for name in ("sft", "rm", "prompts", "eval_prompts"):
+        assert getattr(again, name).read_bytes() == getattr(demo_data, name).read_bytes()
+        assert getattr(other, name).read_bytes() != getattr(demo_data, name).read_bytes()
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    config = demo_model.DemoModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    directory = tmp_path_factory.mktemp("demo_model")
+    return demo_model.build_model_dir(directory, task.task_texts(0), config)
+
+
+def test_tokenizer_round_trips_the_task_text(model_dir, demo_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    texts = [row["prompt"] for row in read_jsonl(demo_data.sft)]
+    texts += [r for row in read_jsonl(demo_data.rm) for r in row["responses"]]
+    texts += ["Café 東京 🙂 text the task never says"]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    # The task's own text compresses: well under one token per character.
+    ids = tokenizer("Sure! The answer is 17.", add_special_tokens=False)["input_ids"]
+    assert len(ids) <= 8
+
+
+def test_chat_template_and_special_tokens(model_dir):
+    from transformers import AutoTokenizer
+
+    from rlhf_fast.models.prompt_format import prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    assert len({tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}) == 3
+    ids = prompt_token_ids(tokenizer, [{"role": "user", "content": "Add 3 and 4."}])
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:2] == ["<bos>", "<|user|>"] and tokens[-1] == "<|assistant|>"
+    history = [
+        {"role": "user", "content": "Add 3 and 4."},
+        {"role": "assistant", "content": "The answer is 7."},
+        {"role": "user", "content": "Add 1 and 1."},
+    ]
+    text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "<bos><|user|>Add 3 and 4.<|assistant|>The answer is 7.<eos><|user|>Add 1 and 1."
+        "<|assistant|>"
+    )
+
+
+def test_model_dir_loads_with_plain_transformers_offline(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (model_dir / "model.safetensors").is_file()
+    assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    ids = torch.tensor([tokenizer("Add 3 and 4.")["input_ids"]])
+    out = model.generate(
+        ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    assert out.shape[1] <= ids.shape[1] + 3
+
+
+def test_default_model_is_tiny():
+    tokenizer = demo_model.build_tokenizer(task.task_texts(0))
+    model = demo_model.build_model(tokenizer)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 5e5 < parameters < 5e6, parameters
