@@ -17,7 +17,7 @@ from rlhf_fast.quant.weight import quantize_weight
 # the module (rlhf_fast.ops.lora_linear the attribute is the function)
 lora_module = importlib.import_module("rlhf_fast.ops.lora_linear")
 
-BACKENDS = ["reference", "cpp"]
+BACKENDS = ["reference", "cpp", "triton"]  # triton: interpreted on CPU (tests/conftest.py)
 # Relative to the largest magnitude of each compared tensor. 16-bit: the fused path rounds
 # its [M, r] products and the output to x's dtype; the oracle rounds nothing.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}

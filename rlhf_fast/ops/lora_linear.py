@@ -32,9 +32,12 @@ from rlhf_fast.ops import _checks, _dispatch
 from rlhf_fast.ops.quant_matmul import quant_matmul
 from rlhf_fast.quant.weight import QuantizedWeight
 
-# "cpp": the autograd.Function below, which drives ATen's C++ GEMMs (oneDNN / MKL) with
-# in-place accumulation and, for quantized weights, rlhf_fast's C++ quant_matmul kernels.
-_dispatch.IMPLEMENTED["lora_linear"] = ("reference", "cpp")
+# "cpp": the autograd.Function below driving ATen's C++ GEMMs (oneDNN / MKL) with in-place
+# accumulation; quantized weights: rlhf_fast's C++ quant_matmul forward and the C++ row-block
+# decode (lora_dequantize_rows) in backward. "triton": the same Function with each direction's
+# base GEMM and LoRA term in one Triton kernel (kernels/lora.py); dense weights only, quantized
+# ones take the "cpp" path's structure on their device.
+_dispatch.IMPLEMENTED["lora_linear"] = ("reference", "cpp", "triton")
 
 # Weight elements dequantized at a time in backward (row blocks of W): 2M elements is 8 MB in
 # fp32, small beside the weight's dense copy (64 MB for 4096 x 4096) and big enough that the
@@ -136,7 +139,21 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout) -> tuple[float, fl
 # --------------------------------------------------------------------------------------------
 
 
-class _DenseBase:
+class _TorchEpilogue:
+    """The LoRA term added in place to the base GEMM's output by a second GEMM (beta = 1)."""
+
+    def forward_with_lora(self, x2d, bias, scaled_t, b) -> torch.Tensor:
+        y = self.forward(x2d, bias)
+        return y.addmm_(scaled_t, b.t())  # in place: no second [M, N] tensor, no add pass
+
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, noise) -> torch.Tensor:
+        grad_x = self.grad_input(grad_y)
+        if noise is None:
+            return grad_x.addmm_(scaled_dt, a)
+        return grad_x.add_(torch.mm(scaled_dt, a).mul_(noise))
+
+
+class _DenseBase(_TorchEpilogue):
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.detach()
 
@@ -167,7 +184,7 @@ def dequantize_rows(
     return rows.dequantize(dtype)
 
 
-class _QuantizedBase:
+class _QuantizedBase(_TorchEpilogue):
     def __init__(self, qweight: QuantizedWeight) -> None:
         self.qweight = qweight
 
@@ -189,6 +206,23 @@ class _QuantizedBase:
             else:
                 grad_x.addmm_(grad_y[:, start:stop], block)
         return grad_x
+
+
+class _TritonDenseBase:
+    """One Triton GEMM per direction with the LoRA term in its epilogue (kernels/lora.py)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        from rlhf_fast.kernels.lora import matmul_low_rank  # triton may be absent
+
+        self.weight = weight.detach()
+        self.kernel = matmul_low_rank
+
+    def forward_with_lora(self, x2d, bias, scaled_t, b) -> torch.Tensor:
+        bias = None if bias is None else bias.detach()
+        return self.kernel(x2d, self.weight.t(), scaled_t, b.t(), bias=bias)
+
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, noise) -> torch.Tensor:
+        return self.kernel(grad_y, self.weight, scaled_dt, a, noise=noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +263,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             noise = dropout_noise(x2d.shape, dropout, lora_A.dtype, x2d.device).to(compute)
         dropped = x2d if noise is None else x2d * noise
         scaled_t = torch.mm(dropped, a.t()).mul_(scaling)  # [M, r]
-        y = base.forward(x2d, bias)
-        y.addmm_(scaled_t, b.t())  # in place: no second [M, N] tensor, no add pass
+        y = base.forward_with_lora(x2d, bias, scaled_t, b)
 
         ctx.base, ctx.scaling, ctx.dropout, ctx.rng_state = base, scaling, dropout, rng_state
         ctx.lora_dtype = lora_A.dtype
@@ -259,11 +292,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         if need_x or need_a:
             scaled_dt = torch.mm(grad_y, b).mul_(ctx.scaling)  # s * dy B, [M, r]
         if need_x:
-            grad_x = ctx.base.grad_input(grad_y)
-            if noise is None:
-                grad_x.addmm_(scaled_dt, a)
-            else:
-                grad_x.add_(torch.mm(scaled_dt, a).mul_(noise))
+            grad_x = ctx.base.grad_input_with_lora(grad_y, scaled_dt, a, noise)
         if need_a:
             dropped = x2d if noise is None else x2d * noise
             grad_a = torch.mm(scaled_dt.t(), dropped).to(ctx.lora_dtype)
@@ -274,8 +303,15 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_bias, None, None, None
 
 
-def _lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, dropout):
-    base = _QuantizedBase(weight) if isinstance(weight, QuantizedWeight) else _DenseBase(weight)
+def _lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, dropout, backend):
+    if isinstance(weight, QuantizedWeight):
+        # quant_matmul picks its own fastest backend for the device (C++ on CPU, CUDA/Triton
+        # on GPU); the backward's dequantized row blocks go through torch's GEMM.
+        base = _QuantizedBase(weight)
+    elif backend == "triton":
+        base = _TritonDenseBase(weight)
+    else:
+        base = _DenseBase(weight)
     out_features = weight.shape[0]
     x2d = x.reshape(-1, x.shape[-1])
     y = _FusedLoraLinear.apply(x2d, lora_A, lora_B, bias, base, scaling, dropout)
@@ -304,4 +340,4 @@ def lora_linear(
     backend = _dispatch.choose("lora_linear", x.device, backend)
     if backend == "reference":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout)
-    return _lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, dropout)
+    return _lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, dropout, backend)
