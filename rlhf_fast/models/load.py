@@ -48,6 +48,7 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None  # None: the family's default (LORA_TARGETS)
+    fused: bool = True  # run rlhf_fast.lora's fused forward/backward (ops.lora_linear)
 
 
 def _one_line(error: BaseException) -> str:
@@ -220,7 +221,9 @@ def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
 def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """`model` wrapped with trainable LoRA adapters (peft), every other weight frozen.
 
-    The one place LoRA is attached: the fused `rlhf_fast.lora` path will replace this body.
+    The one place LoRA is attached. The adapters are plain peft ones (saved and loaded as peft
+    directories); with settings.fused their layers run `rlhf_fast.lora.fuse`'s fused op
+    (falling back to peft's forward, with a warning, where the op does not cover a layer).
     GPT-2's Conv1D stores weights transposed, hence fan_in_fan_out for it."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
@@ -244,4 +247,9 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         fan_in_fan_out=transposed,
         bias="none",
     )
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    if settings.fused:
+        from rlhf_fast.lora import fuse
+
+        fuse(wrapped)
+    return wrapped

@@ -57,6 +57,7 @@ class TrainConfig:
     lora_targets: list[str] | None = _help(
         "module names to put LoRA on (default: all linear projections)", default=None
     )
+    lora_fused: bool = _help("run LoRA layers through the fused op (rlhf_fast.lora)", default=True)
     rm_loss: str = _help(
         "rm: rank (K-wise pairs) | mse (direct scores) | auto (from the data)", default="auto"
     )

@@ -207,7 +207,8 @@ def train(
                 stage.model.eval()
                 result.eval_metrics = stage.evaluate()
                 record.update({f"eval_{k}": v for k, v in result.eval_metrics.items()})
-            if step % config.log_every == 0 or step == total or "eval_loss" in record:
+            evaluated = any(key.startswith("eval_") for key in record)
+            if step % config.log_every == 0 or step == total or evaluated:
                 metrics_log.log(record)
             shown = {k: v for k, v in record.items() if k in _SHOWN}
             progress.update(step, shown)

@@ -89,7 +89,9 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
 
 def lora_settings(config: TrainConfig) -> LoraSettings:
     targets = tuple(config.lora_targets) if config.lora_targets else None
-    return LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    return LoraSettings(
+        config.lora_r, config.lora_alpha, config.lora_dropout, targets, config.lora_fused
+    )
 
 
 def export(model, tokenizer, run_dir: Path, config: TrainConfig) -> dict[str, Path]:
