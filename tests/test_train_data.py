@@ -174,6 +174,12 @@ BAD_LINES = [
     ("sft", {"prompt": None, "response": "b"}, '"prompt" must be a string, got null'),
     (
         "sft",
+        '{"prompt": "a", "response": "b\\ud83d c"}',
+        '"response" holds an unpaired surrogate escape (\\ud83d)',
+    ),
+    ("sft", "[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
+    (
+        "sft",
         {"prompt": "a", "messages": [USER, ASSISTANT]},
         'has both "messages" and "prompt"; give one',
     ),

@@ -90,7 +90,7 @@ def _read_lines(path: str | Path, parse: Callable[[dict, str], object], same_kin
         raise DataError(str(path), f"cannot read: {error.strerror or error}") from None
     if raw_lines and raw_lines[0].startswith(UTF8_BOM):  # editors on Windows write one
         raw_lines[0] = raw_lines[0][len(UTF8_BOM) :]
-    examples, errors = [], []
+    examples, first_error, bad_lines = [], None, 0
     first_kind = None  # (type, line) of the first good line, when kinds must not mix
     for number, raw in enumerate(raw_lines, start=1):
         location = f"{path}:{number}"
@@ -102,12 +102,12 @@ def _read_lines(path: str | Path, parse: Callable[[dict, str], object], same_kin
             if same_kind:
                 first_kind = _check_same_kind(example, number, first_kind)
         except LineError as error:
-            errors.append(DataError(location, str(error)))
+            first_error = first_error or DataError(location, str(error))
+            bad_lines += 1
             continue
         examples.append(example)
-    if errors:
-        first = errors[0]
-        raise DataError(first.location, first.reason, more_bad_lines=len(errors) - 1)
+    if first_error:
+        raise DataError(first_error.location, first_error.reason, more_bad_lines=bad_lines - 1)
     if not examples:
         raise DataError(str(path), "empty file: expected one JSON object per line")
     return examples
@@ -125,6 +125,8 @@ def _decode(raw: bytes) -> dict | None:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise LineError(f"invalid JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise LineError("invalid JSON: nested too deeply") from None
     if not isinstance(record, dict):
         raise LineError(f"expected a JSON object, got {_json_type(record)}")
     return record
@@ -213,6 +215,11 @@ def _nonempty(value, name: str) -> str:
         raise LineError(f"{name} must be a string, got {_json_type(value)}")
     if not value.strip():
         raise LineError(f"{name} is empty")
+    try:  # "\ud83d" alone is valid JSON but no text: the tokenizer would fail on it later
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = f"\\u{ord(value[error.start]):04x}"
+        raise LineError(f"{name} holds an unpaired surrogate escape ({bad})") from None
     return value
 
 
