@@ -472,6 +472,13 @@ def test_encode_response_matches_encode_sft(tokenizer):
         encode_response(tokenizer, [USER], "good answer", 50),
         encode_response(tokenizer, [USER], "bad", 50),
     ]
+    # A policy's answer that is empty (EOS at once) or decoded with its leading space.
+    prompt, _ = expected_encoding(tokenizer, [USER], "x")
+    assert encode_response(tokenizer, [USER], "", 50) == prompt + [tokenizer.eos_token_id]
+    spaced = encode_response(tokenizer, [USER], " Hi there", 50)
+    assert spaced == prompt + tokenizer(" Hi there", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     ids, score = encode_scored(tokenizer, ScoreExample([USER], "bad", -1.5), 50)
     assert ids == encode_response(tokenizer, [USER], "bad", 50) and score == -1.5
 

@@ -61,8 +61,9 @@ def prompt_token_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 def response_text(tokenizer, response: str) -> str:
     """The answer as it follows the prompt: one space after the plain template's "Assistant:"
-    (unless the answer already starts with whitespace), unchanged after a chat template."""
-    if has_chat_template(tokenizer) or response[:1].isspace():
+    (unless the answer is empty or already starts with whitespace, as a policy's decoded answer
+    does), unchanged after a chat template."""
+    if has_chat_template(tokenizer) or not response or response[:1].isspace():
         return response
     return " " + response
 
