@@ -16,7 +16,8 @@ and in bf16, and QLoRA (int4 base, fp32 activations) fused. Memory there is the 
 parameter and buffer bytes plus the bytes saved for backward.
 
 Memory is reported as the bytes each provider keeps alive for backward (found with
-torch.autograd.graph.saved_tensors_hooks, distinct storages, the input x included): on CPU
+torch.autograd.graph.saved_tensors_hooks: distinct storages, the input x included, weights
+that exist anyway left out, a dequantized copy made for the step counted): on CPU
 there is no allocator peak counter, and this is the part of training memory a LoRA layer
 decides. It goes into each benchmark's extra_info ("saved_bytes") and is printed.
 """
@@ -47,13 +48,16 @@ SIZE_PARAMS = [pytest.param(s, id="M{}-K{}-N{}-r{}".format(*s)) for s in QUICK_S
 SCALING = 2.0
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward during fn()."""
+def _saved_bytes(fn, existing=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward during fn(), leaving out
+    those of `existing` tensors (weights that are alive anyway)."""
     storages = {}
+    skip = {t.untyped_storage().data_ptr() for t in existing}
 
     def pack(t):
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -116,8 +120,14 @@ def _providers(weight, x, lora_A, lora_B, grad_y, quantized):
         ),
         "peer": _step(peer, x, peft_params, grad_y),
     }  # fmt: skip
+    # Tensors alive anyway, whose storages saved for backward cost nothing: the weights as
+    # they are before the call (the int4 peers' fresh dense copies are counted).
+    existing = [weight] if not quantized else []
+    providers["cpp"].existing = existing
+    providers["peer"].existing = existing + list(peft_layer.parameters())
     if quantized:
         providers["peer-fast-dequantize"] = _step(peer_fast_dequantize, x, peft_params, grad_y)
+        providers["peer-fast-dequantize"].existing = list(peft_layer.parameters())
     else:
         frozen = weight.detach()
 
@@ -137,7 +147,7 @@ def test_lora_linear(measure, benchmark, size, dtype, provider):
     x, weight, lora_A, lora_B, grad_y = _inputs(m, k, n, r, DTYPES[dtype])
     fn = _providers(weight, x, lora_A, lora_B, grad_y, quantized=False)[provider]
     if provider != "base-gemms":
-        benchmark.extra_info["saved_bytes"] = _saved_bytes(fn)
+        benchmark.extra_info["saved_bytes"] = _saved_bytes(fn, fn.existing)
         print(f"\n{provider} {dtype} {size}: saved for backward {_mb(benchmark)} MB")
     measure(fn, op=f"lora_linear {dtype}", device="cpu", size=_name(size), provider=provider)
 
@@ -150,7 +160,7 @@ def test_lora_linear_int4(measure, benchmark, size, dtype, provider):
     x, weight, lora_A, lora_B, grad_y = _inputs(m, k, n, r, DTYPES[dtype])
     qweight = quantize_weight(weight.float(), 4, 128)
     fn = _providers(qweight, x, lora_A, lora_B, grad_y, quantized=True)[provider]
-    benchmark.extra_info["saved_bytes"] = _saved_bytes(fn)
+    benchmark.extra_info["saved_bytes"] = _saved_bytes(fn, fn.existing)
     print(f"\nint4 {provider} {dtype} {size}: saved for backward {_mb(benchmark)} MB")
     measure(fn, op=f"lora_linear_int4 {dtype}", device="cpu", size=_name(size), provider=provider)
 
@@ -224,7 +234,7 @@ def test_lora_train_step(measure, benchmark, size, dtype, provider):
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
 
-    saved = _saved_bytes(step)
+    saved = _saved_bytes(step, [*model.parameters(), *model.buffers()])
     weights = _model_bytes(model)
     benchmark.extra_info.update(saved_bytes=saved, model_bytes=weights)
     print(
