@@ -128,3 +128,20 @@ def test_sft_then_rm_through_the_cli(files, tmp_path, capsys):
     assert main(["train", "--stage", "rm", "--model", str(sft_dir / "merged"), "--data",
                  str(files["ranked"]), "--output", str(rm_dir), *common]) == 2  # fmt: skip
     assert "--resume" in _error(capsys)
+
+
+def test_broken_or_pickled_weights_are_one_line_errors(files, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(files["model"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = ["train", "--stage", "sft", "--data", str(files["sft"]), "--device", "cpu"]
+    assert main([*args, "--model", str(broken), "--output", str(tmp_path / "a")]) == 2
+    assert f"{broken}: cannot load the model" in _error(capsys)
+
+    pickled = tmp_path / "pickled"  # only a pickle checkpoint: refused, never unpickled
+    shutil.copytree(files["model"], pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    assert main([*args, "--model", str(pickled), "--output", str(tmp_path / "b")]) == 2
+    assert f"{pickled}: cannot load the model" in _error(capsys)
