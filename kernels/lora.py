@@ -3,7 +3,7 @@
     out [M, P] = a [M, Q] @ b [Q, P]  +  (c [M, R] @ d [R, P]) * noise [M, P]  (+ bias [P])
 
 forward:   a = x,  b = W^T, c = s * dropout(x) A^T, d = B^T, bias   (noise absent)
-backward:  a = dy, b = W,   c = s * dy B,           d = A,   noise = the dropout's scaled mask
+backward:  a = dy, b = W,   c = s * dy B / (1 - p), d = A,   noise = dropout's keep mask
 
 Each program owns one [BLOCK_M, BLOCK_P] output tile: it runs the K loop of the base GEMM,
 then multiplies its rows of c (r <= a few hundred columns) by its columns of d and adds the

@@ -152,9 +152,9 @@ def test_no_gradient_to_weight_and_only_requested_gradients():
     assert w.grad is None and x.grad is None and bb.grad is None and a.grad is not None
 
 
-def test_fused_saves_no_full_size_dropout_tensors():
-    """With dropout, peft keeps the [M, K] noise and the dropped x for backward; the fused op
-    keeps x, the [M, r] product and two adapter-sized tensors only."""
+def test_fused_saves_x_and_a_bool_mask_only():
+    """With dropout, peft keeps the [M, K] float noise and the dropped x for backward; the
+    fused op keeps x, the bool keep mask, the [M, r] product and adapter-sized tensors."""
     x, w, _, a, bb, _ = make_inputs(64, 96, 80, 4, torch.float32, torch.float32, 2, False)
     saved = []
 
@@ -165,8 +165,9 @@ def test_fused_saves_no_full_size_dropout_tensors():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ops.lora_linear(x, w, None, a, bb, 1.0, dropout=0.5, backend="cpp")
     big = [t for t in saved if t.numel() >= x.numel()]
-    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
-    assert sum(t.numel() for t in saved) <= x.numel() + 64 * 4 + 2 * 4 * (96 + 80)
+    assert len(big) == 2 and big[0].data_ptr() == x.data_ptr() and big[1].dtype == torch.bool
+    small = sum(t.numel() * t.element_size() for t in saved if t.numel() < x.numel())
+    assert small <= (64 * 4 + 2 * 4 * (96 + 80)) * 4
 
 
 def test_backward_leaves_global_rng_alone():

@@ -8,14 +8,18 @@ copies saved for backward. The fused backend removes those:
 
 - forward: y = bias + x W^T, then y += (s * x A^T) B^T accumulated in place (GEMM, beta = 1);
 - backward: dx = dy W, then dx += (s * dy B) A in place; dA and dB from the [M, r] products;
-- saved: x (needed for dA anyway), the [M, r] product s * x A^T, and with dropout only the RNG
-  state: the keep mask is drawn again in backward instead of keeping [M, K] tensors alive;
+- saved: x (needed for dA anyway), the [M, r] product s * x A^T, and with dropout the keep
+  mask as bool, 1 byte an element (peft keeps the float noise and a dropped copy of x; drawing
+  the mask again in backward would save that byte but costs a second bernoulli_, which on CPU
+  is single-threaded, ~7 ns an element: more than the rest of the layer at small widths);
+- dropout's 1 / (1 - p) is applied to the [M, r] products, not to [M, K] tensors;
 - a quantized W is never dequantized whole: the forward runs `ops.quant_matmul` (C++ kernels
   that unpack tiles), the backward's dy W dequantizes row blocks of W, one at a time.
 
-Dropout draws its mask as torch.nn.Dropout does on CPU (`bernoulli_(1 - p)` on a tensor of the
-LoRA weights' dtype, scaled by 1 / (1 - p)), so with the same RNG state the reference, the
-fused path and peft's layer drop the same elements.
+Dropout draws its mask as torch.nn.Dropout does on CPU (`bernoulli_(1 - p)` over x's shape,
+the same draws for a bool as for a float tensor) and scales by 1 / (1 - p) rounded in the LoRA
+weights' dtype, so with the same RNG state the reference, the fused path and peft's layer drop
+the same elements.
 
 Precision: the base GEMM runs in x's dtype (as F.linear); the LoRA products run in x's dtype
 with the GEMMs' fp32 accumulation (like autocast), and their gradients are returned in A's and
@@ -50,13 +54,6 @@ _DEQUANTIZE_ROWS_OP = (
 )
 
 
-def dropout_noise(
-    shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """torch.nn.Dropout's scaled keep mask as it draws it on CPU: bernoulli(1 - p) / (1 - p)."""
-    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p)
-
-
 def lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor | QuantizedWeight,
@@ -75,7 +72,7 @@ def lora_linear_reference(
     x32 = x.float()
     dropped = x32
     if dropout > 0:
-        dropped = x32 * dropout_noise(x.shape, dropout, lora_A.dtype, x.device).float()
+        dropped = x32 * dropout_mask(x.shape, dropout, x.device) * keep_scale(dropout, lora_A.dtype)
     y = F.linear(x32, dense, None if bias is None else bias.float())
     y = y + scaling * F.linear(F.linear(dropped, lora_A.float()), lora_B.float())
     return y.to(x.dtype)
@@ -146,11 +143,11 @@ class _TorchEpilogue:
         y = self.forward(x2d, bias)
         return y.addmm_(scaled_t, b.t())  # in place: no second [M, N] tensor, no add pass
 
-    def grad_input_with_lora(self, grad_y, scaled_dt, a, noise) -> torch.Tensor:
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, mask) -> torch.Tensor:
         grad_x = self.grad_input(grad_y)
-        if noise is None:
+        if mask is None:
             return grad_x.addmm_(scaled_dt, a)
-        return grad_x.add_(torch.mm(scaled_dt, a).mul_(noise))
+        return grad_x.add_(torch.mm(scaled_dt, a).mul_(mask))
 
 
 class _DenseBase(_TorchEpilogue):
@@ -221,8 +218,8 @@ class _TritonDenseBase:
         bias = None if bias is None else bias.detach()
         return self.kernel(x2d, self.weight.t(), scaled_t, b.t(), bias=bias)
 
-    def grad_input_with_lora(self, grad_y, scaled_dt, a, noise) -> torch.Tensor:
-        return self.kernel(grad_y, self.weight, scaled_dt, a, noise=noise)
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, mask) -> torch.Tensor:
+        return self.kernel(grad_y, self.weight, scaled_dt, a, noise=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,25 +227,15 @@ class _TritonDenseBase:
 # --------------------------------------------------------------------------------------------
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_rng_state()
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """The keep mask (bool) that torch.nn.Dropout draws on CPU for this shape: bernoulli(1 - p)
+    gives the same draws for bool as for float tensors."""
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
 
 
-def _noise_from_state(state, shape, p, dtype, device) -> torch.Tensor:
-    """The noise the forward drew, drawn again from its saved RNG state (global state kept)."""
-    getter, setter = (
-        (lambda: torch.cuda.get_rng_state(device), lambda s: torch.cuda.set_rng_state(s, device))
-        if device.type == "cuda"
-        else (torch.get_rng_state, torch.set_rng_state)
-    )
-    current = getter()
-    try:
-        setter(state)
-        return dropout_noise(shape, p, dtype, device)
-    finally:
-        setter(current)
+def keep_scale(p: float, dtype: torch.dtype) -> float:
+    """1 / (1 - p) rounded as nn.Dropout's noise holds it in `dtype`."""
+    return torch.ones((), dtype=dtype).div_(1 - p).item()
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -257,44 +244,42 @@ class _FusedLoraLinear(torch.autograd.Function):
         compute = x2d.dtype
         a = lora_A.detach().to(compute)
         b = lora_B.detach().to(compute)
-        noise = rng_state = None
+        mask = None
+        lora_scale = scaling
         if dropout > 0:
-            rng_state = _rng_state(x2d.device)
-            noise = dropout_noise(x2d.shape, dropout, lora_A.dtype, x2d.device).to(compute)
-        dropped = x2d if noise is None else x2d * noise
-        scaled_t = torch.mm(dropped, a.t()).mul_(scaling)  # [M, r]
+            # x * mask / (1 - p): the 1 / (1 - p) rides on the [M, r] product, not on [M, K].
+            mask = dropout_mask(x2d.shape, dropout, x2d.device)
+            lora_scale = scaling * keep_scale(dropout, lora_A.dtype)
+        dropped = x2d if mask is None else x2d * mask
+        scaled_t = torch.mm(dropped, a.t()).mul_(lora_scale)  # [M, r]
         y = base.forward_with_lora(x2d, bias, scaled_t, b)
 
-        ctx.base, ctx.scaling, ctx.dropout, ctx.rng_state = base, scaling, dropout, rng_state
+        ctx.base, ctx.lora_scale = base, lora_scale
         ctx.lora_dtype = lora_A.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        # x only where dA needs it, s * x A^T only where dB does; never the [M, K] mask.
+        # x only where dA needs it, s * x A^T only where dB does; the mask as bool (1 byte an
+        # element; peft keeps the float noise and the dropped copy of x).
         ctx.save_for_backward(
             x2d if ctx.needs_input_grad[1] else None,
             scaled_t if ctx.needs_input_grad[2] else None,
             a,
             b,
+            mask,
         )
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, scaled_t, a, b = ctx.saved_tensors
+        x2d, scaled_t, a, b, mask = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         grad_y = grad_y.to(a.dtype)
         grad_x = grad_a = grad_b = grad_bias = None
-        noise = None
-        if ctx.dropout > 0 and (need_x or need_a):
-            shape = (grad_y.shape[0], a.shape[1])
-            noise = _noise_from_state(
-                ctx.rng_state, shape, ctx.dropout, ctx.lora_dtype, grad_y.device
-            ).to(a.dtype)
         if need_x or need_a:
-            scaled_dt = torch.mm(grad_y, b).mul_(ctx.scaling)  # s * dy B, [M, r]
+            scaled_dt = torch.mm(grad_y, b).mul_(ctx.lora_scale)  # s / (1 - p) * dy B, [M, r]
         if need_x:
-            grad_x = ctx.base.grad_input_with_lora(grad_y, scaled_dt, a, noise)
+            grad_x = ctx.base.grad_input_with_lora(grad_y, scaled_dt, a, mask)
         if need_a:
-            dropped = x2d if noise is None else x2d * noise
+            dropped = x2d if mask is None else x2d * mask
             grad_a = torch.mm(scaled_dt.t(), dropped).to(ctx.lora_dtype)
         if need_b:
             grad_b = torch.mm(grad_y.t(), scaled_t).to(ctx.lora_dtype)
