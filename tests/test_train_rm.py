@@ -175,3 +175,11 @@ def test_rm_on_top_of_an_sft_adapter(models, data, tmp_path):
     with torch.no_grad():
         score = reward(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
     assert score.shape == (1,) and torch.isfinite(score).all()
+
+
+def test_pairwise_and_k_wise_lines_mix(models, tmp_path):
+    records = ranked_records(6, responses=4)
+    records += [{"prompt": "Say hi", "chosen": "sunny hello", "rejected": "hello"}] * 6
+    data = write_jsonl(tmp_path / "mixed.jsonl", records)
+    outcome = run_stage(config("rm", models["qwen2"], data, tmp_path / "rm", max_steps=3))
+    assert outcome.result.step == 3 and 0.0 <= outcome.result.metrics["accuracy"] <= 1.0

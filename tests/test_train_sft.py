@@ -130,3 +130,24 @@ def test_lora_targets_default_per_family_and_override(models):
     assert names and all("c_attn" in n for n in names)
     with pytest.raises(ValueError, match="--lora-targets: q_proj not found"):
         attach_lora(load_causal_lm(models["gpt2"]), LoraSettings(targets=("q_proj",)))
+
+
+def test_fused_lora_trains_like_plain_peft(models, sft_data, tmp_path):
+    """The fused LoRA op (default) and peft's own forward give the same run, dropout included."""
+    runs = {}
+    for fused in (True, False):
+        run_dir = tmp_path / f"fused-{fused}"
+        run_stage(
+            config(
+                "sft",
+                models["llama"],
+                sft_data,
+                run_dir,
+                max_steps=3,
+                lora_fused=fused,
+                lora_dropout=0.1,
+            )
+        )
+        runs[fused] = load_file(find_checkpoint(run_dir) / TRAINABLE_FILE)
+    for name, value in runs[True].items():
+        torch.testing.assert_close(value, runs[False][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rlhf_fast.train import config as config_module
@@ -119,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never wait on a hub
+    # transformers' deprecation notices about its own internals (peft calls them) say nothing
+    # the user can act on; they would only break up the progress output.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     from rlhf_fast.models.load import ModelLoadError
     from rlhf_fast.train.checkpoint import CheckpointError
     from rlhf_fast.train.data import DataError, TemplateError
