@@ -13,7 +13,9 @@ Providers per size (group "sft_step cpu <mode> <size>", throughput table):
   torch.autocast("cpu", bfloat16), the usual mixed precision.
 
 Size "h256-L4" (hidden 256, 4 layers, vocab 2000, sequence 256, batch 8) is marked bench_full;
-quick mode runs a tiny shape only.
+quick mode runs a tiny shape only. On a machine whose cores other processes also use, torch's
+two threads wait on each other and medians swing several-fold between runs; OMP_NUM_THREADS=1
+gives steadier numbers there (the summary prints the thread count).
 """
 
 from __future__ import annotations
