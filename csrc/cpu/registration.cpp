@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/decode_ops.h"
 #include "cpu/kernels.h"
 #include "cpu/lora_ops.h"
 #include "cpu/op_checks.h"
@@ -21,6 +22,10 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "lora_dequantize_rows(Tensor qdata, Tensor scales, Tensor? offsets, int group_size,"
       " int in_features, ScalarType dtype) -> Tensor");
+  m.def(
+      "decode_gemv_int4(Tensor x, Tensor qdata, Tensor scales, Tensor offsets, int group_size,"
+      " int in_features, Tensor? bias) -> Tensor");
+  m.def("decode_gemv_int8(Tensor x, Tensor qdata, Tensor scales, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
@@ -29,6 +34,8 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("quant_matmul_int8", &rlhf_fast::quant_matmul_int8_cpu);
   m.impl("quant_matmul_int4", &rlhf_fast::quant_matmul_int4_cpu);
   m.impl("lora_dequantize_rows", &rlhf_fast::lora_dequantize_rows_cpu);
+  m.impl("decode_gemv_int4", &rlhf_fast::decode_gemv_int4_cpu);
+  m.impl("decode_gemv_int8", &rlhf_fast::decode_gemv_int8_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

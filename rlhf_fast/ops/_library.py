@@ -36,3 +36,14 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "lora_dequantize_row
     @torch.library.register_fake("rlhf_fast::lora_dequantize_rows")
     def _lora_dequantize_rows_fake(qdata, scales, offsets, group_size, in_features, dtype):
         return qdata.new_empty((qdata.shape[0], in_features), dtype=dtype)
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_gemv_int4"):
+
+    @torch.library.register_fake("rlhf_fast::decode_gemv_int4")
+    def _decode_gemv_int4_fake(x, qdata, scales, offsets, group_size, in_features, bias):
+        return x.new_empty((x.shape[0], qdata.shape[0]))
+
+    @torch.library.register_fake("rlhf_fast::decode_gemv_int8")
+    def _decode_gemv_int8_fake(x, qdata, scales, bias):
+        return x.new_empty((x.shape[0], qdata.shape[0]))

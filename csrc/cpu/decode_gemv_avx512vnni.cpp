@@ -1,0 +1,225 @@
+// Decode GEMVs with AVX512_VNNI (see decode_gemv.h for the arithmetic and the layouts).
+// Only called after a run-time check that the CPU has AVX512_VNNI (decode_gemv_op.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt")
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/decode_gemv.h"
+
+namespace rlhf_fast::avx512vnni {
+namespace {
+
+inline __mmask16 first_lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+inline __mmask32 first_lanes32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
+}
+
+// Codes of 16 floats with 1 / s = inverse, round to nearest even (the default MXCSR mode).
+inline __m512i codes_of(__m512 v, __m512 inverse) {
+  return _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse));
+}
+
+inline float inverse_of(float amax) { return amax > 0.0f ? 32767.0f / amax : 0.0f; }
+
+// The 64-code pair layout's index of lane i of a block's low (hi = 0) or high (hi = 1) half.
+inline int64_t int4_code_offset(int64_t block, int hi) {
+  return 64 * (block / 2) + 32 * hi + 16 * (block % 2);
+}
+
+}  // namespace
+
+void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
+                               int64_t chunks, int16_t* codes, float* scales, float* sums) {
+  const int64_t blocks = (K + 31) / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * x_stride;
+    int16_t* row_codes = codes + m * chunks * 32;
+    float* row_scales = scales + m * chunks;
+    float* row_sums = sums + m * chunks;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k = 32 * b;
+      const __m512 lo = _mm512_maskz_loadu_ps(first_lanes16(K - k), row + k);
+      const __m512 hi = _mm512_maskz_loadu_ps(first_lanes16(K - k - 16), row + k + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const __m512 inverse = _mm512_set1_ps(inverse_of(amax));
+      const __m512i code_lo = codes_of(lo, inverse), code_hi = codes_of(hi, inverse);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_codes + int4_code_offset(b, 0)),
+                          _mm512_cvtepi32_epi16(code_lo));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_codes + int4_code_offset(b, 1)),
+                          _mm512_cvtepi32_epi16(code_hi));
+      const float scale = amax / 32767.0f;
+      row_scales[b] = scale;
+      row_sums[b] = scale * float(_mm512_reduce_add_epi32(_mm512_add_epi32(code_lo, code_hi)));
+    }
+    for (int64_t b = blocks; b < chunks; ++b) {
+      std::memset(row_codes + int4_code_offset(b, 0), 0, 16 * sizeof(int16_t));
+      std::memset(row_codes + int4_code_offset(b, 1), 0, 16 * sizeof(int16_t));
+      row_scales[b] = row_sums[b] = 0.0f;
+    }
+  }
+}
+
+void quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
+                               int64_t chunks, int16_t* codes, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * x_stride;
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512 v[8];
+      __m512 amax = _mm512_setzero_ps();
+      for (int i = 0; i < 8; ++i) {
+        const int64_t k = 128 * c + 16 * i;
+        v[i] = _mm512_maskz_loadu_ps(first_lanes16(K - k), row + k);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+      }
+      const float max_abs = _mm512_reduce_max_ps(amax);
+      const __m512 inverse = _mm512_set1_ps(inverse_of(max_abs));
+      int16_t* out = codes + (m * chunks + c) * 128;
+      for (int i = 0; i < 8; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * i),
+                            _mm512_cvtepi32_epi16(codes_of(v[i], inverse)));
+      scales[m * chunks + c] = max_abs / 32767.0f;
+    }
+  }
+}
+
+namespace {
+
+// The NR channels' per-block factors of one 16-block window: scale of the block's group times
+// the block's activation scale, and the offset terms (offset * s * sum of codes) summed.
+template <int NR>
+inline void window_factors(const DecodeGemvArgs& a, int64_t m, int64_t n0, int64_t window,
+                           __m512 (&factors)[NR], __m512 (&offset_acc)[NR]) {
+  const int64_t base = window * 16 * 32 / a.group_size;
+  const __mmask16 present = first_lanes16(a.groups - base);
+  const __m512i index =
+      _mm512_loadu_si512(reinterpret_cast<const void*>(a.group_index + 16 * window));
+  const __m512 x_scales = _mm512_loadu_ps(a.x.scales + m * a.x.chunks + 16 * window);
+  const __m512 x_sums = _mm512_loadu_ps(a.x.sums + m * a.x.chunks + 16 * window);
+  for (int j = 0; j < NR; ++j) {
+    const int64_t at = (n0 + j) * a.groups + base;
+    const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, a.scales_f16 + at));
+    const __m512 offsets =
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, a.offsets_f16 + at));
+    factors[j] = _mm512_mul_ps(_mm512_permutexvar_ps(index, scales), x_scales);
+    offset_acc[j] =
+        _mm512_fmadd_ps(_mm512_permutexvar_ps(index, offsets), x_sums, offset_acc[j]);
+  }
+}
+
+template <int NR>
+void int4_tile(const DecodeGemvArgs& a, int64_t m, int64_t n0) {
+  const int64_t blocks = (a.K + 31) / 32;
+  const int64_t pairs = (blocks + 1) / 2;
+  const uint8_t* rows[NR];
+  __m512 acc[NR], offset_acc[NR];
+  for (int j = 0; j < NR; ++j) {
+    rows[j] = static_cast<const uint8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
+    acc[j] = offset_acc[j] = _mm512_setzero_ps();
+  }
+  const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
+  const int16_t* codes = a.x.codes + m * a.x.row_codes;
+  // Lanes 0-7 of a pair's int32 dot products belong to its first block, 8-15 to its second.
+  const __m512i first_pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  for (int64_t window = 0; 16 * window < blocks; ++window) {
+    __m512 factors[NR];
+    window_factors<NR>(a, m, n0, window, factors, offset_acc);
+    const int64_t pair_end = std::min(pairs, 8 * window + 8);
+    __m512i pick = first_pair;
+    for (int64_t p = 8 * window; p < pair_end; ++p) {
+      const bool both = 2 * p + 1 < blocks;  // the last pair may hold one block only
+      const __m512i x_lo = _mm512_loadu_si512(codes + 64 * p);
+      const __m512i x_hi = _mm512_loadu_si512(codes + 64 * p + 32);
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* bytes = rows[j] + 32 * p;
+        __builtin_prefetch(bytes + 1024, 0, 3);
+        const __m256i packed =
+            both ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes))
+                 : _mm256_maskz_loadu_epi8(first_lanes32(16), bytes);
+        const __m512i wide = _mm512_cvtepu8_epi16(packed);
+        __m512i dot = _mm512_madd_epi16(_mm512_and_si512(wide, low_nibbles), x_lo);
+        dot = _mm512_dpwssd_epi32(dot, _mm512_srli_epi16(wide, 4), x_hi);
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                 _mm512_permutexvar_ps(pick, factors[j]), acc[j]);
+      }
+      pick = _mm512_add_epi32(pick, _mm512_set1_epi32(2));
+    }
+  }
+  float* y = a.y + m * a.y_row_stride + n0;
+  for (int j = 0; j < NR; ++j)
+    y[j] = (a.bias ? a.bias[n0 + j] : 0.0f) + _mm512_reduce_add_ps(acc[j]) +
+           _mm512_reduce_add_ps(offset_acc[j]);
+}
+
+template <int NR>
+void int8_tile(const DecodeGemvArgs& a, int64_t m, int64_t n0) {
+  const int8_t* rows[NR];
+  __m512 acc[NR];
+  for (int j = 0; j < NR; ++j) {
+    rows[j] = static_cast<const int8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
+    acc[j] = _mm512_setzero_ps();
+  }
+  const int16_t* codes = a.x.codes + m * a.x.row_codes;
+  const int64_t full_chunks = a.K / 128;
+  const int64_t chunks = (a.K + 127) / 128;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const bool full = c < full_chunks;
+    __m512i x[4];
+    for (int i = 0; i < 4; ++i) x[i] = _mm512_loadu_si512(codes + 128 * c + 32 * i);
+    const __m512 x_scale = _mm512_set1_ps(a.x.scales[m * a.x.chunks + c]);
+    for (int j = 0; j < NR; ++j) {
+      const int8_t* w = rows[j] + 128 * c;
+      __builtin_prefetch(w + 1024, 0, 3);
+      __m512i dot = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        const __m256i bytes =
+            full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * i))
+                 : _mm256_maskz_loadu_epi8(first_lanes32(a.K - 128 * c - 32 * i), w + 32 * i);
+        dot = _mm512_dpwssd_epi32(dot, _mm512_cvtepi8_epi16(bytes), x[i]);
+      }
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), x_scale, acc[j]);
+    }
+  }
+  float* y = a.y + m * a.y_row_stride + n0;
+  for (int j = 0; j < NR; ++j)
+    y[j] = (a.bias ? a.bias[n0 + j] : 0.0f) + a.scales_f32[n0 + j] * _mm512_reduce_add_ps(acc[j]);
+}
+
+template <template <int> class Tile>
+struct Tiles {
+  using Fn = void (*)(const DecodeGemvArgs&, int64_t, int64_t);
+  static constexpr Fn fn[4] = {&Tile<1>::run, &Tile<2>::run, &Tile<3>::run, &Tile<4>::run};
+};
+template <int NR>
+struct Int4Tile {
+  static void run(const DecodeGemvArgs& a, int64_t m, int64_t n0) { int4_tile<NR>(a, m, n0); }
+};
+template <int NR>
+struct Int8Tile {
+  static void run(const DecodeGemvArgs& a, int64_t m, int64_t n0) { int8_tile<NR>(a, m, n0); }
+};
+
+template <template <int> class Tile>
+void channels(const DecodeGemvArgs& a, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; n += 4) {
+    const int64_t nr = std::min<int64_t>(4, n_end - n);
+    for (int64_t m = 0; m < a.M; ++m) Tiles<Tile>::fn[nr - 1](a, m, n);
+  }
+}
+
+}  // namespace
+
+void decode_gemv_int4(const DecodeGemvArgs& args, int64_t n_begin, int64_t n_end) {
+  channels<Int4Tile>(args, n_begin, n_end);
+}
+
+void decode_gemv_int8(const DecodeGemvArgs& args, int64_t n_begin, int64_t n_end) {
+  channels<Int8Tile>(args, n_begin, n_end);
+}
+
+}  // namespace rlhf_fast::avx512vnni

@@ -1,0 +1,149 @@
+// rlhf_fast::decode_gemv_int4 / decode_gemv_int8: the few-row GEMVs of token generation,
+// with activations quantized to int16 per chunk (decode_gemv.h). On a CPU without
+// AVX512_VNNI they are the exact quant_matmul kernels, so callers never need a second path.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "cpu/decode_gemv.h"
+#include "cpu/decode_ops.h"
+#include "cpu/op_checks.h"
+#include "cpu/ops.h"
+
+namespace rlhf_fast {
+namespace {
+
+// The CPU has AVX512_VNNI and the kernels in use are AVX-512 ones (tests lower the ISA with
+// rlhf_fast._C.set_cpu_isa, and then these ops run the kernels of that ISA).
+bool have_vnni() {
+  static const bool supported =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return supported && std::strcmp(active_kernels().isa, "avx512") == 0;
+}
+
+// Small GEMVs finish in microseconds: a thread only pays off with ~256K weights of its own.
+void parallel_channels(int64_t N, int64_t K, int64_t M,
+                       const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t tiles = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (4 * K * std::max<int64_t>(M, 1)));
+  at::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+    body(first * 4, std::min(last * 4, N));
+  });
+}
+
+at::Tensor fp32_contiguous(const at::Tensor& x) {
+  return (x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).contiguous();
+}
+
+at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  float_dtype_index(*bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
+                    "] (out_features), got ", bias->sizes());
+  TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias must be on the CPU, got ", bias->device());
+  return bias->to(at::kFloat).contiguous();
+}
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  at::IntArrayRef sizes) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor decode_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
+                                const at::Tensor& scales, const at::Tensor& offsets,
+                                int64_t group_size, int64_t in_features,
+                                const std::optional<at::Tensor>& bias) {
+  check_2d_cpu(x, "x");
+  float_dtype_index(x, "x");
+  if (!have_vnni() || x.size(0) == 0 || in_features == 0 || qdata.size(0) == 0)
+    return quant_matmul_int4_cpu(x, qdata, scales, offsets, group_size, in_features, bias);
+  const int64_t groups = check_int4_arguments(x, qdata, group_size, in_features);
+  const int64_t M = x.size(0), N = qdata.size(0), K = in_features;
+  check_tensor(qdata, "qdata", at::kByte, {N, groups * group_size / 2});
+  check_tensor(scales, "scales", at::kHalf, {N, groups});
+  check_tensor(offsets, "offsets", at::kHalf, {N, groups});
+  const at::Tensor q = qdata.contiguous(), s = scales.contiguous(), o = offsets.contiguous();
+  const at::Tensor bias32 = bias_fp32(bias, N);
+  const at::Tensor x32 = fp32_contiguous(x);
+
+  const int64_t blocks = (K + 31) / 32;
+  const int64_t chunks = (blocks + 15) / 16 * 16;
+  std::vector<int16_t> codes(M * chunks * 32);
+  std::vector<float> x_scales(M * chunks), x_sums(M * chunks);
+  avx512vnni::quantize_int4_activations(x32.const_data_ptr<float>(), K, M, K, chunks,
+                                        codes.data(), x_scales.data(), x_sums.data());
+  std::vector<int32_t> group_index(chunks);
+  for (int64_t b = 0; b < chunks; ++b)
+    group_index[b] = static_cast<int32_t>(b * 32 / group_size - (b / 16) * 16 * 32 / group_size);
+
+  at::Tensor y = new_output({M, N});
+  DecodeGemvArgs args{};
+  args.x = {codes.data(), x_scales.data(), x_sums.data(), chunks * 32, chunks};
+  args.M = M;
+  args.K = K;
+  args.qdata = q.const_data_ptr();
+  args.qdata_row_stride = groups * group_size / 2;
+  args.scales_f16 = reinterpret_cast<const uint16_t*>(s.const_data_ptr<at::Half>());
+  args.offsets_f16 = reinterpret_cast<const uint16_t*>(o.const_data_ptr<at::Half>());
+  args.groups = groups;
+  args.group_size = group_size;
+  args.group_index = group_index.data();
+  args.bias = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.y_row_stride = N;
+  parallel_channels(N, K, M, [&](int64_t n0, int64_t n1) {
+    avx512vnni::decode_gemv_int4(args, n0, n1);
+  });
+  return finish(y, x);
+}
+
+at::Tensor decode_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
+                                const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
+  check_2d_cpu(x, "x");
+  float_dtype_index(x, "x");
+  if (!have_vnni() || x.size(0) == 0 || x.size(1) == 0 || qdata.dim() != 2 || qdata.size(0) == 0)
+    return quant_matmul_int8_cpu(x, qdata, scales, bias);
+  const int64_t M = x.size(0), N = qdata.size(0), K = x.size(1);
+  check_tensor(qdata, "qdata", at::kChar, {N, K});
+  check_tensor(scales, "scales", at::kFloat, {N});
+  const at::Tensor q = qdata.contiguous(), s = scales.contiguous();
+  const at::Tensor bias32 = bias_fp32(bias, N);
+  const at::Tensor x32 = fp32_contiguous(x);
+
+  const int64_t chunks = (K + 127) / 128;
+  std::vector<int16_t> codes(M * chunks * 128);
+  std::vector<float> x_scales(M * chunks);
+  avx512vnni::quantize_int8_activations(x32.const_data_ptr<float>(), K, M, K, chunks,
+                                        codes.data(), x_scales.data());
+  at::Tensor y = new_output({M, N});
+  DecodeGemvArgs args{};
+  args.x = {codes.data(), x_scales.data(), nullptr, chunks * 128, chunks};
+  args.M = M;
+  args.K = K;
+  args.qdata = q.const_data_ptr();
+  args.qdata_row_stride = K;
+  args.scales_f32 = s.const_data_ptr<float>();
+  args.bias = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.y_row_stride = N;
+  parallel_channels(N, K, M, [&](int64_t n0, int64_t n1) {
+    avx512vnni::decode_gemv_int8(args, n0, n1);
+  });
+  return finish(y, x);
+}
+
+}  // namespace rlhf_fast
