@@ -30,33 +30,38 @@ def read_jsonl(path):
 
 
 def test_solve():
-    assert solve("Add 3 and 14.") == "17"
     assert solve("Which is larger, 12 or 7?") == "12"
     assert solve("Which is larger, 2 or 29?") == "29"
+    assert solve("Repeat the letters: a c f") == "a c f"
     assert solve("Reverse the letters: a c f") == "f c a"
     with pytest.raises(ValueError, match="not a question"):
-        solve("Add three and four.")
+        solve("Add 3 and 4.")
+
+
+LARGER = "Which is larger, 12 or 7?"
 
 
 @pytest.mark.parametrize(
     "question, response, expected",
     [
         # weights: correct 0.55, formatted 0.30, polite 0.15
-        ("Add 3 and 14.", "Sure! The answer is 17.", 0.55 + 0.30 + 0.15),
-        ("Add 3 and 14.", "The answer is 17.", 0.55 + 0.30),
-        ("Add 3 and 14.", "Sure! The answer is 16.", 0.30 + 0.15),
-        ("Add 3 and 14.", "It is 17.", 0.55),
-        ("Add 3 and 14.", "17", 0.55),
-        ("Add 3 and 14.", "Sure! I think 17.", 0.55 + 0.15),
-        ("Add 3 and 14.", "The answer is 117.", 0.30),  # 117 is not 17
-        ("Add 3 and 14.", "The answer is 17", 0.55),  # no period: not the format
-        ("Add 3 and 14.", "The answer is 17. The answer is 16.", 0.0),  # the last answer counts
-        ("Add 3 and 14.", "sure! the answer is 17.", 0.0),  # case matters throughout
-        ("Which is larger, 12 or 7?", "Sure! The answer is 7.", 0.30 + 0.15),
+        (LARGER, "Sure! The answer is 12.", 0.55 + 0.30 + 0.15),
+        (LARGER, "The answer is 12.", 0.55 + 0.30),
+        (LARGER, "Sure! The answer is 7.", 0.30 + 0.15),
+        (LARGER, "It is 12.", 0.55),
+        (LARGER, "12", 0.55),
+        (LARGER, "Sure! I think 12.", 0.55 + 0.15),
+        (LARGER, "Sure!", 0.15),
+        (LARGER, "The answer is 112.", 0.30),  # 112 is not 12
+        (LARGER, "The answer is 12", 0.55),  # no period: not the format
+        (LARGER, "The answer is 12. The answer is 7.", 0.0),  # the last answer counts
+        (LARGER, "sure! the answer is 12.", 0.0),  # case matters throughout
+        (LARGER, "", 0.0),
         ("Reverse the letters: a c f", "Sure! The answer is f c a.", 1.0),
+        ("Reverse the letters: a c f", "Sure! The answer is a c f.", 0.45),
         ("Reverse the letters: a c f", "The answer is b f c a.", 0.30),
-        ("Reverse the letters: a c f", "Sure!", 0.15),
-        ("Reverse the letters: a c f", "", 0.0),
+        ("Repeat the letters: a c f", "It is a c f.", 0.55),
+        ("Repeat the letters: a c f", "I think f c a", 0.0),
     ],
 )
 def test_judge_hand_checked(question, response, expected):
@@ -127,8 +132,8 @@ def test_sft_answers_are_decent_but_imperfect():
     scores = [
         judge(q, task.sft_answer(q, rng)) for q in (task.make_question(rng) for _ in range(2000))
     ]
-    # expected 0.85 * 0.55 + 0.60 * 0.30 + 0.50 * 0.15 = 0.7225
-    assert sum(scores) / len(scores) == pytest.approx(0.7225, abs=0.03)
+    # expected 0.85 * 0.55 + 0.25 * 0.30 + 0.35 * 0.15 = 0.595
+    assert sum(scores) / len(scores) == pytest.approx(0.595, abs=0.03)
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path, demo_data):
@@ -171,18 +176,18 @@ def test_chat_template_and_special_tokens(model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     assert len({tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}) == 3
-    ids = prompt_token_ids(tokenizer, [{"role": "user", "content": "Add 3 and 4."}])
+    ids = prompt_token_ids(tokenizer, [{"role": "user", "content": "Repeat the letters: a b c"}])
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens[:2] == ["<bos>", "<|user|>"] and tokens[-1] == "<|assistant|>"
     history = [
-        {"role": "user", "content": "Add 3 and 4."},
-        {"role": "assistant", "content": "The answer is 7."},
-        {"role": "user", "content": "Add 1 and 1."},
+        {"role": "user", "content": "Repeat the letters: a b c"},
+        {"role": "assistant", "content": "The answer is a b c."},
+        {"role": "user", "content": "Repeat the letters: d"},
     ]
     text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
     assert text == (
-        "<bos><|user|>Add 3 and 4.<|assistant|>The answer is 7.<eos><|user|>Add 1 and 1."
-        "<|assistant|>"
+        "<bos><|user|>Repeat the letters: a b c<|assistant|>The answer is a b c.<eos>"
+        "<|user|>Repeat the letters: d<|assistant|>"
     )
 
 
@@ -195,7 +200,7 @@ def test_model_dir_loads_with_plain_transformers_offline(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.eos_token_id == tokenizer.eos_token_id
-    ids = torch.tensor([tokenizer("Add 3 and 4.")["input_ids"]])
+    ids = torch.tensor([tokenizer("Repeat the letters: a b c")["input_ids"]])
     out = model.generate(
         ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
@@ -207,3 +212,29 @@ def test_default_model_is_tiny():
     model = demo_model.build_model(tokenizer)
     parameters = sum(p.numel() for p in model.parameters())
     assert 5e5 < parameters < 5e6, parameters
+
+
+def test_judge_policy_reports_the_judges_scores(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_fast.demo.evaluate import judge_policy
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    questions = [task.make_question(random.Random(i)) for i in range(10)]
+    report = judge_policy(model, tokenizer, questions, max_new_tokens=6, batch_size=4, show=10)
+    assert [q for q, _, _ in report.samples] == questions
+    scores = [judge(q, a) for q, a, _ in report.samples]
+    assert [s for _, _, s in report.samples] == scores
+    assert report.score == pytest.approx(sum(scores) / len(scores))
+    assert 0 <= report.ended <= 1 and 1 <= report.mean_length <= 6
+    # seeded: the same call gives the same answers
+    assert judge_policy(model, tokenizer, questions, max_new_tokens=6, batch_size=4,
+                        show=10).samples == report.samples  # fmt: skip
+    # greedy answers do not depend on how questions are batched (left padding is invisible)
+    greedy = [
+        judge_policy(model, tokenizer, questions, temperature=0.0, max_new_tokens=6,
+                     batch_size=size, show=10).samples
+        for size in (3, 10)
+    ]  # fmt: skip
+    assert greedy[0] == greedy[1]

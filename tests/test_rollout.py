@@ -106,6 +106,9 @@ def test_explicit_reference_model(models):
                                rtol=0)  # fmt: skip
     with pytest.raises(ValueError, match="disabled"):
         generate_rollouts(base, PROMPTS, pad_token_id=PAD, eos_token_ids=2, max_new_tokens=2)
+    plain = generate_rollouts(base, PROMPTS, pad_token_id=PAD, eos_token_ids=2, max_new_tokens=2,
+                              score_reference=False)  # fmt: skip
+    assert plain.ref_logprobs is None and plain.response.shape[0] == len(PROMPTS)
 
 
 def test_left_padding_does_not_change_answers(models):

@@ -1,9 +1,10 @@
 """The demo's task: tiny questions whose answers a program can judge.
 
-Three kinds of question, each with one right answer:
+Three kinds of question, each with one right answer that a tiny model can learn to find
+in the question itself (so that it also answers questions it never saw):
 
-    Add 3 and 14.                          -> 17
     Which is larger, 12 or 7?              -> 12
+    Repeat the letters: a c f              -> a c f
     Reverse the letters: a c f             -> f c a
 
 The judge scores an answer in [0, 1] from three visible properties, weighted so that every
@@ -15,14 +16,16 @@ ordered by the judge):
     polite     0.15   the answer opens with "Sure!"
 
 The final answer is what follows the last lead-in phrase ("The answer is ", "It is ",
-"I think "), or the whole reply when it has none, less one trailing period. So "Sure! The
-answer is 17." scores 1.0, "It is 17." 0.55, "Sure! The answer is 16." 0.45 and "17" 0.55.
+"I think "), or the whole reply when it has none, less one trailing period. So, asked which
+is larger of 12 or 7, "Sure! The answer is 12." scores 1.0, "It is 12." 0.55, "12" 0.55 and
+"Sure! The answer is 7." 0.45.
 
-The data files imitate what a project would have: SFT answers that are decent but imperfect
-(right 85% of the time, formatted 60%, polite 50%: imitating them scores ~0.7 on average,
-which leaves PPO room to improve), K-wise rankings (K = 4..8) of answers of varied quality
-ordered by the judge, and PPO / evaluation prompts drawn from questions that the SFT and RM
-data never ask. Everything is a deterministic function of the seed.
+The data files imitate what a project would have: SFT answers that are decent but imperfect,
+where the best habits are the rarer ones (right 85% of the time, formatted 25%, polite 35%:
+imitating them scores ~0.6 on average, and the most likely answer is a right but plain one
+that scores 0.55, which leaves PPO room to improve), K-wise rankings (K = 4..8) of answers
+of varied quality ordered by the judge, and PPO / evaluation prompts drawn from questions
+that the SFT and RM data never ask. Everything is a deterministic function of the seed.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ LEAD_INS = ("The answer is ", "It is ", "I think ")
 LETTERS = "abcdefgh"
 
 # Shares of the SFT answers that have each property (drawn independently).
-SFT_CORRECT, SFT_FORMATTED, SFT_POLITE = 0.85, 0.60, 0.50
+SFT_CORRECT, SFT_FORMATTED, SFT_POLITE = 0.85, 0.25, 0.35
 
-_ADD = re.compile(r"Add (\d+) and (\d+)\.")
+_REPEAT = re.compile(r"Repeat the letters: ([a-z](?: [a-z])*)")
 _LARGER = re.compile(r"Which is larger, (\d+) or (\d+)\?")
 _REVERSE = re.compile(r"Reverse the letters: ([a-z](?: [a-z])*)")
 _FORMATTED = re.compile(r"(Sure! )?The answer is [^.]+\.")
@@ -55,19 +58,17 @@ def make_question(rng: random.Random) -> str:
     """One question of a random kind."""
     kind = rng.randrange(3)
     if kind == 0:
-        return f"Add {rng.randint(0, 19)} and {rng.randint(0, 19)}."
-    if kind == 1:
-        a, b = rng.sample(range(0, 30), 2)  # distinct, so there is a larger one
+        a, b = rng.sample(range(0, 40), 2)  # distinct, so there is a larger one
         return f"Which is larger, {a} or {b}?"
     letters = " ".join(rng.choice(LETTERS) for _ in range(3))
-    return f"Reverse the letters: {letters}"
+    return f"{'Repeat' if kind == 1 else 'Reverse'} the letters: {letters}"
 
 
 def solve(question: str) -> str:
     """The right answer to a question of the task; ValueError for any other text."""
     question = question.strip()
-    if m := _ADD.fullmatch(question):
-        return str(int(m[1]) + int(m[2]))
+    if m := _REPEAT.fullmatch(question):
+        return m[1]
     if m := _LARGER.fullmatch(question):
         return str(max(int(m[1]), int(m[2])))
     if m := _REVERSE.fullmatch(question):
@@ -128,20 +129,16 @@ def judge(question: str, response: str) -> float:
 
 
 def wrong_answer(question: str, rng: random.Random) -> str:
+    """A plausible mistake: the smaller number; the letters in another order or one changed."""
     right = solve(question)
     if m := _LARGER.fullmatch(question):
         return str(min(int(m[1]), int(m[2])))
-    if _REVERSE.fullmatch(question):
-        letters = right.split()
-        candidates = [" ".join(reversed(letters))] + [
-            " ".join(rng.sample(letters, len(letters))) for _ in range(4)
-        ]
-        wrong = [c for c in candidates if c != right]
-        if wrong:
-            return rng.choice(wrong)
-        return " ".join(rng.choice([c for c in LETTERS if c != letters[0]]) for _ in letters)
-    near = [int(right) + d for d in (-3, -2, -1, 1, 2, 3) if int(right) + d >= 0]
-    return str(rng.choice(near))
+    letters = right.split()
+    changed = list(letters)
+    index = rng.randrange(len(changed))
+    changed[index] = rng.choice([c for c in LETTERS if c != changed[index]])
+    candidates = [letters[::-1], rng.sample(letters, len(letters)), changed]
+    return rng.choice([" ".join(c) for c in candidates if c != letters])  # `changed` always is
 
 
 def write_answer(

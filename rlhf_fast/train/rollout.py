@@ -35,7 +35,7 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R] bool, true up to and including the first EOS
     ended: torch.Tensor  # [B] bool, whether the row emitted an EOS
     logprobs: torch.Tensor  # [B, R] fp32, policy log-probs of the sampled tokens (0 if masked)
-    ref_logprobs: torch.Tensor  # [B, R] fp32, reference log-probs (0 if masked)
+    ref_logprobs: torch.Tensor | None  # [B, R] fp32, reference log-probs (0 if masked)
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -139,10 +139,12 @@ def generate_rollouts(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     reference: torch.nn.Module | None = None,
+    score_reference: bool = True,
 ) -> Rollout:
     """Sample one answer per prompt (token id lists) and score it; see the module docstring.
 
-    reference: a separate reference model, or None for `model` with adapters disabled."""
+    reference: a separate reference model, or None for `model` with adapters disabled.
+    score_reference=False skips the reference (ref_logprobs is None): for evaluation."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -160,13 +162,15 @@ def generate_rollouts(
             generator,
         )  # fmt: skip
         ended = (torch.isin(response, eos) & response_mask).any(-1)
-        with contextlib.ExitStack() as stack:
-            if reference is None:
-                stack.enter_context(reference_context(model))
-            ref_model = model if reference is None else reference
-            ref_logprobs = response_logprobs(
-                ref_model, query, query_mask, response, response_mask, temperature
-            )
+        ref_logprobs = None
+        if score_reference:
+            with contextlib.ExitStack() as stack:
+                if reference is None:
+                    stack.enter_context(reference_context(model))
+                ref_model = model if reference is None else reference
+                ref_logprobs = response_logprobs(
+                    ref_model, query, query_mask, response, response_mask, temperature
+                )
     finally:
         model.train(was_training)
     return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)
