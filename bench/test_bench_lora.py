@@ -12,7 +12,7 @@ Providers per size (group "lora_linear cpu <size>"):
 
 One training step of a small Llama-shaped model (group "lora_train_step"): forward with
 labels and backward, LoRA r=16 on every projection, fused ("cpp") vs peft ("peer"), in fp32
-and in bf16, and QLoRA (int4 base, fp32 activations) fused. Memory there is the model's
+and in bf16, and QLoRA (int4 base) fused. Memory there is the model's
 parameter and buffer bytes plus the bytes saved for backward.
 
 Memory is reported as the bytes each provider keeps alive for backward (found with
@@ -25,6 +25,8 @@ decides. It goes into each benchmark's extra_info ("saved_bytes") and is printed
 from __future__ import annotations
 
 import itertools
+import statistics
+import time
 
 import pytest
 import torch
@@ -225,8 +227,6 @@ def _model_bytes(model) -> int:
 @pytest.mark.parametrize("size", TRAIN_SIZES)
 def test_lora_train_step(measure, benchmark, size, dtype, provider):
     hidden, layers, tokens = size
-    if provider == "cpp-int4" and dtype == "bf16":
-        pytest.skip("QLoRA is measured with fp32 activations")
     model = _train_model(hidden, layers, provider, DTYPES[dtype]).train()
     ids = torch.randint(0, 1024, (2, tokens // 2), generator=torch.Generator().manual_seed(0))
 
@@ -243,3 +243,59 @@ def test_lora_train_step(measure, benchmark, size, dtype, provider):
     )
     name = "h{}-l{}-t{}".format(*size)
     measure(step, op=f"lora_train_step {dtype}", device="cpu", size=name, provider=provider)
+
+
+# --------------------------------------------------------------------------------------------
+# Contention-proof ratios: one intra-op thread, CPU time of the calling thread
+# --------------------------------------------------------------------------------------------
+
+RATIO_SIZES = [(512, 4096, 4096, 16), (2048, 4096, 11008, 64)]
+RATIO_ROUNDS = 5
+
+
+def _thread_time_medians(providers: dict, rounds: int) -> dict[str, float]:
+    """Median CPU seconds of the calling thread per call, the providers taking turns.
+
+    On a shared 2-core machine wall-clock medians of multi-threaded torch ops measure the
+    scheduler (each parallel region waits for a core); the CPU time of a single thread does
+    not, so it gives the ratios between providers even while others run."""
+    samples = {name: [] for name in providers}
+    for fn in providers.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            start = time.thread_time()
+            fn()
+            samples[name].append(time.thread_time() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@pytest.mark.bench_full
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("size", RATIO_SIZES, ids=_name)
+def test_lora_linear_one_thread_ratios(size, dtype):
+    m, k, n, r = size
+    x, weight, lora_A, lora_B, grad_y = _inputs(m, k, n, r, DTYPES[dtype])
+    qweight = quantize_weight(weight.float(), 4, 128)
+    dense = _providers(weight, x, lora_A, lora_B, grad_y, quantized=False)
+    int4 = _providers(qweight, x, lora_A, lora_B, grad_y, quantized=True)
+    providers = {
+        "fused": dense["cpp"], "peft": dense["peer"], "base-gemms": dense["base-gemms"],
+        "int4-fused": int4["cpp"], "int4-dequantize+peft": int4["peer"],
+        "int4-fast-dequantize+peft": int4["peer-fast-dequantize"],
+    }  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        medians = _thread_time_medians(providers, RATIO_ROUNDS)
+    finally:
+        torch.set_num_threads(threads)
+    fused, int4_fused = medians["fused"], medians["int4-fused"]
+    print(f"\n{_name(size)} {dtype}, one thread, median CPU time per forward+backward:")
+    for name, seconds in medians.items():
+        print(f"  {name:26s} {seconds * 1e3:9.1f} ms")
+    print(f"  fused / base-gemms = {fused / medians['base-gemms']:.3f}")
+    print(f"  peft / fused = {medians['peft'] / fused:.3f}")
+    print(f"  int4: dequantize+peft / fused = {medians['int4-dequantize+peft'] / int4_fused:.3f}")
+    fast_dequantize = medians["int4-fast-dequantize+peft"]
+    print(f"  int4: fast-dequantize+peft / fused = {fast_dequantize / int4_fused:.3f}")

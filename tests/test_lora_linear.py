@@ -152,9 +152,9 @@ def test_no_gradient_to_weight_and_only_requested_gradients():
     assert w.grad is None and x.grad is None and bb.grad is None and a.grad is not None
 
 
-def test_fused_saves_x_and_a_bool_mask_only():
+def test_fused_saves_x_and_a_bit_mask_only():
     """With dropout, peft keeps the [M, K] float noise and the dropped x for backward; the
-    fused op keeps x, the bool keep mask, the [M, r] product and adapter-sized tensors."""
+    fused op keeps x, the keep mask as bits, the [M, r] product and adapter-sized tensors."""
     x, w, _, a, bb, _ = make_inputs(64, 96, 80, 4, torch.float32, torch.float32, 2, False)
     saved = []
 
@@ -165,9 +165,19 @@ def test_fused_saves_x_and_a_bool_mask_only():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ops.lora_linear(x, w, None, a, bb, 1.0, dropout=0.5, backend="cpp")
     big = [t for t in saved if t.numel() >= x.numel()]
-    assert len(big) == 2 and big[0].data_ptr() == x.data_ptr() and big[1].dtype == torch.bool
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    bits = [t for t in saved if t.dtype == torch.uint8]
+    assert len(bits) == 1 and bits[0].numel() == x.numel() // 8
     small = sum(t.numel() * t.element_size() for t in saved if t.numel() < x.numel())
-    assert small <= (64 * 4 + 2 * 4 * (96 + 80)) * 4
+    assert small <= (64 * 4 + 2 * 4 * (96 + 80)) * 4 + x.numel() // 8
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (8, 16), (3, 5, 41)])
+def test_mask_packing_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) > 0.4
+    packed = lora_module.pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(lora_module.unpack_mask(packed, mask.shape), mask)
 
 
 def test_backward_leaves_global_rng_alone():

@@ -9,9 +9,10 @@ copies saved for backward. The fused backend removes those:
 - forward: y = bias + x W^T, then y += (s * x A^T) B^T accumulated in place (GEMM, beta = 1);
 - backward: dx = dy W, then dx += (s * dy B) A in place; dA and dB from the [M, r] products;
 - saved: x (needed for dA anyway), the [M, r] product s * x A^T, and with dropout the keep
-  mask as bool, 1 byte an element (peft keeps the float noise and a dropped copy of x; drawing
-  the mask again in backward would save that byte but costs a second bernoulli_, which on CPU
-  is single-threaded, ~7 ns an element: more than the rest of the layer at small widths);
+  mask packed 8 to a byte (peft keeps the float noise and a dropped copy of x: 8 bytes an
+  element with fp32 adapters). Drawing the mask again in backward would save even that bit
+  but costs a second bernoulli_, which on CPU is single-threaded, ~7 ns an element: more than
+  the rest of the layer at small widths; packing and unpacking are a few byte passes;
 - dropout's 1 / (1 - p) is applied to the [M, r] products, not to [M, K] tensors;
 - a quantized W is never dequantized whole: the forward runs `ops.quant_matmul` (C++ kernels
   that unpack tiles), the backward's dy W dequantizes row blocks of W, one at a time.
@@ -233,6 +234,23 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
 
 
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as bits, 8 to a byte (little-endian within a byte), zero-padded."""
+    flat = mask.reshape(-1)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of pack_mask: the bool tensor of `shape`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[:, None] >> shifts) & 1
+    return bits.view(-1)[: shape.numel()].view(shape).bool()
+
+
 def keep_scale(p: float, dtype: torch.dtype) -> float:
     """1 / (1 - p) rounded as nn.Dropout's noise holds it in `dtype`."""
     return torch.ones((), dtype=dtype).div_(1 - p).item()
@@ -257,20 +275,23 @@ class _FusedLoraLinear(torch.autograd.Function):
         ctx.base, ctx.lora_scale = base, lora_scale
         ctx.lora_dtype = lora_A.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        # x only where dA needs it, s * x A^T only where dB does; the mask as bool (1 byte an
-        # element; peft keeps the float noise and the dropped copy of x).
+        # x only where dA needs it, s * x A^T only where dB does; the mask as bits (peft keeps
+        # the float noise and the dropped copy of x: 8 bytes an element with fp32 adapters).
         ctx.save_for_backward(
             x2d if ctx.needs_input_grad[1] else None,
             scaled_t if ctx.needs_input_grad[2] else None,
             a,
             b,
-            mask,
+            None if mask is None else pack_mask(mask),
         )
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, scaled_t, a, b, mask = ctx.saved_tensors
+        x2d, scaled_t, a, b, packed_mask = ctx.saved_tensors
+        mask = None
+        if packed_mask is not None:
+            mask = unpack_mask(packed_mask, torch.Size((grad_y.shape[0], a.shape[1])))
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         grad_y = grad_y.to(a.dtype)
         grad_x = grad_a = grad_b = grad_bias = None
