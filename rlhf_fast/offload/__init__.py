@@ -1,0 +1,13 @@
+"""FlexGen-style offloading: decoder layers stream from per-layer shards on disk.
+
+prepare_offload (prepare.py) writes an offload directory once; load_offloaded (model.py) opens
+it as an HF model whose layers a LayerStreamer (streamer.py) binds just in time, reading ahead
+on a background thread; generate_batch (generate.py) runs FlexGen's block schedule; policy.py
+chooses the placement from memory budgets with a calibrated cost model.
+"""
+
+from rlhf_fast.offload.model import OffloadedLM, load_offloaded
+from rlhf_fast.offload.prepare import prepare_offload
+from rlhf_fast.offload.shards import ShardError
+
+__all__ = ["OffloadedLM", "ShardError", "load_offloaded", "prepare_offload"]

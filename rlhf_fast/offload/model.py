@@ -1,0 +1,153 @@
+"""load_offloaded: a causal LM built from an offload directory whose layers stream from disk.
+
+The model is built on the meta device from the directory's config; embeddings, final norm and
+lm_head (resident.safetensors) are loaded for real; `resident_layers` decoder layers (spread
+evenly over the depth, so that reads of the streamed ones overlap their compute too) are read
+once; the others are bound by a LayerStreamer around each forward through hooks on the layer
+(a pre-hook acquires, an always-called forward hook releases, even when the layer raises).
+Any HF forward therefore works unchanged (`model(...)`, `generate_tokens(..., decoder="hf")`);
+`offload.generate.generate_batch` adds FlexGen's block schedule on top.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_fast.offload.prepare import decoder_layers
+from rlhf_fast.offload.shards import (
+    RESIDENT_FILE,
+    ShardError,
+    layer_file,
+    load_file,
+    read_layout,
+    read_manifest,
+)
+from rlhf_fast.offload.streamer import LayerStreamer
+from rlhf_fast.quant.linear import QuantLinear
+from rlhf_fast.quant.model import replace_module
+
+
+def spread(count: int, total: int) -> set[int]:
+    """`count` of range(total), evenly spaced (count=total: all; 0: none)."""
+    count = max(0, min(count, total))
+    return {int((k + 0.5) * total / count) for k in range(count)} if count else set()
+
+
+def _install_quant_shells(layer: nn.Module, layout, where: str) -> None:
+    """QuantLinear shells (meta) for each `<name>.qdata` of a layer shard."""
+    shapes = {entry.name: entry for entry in layout.tensors}
+    for key, entry in shapes.items():
+        if not key.endswith(".qdata"):
+            continue
+        name = key[: -len(".qdata")]
+        old = layer.get_submodule(name)
+        bits = {torch.int8: 8, torch.uint8: 4}.get(entry.dtype)
+        scales = shapes.get(f"{name}.scales")
+        if bits is None or scales is None:
+            raise ShardError(f"{where}: {key} is not an int8/int4 quantized weight")
+        out_features, packed = entry.shape
+        group_size = -1 if bits == 8 else packed * 2 // scales.shape[1]
+        in_features = old.in_features if hasattr(old, "in_features") else old.weight.shape[0]
+        bias = getattr(old, "bias", None)
+        with torch.device("meta"):
+            shell = QuantLinear(
+                in_features, out_features, bits, max(group_size, 32), bias=bias is not None,
+                bias_dtype=bias.dtype if bias is not None else torch.float32,
+            )  # fmt: skip
+        shell.group_size = group_size
+        replace_module(layer, name, shell)
+
+
+def _materialize_remaining(model: nn.Module, streamed_names: set[str]) -> None:
+    """Non-persistent buffers (rotary inv_freq) are in no file: build them with the model's
+    own initializer, except the streamed layers' tensors (they stay meta until bound)."""
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name not in streamed_names:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            owner.to_empty(device="cpu", recurse=False)
+            model._init_weights(owner)
+
+
+class OffloadedLM:
+    """`model` (an HF causal LM whose decoder layers stream) and the streamer behind it."""
+
+    def __init__(self, model: nn.Module, streamer: LayerStreamer, manifest: dict, hooks) -> None:
+        self.model, self.streamer, self.manifest, self._hooks = model, streamer, manifest, hooks
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return decoder_layers(self.model)[1]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held in RAM for weights: non-layer tensors + resident layers + slots."""
+        return self.manifest["resident_bytes"] + self.streamer.held_bytes
+
+    def close(self) -> None:
+        self.streamer.close()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __enter__(self) -> OffloadedLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_offloaded(
+    offload_dir: str | os.PathLike,
+    *,
+    resident_layers: int = 0,
+    prefetch: int = 1,
+    drop_cache: bool = False,
+) -> OffloadedLM:
+    """Opens an offload directory written by prepare_offload (see the module docstring).
+
+    Every shard's header is checked here, so a missing or truncated file fails before the first
+    token with `FILE: what is wrong`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(offload_dir)
+    manifest = read_manifest(path)
+    layouts = [read_layout(path / layer_file(i)) for i in range(manifest["num_layers"])]
+    dtype = getattr(torch, manifest["dtype"])
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    prefix, layers = decoder_layers(model)
+    for index, (layer, layout) in enumerate(zip(layers, layouts, strict=True)):
+        _install_quant_shells(layer, layout, str(path / layer_file(index)))
+    resident = load_file(path / RESIDENT_FILE)
+    model.load_state_dict(resident, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    streamed_names = {
+        f"{prefix}.{i}.{entry.name}" for i, layout in enumerate(layouts) for entry in layout.tensors
+    }
+    _materialize_remaining(model, streamed_names)
+    missing = [
+        name
+        for name, tensor in model.named_parameters()
+        if tensor.is_meta and name not in streamed_names
+    ]
+    if missing:
+        raise ShardError(f"{path / RESIDENT_FILE}: missing tensor {missing[0]}")
+    streamer = LayerStreamer(
+        layers, layouts, spread(resident_layers, len(layers)), prefetch=prefetch,
+        drop_cache=drop_cache,
+    )  # fmt: skip
+    hooks = []
+    for index, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(lambda *_, i=index: streamer.acquire(i)))
+        hooks.append(
+            layer.register_forward_hook(lambda *_, i=index: streamer.release(i), always_call=True)
+        )
+    model.eval()
+    return OffloadedLM(model, streamer, manifest, hooks)

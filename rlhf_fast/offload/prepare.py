@@ -1,0 +1,156 @@
+"""prepare_offload: split a causal LM into an offload directory (see shards.py), once.
+
+The source is a Hugging Face model directory (safetensors, read through memory maps one layer
+at a time, so a model larger than RAM can be prepared) or a model already in memory. With
+`compress=4` or `8`, every linear weight inside the decoder layers is quantized with
+rlhf_fast.quant's formats on the way (embeddings and lm_head stay as stored), and the shards
+hold the compressed tensors that QuantLinear / ops.quant_matmul consume directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_fast.offload.shards import FORMAT_VERSION, MANIFEST, RESIDENT_FILE, layer_file
+from rlhf_fast.quant.linear import _conv1d_class, is_quantizable
+from rlhf_fast.quant.weight import quantize_weight
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, list) of the model's decoder layers: the ModuleList with one entry per
+    `config.num_hidden_layers` (model.layers for Llama, transformer.h for GPT-2, ...)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and count:
+            return name, module
+    raise ValueError(
+        f"{type(model).__name__}: no ModuleList of config.num_hidden_layers={count} decoder layers"
+    )
+
+
+def _source_tensors(model_dir: Path) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """Keys and a memory-mapped getter over the directory's safetensors file(s)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (never pickle)")
+    handles, where = [], {}
+    for file in files:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        handles.append(handle)
+        for key in handle.keys():
+            where[key] = handle
+    return list(where), lambda key: where[key].get_tensor(key)
+
+
+def _skeleton(model_dir: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
+def _compressed(
+    layer: nn.Module, name: str, tensor: torch.Tensor, bits: int | None, group_size: int
+) -> dict[str, torch.Tensor]:
+    """{relative name: tensor} to store for one of a layer's tensors (quantized if it should)."""
+    module_name, _, attr = name.rpartition(".")
+    module = layer.get_submodule(module_name) if module_name else layer
+    if bits is None or attr != "weight" or not is_quantizable(module):
+        return {name: tensor}
+    conv1d = _conv1d_class()
+    dense = tensor.t() if conv1d is not None and isinstance(module, conv1d) else tensor
+    return quantize_weight(dense.float(), bits, group_size).state_dict(module_name)
+
+
+def prepare_offload(
+    source: str | os.PathLike | nn.Module,
+    offload_dir: str | os.PathLike,
+    *,
+    compress: int | None = None,
+    group_size: int = 32,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Writes `offload_dir` (atomically: temp dir + rename) from a model dir or a model.
+
+    compress: None (as stored), 4 or 8 (decoder-layer linears quantized). dtype: cast float
+    tensors that stay dense (None: keep them as stored). Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    if compress not in (None, 4, 8):
+        raise ValueError(f"compress must be None, 4 or 8, got {compress!r}")
+    if isinstance(source, nn.Module):
+        model = source
+        state = model.state_dict()
+        tied = getattr(model, "get_expanded_tied_weights_keys", None)
+        skip = set(tied(all_submodels=True)) if tied is not None else set()
+        keys = [key for key in state if key not in skip]
+        get, origin = state.__getitem__, type(model).__name__
+    else:
+        model_dir = Path(source)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir / 'config.json'}: missing (not a model directory)")
+        keys, get = _source_tensors(model_dir)
+        model, origin = _skeleton(model_dir), str(model_dir.resolve())
+    prefix, layers = decoder_layers(model)
+    out_dir = Path(offload_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staged.mkdir()
+
+    def prepared(tensor: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.detach().to("cpu").contiguous()
+
+    try:
+        per_layer: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+        resident: dict[str, torch.Tensor] = {}
+        for key in keys:
+            head, _, rest = key.partition(prefix + ".")
+            index, _, name = rest.partition(".")
+            if head == "" and index.isdigit() and int(index) < len(layers):
+                per_layer[int(index)][name] = None  # filled one layer at a time below
+            else:
+                resident[key] = prepared(get(key)).clone()
+        save_file(resident, staged / RESIDENT_FILE, metadata={"format": "pt"})
+        layer_bytes = []
+        for index, names in enumerate(per_layer):
+            tensors = {}
+            for name in names:
+                full = f"{prefix}.{index}.{name}"
+                stored = _compressed(layers[index], name, get(full), compress, group_size)
+                tensors.update({key: prepared(value) for key, value in stored.items()})
+            save_file(tensors, staged / layer_file(index), metadata={"format": "pt"})
+            layer_bytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        float_dtypes = {t.dtype for t in resident.values() if t.is_floating_point()}
+        manifest = {
+            "version": FORMAT_VERSION,
+            "source": origin,
+            "layers_prefix": prefix,
+            "num_layers": len(layers),
+            "dtype": str(next(iter(float_dtypes), torch.float32)).removeprefix("torch."),
+            "compress": None if compress is None else {"bits": compress, "group_size": group_size},
+            "layer_bytes": layer_bytes,
+            "resident_bytes": sum(t.numel() * t.element_size() for t in resident.values()),
+        }
+        model.config.save_pretrained(staged)
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staged.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return out_dir

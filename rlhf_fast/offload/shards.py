@@ -1,0 +1,166 @@
+"""Per-layer safetensors shards: write them once, read them many times into reused buffers.
+
+An offload directory holds `offload.json` (what was prepared from what), `resident.safetensors`
+(embeddings, final norm, lm_head: every tensor outside the decoder layers) and one
+`layer_NNN.safetensors` per decoder layer, its tensors named relative to the layer
+(`self_attn.q_proj.weight`, or `.qdata`/`.scales`/`.offsets`/`.qshape` when compressed).
+
+Reading a layer parses its header once (`ShardLayout`), then each load is one buffered
+`readinto` of the whole data section into a preallocated uint8 buffer, whose slices are viewed
+as the layer's tensors: no allocation and no copy beyond the kernel's. With `drop_cache=True`
+the file's pages are evicted from the page cache after the read (posix_fadvise DONTNEED), so
+every load is a true disk read and the page cache never holds the model ("true-disk" regime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MANIFEST = "offload.json"
+RESIDENT_FILE = "resident.safetensors"
+FORMAT_VERSION = 1
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class ShardError(ValueError):
+    """A missing, truncated or inconsistent offload file (message: `FILE: what is wrong`)."""
+
+
+def layer_file(index: int) -> str:
+    return f"layer_{index:03d}.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offsets within the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where each tensor of one safetensors file lies; `data_offset` is the data section's."""
+
+    path: Path
+    data_offset: int
+    data_bytes: int
+    tensors: tuple[TensorEntry, ...]
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors of this file as views of `buffer` (uint8, filled by `read_into`)."""
+        out = {}
+        for entry in self.tensors:
+            raw = buffer[entry.start : entry.end]
+            size = torch.empty((), dtype=entry.dtype).element_size()
+            if (raw.data_ptr() % size) != 0:  # safetensors aligns, but never trust a file
+                raw = raw.clone()
+            out[entry.name] = raw.view(entry.dtype).view(entry.shape)
+        return out
+
+
+def read_layout(path: str | os.PathLike) -> ShardLayout:
+    """Parses and checks a safetensors header; ShardError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: missing offload shard (run the prepare step again)")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ShardError(f"{path}: truncated ({size} bytes, no safetensors header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 << 20):
+            raise ShardError(f"{path}: truncated or corrupt (header of {header_len} bytes)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError:
+            raise ShardError(f"{path}: corrupt safetensors header (not JSON)") from None
+    data_offset = 8 + header_len
+    entries, data_bytes = [], 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            start, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(int(v) for v in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ShardError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - start != numel * torch.empty((), dtype=dtype).element_size():
+            raise ShardError(f"{path}: tensor {name!r} byte range does not match its shape")
+        entries.append(TensorEntry(name, dtype, shape, start, end))
+        data_bytes = max(data_bytes, end)
+    if size < data_offset + data_bytes:
+        raise ShardError(
+            f"{path}: truncated ({size} bytes, the header needs {data_offset + data_bytes})"
+        )
+    return ShardLayout(path, data_offset, data_bytes, tuple(entries))
+
+
+def drop_page_cache(path: str | os.PathLike) -> None:
+    """Evicts a file's pages from the page cache (the next read comes from the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_into(layout: ShardLayout, buffer: torch.Tensor, *, drop_cache: bool = False) -> None:
+    """Reads the data section of `layout`'s file into the first bytes of `buffer` (uint8)."""
+    if buffer.numel() < layout.data_bytes:
+        raise ValueError(f"buffer of {buffer.numel()} bytes < {layout.data_bytes} ({layout.path})")
+    target = memoryview(buffer.numpy()).cast("B")[: layout.data_bytes]
+    try:
+        handle = open(layout.path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise ShardError(f"{layout.path}: missing offload shard (deleted while in use?)") from None
+    with handle:
+        handle.seek(layout.data_offset)
+        done = 0
+        while done < layout.data_bytes:
+            got = handle.readinto(target[done:])
+            if not got:
+                raise ShardError(
+                    f"{layout.path}: truncated (read {done} of {layout.data_bytes} data bytes)"
+                )
+            done += got
+        if drop_cache:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a (small) safetensors file, in one owned buffer, checked like a layer."""
+    layout = read_layout(path)
+    buffer = torch.empty(layout.data_bytes, dtype=torch.uint8)
+    read_into(layout, buffer)
+    return layout.views(buffer)
+
+
+def read_manifest(offload_dir: str | os.PathLike) -> dict:
+    path = Path(offload_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: missing (not an offload directory; run the prepare step)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise ShardError(f"{path}: not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: unknown offload format (expected version {FORMAT_VERSION})")
+    return manifest
