@@ -17,4 +17,13 @@ at::Tensor decode_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
 at::Tensor decode_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
                                 const at::Tensor& scales, const std::optional<at::Tensor>& bias);
 
+// The per-layer steps of one decoded token (decode_layer_ops.cpp).
+at::Tensor decode_add_rms_norm_cpu(at::Tensor& x, const std::optional<at::Tensor>& delta,
+                                   const at::Tensor& weight, double eps);
+at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos,
+                                const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
+                                int64_t position, int64_t heads, int64_t kv_heads,
+                                int64_t window, double scale);
+at::Tensor decode_silu_mul_cpu(const at::Tensor& gate_up);
+
 }  // namespace rlhf_fast

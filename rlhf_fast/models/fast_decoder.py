@@ -257,6 +257,14 @@ class FastDecoder:
                 _Layer(layer, windows[i], fast_activations) for i, layer in enumerate(inner.layers)
             ]
             self.lm_head = _Projection([_lm_head(model, fast_activations)], fast_activations)
+        # One-token steps through the C++ per-layer ops (decode_layer_ops.cpp) when they are
+        # built and every tensor they read has the activations' dtype.
+        norms = [self.norm] + [
+            w for layer in self.layers for w in (layer.input_norm, layer.post_norm)
+        ]
+        self.native_step = hasattr(torch.ops.rlhf_fast, "decode_attention") and all(
+            w.dtype == self.dtype for w in norms
+        )
         self.fingerprint = self._fingerprint(model)
         self.capacity = 0
         self.length = 0
@@ -361,6 +369,26 @@ class FastDecoder:
         x = self._rms_norm(x, self.norm, self.norm_eps)
         return self.lm_head(x)[0]
 
+    def _native_step(self, token: int, position: int) -> torch.Tensor:
+        """One token through every layer with the C++ per-layer ops: 8 calls a layer."""
+        ops = torch.ops.rlhf_fast
+        add_rms_norm, attention = ops.decode_add_rms_norm.default, ops.decode_attention.default
+        silu_mul = ops.decode_silu_mul.default
+        heads, kv_heads = self.heads, self.kv_heads
+        x = F.embedding(torch.tensor([token]), self.embed)  # a new tensor: updated in place
+        delta = None
+        for index, layer in enumerate(self.layers):
+            keys, values = self.cache[index]
+            h = add_rms_norm(x, delta, layer.input_norm, layer.eps)
+            qkv = layer.qkv(h)
+            attended = attention(
+                qkv, self.cos, self.signed_sin, keys, values, position, heads, kv_heads,
+                layer.window or 0, self.scale,
+            )  # fmt: skip
+            h = add_rms_norm(x, layer.o(attended), layer.post_norm, layer.post_eps)
+            delta = layer.down(silu_mul(layer.gate_up(h)))
+        return self.lm_head(add_rms_norm(x, delta, self.norm, self.norm_eps))[0]
+
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
         """Starts a sequence with `ids` (1-D); the logits of its last position ([vocab])."""
@@ -380,7 +408,10 @@ class FastDecoder:
             raise ValueError("step() before prefill(): no sequence was started")
         if self.length >= self.capacity:
             self._allocate(self.length + 1)
-        logits = self._forward(torch.tensor([token]), self.length)
+        if self.native_step:
+            logits = self._native_step(token, self.length)
+        else:
+            logits = self._forward(torch.tensor([token]), self.length)
         self.length += 1
         return logits
 

@@ -47,3 +47,20 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_gemv_int4"):
     @torch.library.register_fake("rlhf_fast::decode_gemv_int8")
     def _decode_gemv_int8_fake(x, qdata, scales, bias):
         return x.new_empty((x.shape[0], qdata.shape[0]))
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_attention"):
+
+    @torch.library.register_fake("rlhf_fast::decode_add_rms_norm")
+    def _decode_add_rms_norm_fake(x, delta, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("rlhf_fast::decode_attention")
+    def _decode_attention_fake(
+        qkv, cos, sin, keys, values, position, heads, kv_heads, window, scale
+    ):
+        return qkv.new_empty((1, heads * (qkv.shape[1] // (heads + 2 * kv_heads))))
+
+    @torch.library.register_fake("rlhf_fast::decode_silu_mul")
+    def _decode_silu_mul_fake(gate_up):
+        return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
