@@ -18,8 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("sft", "rm")
-LATER_STAGES = ("ppo", "all")  # a later issue
+STAGES = ("sft", "rm", "ppo", "all")
 
 
 class ConfigError(ValueError):
@@ -32,9 +31,18 @@ def _help(text: str, **kwargs) -> typing.Any:
 
 @dataclass
 class TrainConfig:
-    stage: str = _help("sft | rm", default="sft")
-    model: str | None = _help("base model directory (HF, safetensors)", default=None)
-    data: str | None = _help("training data, JSONL (DESIGN.md formats)", default=None)
+    stage: str = _help("sft | rm | ppo | all (sft -> rm -> ppo)", default="sft")
+    model: str | None = _help(
+        "base model directory (HF, safetensors); ppo: the SFT model", default=None
+    )
+    data: str | None = _help(
+        "training data, JSONL (DESIGN.md formats); ppo, all: prompts", default=None
+    )
+    reward_model: str | None = _help(
+        "ppo: reward-model directory (--stage rm's export)", default=None
+    )
+    sft_data: str | None = _help("all: SFT data, JSONL", default=None)
+    rm_data: str | None = _help("all: reward-model data, JSONL", default=None)
     output: str | None = _help("run directory (default runs/<stage>-<timestamp>)", default=None)
     merge: bool = _help("also export a merged model directory", default=False)
     dtype: str = _help("fp32 | bf16 (weights and compute)", default="fp32")
@@ -66,6 +74,29 @@ class TrainConfig:
     save_every: int = _help("checkpoint every N steps (0: only at the end)", default=50)
     keep_checkpoints: int = _help("checkpoints to keep (0: all)", default=2)
     log_every: int = _help("write metrics every N steps", default=1)
+    # PPO (stage ppo, and the last stage of all). One step = one rollout batch of batch_size
+    # prompts, then ppo_epochs passes over it in minibatches of mini_batch_size rows.
+    ppo_steps: int = _help("all: PPO steps (0: max_steps / epochs as the other stages)", default=0)
+    ppo_lr: float = _help("all: PPO learning rate (0: lr)", default=0.0)
+    ppo_epochs: int = _help("ppo: passes over each rollout batch", default=4)
+    mini_batch_size: int = _help("ppo: rows per PPO minibatch (0: the whole batch)", default=0)
+    max_new_tokens: int = _help("ppo: longest sampled answer, tokens", default=48)
+    temperature: float = _help("ppo: sampling temperature", default=1.0)
+    top_k: int = _help("ppo: sample from the k likeliest tokens (0: all)", default=0)
+    kl_coef: float = _help("ppo: KL penalty coefficient (initial one when adaptive)", default=0.05)
+    kl_estimator: str = _help("ppo: per-token KL estimator, k1 | k3", default="k1")
+    kl_target: float = _help("ppo: adaptive KL controller's target (0: fixed coef)", default=0.0)
+    kl_horizon: float = _help("ppo: adaptive KL controller's horizon, samples", default=10000.0)
+    score_clip: float = _help("ppo: clip reward-model scores to [-c, c] (0: off)", default=5.0)
+    missing_eos_penalty: float = _help("ppo: subtracted from answers without EOS", default=1.0)
+    gamma: float = _help("ppo: discount", default=1.0)
+    lam: float = _help("ppo: GAE lambda", default=0.95)
+    clip_range: float = _help("ppo: policy ratio clip", default=0.2)
+    value_clip: float = _help("ppo: value clip", default=0.2)
+    vf_coef: float = _help("ppo: value loss coefficient", default=0.1)
+    ptx_coef: float = _help("ppo: PPO-ptx SFT loss coefficient (0: off)", default=0.0)
+    ptx_data: str | None = _help("ppo: SFT data for PPO-ptx (all: sft_data)", default=None)
+    sample_every: int = _help("ppo: write sample answers every N steps (0: never)", default=10)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -75,11 +106,18 @@ CHOICES = {
     "device": ("cpu", "cuda", "auto"),
     "schedule": ("cosine", "linear", "constant"),
     "rm_loss": ("auto", "rank", "mse"),
+    "kl_estimator": ("k1", "k3"),
 }
-_POSITIVE = ("batch_size", "grad_accum", "max_length", "lora_r", "log_every")
+_POSITIVE = (
+    "batch_size", "grad_accum", "max_length", "lora_r", "log_every", "ppo_epochs",
+    "max_new_tokens", "kl_horizon",
+)  # fmt: skip
 _NON_NEGATIVE = (
     "warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "epochs", "eval_every",
-    "save_every", "keep_checkpoints", "lr", "lora_alpha",
+    "save_every", "keep_checkpoints", "lr", "lora_alpha", "ppo_steps", "ppo_lr",
+    "mini_batch_size", "temperature", "top_k", "kl_coef", "kl_target", "score_clip",
+    "missing_eos_penalty", "gamma", "lam", "clip_range", "value_clip", "vf_coef", "ptx_coef",
+    "sample_every",
 )  # fmt: skip
 
 
@@ -133,8 +171,6 @@ def apply(config: TrainConfig, values: dict, where: str) -> TrainConfig:
 
 def validate(config: TrainConfig) -> TrainConfig:
     """The same config, or ConfigError naming the first bad value."""
-    if config.stage in LATER_STAGES:
-        raise ConfigError(f"stage '{config.stage}' is not available yet: use --stage sft or rm")
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(
@@ -156,7 +192,18 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not config.model:
         raise ConfigError("--model DIR is required")
     if not config.data:
-        raise ConfigError("--data FILE is required")
+        what = "PROMPTS.jsonl" if config.stage in ("ppo", "all") else "FILE"
+        raise ConfigError(f"--data {what} is required")
+    if config.stage == "ppo" and not config.reward_model:
+        raise ConfigError(
+            "--stage ppo needs --reward-model DIR (made by: rlhf-fast train --stage rm)"
+        )
+    if config.stage == "all" and not (config.sft_data and config.rm_data):
+        raise ConfigError(
+            "--stage all needs --sft-data FILE and --rm-data FILE (and --data PROMPTS)"
+        )
+    if config.gamma > 1 or config.lam > 1:
+        raise ConfigError(f"gamma and lam must be in [0, 1], got {config.gamma} and {config.lam}")
     return config
 
 

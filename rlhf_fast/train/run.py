@@ -51,6 +51,14 @@ def run_stage(
 ) -> StageOutcome:
     """Train config.stage into config.output (resolved to a directory) and export the result.
     `stop_after=N` stops after step N without exporting, as an interrupted run would."""
+    if config.stage == "ppo":
+        from rlhf_fast.train.ppo import run_ppo
+
+        return run_ppo(config, resume=resume, stop_after=stop_after)
+    if config.stage == "all":
+        from rlhf_fast.train.pipeline import run_all
+
+        return run_all(config, resume=resume)
     started = time.perf_counter()
     config = config_module.validate(config)
     run_dir = Path(config.output) if config.output else default_run_dir(config.stage)

@@ -1,0 +1,470 @@
+"""PPO stage (InstructGPT step 3) on the shared base of ppo_models.py.
+
+One step:
+  1. rollout: `batch_size` prompts (an epoch permutation, as the other stages), one sampled
+     answer each with the KV cache (rollout.py), the policy's and the reference's log-probs
+     (the reference is the policy with its adapters disabled), the critic's values, and the
+     reward model's score of each whole answer;
+  2. rewards: per-token KL penalty -kl_coef * KL (k1 or k3) plus the clipped score on the last
+     token, less `missing_eos_penalty` for answers that never emitted EOS; the KL coefficient
+     is fixed or follows Ziegler et al.'s adaptive controller (`kl_target` > 0);
+  3. advantages: `rlhf_fast.ops.gae`, whitened over the batch's tokens; returns = A + V;
+  4. `ppo_epochs` passes over the batch in minibatches of `mini_batch_size` rows (one optimizer
+     step each, in `grad_accum` micro-batches): clipped policy loss + vf_coef * clipped value
+     loss (+ ptx_coef * SFT loss on a batch of `ptx_data`: PPO-ptx).
+
+Metrics of every step go to metrics.jsonl (reward, KL, non-score reward, losses, clip
+fractions, approx-KL, entropy, answer length, rollout vs train seconds and tokens/s, peak RSS),
+a few (prompt, answer, score) rows every `sample_every` steps to samples.jsonl.
+
+Checkpoints hold the policy and critic adapters, the critic head, the optimizer, scheduler, KL
+controller, data positions and RNG states; sampling and minibatch order are seeded by (seed,
+step), so a resumed run repeats an uninterrupted one. Export: RUN_DIR/adapter (the policy's
+peft adapter on the SFT model) and with merge RUN_DIR/merged (chat-ready).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.models.load import check_model_dir, resolve_device
+from rlhf_fast.models.prompt_format import prompt_token_ids
+from rlhf_fast.train import checkpoint as ckpt
+from rlhf_fast.train import config as config_module
+from rlhf_fast.train.config import ConfigError, TrainConfig
+from rlhf_fast.train.data import SFTCollator, encode_sft, read_prompts, read_sft
+from rlhf_fast.train.loop import EpochSampler, TrainResult, lr_factor
+from rlhf_fast.train.metrics import MetricsLog, Progress, is_main_process
+from rlhf_fast.train.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    advantages_and_returns,
+    entropy_from_logits,
+    per_token_kl,
+    policy_loss,
+    ppo_ptx_loss,
+    shaped_rewards,
+    token_logprobs,
+    value_loss,
+)
+from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models
+from rlhf_fast.train.rollout import generate_rollouts
+from rlhf_fast.train.sft import lora_settings, token_loss
+
+SAMPLES_FILE = "samples.jsonl"
+SAMPLE_ROWS = 4
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+
+
+@dataclass
+class Experience:
+    """One rollout batch with everything the PPO epochs need (all [B, ...], on the device)."""
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def total_ppo_steps(config: TrainConfig, num_prompts: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * num_prompts / config.batch_size))
+
+
+def make_kl_controller(config: TrainConfig):
+    if config.kl_target > 0:
+        return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    return FixedKLController(config.kl_coef)
+
+
+class SamplesLog:
+    """samples.jsonl: a few rows per sampled step (a resumed run drops rows past its step)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        self.path = run_dir / SAMPLES_FILE
+        self.enabled = is_main_process()
+        if self.enabled and resume_step is not None and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if _step_of(line) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, rows: list[dict]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a line cut short by a kill: dropped
+
+
+class PPOTrainer:
+    """The PPO loop over `prompts` (PromptExample list) with `models` (PPOModels)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        models: PPOModels,
+        prompts: list,
+        run_dir: str | Path,
+        *,
+        device: str = "cpu",
+        ptx_examples: list | None = None,
+    ) -> None:
+        self.config, self.models, self.device = config, models, torch.device(device)
+        self.run_dir = Path(run_dir)
+        self.tokenizer = models.tokenizer
+        self.prompts = prompts
+        keep = max(1, config.max_length - config.max_new_tokens)
+        self.prompt_ids = [
+            prompt_token_ids(self.tokenizer, example.messages)[-keep:] for example in prompts
+        ]
+        self.total = total_ppo_steps(config, len(prompts))
+        self.params = models.trainable()
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(config.schedule, config.warmup_steps, self.total)
+        )
+        self.kl_controller = make_kl_controller(config)
+        self.sampler = EpochSampler(len(prompts), config.batch_size, config.seed)
+        self.ptx = None
+        if config.ptx_coef > 0 and ptx_examples:
+            encoded = [encode_sft(self.tokenizer, e, config.max_length) for e in ptx_examples]
+            self.ptx = (encoded, SFTCollator(self.tokenizer.pad_token_id))
+            self.ptx_sampler = EpochSampler(len(encoded), config.batch_size, config.seed + 1)
+        self.step = 0
+        self.position = {"epoch": 0, "index": 0, "ptx": {"epoch": 0, "index": 0}}
+
+    # ------------------------------------------------------------------ rollout
+
+    def _generator(self, step: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7919 + salt)
+
+    @torch.no_grad()
+    def rollout(self, indices: list[int], step: int) -> tuple[Experience, dict, list[dict]]:
+        config, models = self.config, self.models
+        models.eval()
+        models.use(POLICY)
+        started = time.perf_counter()
+        out = generate_rollouts(
+            models.model,
+            [self.prompt_ids[i] for i in indices],
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_ids=self.tokenizer.eos_token_id,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            generator=self._generator(step),
+        )
+        generated = time.perf_counter()
+        mask = out.response_mask
+        sequences, attention = out.sequences, out.attention_mask
+        values = models.critic_values(sequences, attention, out.query.shape[1])
+        answers = [
+            self.tokenizer.decode(out.response[row][mask[row]], skip_special_tokens=True)
+            for row in range(len(indices))
+        ]
+        texts = [
+            (self.prompts[i].messages, answers[row], bool(out.ended[row]))
+            for row, i in enumerate(indices)
+        ]
+        scores = models.scores(sequences, attention, texts).float()
+        models.use(POLICY)
+        kl = per_token_kl(out.logprobs, out.ref_logprobs, mask, config.kl_estimator)
+        shaped = shaped_rewards(
+            scores,
+            kl,
+            mask,
+            kl_coef=self.kl_controller.coef,
+            score_clip=config.score_clip or None,
+            ended=out.ended,
+            missing_eos_penalty=config.missing_eos_penalty,
+        )
+        advantages, returns = advantages_and_returns(
+            shaped.rewards, values, mask, gamma=config.gamma, lam=config.lam
+        )
+        sequence_kl = kl.sum(1).mean().item()
+        metrics = {
+            "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if len(indices) > 1 else 0.0,
+            "score": shaped.scores.mean().item(),
+            "kl": sequence_kl,
+            "kl_coef": self.kl_controller.coef,
+            "non_score_reward": shaped.non_score_rewards.sum(1).mean().item(),
+            "response_length": mask.sum(1).float().mean().item(),
+            "ended": out.ended.float().mean().item(),
+            "rollout_s": time.perf_counter() - started,
+            "rollout_tok/s": int(mask.sum()) / max(generated - started, 1e-9),
+        }
+        self.kl_controller.update(sequence_kl, len(indices))
+        samples = [
+            {"step": step + 1, "prompt": self.prompts[i].messages[-1]["content"],
+             "response": answers[row], "score": float(scores[row])}
+            for row, i in enumerate(indices[:SAMPLE_ROWS])
+        ]  # fmt: skip
+        experience = Experience(
+            out.query, out.query_mask, out.response, mask, out.logprobs, values, advantages,
+            returns,
+        )  # fmt: skip
+        return experience, metrics, samples
+
+    # ------------------------------------------------------------------ optimize
+
+    def _ptx_loss(self, rows: int) -> torch.Tensor:
+        encoded, collate = self.ptx
+        self.ptx_sampler.batch_size = rows
+        indices, self.position["ptx"] = self.ptx_sampler.next_batch(self.position["ptx"])
+        batch = collate([encoded[i] for i in indices])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        self.models.use(POLICY)
+        return token_loss(self.models.model, batch)
+
+    def _micro_losses(self, exp: Experience, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        config = self.config
+        query_mask = exp.query_mask[rows]
+        first = int(query_mask.any(0).nonzero()[0])  # drop columns of padding only
+        response_mask = exp.response_mask[rows]
+        width = max(1, int(response_mask.sum(1).max()))
+        query, query_mask = exp.query[rows][:, first:], query_mask[:, first:]
+        response, response_mask = exp.response[rows][:, :width], response_mask[:, :width]
+        sequences = torch.cat([query, response], 1)
+        mask = torch.cat([query_mask, response_mask], 1)
+        q = query.shape[1]
+        logits = self.models.policy_logits(sequences, mask)[:, q - 1 : -1]
+        temperature = config.temperature if config.temperature > 0 else 1.0
+        logprobs = token_logprobs(logits, response, temperature)
+        pol = policy_loss(
+            logprobs, exp.logprobs[rows][:, :width], exp.advantages[rows][:, :width],
+            response_mask, config.clip_range,
+        )  # fmt: skip
+        values = self.models.critic_values(sequences, mask, q)
+        val = value_loss(
+            values, exp.values[rows][:, :width], exp.returns[rows][:, :width], response_mask,
+            config.value_clip,
+        )  # fmt: skip
+        loss = pol.loss + config.vf_coef * val.loss
+        stats = {
+            "policy_loss": pol.loss.item(),
+            "value_loss": val.loss.item(),
+            "clip_frac": pol.clip_fraction.item(),
+            "value_clip_frac": val.clip_fraction.item(),
+            "approx_kl": pol.approx_kl.item(),
+            "entropy": entropy_from_logits(logits.detach(), response_mask).item(),
+            "tokens": int(mask.sum()),
+        }
+        if self.ptx is not None:
+            sft_loss = self._ptx_loss(len(rows))
+            loss = ppo_ptx_loss(loss, sft_loss, config.ptx_coef)
+            stats["ptx_loss"] = sft_loss.item()
+        return loss, stats
+
+    def optimize(self, exp: Experience, step: int) -> dict:
+        config = self.config
+        self.models.train()
+        batch = exp.query.shape[0]
+        mini = min(config.mini_batch_size or batch, batch)
+        micro = max(1, math.ceil(mini / config.grad_accum))
+        parts = []
+        for epoch in range(config.ppo_epochs):
+            order = torch.randperm(batch, generator=self._generator(step, 1 + epoch))
+            for start in range(0, batch, mini):
+                minibatch = order[start : start + mini]
+                self.optimizer.zero_grad(set_to_none=True)
+                for rows in minibatch.split(micro):
+                    loss, stats = self._micro_losses(exp, rows.to(self.device))
+                    (loss * (len(rows) / len(minibatch))).backward()
+                    parts.append(stats)
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm)
+                self.optimizer.step()
+        self.models.eval()
+        merged = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "tokens"}
+        merged["train_tokens"] = sum(p["tokens"] for p in parts)
+        return merged
+
+    # ------------------------------------------------------------------ loop
+
+    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        missing = sorted(set(self.params) ^ set(checkpoint.trainable))
+        if missing:
+            raise ckpt.CheckpointError(
+                f"{checkpoint.path}: does not match this PPO model (parameter {missing[0]}); "
+                "same --model, --reward-model and LoRA settings as the run it comes from?"
+            )
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(checkpoint.trainable[name])
+        try:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.scheduler.load_state_dict(checkpoint.scheduler)
+            self.kl_controller.load_state_dict(checkpoint.extra["kl_controller"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise ckpt.CheckpointError(f"{checkpoint.path}: bad PPO state ({error})") from None
+        self.step, self.position = checkpoint.step, dict(checkpoint.position)
+        self.position.setdefault("ptx", {"epoch": 0, "index": 0})
+        ckpt.restore_rng(checkpoint.rng["json"], checkpoint.rng["tensors"])
+
+    def train(
+        self, resume: ckpt.Checkpoint | None = None, stop_after: int | None = None
+    ) -> TrainResult:
+        config = self.config
+        if resume is not None:
+            self.restore(resume)
+        resume_step = self.step if resume is not None else None
+        metrics_log = MetricsLog(self.run_dir, resume_step=resume_step)
+        samples_log = SamplesLog(self.run_dir, resume_step)
+        progress = Progress(self.total, initial=self.step, description="ppo")
+        result = TrainResult(step=self.step, total_steps=self.total)
+        try:
+            while self.step < self.total and (stop_after is None or self.step < stop_after):
+                indices, position = self.sampler.next_batch(self.position)
+                self.position.update(epoch=position["epoch"], index=position["index"])
+                lr = self.scheduler.get_last_lr()[0]
+                experience, record, samples = self.rollout(indices, self.step)
+                started = time.perf_counter()
+                record.update(self.optimize(experience, self.step))
+                record["train_s"] = time.perf_counter() - started
+                record["train_tok/s"] = record.pop("train_tokens") / max(record["train_s"], 1e-9)
+                record["peak_rss_mib"] = peak_rss_mib()
+                if self.device.type == "cuda":
+                    record["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                self.scheduler.step()
+                self.step += 1
+                record = {"step": self.step, "epoch": self.position["epoch"], "lr": lr, **record}
+                if self.step % config.log_every == 0 or self.step == self.total:
+                    metrics_log.log(record)
+                if config.sample_every and self.step % config.sample_every == 0:
+                    samples_log.write(samples)
+                progress.update(self.step, {k: record[k] for k in _SHOWN if k in record})
+                result.metrics = record
+                if (config.save_every and self.step % config.save_every == 0) or (
+                    self.step == self.total
+                ):
+                    self.save_checkpoint(result)
+        finally:
+            progress.close()
+            metrics_log.close()
+        result.step = self.step
+        return result
+
+    def save_checkpoint(self, result: TrainResult) -> None:
+        if is_main_process():
+            result.checkpoint = ckpt.save_checkpoint(
+                self.run_dir,
+                step=self.step,
+                position=self.position,
+                trainable=self.params,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                extra={"kl_controller": self.kl_controller.state_dict()},
+                keep=self.config.keep_checkpoints,
+            )
+
+    def export(self) -> dict[str, Path]:
+        """RUN_DIR/adapter (the policy's peft adapter) and with merge RUN_DIR/merged. Merging
+        drops the critic and reward adapters: call it last."""
+        paths = {"adapter": self.run_dir / ADAPTER_DIR}
+        model = self.models.model
+        model.peft_config[POLICY].base_model_name_or_path = str(check_model_dir(self.config.model))
+        model.save_pretrained(paths["adapter"], selected_adapters=[POLICY], safe_serialization=True)
+        self.tokenizer.save_pretrained(paths["adapter"])
+        if self.config.merge:
+            paths["merged"] = self.run_dir / MERGED_DIR
+            self.models.use(POLICY)
+            for name in list(model.peft_config):
+                if name != POLICY:
+                    model.delete_adapter(name)
+            model.base_model.set_adapter(POLICY)
+            merged = model.merge_and_unload()
+            merged.save_pretrained(paths["merged"], safe_serialization=True)
+            self.tokenizer.save_pretrained(paths["merged"])
+        return paths
+
+
+_SHOWN = ("reward", "kl", "policy_loss", "value_loss", "response_length", "rollout_tok/s")
+
+
+# ---------------------------------------------------------------------- the stage
+
+
+def read_inputs(config: TrainConfig) -> tuple[list, list | None]:
+    """(prompts, ptx SFT examples or None); every input checked before any model loads."""
+    from rlhf_fast.models.reward import read_reward_config
+
+    check_model_dir(config.model)
+    if not config.reward_model:
+        raise ConfigError("--stage ppo needs --reward-model DIR")
+    if not Path(config.reward_model).is_dir():
+        raise ConfigError(
+            f"--reward-model {config.reward_model}: no such directory; make it with: rlhf-fast "
+            f"train --stage rm --model {config.model} --data RANKINGS.jsonl --output RM_RUN "
+            "(then --reward-model RM_RUN/reward_model)"
+        )
+    read_reward_config(config.reward_model)
+    prompts = read_prompts(config.data)
+    ptx = None
+    if config.ptx_coef > 0:
+        if not config.ptx_data:
+            raise ConfigError("--ptx-coef > 0 needs --ptx-data SFT.jsonl")
+        ptx = read_sft(config.ptx_data)
+    return prompts, ptx
+
+
+def run_ppo(config: TrainConfig, *, resume=None, stop_after: int | None = None):
+    """The PPO stage end to end (as run.run_stage for sft/rm): check inputs, build the
+    shared-base models, train (or resume), export. Returns a run.StageOutcome."""
+    from rlhf_fast.train.run import CONFIG_FILE, StageOutcome, default_run_dir
+
+    started = time.perf_counter()
+    config = config_module.validate(config)
+    run_dir = Path(config.output) if config.output else default_run_dir("ppo")
+    config = dataclasses.replace(config, output=str(run_dir))
+    prompts, ptx = read_inputs(config)
+    checkpoint = ckpt.load_checkpoint(resume) if resume is not None else None
+    device = resolve_device(config.device)
+    models = build_ppo_models(
+        config.model, config.reward_model, lora_settings(config), dtype=config.dtype,
+        device=device, seed=config.seed,
+    )  # fmt: skip
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_module.write(config, run_dir / CONFIG_FILE)
+    trainer = PPOTrainer(config, models, prompts, run_dir, device=device, ptx_examples=ptx)
+    torch.manual_seed(config.seed)
+    result = trainer.train(resume=checkpoint, stop_after=stop_after)
+    exports = {}
+    if result.step >= result.total_steps and is_main_process():
+        exports = trainer.export()
+    outcome = StageOutcome(config, run_dir, result, exports, time.perf_counter() - started)
+    outcome.reward_shared = models.reward_source.shared
+    return outcome
+
+
+def describe_reward(models: PPOModels) -> str:
+    source = models.reward_source
+    how = "shares the policy's base (its own adapter)" if source.shared else "loaded separately"
+    return f"reward model {source.directory}: {how}"

@@ -1,0 +1,272 @@
+"""PPO's four roles on one frozen base model (the shared-base memory plan).
+
+The SFT model (merged: an SFT adapter directory is merged on load) is loaded once, frozen, and
+wrapped by peft with several LoRA adapters on the same layers:
+
+    policy      adapter "default" + the LM head               trained
+    reference   the same model with adapters disabled         exactly the SFT model, no copy
+    critic      adapter "critic" + a value head per token     trained; starts as the reward model
+    reward      adapter "reward" + the reward head            frozen; read from the RM directory
+
+Only one adapter is active at a time (`PPOModels.use(name)`), so each forward costs what one
+LoRA model costs and the memory is one base plus four adapters. The reward model shares the base
+when `--stage rm` trained it on this very directory (reward_config.json's base_model) in adapter
+form; otherwise (another base, another tokenizer, a merged RM) it is loaded on its own and fed
+the decoded text re-tokenized with its own tokenizer, and the critic starts from a fresh adapter
+with the reward head's weights when the widths match.
+
+The RM adapter was saved from the bare decoder (AutoModel), the policy wraps the causal LM: the
+same layers sit one attribute deeper (`base_model_prefix`), so its keys are renamed on loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from rlhf_fast.models.load import (
+    LoraSettings,
+    ModelLoadError,
+    attach_lora,
+    check_model_dir,
+    load_causal_lm,
+    load_tokenizer,
+)
+from rlhf_fast.models.prompt_format import prompt_token_ids, response_token_ids
+from rlhf_fast.models.reward import (
+    ADAPTER_DIR,
+    HEAD_FILE,
+    RewardModel,
+    last_token_index,
+    load_reward_model,
+    read_reward_config,
+)
+
+POLICY, CRITIC, REWARD = "default", "critic", "reward"
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting real tokens only (left-padded prompts, right-padded answers)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def decoder_of(causal_lm: nn.Module) -> nn.Module:
+    """The decoder (hidden states, no LM head) inside a causal LM: LlamaModel, GPT2Model, ..."""
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+@dataclass
+class RewardSource:
+    """How the reward model was set up (reported in the run summary)."""
+
+    shared: bool
+    directory: Path
+
+
+class PPOModels(nn.Module):
+    """One base, four roles; see the module docstring."""
+
+    def __init__(self, peft_model, critic_head: nn.Linear, tokenizer) -> None:
+        super().__init__()
+        self.model = peft_model  # the policy's peft model; adapters: default, critic(, reward)
+        self.critic_head = critic_head
+        self.tokenizer = tokenizer
+        self.reward_head: nn.Linear | None = None  # shared reward model
+        self.separate_reward: RewardModel | None = None  # a reward model of its own
+        self.reward_tokenizer = None
+        self.reward_source: RewardSource | None = None
+        self._trainable: dict[str, nn.Parameter] = {}
+
+    # ------------------------------------------------------------------ adapters
+
+    def use(self, adapter: str) -> None:
+        """Make `adapter` the active one; keeps the policy and critic trainable (peft's
+        set_adapter would freeze every adapter but the active one)."""
+        self.model.base_model.set_adapter(adapter, inference_mode=True)
+        for param in self._trainable.values():
+            param.requires_grad_(True)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Policy adapter, critic adapter and critic head, by stable names."""
+        return self._trainable
+
+    def _collect_trainable(self) -> None:
+        found = {}
+        for name, param in self.model.named_parameters():
+            if "lora_" in name and (f".{POLICY}." in name or f".{CRITIC}." in name):
+                found[name] = param
+        for name, param in self.critic_head.named_parameters():
+            found[f"critic_head.{name}"] = param
+        self._trainable = found
+        for param in self.parameters():
+            param.requires_grad_(False)
+        for param in found.values():
+            param.requires_grad_(True)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return decoder_of(self.model.get_base_model())
+
+    def reference(self):
+        """Context: the policy with every adapter disabled, i.e. the SFT model."""
+        return self.model.disable_adapter()
+
+    # ------------------------------------------------------------------ forwards
+
+    def policy_logits(self, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.use(POLICY)
+        output = self.model(input_ids=sequences, attention_mask=mask.long(),
+                            position_ids=positions_of(mask))  # fmt: skip
+        return output.logits
+
+    def _hidden(self, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        output = self.decoder(input_ids=sequences, attention_mask=mask.long(),
+                              position_ids=positions_of(mask))  # fmt: skip
+        return output.last_hidden_state
+
+    def critic_values(self, sequences: torch.Tensor, mask: torch.Tensor, query_width: int):
+        """Values [B, R] of the states before each response token (the positions whose logits
+        predict the response tokens)."""
+        self.use(CRITIC)
+        hidden = self._hidden(sequences, mask)[:, query_width - 1 : -1]
+        return self.critic_head(hidden.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def scores(self, sequences: torch.Tensor, mask: torch.Tensor, texts=None) -> torch.Tensor:
+        """Reward-model scores [B] of whole rows (prompt + answer): the shared reward adapter
+        on token ids, or the separate reward model on `texts` [(messages, answer)]."""
+        if self.separate_reward is not None:
+            return self._separate_scores(texts, sequences.device)
+        self.use(REWARD)
+        try:
+            hidden = self._hidden(sequences, mask)
+        finally:
+            self.use(POLICY)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, last_token_index(mask.long())]
+        return self.reward_head(last.float()).squeeze(-1)
+
+    def _separate_scores(self, texts, device) -> torch.Tensor:
+        tokenizer = self.reward_tokenizer
+        rows = []
+        for messages, answer, ended in texts:
+            ids = prompt_token_ids(tokenizer, messages) + response_token_ids(tokenizer, answer)
+            rows.append(ids + ([tokenizer.eos_token_id] if ended else []))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        model_device = next(self.separate_reward.parameters()).device
+        return self.separate_reward(ids.to(model_device), mask.to(model_device)).to(device)
+
+
+# ---------------------------------------------------------------------- building
+
+
+def _rename_for_causal_lm(state: dict[str, torch.Tensor], prefix: str) -> dict:
+    """Keys of an adapter saved on the bare decoder, as the causal-LM wrapper names them."""
+    head = "base_model.model."
+    return {
+        (head + prefix + "." + key[len(head) :] if key.startswith(head) else key): value
+        for key, value in state.items()
+    }
+
+
+def _add_shared_reward(models: PPOModels, rm_dir: Path, device: str) -> nn.Linear:
+    """Load the RM's adapter as "reward" onto the policy's base; returns the reward head."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    adapter_dir = rm_dir / ADAPTER_DIR
+    try:
+        lora_config = LoraConfig.from_pretrained(str(adapter_dir))
+        state = load_file(adapter_dir / "adapter_model.safetensors")
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelLoadError(f"{adapter_dir}: cannot load the adapter ({reason})") from None
+    lora_config.inference_mode = True
+    models.model.add_adapter(REWARD, lora_config)
+    prefix = models.model.get_base_model().base_model_prefix
+    result = set_peft_model_state_dict(
+        models.model, _rename_for_causal_lm(state, prefix), adapter_name=REWARD
+    )
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ModelLoadError(f"{adapter_dir}: adapter weight {unexpected[0]} fits no layer")
+    head = nn.Linear(models.critic_head.in_features, 1, dtype=torch.float32)
+    head.load_state_dict(load_file(rm_dir / HEAD_FILE))
+    return head.to(device).requires_grad_(False)
+
+
+def _init_critic_from_reward(models: PPOModels, lora_config) -> None:
+    """Critic adapter = a copy of the reward adapter (same config and weights)."""
+    models.model.add_adapter(CRITIC, copy.deepcopy(lora_config))
+    params = dict(models.model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if f".{CRITIC}." in name and "lora_" in name:
+                param.copy_(params[name.replace(f".{CRITIC}.", f".{REWARD}.")])
+    models.critic_head.load_state_dict(models.reward_head.state_dict())
+
+
+def shares_base(model_dir: str | Path, rm_dir: str | Path) -> bool:
+    """Whether the RM directory is an adapter trained on exactly this base directory."""
+    config = read_reward_config(rm_dir)
+    if config["backbone"] != "adapter":
+        return False
+    return Path(config["base_model"]).resolve() == check_model_dir(model_dir)
+
+
+def build_ppo_models(
+    model_dir: str | Path,
+    rm_dir: str | Path,
+    lora: LoraSettings,
+    *,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    seed: int = 0,
+    share_reward: bool = True,
+) -> PPOModels:
+    """Load the base once and set up the four roles (see the module docstring)."""
+    rm_dir = Path(rm_dir)
+    read_reward_config(rm_dir)  # a clear error before the (slow) base load
+    tokenizer = load_tokenizer(model_dir)
+    base = load_causal_lm(model_dir, dtype=dtype, device=device)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(base, lora)
+    hidden = decoder_of(base).get_input_embeddings().embedding_dim
+    critic_head = nn.Linear(hidden, 1, dtype=torch.float32).to(device)
+    nn.init.zeros_(critic_head.weight)
+    nn.init.zeros_(critic_head.bias)
+    models = PPOModels(peft_model, critic_head, tokenizer)
+    if share_reward and shares_base(model_dir, rm_dir):
+        models.reward_head = _add_shared_reward(models, rm_dir, device)
+        _init_critic_from_reward(models, models.model.peft_config[REWARD])
+        models.reward_source = RewardSource(True, rm_dir)
+    else:
+        models.separate_reward = load_reward_model(rm_dir, dtype=dtype, device=device)
+        models.reward_tokenizer = load_tokenizer(rm_dir)
+        models.model.add_adapter(CRITIC, copy.deepcopy(models.model.peft_config[POLICY]))
+        head = models.separate_reward.value_head
+        if head.in_features == hidden:
+            models.critic_head.load_state_dict(head.state_dict())
+        models.reward_source = RewardSource(False, rm_dir)
+    models._collect_trainable()
+    models.use(POLICY)
+    return models.eval()
+
+
+@contextlib.contextmanager
+def adapter_active(models: PPOModels, adapter: str):
+    models.use(adapter)
+    try:
+        yield
+    finally:
+        models.use(POLICY)
