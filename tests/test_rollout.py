@@ -145,6 +145,42 @@ def test_training_mode_is_restored(models):
         policy.eval()
 
 
+def tiny_family(family):
+    import transformers
+
+    common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+        cls = transformers.GPT2LMHeadModel
+    elif family == "bloom":
+        config = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
+        cls = transformers.BloomForCausalLM
+    else:
+        config = transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                        num_attention_heads=4, word_embed_proj_dim=32,
+                                        max_position_embeddings=64, **common)  # fmt: skip
+        cls = transformers.OPTForCausalLM
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom", "opt"])
+def test_other_families_padding_and_logprobs(family):
+    """Absolute positions (GPT-2, OPT) and ALiBi (BLOOM): padding stays invisible."""
+    model = tiny_family(family)
+    settings = dict(pad_token_id=PAD, eos_token_ids=[2], max_new_tokens=6, temperature=0.0,
+                    score_reference=False)  # fmt: skip
+    batched = generate_rollouts(model, PROMPTS, **settings)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate_rollouts(model, [prompt], **settings)
+        mine = batched.response[row][batched.response_mask[row]]
+        assert mine.tolist() == alone.response[0][alone.response_mask[0]].tolist()
+    again = response_logprobs(model, batched.query, batched.query_mask, batched.response,
+                              batched.response_mask)  # fmt: skip
+    torch.testing.assert_close(batched.logprobs, again, atol=1e-5, rtol=0)
+
+
 def test_token_logprobs_gather():
     logits = torch.randn(2, 3, 5)
     tokens = torch.randint(0, 5, (2, 3))

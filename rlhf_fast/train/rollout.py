@@ -59,12 +59,22 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device=None):
     return ids, mask
 
 
+def _forward_parameters(model: torch.nn.Module):
+    """The base model's forward arguments (a peft wrapper hides them behind **kwargs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters
+
+
 def _cache_keyword(model: torch.nn.Module) -> str:
     """transformers >= 5.24 names the KV-cache argument `cache`, earlier versions
-    `past_key_values`; a peft wrapper hides it behind **kwargs, so ask the base model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    `past_key_values`."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _position_keywords(model: torch.nn.Module, positions: torch.Tensor) -> dict:
+    """position_ids for models that take them; ALiBi models (BLOOM) derive positions from the
+    attention mask instead and take none."""
+    return {"position_ids": positions} if "position_ids" in _forward_parameters(model) else {}
 
 
 def _returned_cache(output):
@@ -112,7 +122,8 @@ def response_logits(model, query, query_mask, response, response_mask) -> torch.
     forward uses this too). Position Q - 1 + t of query + response predicts response token t."""
     mask = torch.cat([query_mask, response_mask], dim=1)
     sequences = torch.cat([query, response], dim=1)
-    output = model(input_ids=sequences, attention_mask=mask.long(), position_ids=_positions(mask))
+    positions = _position_keywords(model, _positions(mask))
+    output = model(input_ids=sequences, attention_mask=mask.long(), **positions)
     width = query.shape[1]
     return output.logits[:, width - 1 : -1]
 
@@ -183,7 +194,10 @@ def _sample(model, query, query_mask, pad_token_id, eos, max_new_tokens, tempera
     attention = query_mask.long()
     positions = _positions(query_mask)
     output = model(
-        input_ids=query, attention_mask=attention, position_ids=positions, use_cache=True
+        input_ids=query,
+        attention_mask=attention,
+        use_cache=True,
+        **_position_keywords(model, positions),
     )
     cache = _returned_cache(output)
     last_logits = output.logits[:, -1]
@@ -205,9 +219,9 @@ def _sample(model, query, query_mask, pad_token_id, eos, max_new_tokens, tempera
         output = model(
             input_ids=tokens[-1][:, None],
             attention_mask=attention,
-            position_ids=next_position,
             use_cache=True,
             **{keyword: cache},
+            **_position_keywords(model, next_position),
         )
         cache = _returned_cache(output)
         last_logits = output.logits[:, -1]
