@@ -299,3 +299,31 @@ def test_lora_linear_one_thread_ratios(size, dtype):
     print(f"  int4: dequantize+peft / fused = {medians['int4-dequantize+peft'] / int4_fused:.3f}")
     fast_dequantize = medians["int4-fast-dequantize+peft"]
     print(f"  int4: fast-dequantize+peft / fused = {fast_dequantize / int4_fused:.3f}")
+
+
+@pytest.mark.bench_full
+def test_lora_train_step_one_thread_ratios():
+    """One training step of the h512-l4-t512 model per provider and dtype, one thread."""
+    ids = torch.randint(0, 1024, (2, 256), generator=torch.Generator().manual_seed(0))
+    providers = {}
+    for dtype, provider in itertools.product(DTYPES, TRAIN_PROVIDERS):
+        model = _train_model(512, 4, provider, DTYPES[dtype]).train()
+
+        def step(model=model):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+
+        providers[f"{provider} {dtype}"] = step
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        medians = _thread_time_medians(providers, 3)
+    finally:
+        torch.set_num_threads(threads)
+    print("\nh512-l4-t512 LoRA r=16 training step, one thread, median CPU time:")
+    for name, seconds in medians.items():
+        print(f"  {name:16s} {seconds * 1e3:8.1f} ms")
+    for dtype in DTYPES:
+        fused = medians[f"cpp {dtype}"]
+        print(f"  {dtype}: peft / fused = {medians[f'peer {dtype}'] / fused:.3f}")
+    print(f"  fp32 peft / bf16 fused = {medians['peer fp32'] / medians['cpp bf16']:.3f}")

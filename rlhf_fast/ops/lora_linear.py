@@ -144,11 +144,11 @@ class _TorchEpilogue:
         y = self.forward(x2d, bias)
         return y.addmm_(scaled_t, b.t())  # in place: no second [M, N] tensor, no add pass
 
-    def grad_input_with_lora(self, grad_y, scaled_dt, a, mask) -> torch.Tensor:
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, drop) -> torch.Tensor:
         grad_x = self.grad_input(grad_y)
-        if mask is None:
+        if drop is None:
             return grad_x.addmm_(scaled_dt, a)
-        return grad_x.add_(torch.mm(scaled_dt, a).mul_(mask))
+        return grad_x.add_(torch.mm(scaled_dt, a).masked_fill_(drop, 0.0))
 
 
 class _DenseBase(_TorchEpilogue):
@@ -219,8 +219,8 @@ class _TritonDenseBase:
         bias = None if bias is None else bias.detach()
         return self.kernel(x2d, self.weight.t(), scaled_t, b.t(), bias=bias)
 
-    def grad_input_with_lora(self, grad_y, scaled_dt, a, mask) -> torch.Tensor:
-        return self.kernel(grad_y, self.weight, scaled_dt, a, noise=mask)
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, drop) -> torch.Tensor:
+        return self.kernel(grad_y, self.weight, scaled_dt, a, drop=drop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,21 +234,29 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
 
 
+# Multiplying 8 bytes of 0/1 (one int64, little-endian) by _GATHER puts byte i's bit at bit
+# 56 + i, every partial product at its own position (no carries): the top byte is the packed
+# byte. _SPREAD keeps bit i of a byte replicated to all 8 lanes in lane i. One int64 pass each.
+_GATHER = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_LANES = -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as a signed int64
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as bits, 8 to a byte (little-endian within a byte), zero-padded."""
+    """A bool tensor as bits, 8 to a byte (element 8j + i at bit i of byte j), zero-padded."""
     flat = mask.reshape(-1)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+    words = flat.view(torch.uint8).view(torch.int64)  # int64 products wrap, as wanted
+    return ((words * _GATHER) >> 56).to(torch.uint8)
 
 
-def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of pack_mask: the bool tensor of `shape`."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed[:, None] >> shifts) & 1
-    return bits.view(-1)[: shape.numel()].view(shape).bool()
+def unpack_mask(packed: torch.Tensor, shape: torch.Size, *, invert: bool = False) -> torch.Tensor:
+    """Inverse of pack_mask: the bool tensor of `shape` (its negation with invert=True)."""
+    lanes = (packed.to(torch.int64) * _SPREAD) & _LANES
+    lanes = lanes.view(torch.uint8).view(-1)[: shape.numel()].view(shape)
+    return lanes == 0 if invert else lanes != 0
 
 
 def keep_scale(p: float, dtype: torch.dtype) -> float:
@@ -268,7 +276,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             # x * mask / (1 - p): the 1 / (1 - p) rides on the [M, r] product, not on [M, K].
             mask = dropout_mask(x2d.shape, dropout, x2d.device)
             lora_scale = scaling * keep_scale(dropout, lora_A.dtype)
-        dropped = x2d if mask is None else x2d * mask
+        dropped = x2d if mask is None else torch.where(mask, x2d, 0.0)
         scaled_t = torch.mm(dropped, a.t()).mul_(lora_scale)  # [M, r]
         y = base.forward_with_lora(x2d, bias, scaled_t, b)
 
@@ -289,18 +297,19 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2d, scaled_t, a, b, packed_mask = ctx.saved_tensors
-        mask = None
+        drop = None  # True where dropout zeroed x
         if packed_mask is not None:
-            mask = unpack_mask(packed_mask, torch.Size((grad_y.shape[0], a.shape[1])))
+            shape = torch.Size((grad_y.shape[0], a.shape[1]))
+            drop = unpack_mask(packed_mask, shape, invert=True)
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         grad_y = grad_y.to(a.dtype)
         grad_x = grad_a = grad_b = grad_bias = None
         if need_x or need_a:
             scaled_dt = torch.mm(grad_y, b).mul_(ctx.lora_scale)  # s / (1 - p) * dy B, [M, r]
         if need_x:
-            grad_x = ctx.base.grad_input_with_lora(grad_y, scaled_dt, a, mask)
+            grad_x = ctx.base.grad_input_with_lora(grad_y, scaled_dt, a, drop)
         if need_a:
-            dropped = x2d if mask is None else x2d * mask
+            dropped = x2d if drop is None else x2d.masked_fill(drop, 0.0)
             grad_a = torch.mm(scaled_dt.t(), dropped).to(ctx.lora_dtype)
         if need_b:
             grad_b = torch.mm(grad_y.t(), scaled_t).to(ctx.lora_dtype)
