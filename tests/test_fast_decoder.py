@@ -187,14 +187,18 @@ def test_quantized_models(family, bits, group_size):
     assert list(generate_tokens(model, prompt, config, decoder="fast")) == hf
 
 
-def test_prefill_of_32_rows_and_more_uses_fast_activations_closely():
-    """int4 prefill with M >= 32 runs bf16 weight tiles through torch's bf16 GEMM."""
-    model = tiny_model("llama", hidden_size=128, intermediate_size=160)
-    quantize_model(model, bits=4, group_size=32)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_of_32_rows_and_more_uses_fast_activations_closely(bits):
+    """Prefill with M >= 32 multiplies bf16 weights (int4 tiles, int8 codes) with torch's bf16
+    GEMM."""
+    model = tiny_model("qwen2", hidden_size=128, intermediate_size=160)
+    quantize_model(model, bits=bits, group_size=32)
     ids = sequence(48)
     expected = hf_logits(model, ids)[-1]
     got = FastDecoder(model, fast_activations=True).prefill(ids).float()
-    assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
+    # bf16 activations through both layers of this deliberately "hot" random model: ~1% typical
+    error, scale = (got - expected).abs(), expected.abs().max()
+    assert error.max() <= 6e-2 * scale and error.mean() <= 2e-2 * scale
 
 
 def test_bf16_model_logits_close():

@@ -118,6 +118,13 @@ class _Projection:
         qweight, rows = self.qweight, x.shape[0]
         if self._gemv is not None and rows <= 16:
             return self._gemv(x, qweight, self.bias)
+        if self.fast_activations and qweight.bits == 8 and rows >= 32:
+            # int8 codes are exact in bf16: torch's bf16 GEMM on them, then the channel scales
+            # (our int8 kernels have no many-row path that reuses a dequantized tile).
+            codes = qweight.data.to(torch.bfloat16)
+            y = F.linear(x.to(torch.bfloat16), codes).float().mul_(qweight.scales)
+            y = y if self.bias is None else y.add_(self.bias)
+            return y.to(x.dtype)
         use_bf16 = self.fast_activations and x.dtype == torch.float32 and qweight.bits == 4
         if use_bf16 and rows >= 32:
             return self._op(x.to(torch.bfloat16), qweight, self.bias).to(x.dtype)
