@@ -103,6 +103,7 @@ class _Projection:
         quantized = [m for m in modules if isinstance(m, QuantLinear)]
         formats = {(m.bits, m.group_size) for m in quantized}
         self.qweight: QuantizedWeight | None = None
+        self._gemv = None
         self.dense: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.modules: list[nn.Module] = []
         if len(quantized) == len(modules) and len(formats) == 1:
@@ -193,6 +194,22 @@ def _decode_gemv_op(qweight: QuantizedWeight):
     return lambda x, w, b: op(x, w.data, w.scales, w.offsets, w.group_size, w.in_features, b)
 
 
+def _one_row_call(projection: _Projection):
+    """projection(x) for one row, as a closure over its tensors: a decode step makes ~120 such
+    calls, and attribute lookups and branches cost as much as a small GEMV's dispatch."""
+    if projection.qweight is None or projection._gemv is None:
+        return projection
+    qweight, bias = projection.qweight, projection.bias
+    if qweight.bits == 8:
+        op8 = torch.ops.rlhf_fast.decode_gemv_int8.default
+        data, scales = qweight.data, qweight.scales
+        return lambda x: op8(x, data, scales, bias)
+    op4 = torch.ops.rlhf_fast.decode_gemv_int4.default
+    data, scales, offsets = qweight.data, qweight.scales, qweight.offsets
+    group_size, in_features = qweight.group_size, qweight.in_features
+    return lambda x: op4(x, data, scales, offsets, group_size, in_features, bias)
+
+
 class _Layer:
     def __init__(self, layer: nn.Module, window: int | None, fast_activations: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -204,6 +221,7 @@ class _Layer:
         self.o = _Projection([attn.o_proj], fast_activations)
         self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj], fast_activations)
         self.down = _Projection([mlp.down_proj], fast_activations)
+        self.one_row = [_one_row_call(p) for p in (self.qkv, self.o, self.gate_up, self.down)]
         self.window = window
 
 
@@ -386,14 +404,14 @@ class FastDecoder:
         delta = None
         for index, layer in enumerate(self.layers):
             keys, values = self.cache[index]
+            qkv_proj, o_proj, gate_up_proj, down_proj = layer.one_row
             h = add_rms_norm(x, delta, layer.input_norm, layer.eps)
-            qkv = layer.qkv(h)
             attended = attention(
-                qkv, self.cos, self.signed_sin, keys, values, position, heads, kv_heads,
+                qkv_proj(h), self.cos, self.signed_sin, keys, values, position, heads, kv_heads,
                 layer.window or 0, self.scale,
             )  # fmt: skip
-            h = add_rms_norm(x, layer.o(attended), layer.post_norm, layer.post_eps)
-            delta = layer.down(silu_mul(layer.gate_up(h)))
+            h = add_rms_norm(x, o_proj(attended), layer.post_norm, layer.post_eps)
+            delta = down_proj(silu_mul(gate_up_proj(h)))
         return self.lm_head(add_rms_norm(x, delta, self.norm, self.norm_eps))[0]
 
     @torch.inference_mode()
