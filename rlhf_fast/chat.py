@@ -62,6 +62,10 @@ def load(args: argparse.Namespace):
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=False
         )
+        if getattr(args, "offload", None):
+            from rlhf_fast.offload.session import open_for_chat
+
+            return open_for_chat(model_dir, args), tokenizer
         model = load_model(
             model_dir, quantize=quantize, group_size=args.group_size, device=device, dtype="auto"
         )

@@ -59,6 +59,18 @@ def _add_chat_parser(commands) -> None:
     chat.add_argument(
         "--device", choices=("cpu", "cuda", "auto"), default="auto", help="auto: cuda if present"
     )
+    chat.add_argument(
+        "--offload",
+        metavar="SPEC",
+        help="stream decoder layers from disk: auto, or compress=none|int8|int4,resident=N|P%%,"
+        "prefetch=N,micro-batch=N (overrides the policy's choice)",
+    )
+    chat.add_argument(
+        "--max-memory", metavar="cpu=SIZE", help="RAM budget for --offload (e.g. cpu=2GiB)"
+    )
+    chat.add_argument(
+        "--offload-dir", metavar="DIR", help="offload shards' home (MODEL_DIR/.rlhf_fast_offload)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,155 @@
+"""generate_batch: batched generation over streamed layers with FlexGen's block schedule.
+
+The batch is cut into micro-batches, each with its own KV cache. Every step (the prefill, then
+one token per sequence) walks the layers once: layer i is acquired (its weights bound, read
+from disk if streamed), all micro-batches of the block pass through it, then it is released
+and the streamer's read-ahead of layer i+1 has been overlapping that compute. One weight load
+thus serves the whole batch, which is what makes throughput-oriented generation (PPO
+rollouts) fast under offloading; micro-batching bounds the activations and KV per call.
+
+Llama-family layouts (model.model.{embed_tokens, rotary_emb, layers, norm}, lm_head: Llama,
+Mistral, Qwen2 without sliding windows) run the schedule; other models fall back to one HF
+forward per micro-batch (each re-streams the layers). Prompts are left-padded
+(`attention_mask` 0 on the left); sampling is greedy at temperature 0, else softmax sampling
+with optional top-k from a seeded generator. Finished rows (EOS) are padded with `pad_token_id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast.offload.model import OffloadedLM
+
+
+@dataclass
+class _MicroBatch:
+    rows: slice
+    mask: torch.Tensor  # [b, length] attention mask so far
+    cache: object
+    positions: torch.Tensor  # [b] next position id of each row
+
+
+def _scheduled(model) -> bool:
+    inner = getattr(model, "model", None)
+    names = ("embed_tokens", "rotary_emb", "layers", "norm")
+    return all(hasattr(inner, name) for name in names) and hasattr(model, "lm_head")
+
+
+def _block_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[torch.Tensor]):
+    """Last-position logits of each micro-batch after feeding `tokens[k]` ([b, t])."""
+    from transformers.masking_utils import create_causal_mask
+
+    model, inner = lm.model, lm.model.model
+    states, masks, rotary, positions = [], [], [], []
+    for batch, ids in zip(batches, tokens, strict=True):
+        t = ids.shape[1]
+        if t > 1:  # prefill: positions count only real (unmasked) tokens, as HF generate does
+            position = (batch.mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position = batch.positions[:, None]
+        hidden = inner.embed_tokens(ids)
+        masks.append(create_causal_mask(model.config, hidden, batch.mask, batch.cache, position))
+        rotary.append(inner.rotary_emb(hidden, position_ids=position))
+        states.append(hidden)
+        positions.append(position)
+    for index, layer in enumerate(inner.layers):
+        lm.streamer.acquire(index)
+        try:
+            for k, batch in enumerate(batches):
+                states[k] = layer(
+                    states[k], attention_mask=masks[k], position_ids=positions[k],
+                    cache=batch.cache, use_cache=True, position_embeddings=rotary[k],
+                )  # fmt: skip
+        finally:
+            lm.streamer.release(index)
+    return [model.lm_head(inner.norm(hidden[:, -1])) for hidden in states]
+
+
+def _fallback_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[torch.Tensor]):
+    logits = []
+    for batch, ids in zip(batches, tokens, strict=True):
+        if ids.shape[1] > 1:
+            position = (batch.mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position = batch.positions[:, None]
+        out = lm.model(
+            input_ids=ids, attention_mask=batch.mask, position_ids=position,
+            cache=batch.cache, use_cache=True,
+        )  # fmt: skip
+        logits.append(out.logits[:, -1])
+    return logits
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate_batch(
+    lm: OffloadedLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    micro_batch: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """[B, T + new] token ids: the (left-padded) prompts followed by the generated tokens."""
+    from transformers import DynamicCache
+
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError("attention_mask must have input_ids' shape")
+    if temperature < 0 or max_new_tokens < 0:
+        raise ValueError("temperature and max_new_tokens must be >= 0")
+    size = input_ids.shape[0]
+    micro_batch = min(micro_batch or size, size)
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    config = lm.model.config
+    batches = [
+        _MicroBatch(
+            slice(start, min(start + micro_batch, size)),
+            attention_mask[start : start + micro_batch].long(),
+            DynamicCache(config=config),
+            attention_mask[start : start + micro_batch].long().sum(-1),
+        )
+        for start in range(0, size, micro_batch)
+    ]
+    forward = _block_forward if _scheduled(lm.model) else _fallback_forward
+    tokens = [input_ids[batch.rows] for batch in batches]
+    generated = []
+    finished = torch.zeros(size, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logits = torch.cat(forward(lm, batches, tokens))
+        chosen = _choose(logits, temperature, top_k, generator)
+        chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
+        generated.append(chosen)
+        if eos_token_id is not None:
+            finished |= chosen == eos_token_id
+            if bool(finished.all()):
+                break
+        tokens = []
+        for batch in batches:
+            batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+            tokens.append(chosen[batch.rows][:, None])
+            batch.positions = batch.positions + 1
+    if not generated:
+        return input_ids.clone()
+    return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)

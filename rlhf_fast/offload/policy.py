@@ -1,0 +1,418 @@
+"""Offload policy: choose resident layers, compression, prefetch depth and micro-batching.
+
+The cost model of one decode step (one new token for each of B sequences):
+  * compute: per layer and micro-batch, t_layer(mb) = a + b * mb (fitted from a calibration run
+    of one real decoder layer of the model's shape, per compression), times the number of
+    micro-batches; plus the lm_head on each micro-batch;
+  * I/O: each streamed layer is read once per step (the block schedule), bytes / disk bandwidth;
+  * overlap: an event simulation of the streamer (one reader thread; a read starts once a slot
+    is free and the compute is within `prefetch` streamed layers of it; a layer's compute
+    waits for its read), run for a few steps; the last step's duration is the prediction.
+Memory that must fit the CPU budget: non-layer weights, resident layers, prefetch + 1 slot
+buffers, the KV cache of the whole batch and one micro-batch's activations (logits included).
+The page cache is not counted (the streamer evicts what it reads in the true-disk regime).
+`choose_policy` searches a coarse grid exhaustively and returns the best predicted policy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from rlhf_fast.offload.shards import drop_page_cache
+
+COMPRESSIONS = (None, 8, 4)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20}
+_UNITS.update({"g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40})
+
+
+def format_size(size: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{int(size)} B"
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 2GiB, 1500MB, 4G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_max_memory(text: str) -> dict[str, int]:
+    """'cpu=2GiB,device=10GiB' -> {'cpu': 2147483648, 'device': 10737418240}."""
+    budgets = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        tier, sep, size = item.partition("=")
+        if not sep or tier.strip() not in ("cpu", "device"):
+            raise ValueError(f"--max-memory: {item!r} is not cpu=SIZE or device=SIZE")
+        budgets[tier.strip()] = parse_size(size)
+    if not budgets:
+        raise ValueError("--max-memory: give at least cpu=SIZE")
+    return budgets
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know of a model, for one compression."""
+
+    num_layers: int
+    layer_bytes: int  # one decoder layer's weights as streamed
+    other_bytes: int  # embeddings, final norm, lm_head (always resident)
+    kv_bytes_per_token: int  # all layers, keys and values, one sequence position
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured speeds: t_layer(mb) = layer_fixed + layer_per_row * mb seconds, per compression
+    (keys "none", "int8", "int4"); the same for lm_head; disk read bandwidth in bytes/s."""
+
+    disk_bandwidth: float
+    layer_fixed: dict[str, float]
+    layer_per_row: dict[str, float]
+    head_fixed: float
+    head_per_row: float
+
+
+def compression_name(bits: int | None) -> str:
+    return "none" if bits is None else f"int{bits}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    compress: int | None
+    resident_layers: int
+    prefetch: int
+    micro_batch: int
+    batch: int
+    predicted_tokens_per_s: float = 0.0
+    memory_bytes: int = 0
+    io_bound_tokens_per_s: float = float("inf")
+    details: dict = field(default_factory=dict, compare=False)
+
+    def describe(self) -> str:
+        blocks = -(-self.batch // self.micro_batch)
+        return (
+            f"compress={compression_name(self.compress)} resident_layers={self.resident_layers} "
+            f"prefetch={self.prefetch} micro_batch={self.micro_batch} x {blocks} per block "
+            f"(batch {self.batch}); memory {format_size(self.memory_bytes)}; predicted "
+            f"{self.predicted_tokens_per_s:.2f} tokens/s (I/O bound "
+            f"{self.io_bound_tokens_per_s:.2f})"
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def simulate_step(
+    compute: list[float], read: list[float | None], prefetch: int, steps: int = 3
+) -> float:
+    """Seconds of the last of `steps` decode steps (see the module docstring)."""
+    streamed = [i for i, r in enumerate(read) if r is not None]
+    now, reader_free = 0.0, 0.0
+    acquire_at: dict[tuple[int, int], float] = {}
+    release_at: dict[tuple[int, int], float] = {}
+    ready: dict[tuple[int, int], float] = {}
+    order = [(s, i) for s in range(steps) for i in streamed]
+    position = {key: k for k, key in enumerate(order)}
+    step_start = 0.0
+
+    def issue(key: tuple[int, int]) -> None:
+        nonlocal reader_free
+        k = position[key]
+        gates = [reader_free]
+        if prefetch == 0:
+            gates.append(acquire_at[key])
+        else:
+            if k - prefetch - 1 >= 0:
+                gates.append(release_at[order[k - prefetch - 1]])
+            if k - prefetch >= 0:
+                gates.append(acquire_at[order[k - prefetch]])
+        start = max(gates)
+        reader_free = start + read[key[1]]
+        ready[key] = reader_free
+
+    issued = 0
+    for step in range(steps):
+        step_start = now
+        for index, seconds in enumerate(compute):
+            key = (step, index)
+            if read[index] is not None:
+                acquire_at[key] = now
+                # issue every read whose gates are known by now, in order
+                while issued < len(order):
+                    k_key = order[issued]
+                    needed = [order[issued - prefetch - 1]] if issued - prefetch - 1 >= 0 else []
+                    gate_acquire = order[issued - prefetch] if issued - prefetch >= 0 else None
+                    if prefetch == 0:
+                        gate_acquire = k_key
+                    if gate_acquire is not None and gate_acquire not in acquire_at:
+                        break
+                    if any(n not in release_at for n in needed):
+                        break
+                    issue(k_key)
+                    issued += 1
+                now = max(now, ready[key])
+            now += seconds
+            if read[index] is not None:
+                release_at[key] = now
+    return now - step_start
+
+
+def layer_time(calibration: Calibration, compress: int | None, micro_batch: int) -> float:
+    name = compression_name(compress)
+    return calibration.layer_fixed[name] + calibration.layer_per_row[name] * micro_batch
+
+
+def evaluate(
+    shape: ModelShape,
+    calibration: Calibration,
+    *,
+    compress: int | None,
+    resident_layers: int,
+    prefetch: int,
+    micro_batch: int,
+    batch: int,
+    context: int,
+) -> Policy:
+    """The predicted throughput and memory of one policy (no budget check)."""
+    from rlhf_fast.offload.model import spread
+
+    blocks = -(-batch // micro_batch)
+    per_layer = layer_time(calibration, compress, micro_batch) * blocks
+    resident = spread(resident_layers, shape.num_layers)
+    read_seconds = shape.layer_bytes / calibration.disk_bandwidth
+    reads = [None if i in resident else read_seconds for i in range(shape.num_layers)]
+    step = simulate_step([per_layer] * shape.num_layers, reads, prefetch)
+    step += blocks * (calibration.head_fixed + calibration.head_per_row * micro_batch)
+    streamed = shape.num_layers - len(resident)
+    slots = min(prefetch + 1, streamed)
+    activations = micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate + shape.vocab)
+    memory = (
+        shape.other_bytes
+        + (len(resident) + slots) * shape.layer_bytes
+        + batch * context * shape.kv_bytes_per_token
+        + activations
+    )
+    io_seconds = streamed * read_seconds
+    return Policy(
+        compress, len(resident), prefetch, micro_batch, batch,
+        predicted_tokens_per_s=batch / step, memory_bytes=int(memory),
+        io_bound_tokens_per_s=batch / io_seconds if io_seconds else float("inf"),
+    )  # fmt: skip
+
+
+def candidate_micro_batches(batch: int) -> list[int]:
+    sizes = {batch}
+    size = 1
+    while size < batch:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def choose_policy(
+    shapes: dict[int | None, ModelShape],
+    calibration: Calibration,
+    *,
+    cpu_budget: int,
+    batch: int = 1,
+    context: int = 512,
+    prefetch_choices: tuple[int, ...] = (0, 1, 2, 4),
+    fixed: dict | None = None,
+) -> Policy:
+    """The best predicted policy that fits `cpu_budget`; `fixed` pins some fields (explicit
+    flags: compress, resident_layers, prefetch, micro_batch). ValueError when none fits."""
+    fixed = fixed or {}
+    best, smallest = None, None
+    for compress, shape in shapes.items():
+        if "compress" in fixed and fixed["compress"] != compress:
+            continue
+        for prefetch in (fixed["prefetch"],) if "prefetch" in fixed else prefetch_choices:
+            for micro_batch in (
+                (min(fixed["micro_batch"], batch),)
+                if "micro_batch" in fixed
+                else candidate_micro_batches(batch)
+            ):
+                counts = (
+                    (fixed["resident_layers"],)
+                    if "resident_layers" in fixed
+                    else range(shape.num_layers, -1, -1)
+                )
+                for resident in counts:
+                    policy = evaluate(
+                        shape, calibration, compress=compress, resident_layers=resident,
+                        prefetch=prefetch, micro_batch=micro_batch, batch=batch, context=context,
+                    )  # fmt: skip
+                    if smallest is None or policy.memory_bytes < smallest.memory_bytes:
+                        smallest = policy
+                    if policy.memory_bytes > cpu_budget:
+                        continue
+                    if best is None or policy.predicted_tokens_per_s > best.predicted_tokens_per_s:
+                        best = policy
+                    break  # fewer resident layers than the most that fit is never faster
+    if best is None:
+        need = "nothing" if smallest is None else format_size(smallest.memory_bytes)
+        raise ValueError(
+            f"--max-memory cpu={format_size(cpu_budget)} is too small: the smallest policy "
+            f"needs {need}"
+        )
+    return best
+
+
+# ----------------------------------------------------------------------------- model shapes
+
+
+def model_shapes(config, dtype: torch.dtype, group_size: int = 32) -> dict[int | None, ModelShape]:
+    """Per compression, the streamed bytes of a layer of `config` (built on meta: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.offload.prepare import decoder_layers
+    from rlhf_fast.quant.linear import is_quantizable
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    _, layers = decoder_layers(model)
+    layer = layers[0]
+    element = torch.empty((), dtype=dtype).element_size()
+    linear_params, rows, other = 0, 0, 0
+    linear_ids = set()
+    for module in layer.modules():
+        if is_quantizable(module):
+            linear_ids.add(id(module.weight))
+            linear_params += module.weight.numel()
+            rows += module.weight.shape[0]
+    for tensor in layer.parameters():
+        if id(tensor) not in linear_ids:
+            other += tensor.numel() * element
+    layer_params = sum(p.numel() for p in layer.parameters())
+    total_params = sum(p.numel() for p in model.parameters())
+    other_bytes = (total_params - layer_params * len(layers)) * element
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv = 2 * len(layers) * kv_heads * head_dim * element
+    per_bits = {
+        None: linear_params * element,
+        8: linear_params + rows * 4 + rows * 8,
+        4: linear_params // 2 + linear_params // group_size * 4 + rows * 8,
+    }
+    hidden, vocab = config.hidden_size, config.vocab_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return {
+        bits: ModelShape(
+            len(layers), int(size + other), int(other_bytes), kv, hidden, intermediate, vocab
+        )
+        for bits, size in per_bits.items()
+    }
+
+
+# ------------------------------------------------------------------------------ calibration
+
+
+def measure_disk_bandwidth(directory: str | os.PathLike, files: list[str] | None = None) -> float:
+    """Bytes/s of cold buffered reads (page cache dropped first): of `files` when given, else of
+    a 256 MiB temporary file written in `directory` and deleted."""
+    buffer = bytearray(64 << 20)
+    created = None
+    if not files:
+        handle, created = tempfile.mkstemp(dir=directory, suffix=".bw")
+        with os.fdopen(handle, "wb") as out:
+            for _ in range(4):
+                out.write(os.urandom(len(buffer)))
+            out.flush()
+            os.fsync(out.fileno())
+        files = [created]
+    try:
+        total, started = 0, time.perf_counter()
+        for path in files:
+            drop_page_cache(path)
+            with open(path, "rb", buffering=0) as handle:
+                while got := handle.readinto(buffer):
+                    total += got
+            drop_page_cache(path)
+        return total / (time.perf_counter() - started)
+    finally:
+        if created:
+            os.remove(created)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def calibrate_compute(
+    config,
+    dtype: torch.dtype,
+    *,
+    compressions=COMPRESSIONS,
+    group_size: int = 32,
+    rows=(1, 8),
+    context: int = 64,
+    repeats: int = 3,
+) -> tuple[dict, dict, float, float]:
+    """Times one decoder layer of `config` (random weights) per compression at `rows` decode
+    rows with `context` cached positions, and the lm_head; returns the fitted coefficients."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from rlhf_fast.offload.prepare import decoder_layers
+    from rlhf_fast.quant import quantize_model
+
+    small = copy.deepcopy(config)
+    small.num_hidden_layers, small.vocab_size = 1, 256
+    small.tie_word_embeddings = False
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
+    fixed, per_row = {}, {}
+    for bits in compressions:
+        model = base if bits is None else quantize_model(copy.deepcopy(base), bits, group_size)
+        layer = decoder_layers(model)[1][0]
+        inner = model.model if hasattr(model, "model") else None
+        times = []
+        for count in rows:
+            cache = DynamicCache(config=small)
+            ids = torch.randint(0, 256, (count, context))
+            model(input_ids=ids, cache=cache, use_cache=True)
+            step_ids = torch.randint(0, 256, (count, 1))
+
+            def step(model=model, ids=step_ids, cache=cache):  # cache grows a few positions
+                model(input_ids=ids, cache=cache, use_cache=True)
+
+            whole = _median_seconds(step, repeats)
+            # the 1-layer model's own embedding/norm/head are tiny next to the layer (vocab 256)
+            times.append(whole)
+        del layer, inner
+        slope = (times[-1] - times[0]) / max(rows[-1] - rows[0], 1)
+        fixed[compression_name(bits)] = max(times[0] - slope * rows[0], 1e-6)
+        per_row[compression_name(bits)] = max(slope, 0.0)
+    head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+    inputs = [torch.randn(count, config.hidden_size, dtype=dtype) for count in rows]
+    head_times = [_median_seconds(lambda x=x: head(x), 3) for x in inputs]
+    head_slope = (head_times[-1] - head_times[0]) / max(rows[-1] - rows[0], 1)
+    return fixed, per_row, max(head_times[0] - head_slope * rows[0], 1e-6), max(head_slope, 0.0)
+
+
+def calibrate(config, dtype, directory, *, compressions=COMPRESSIONS, files=None) -> Calibration:
+    bandwidth = measure_disk_bandwidth(directory, files)
+    fixed, per_row, head_fixed, head_per_row = calibrate_compute(
+        config, dtype, compressions=compressions
+    )
+    return Calibration(bandwidth, fixed, per_row, head_fixed, head_per_row)

@@ -1,0 +1,175 @@
+"""open_offloaded_model: from a model directory and budgets to a streaming model, in one call.
+
+Used by `rlhf-fast chat MODEL_DIR --offload auto --max-memory cpu=2GiB` and by batched
+generation for PPO rollouts. `offload` is "auto" or explicit settings that override the
+policy's choice, comma-separated: `compress=none|int8|int4|auto`, `resident=N` (layers) or
+`resident=P%`, `prefetch=N`, `micro-batch=N`. Offload directories are prepared once under
+`offload_root` (default MODEL_DIR/.rlhf_fast_offload/<compression>) and reused; the
+calibration (disk bandwidth, per-layer compute time) is cached beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.offload.model import OffloadedLM, load_offloaded
+from rlhf_fast.offload.policy import (
+    COMPRESSIONS,
+    Calibration,
+    Policy,
+    calibrate,
+    choose_policy,
+    compression_name,
+    model_shapes,
+    parse_max_memory,
+)
+from rlhf_fast.offload.prepare import prepare_offload
+from rlhf_fast.offload.shards import MANIFEST, ShardError, read_manifest
+
+ROOT_NAME = ".rlhf_fast_offload"
+_BITS = {"none": None, "int8": 8, "int4": 4}
+
+
+def parse_offload(text: str, num_layers: int) -> dict:
+    """'auto' -> {}; 'compress=int4,resident=25%,prefetch=2,micro-batch=4' -> fixed fields."""
+    fixed: dict = {}
+    if text.strip() == "auto":
+        return fixed
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        try:
+            if not sep:
+                raise ValueError
+            if key == "compress":
+                if value != "auto":
+                    fixed["compress"] = _BITS[value]
+            elif key == "resident":
+                if value.endswith("%"):
+                    count = round(float(value[:-1]) / 100 * num_layers)
+                else:
+                    count = int(value)
+                if not 0 <= count <= num_layers:
+                    raise ValueError
+                fixed["resident_layers"] = count
+            elif key in ("prefetch", "micro-batch"):
+                number = int(value)
+                if number < (0 if key == "prefetch" else 1):
+                    raise ValueError
+                fixed[key.replace("-", "_")] = number
+            else:
+                raise KeyError(key)
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"--offload: {item!r} is not auto or one of compress=none|int8|int4, "
+                f"resident=N|P%, prefetch=N, micro-batch=N"
+            ) from None
+    return fixed
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _calibration(root: Path, config, dtype, compressions) -> Calibration:
+    cache = root / "calibration.json"
+    if cache.is_file():
+        try:
+            return Calibration(**json.loads(cache.read_text()))
+        except (TypeError, ValueError):
+            pass
+    root.mkdir(parents=True, exist_ok=True)
+    print("[offload: calibrating disk bandwidth and layer compute time]", file=sys.stderr)
+    calibration = calibrate(config, dtype, root, compressions=compressions)
+    cache.write_text(json.dumps(asdict(calibration)))
+    return calibration
+
+
+def _prepared(model_dir: Path, target: Path, compress: int | None) -> Path:
+    try:
+        manifest = read_manifest(target)
+        if manifest.get("source") == str(model_dir.resolve()):
+            return target
+    except ShardError:
+        pass
+    print(f"[offload: preparing {target} (once)]", file=sys.stderr)
+    return prepare_offload(model_dir, target, compress=compress)
+
+
+def open_offloaded_model(
+    model_dir: str | os.PathLike,
+    *,
+    offload: str = "auto",
+    max_memory: str | None = None,
+    offload_root: str | os.PathLike | None = None,
+    batch: int = 1,
+    context: int = 512,
+    drop_cache: bool = True,
+) -> tuple[OffloadedLM, Policy]:
+    """Chooses a policy for `max_memory` (default: half the available RAM), prepares the offload
+    directory it needs and opens it. Prints nothing; returns (model, policy)."""
+    from transformers import AutoConfig
+
+    from rlhf_fast.quant.io import read_quantization
+
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    budgets = parse_max_memory(max_memory) if max_memory else {"cpu": _available_memory() // 2}
+    if "cpu" not in budgets:
+        raise ValueError("--max-memory: give cpu=SIZE (this build runs on the CPU)")
+    stored = read_quantization(model_dir)
+    shapes = model_shapes(config, dtype)
+    if stored is not None:  # already compressed: stream it as stored
+        shapes = {stored["bits"]: shapes[stored["bits"]]}
+    fixed = parse_offload(offload, config.num_hidden_layers)
+    if stored is not None and "compress" in fixed and fixed["compress"] != stored["bits"]:
+        raise ValueError(f"--offload: {model_dir} is stored int{stored['bits']}; it streams so")
+    fixed.pop("compress", None) if stored is not None else None
+    root = Path(offload_root) if offload_root else model_dir / ROOT_NAME
+    wanted = [c for c in COMPRESSIONS if c in shapes]
+    calibration = _calibration(root, config, dtype, wanted)
+    policy = choose_policy(
+        shapes, calibration, cpu_budget=budgets["cpu"], batch=batch, context=context, fixed=fixed
+    )
+    target = root / compression_name(policy.compress)
+    _prepared(model_dir, target, None if stored is not None else policy.compress)
+    if not (target / MANIFEST).is_file():
+        raise ShardError(f"{target / MANIFEST}: missing after prepare")
+    lm = load_offloaded(
+        target, resident_layers=policy.resident_layers, prefetch=policy.prefetch,
+        drop_cache=drop_cache,
+    )  # fmt: skip
+    return lm, policy
+
+
+def open_for_chat(model_dir: str | os.PathLike, args) -> torch.nn.Module:
+    """The chat command's hook: opens the model under `--offload`, prints the chosen policy on
+    stderr and returns the HF model (its streamer stays reachable as `model.rlhf_fast_offload`).
+    `--int4` / `--int8` pin the compression."""
+    spec = args.offload
+    bits = 4 if getattr(args, "int4", False) else 8 if getattr(args, "int8", False) else None
+    if bits is not None and "compress=" not in spec:
+        spec = f"compress=int{bits}" if spec.strip() == "auto" else f"{spec},compress=int{bits}"
+    lm, policy = open_offloaded_model(
+        model_dir, offload=spec, max_memory=args.max_memory, offload_root=args.offload_dir
+    )
+    print(f"[offload: {policy.describe()}]", file=sys.stderr, flush=True)
+    # The lean decoder fuses every layer's weights up front, which streaming layers cannot
+    # offer: the chat loop runs the HF forward, through the streaming hooks.
+    os.environ["RLHF_FAST_DECODER"] = "hf"
+    lm.model.rlhf_fast_offload = lm
+    return lm.model
