@@ -16,6 +16,7 @@ with optional top-k from a seeded generator. Finished rows (EOS) are padded with
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,8 +106,11 @@ def generate_batch(
     temperature: float = 0.0,
     top_k: int = 0,
     seed: int | None = None,
+    step_seconds: list[float] | None = None,
 ) -> torch.Tensor:
-    """[B, T + new] token ids: the (left-padded) prompts followed by the generated tokens."""
+    """[B, T + new] token ids: the (left-padded) prompts followed by the generated tokens.
+
+    `step_seconds`, when given, receives the wall time of each step (prefill first)."""
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -137,10 +141,13 @@ def generate_batch(
     generated = []
     finished = torch.zeros(size, dtype=torch.bool)
     for _ in range(max_new_tokens):
+        started = time.perf_counter()
         logits = torch.cat(forward(lm, batches, tokens))
         chosen = _choose(logits, temperature, top_k, generator)
         chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
         generated.append(chosen)
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - started)
         if eos_token_id is not None:
             finished |= chosen == eos_token_id
             if bool(finished.all()):
