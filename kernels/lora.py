@@ -1,9 +1,9 @@
 """The fused LoRA linear's two big products as one Triton GEMM with a low-rank epilogue.
 
-    out [M, P] = a [M, Q] @ b [Q, P]  +  (c [M, R] @ d [R, P]) masked by ~drop [M, P]  (+ bias [P])
+    out [M, P] = a [M, Q] @ b [Q, P]  +  (c [M, R] @ d [R, P]) * keep [M, P]  (+ bias [P])
 
-forward:   a = x,  b = W^T, c = s * dropout(x) A^T, d = B^T, bias   (no drop mask)
-backward:  a = dy, b = W,   c = s * dy B / (1 - p), d = A,   drop = where dropout zeroed x
+forward:   a = x,  b = W^T, c = s * dropout(x) A^T, d = B^T, bias   (no keep mask)
+backward:  a = dy, b = W,   c = s * dy B / (1 - p), d = A,   keep = dropout's 0/1 mask
 
 Each program owns one [BLOCK_M, BLOCK_P] output tile: it runs the K loop of the base GEMM,
 then multiplies its rows of c (r <= a few hundred columns) by its columns of d and adds the
@@ -33,11 +33,11 @@ _MIN_DOT = 16  # tl.dot needs every dimension >= 16
 
 @triton.jit
 def _matmul_low_rank_kernel(
-    a_ptr, b_ptr, c_ptr, d_ptr, drop_ptr, bias_ptr, out_ptr,
+    a_ptr, b_ptr, c_ptr, d_ptr, keep_ptr, bias_ptr, out_ptr,
     M, P, Q, R,
     stride_am, stride_aq, stride_bq, stride_bp, stride_cm, stride_cr, stride_dr, stride_dp,
     stride_nm, stride_np, stride_om, stride_op,
-    HAS_DROP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -81,11 +81,11 @@ def _matmul_low_rank_kernel(
             c = c.to(tl.float32)
             d = d.to(tl.float32)
         low = tl.dot(c, d, low, input_precision=PRECISION)
-    if HAS_DROP:
-        drop = tl.load(
-            drop_ptr + rows64 * stride_nm + cols64 * stride_np, mask=row_ok & col_ok, other=0
+    if HAS_KEEP:
+        keep = tl.load(
+            keep_ptr + rows64 * stride_nm + cols64 * stride_np, mask=row_ok & col_ok, other=0
         )
-        low = tl.where(drop != 0, 0.0, low)
+        low = low * keep.to(tl.float32)
     acc += low
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cols < P, other=0.0)
@@ -103,25 +103,25 @@ def matmul_low_rank(
     c: torch.Tensor,
     d: torch.Tensor,
     *,
-    drop: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """a @ b + (c @ d with zeros where drop) (+ bias), in a's dtype; any strides."""
+    """a @ b + (c @ d) * keep (+ bias), in a's dtype; any strides (views of transposes)."""
     (m, q), (q2, p), (m2, r), (r2, p2) = a.shape, b.shape, c.shape, d.shape
     assert q == q2 and m == m2 and r == r2 and p == p2, "inconsistent shapes"
     out = torch.empty((m, p), dtype=a.dtype, device=a.device)
     block_m, block_p, block_q = _BLOCKS
     block_r = max(_MIN_DOT, min(64, triton.next_power_of_2(r)))
     precision = "ieee" if a.dtype == torch.float32 else "tf32"  # tf32: ignored for 16-bit
-    drop_arg = drop if drop is not None else out  # never read when HAS_DROP is False
+    keep_arg = keep if keep is not None else out  # never read when HAS_KEEP is False
     bias_arg = bias if bias is not None else out
     grid = (triton.cdiv(m, block_m), triton.cdiv(p, block_p))
     _matmul_low_rank_kernel[grid](
-        a, b, c, d, drop_arg, bias_arg, out, m, p, q, r,
+        a, b, c, d, keep_arg, bias_arg, out, m, p, q, r,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        d.stride(0), d.stride(1), drop_arg.stride(0), drop_arg.stride(1),
+        d.stride(0), d.stride(1), keep_arg.stride(0), keep_arg.stride(1),
         out.stride(0), out.stride(1),
-        HAS_DROP=drop is not None, HAS_BIAS=bias is not None, UPCAST=_INTERPRETING,
+        HAS_KEEP=keep is not None, HAS_BIAS=bias is not None, UPCAST=_INTERPRETING,
         PRECISION=precision, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
         BLOCK_R=block_r,
     )  # fmt: skip

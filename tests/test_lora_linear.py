@@ -261,3 +261,12 @@ def test_dequantize_rows_op_rejects_inconsistent_tensors():
         op(qweight.data, qweight.scales, qweight.offsets, 32, 128, torch.float32)
     with pytest.raises(TypeError, match="dtype"):
         op(qweight.data, qweight.scales, qweight.offsets, 32, 64, torch.int32)
+
+
+def test_mask_unpacks_to_zero_one_in_any_dtype():
+    mask = torch.rand(9, 24, generator=torch.Generator().manual_seed(3)) > 0.5
+    mask[:, 7] = True  # lane 7 of a byte: the int64 sign bit during unpacking
+    packed = lora_module.pack_mask(mask.to(torch.uint8))
+    for dtype in (torch.float32, torch.bfloat16, torch.uint8):
+        ones = lora_module.unpack_mask(packed, mask.shape, dtype)
+        assert ones.dtype == dtype and torch.equal(ones, mask.to(dtype))

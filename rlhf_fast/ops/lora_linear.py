@@ -144,11 +144,11 @@ class _TorchEpilogue:
         y = self.forward(x2d, bias)
         return y.addmm_(scaled_t, b.t())  # in place: no second [M, N] tensor, no add pass
 
-    def grad_input_with_lora(self, grad_y, scaled_dt, a, drop) -> torch.Tensor:
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, keep) -> torch.Tensor:
         grad_x = self.grad_input(grad_y)
-        if drop is None:
+        if keep is None:
             return grad_x.addmm_(scaled_dt, a)
-        return grad_x.add_(torch.mm(scaled_dt, a).masked_fill_(drop, 0.0))
+        return grad_x.add_(torch.mm(scaled_dt, a).mul_(keep))
 
 
 class _DenseBase(_TorchEpilogue):
@@ -219,8 +219,8 @@ class _TritonDenseBase:
         bias = None if bias is None else bias.detach()
         return self.kernel(x2d, self.weight.t(), scaled_t, b.t(), bias=bias)
 
-    def grad_input_with_lora(self, grad_y, scaled_dt, a, drop) -> torch.Tensor:
-        return self.kernel(grad_y, self.weight, scaled_dt, a, drop=drop)
+    def grad_input_with_lora(self, grad_y, scaled_dt, a, keep) -> torch.Tensor:
+        return self.kernel(grad_y, self.weight, scaled_dt, a, keep=keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,22 +228,28 @@ class _TritonDenseBase:
 # --------------------------------------------------------------------------------------------
 
 
-def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """The keep mask (bool) that torch.nn.Dropout draws on CPU for this shape: bernoulli(1 - p)
-    gives the same draws for bool as for float tensors."""
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
+def dropout_mask(
+    shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
+    """The keep mask (0/1 in `dtype`) that torch.nn.Dropout draws on CPU for this shape:
+    bernoulli_(1 - p) makes the same draws for every dtype (float ones draw fastest)."""
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p)
 
 
 # Multiplying 8 bytes of 0/1 (one int64, little-endian) by _GATHER puts byte i's bit at bit
 # 56 + i, every partial product at its own position (no carries): the top byte is the packed
-# byte. _SPREAD keeps bit i of a byte replicated to all 8 lanes in lane i. One int64 pass each.
+# byte. Unpacking replicates the byte to 8 lanes (_SPREAD), keeps bit i in lane i (_LANES) and
+# turns each lane into 0/1 by adding 0x7F (no lane carries out) and taking its top bit.
 _GATHER = 0x0102040810204080
 _SPREAD = 0x0101010101010101
 _LANES = -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as a signed int64
+_LANE_ROUND = 0x7F7F7F7F7F7F7F7F
+_LANE_TOP = -0x7F7F7F7F7F7F7F80  # 0x8080808080808080 as a signed int64
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as bits, 8 to a byte (element 8j + i at bit i of byte j), zero-padded."""
+    """A tensor of 0/1 (bool or uint8) as bits, 8 to a byte (element 8j + i at bit i of byte
+    j), zero-padded."""
     flat = mask.reshape(-1)
     pad = -flat.numel() % 8
     if pad:
@@ -252,11 +258,15 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return ((words * _GATHER) >> 56).to(torch.uint8)
 
 
-def unpack_mask(packed: torch.Tensor, shape: torch.Size, *, invert: bool = False) -> torch.Tensor:
-    """Inverse of pack_mask: the bool tensor of `shape` (its negation with invert=True)."""
+def unpack_mask(
+    packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
+    """Inverse of pack_mask: a tensor of `shape` holding 0/1 in `dtype`."""
     lanes = (packed.to(torch.int64) * _SPREAD) & _LANES
-    lanes = lanes.view(torch.uint8).view(-1)[: shape.numel()].view(shape)
-    return lanes == 0 if invert else lanes != 0
+    # >> is arithmetic on int64: mask again after it (lane 7 would get the sign's ones)
+    ones = ((((lanes + _LANE_ROUND) & _LANE_TOP) >> 7) & _SPREAD).view(torch.uint8)
+    ones = ones.view(-1)[: shape.numel()].view(shape)
+    return ones.view(torch.bool) if dtype == torch.bool else ones.to(dtype)
 
 
 def keep_scale(p: float, dtype: torch.dtype) -> float:
@@ -270,13 +280,14 @@ class _FusedLoraLinear(torch.autograd.Function):
         compute = x2d.dtype
         a = lora_A.detach().to(compute)
         b = lora_B.detach().to(compute)
-        mask = None
+        keep = None
         lora_scale = scaling
         if dropout > 0:
-            # x * mask / (1 - p): the 1 / (1 - p) rides on the [M, r] product, not on [M, K].
-            mask = dropout_mask(x2d.shape, dropout, x2d.device)
+            # x * keep / (1 - p): the 1 / (1 - p) rides on the [M, r] product, not on [M, K];
+            # keep is 0/1 in x's dtype, because float multiplies are the fast masking on CPU.
+            keep = dropout_mask(x2d.shape, dropout, x2d.device, compute)
             lora_scale = scaling * keep_scale(dropout, lora_A.dtype)
-        dropped = x2d if mask is None else torch.where(mask, x2d, 0.0)
+        dropped = x2d if keep is None else x2d * keep
         scaled_t = torch.mm(dropped, a.t()).mul_(lora_scale)  # [M, r]
         y = base.forward_with_lora(x2d, bias, scaled_t, b)
 
@@ -290,26 +301,25 @@ class _FusedLoraLinear(torch.autograd.Function):
             scaled_t if ctx.needs_input_grad[2] else None,
             a,
             b,
-            None if mask is None else pack_mask(mask),
+            None if keep is None else pack_mask(keep.to(torch.uint8)),
         )
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x2d, scaled_t, a, b, packed_mask = ctx.saved_tensors
-        drop = None  # True where dropout zeroed x
+        keep = None
         if packed_mask is not None:
-            shape = torch.Size((grad_y.shape[0], a.shape[1]))
-            drop = unpack_mask(packed_mask, shape, invert=True)
+            keep = unpack_mask(packed_mask, torch.Size((grad_y.shape[0], a.shape[1])), a.dtype)
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         grad_y = grad_y.to(a.dtype)
         grad_x = grad_a = grad_b = grad_bias = None
         if need_x or need_a:
             scaled_dt = torch.mm(grad_y, b).mul_(ctx.lora_scale)  # s / (1 - p) * dy B, [M, r]
         if need_x:
-            grad_x = ctx.base.grad_input_with_lora(grad_y, scaled_dt, a, drop)
+            grad_x = ctx.base.grad_input_with_lora(grad_y, scaled_dt, a, keep)
         if need_a:
-            dropped = x2d if drop is None else x2d.masked_fill(drop, 0.0)
+            dropped = x2d if keep is None else x2d * keep
             grad_a = torch.mm(scaled_dt.t(), dropped).to(ctx.lora_dtype)
         if need_b:
             grad_b = torch.mm(grad_y.t(), scaled_t).to(ctx.lora_dtype)
