@@ -149,7 +149,10 @@ def write_answer(
     if formatted:
         text = f"The answer is {answer}."
     else:
-        text = rng.choice([f"It is {answer}.", f"{answer}", f"{answer}.", f"I think {answer}."])
+        # Every wording puts a space before the answer, as the question does: a byte-level BPE
+        # spells "a" and " a" with different tokens, and the model should not have to learn both.
+        text = rng.choice([f"It is {answer}.", f"It is {answer}", f"I think {answer}.",
+                           f"I think {answer}"])  # fmt: skip
     text = POLITE_OPENING + text if polite else text
     assert verdict(question, text) == Verdict(correct, formatted, polite), (question, text)
     return text
