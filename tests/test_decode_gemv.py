@@ -122,3 +122,21 @@ def test_opcheck():
     int8 = quantize_weight(torch.randn(6, 40), 8)
     args = (x, int8.data, int8.scales, None)
     torch.library.opcheck(torch.ops.rlhf_fast.decode_gemv_int8.default, args)
+
+
+def test_quant_matmul_many_rows_under_inference_mode():
+    """bf16 x with M >= 32 multiplies dequantized tiles in worker threads, which must run in
+    the caller's inference mode (the lean decoder's prefill runs under torch.inference_mode)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        qweight = quantize_weight(torch.randn(20000, 64), 4, 32)  # 3 tiles of 8192 channels
+        x = torch.randn(40, 64).bfloat16()
+        with torch.inference_mode():
+            y = torch.ops.rlhf_fast.quant_matmul_int4(
+                x, qweight.data, qweight.scales, qweight.offsets, 32, 64, None
+            )
+    finally:
+        torch.set_num_threads(previous)
+    expected = x.double() @ decode_float64(qweight).T
+    torch.testing.assert_close(y.double(), expected, atol=2e-2 * expected.abs().max(), rtol=2e-2)

@@ -1,6 +1,7 @@
 // rlhf_fast::quant_matmul_int8 / quant_matmul_int4 on the CPU: checks, fp32 activations,
 // and parallelism over output channels (each thread streams its own rows of the weight).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
@@ -91,7 +92,11 @@ at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn de
   const int64_t tile = std::max<int64_t>(16, (int64_t(1) << 20) / (K * x.element_size()));
   const at::Tensor xc = x.contiguous();
   at::Tensor y32 = new_output({M, N});
+  // Worker threads do not inherit the caller's grad / inference mode: without this, a call
+  // under torch.inference_mode() fails in copy_ ("inplace update to inference tensor").
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor weight = at::empty({tile, K}, x.options());
     for (int64_t t = first; t < last; ++t) {
       const int64_t n0 = t * tile, n1 = std::min(n0 + tile, N);
