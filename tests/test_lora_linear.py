@@ -263,10 +263,33 @@ def test_dequantize_rows_op_rejects_inconsistent_tensors():
         op(qweight.data, qweight.scales, qweight.offsets, 32, 64, torch.int32)
 
 
-def test_mask_unpacks_to_zero_one_in_any_dtype():
-    mask = torch.rand(9, 24, generator=torch.Generator().manual_seed(3)) > 0.5
-    mask[:, 7] = True  # lane 7 of a byte: the int64 sign bit during unpacking
-    packed = lora_module.pack_mask(mask.to(torch.uint8))
-    for dtype in (torch.float32, torch.bfloat16, torch.uint8):
-        ones = lora_module.unpack_mask(packed, mask.shape, dtype)
-        assert ones.dtype == dtype and torch.equal(ones, mask.to(dtype))
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "torch-ops"])
+@pytest.mark.parametrize("shape", [(9, 24), (3, 5, 41)])
+def test_mask_packs_from_and_unpacks_to_any_dtype(native, shape, monkeypatch):
+    if native and lora_module._PACK_KEEP_OP is None:
+        pytest.skip("C++ extension without lora_pack_keep")
+    if not native:
+        monkeypatch.setattr(lora_module, "_PACK_KEEP_OP", None)
+        monkeypatch.setattr(lora_module, "_UNPACK_KEEP_OP", None)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    mask.view(-1, shape[-1])[:, 7] = True  # lane 7 of a byte: the int64 sign bit in torch-ops
+    flat = torch.cat([mask.reshape(-1), mask.new_zeros(-mask.numel() % 8)])
+    expected_bits = (flat.view(-1, 8).long() << torch.arange(8)).sum(1).to(torch.uint8)
+    for source in (torch.bool, torch.uint8, torch.float32, torch.bfloat16):
+        assert torch.equal(lora_module.pack_mask(mask.to(source)), expected_bits), source
+    for dtype in (torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.uint8):
+        ones = lora_module.unpack_mask(expected_bits, mask.shape, dtype)
+        assert ones.dtype == dtype and torch.equal(ones, mask.to(dtype)), dtype
+
+
+@pytest.mark.skipif(lora_module._PACK_KEEP_OP is None, reason="no lora_pack_keep")
+def test_mask_ops_opcheck_and_errors():
+    keep = (torch.rand(5, 19) > 0.3).float()
+    torch.library.opcheck(torch.ops.rlhf_fast.lora_pack_keep.default, (keep,))
+    bits = torch.ops.rlhf_fast.lora_pack_keep(keep)
+    unpack = torch.ops.rlhf_fast.lora_unpack_keep
+    torch.library.opcheck(unpack.default, (bits, 95, torch.bfloat16))
+    with pytest.raises(ValueError, match="bits holds"):
+        unpack(bits, 200, torch.float32)
+    with pytest.raises(TypeError, match="keep"):
+        torch.ops.rlhf_fast.lora_pack_keep(keep.double())

@@ -14,4 +14,9 @@ at::Tensor lora_dequantize_rows_cpu(const at::Tensor& qdata, const at::Tensor& s
                                     const std::optional<at::Tensor>& offsets, int64_t group_size,
                                     int64_t in_features, at::ScalarType dtype);
 
+// A 0/1 tensor (float, bf16, fp16 or uint8; any shape) as bits, 8 elements a byte; and back
+// to `numel` elements of 0/1 in `dtype`.
+at::Tensor lora_pack_keep_cpu(const at::Tensor& keep);
+at::Tensor lora_unpack_keep_cpu(const at::Tensor& bits, int64_t numel, at::ScalarType dtype);
+
 }  // namespace rlhf_fast

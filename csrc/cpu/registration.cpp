@@ -22,6 +22,8 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "lora_dequantize_rows(Tensor qdata, Tensor scales, Tensor? offsets, int group_size,"
       " int in_features, ScalarType dtype) -> Tensor");
+  m.def("lora_pack_keep(Tensor keep) -> Tensor");
+  m.def("lora_unpack_keep(Tensor bits, int numel, ScalarType dtype) -> Tensor");
   m.def(
       "decode_gemv_int4(Tensor x, Tensor qdata, Tensor scales, Tensor offsets, int group_size,"
       " int in_features, Tensor? bias) -> Tensor");
@@ -39,6 +41,8 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("quant_matmul_int8", &rlhf_fast::quant_matmul_int8_cpu);
   m.impl("quant_matmul_int4", &rlhf_fast::quant_matmul_int4_cpu);
   m.impl("lora_dequantize_rows", &rlhf_fast::lora_dequantize_rows_cpu);
+  m.impl("lora_pack_keep", &rlhf_fast::lora_pack_keep_cpu);
+  m.impl("lora_unpack_keep", &rlhf_fast::lora_unpack_keep_cpu);
   m.impl("decode_gemv_int4", &rlhf_fast::decode_gemv_int4_cpu);
   m.impl("decode_gemv_int8", &rlhf_fast::decode_gemv_int8_cpu);
   m.impl("decode_add_rms_norm", &rlhf_fast::decode_add_rms_norm_cpu);

@@ -64,3 +64,14 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_attention"):
     @torch.library.register_fake("rlhf_fast::decode_silu_mul")
     def _decode_silu_mul_fake(gate_up):
         return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "lora_pack_keep"):
+
+    @torch.library.register_fake("rlhf_fast::lora_pack_keep")
+    def _lora_pack_keep_fake(keep):
+        return keep.new_empty(((keep.numel() + 7) // 8,), dtype=torch.uint8)
+
+    @torch.library.register_fake("rlhf_fast::lora_unpack_keep")
+    def _lora_unpack_keep_fake(bits, numel, dtype):
+        return bits.new_empty((numel,), dtype=dtype)

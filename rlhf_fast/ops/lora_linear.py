@@ -48,11 +48,18 @@ _dispatch.IMPLEMENTED["lora_linear"] = ("reference", "cpp", "triton")
 # fp32, small beside the weight's dense copy (64 MB for 4096 x 4096) and big enough that the
 # GEMM over the block runs at full speed.
 DEQUANT_BLOCK_ELEMENTS = 1 << 21
-_DEQUANTIZE_ROWS_OP = (
-    torch.ops.rlhf_fast.lora_dequantize_rows
-    if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "lora_dequantize_rows")
-    else None
-)
+
+
+def _registered(name: str):
+    """torch.ops.rlhf_fast.<name> where the C++ extension has it, else None."""
+    if _native.cpp is None or not hasattr(torch.ops.rlhf_fast, name):
+        return None
+    return getattr(torch.ops.rlhf_fast, name)
+
+
+_DEQUANTIZE_ROWS_OP = _registered("lora_dequantize_rows")
+_PACK_KEEP_OP = _registered("lora_pack_keep")
+_UNPACK_KEEP_OP = _registered("lora_unpack_keep")
 
 
 def lora_linear_reference(
@@ -248,8 +255,14 @@ _LANE_TOP = -0x7F7F7F7F7F7F7F80  # 0x8080808080808080 as a signed int64
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A tensor of 0/1 (bool or uint8) as bits, 8 to a byte (element 8j + i at bit i of byte
-    j), zero-padded."""
+    """A tensor of 0/1 (bool, uint8 or float) as bits, 8 to a byte (element 8j + i at bit i of
+    byte j), zero-padded: one pass in C++ on CPU, int64 word arithmetic elsewhere."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    if _PACK_KEEP_OP is not None and mask.device.type == "cpu":
+        return _PACK_KEEP_OP(mask)
+    if mask.dtype.is_floating_point:
+        mask = mask.to(torch.uint8)
     flat = mask.reshape(-1)
     pad = -flat.numel() % 8
     if pad:
@@ -262,6 +275,8 @@ def unpack_mask(
     packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype = torch.bool
 ) -> torch.Tensor:
     """Inverse of pack_mask: a tensor of `shape` holding 0/1 in `dtype`."""
+    if _UNPACK_KEEP_OP is not None and packed.device.type == "cpu" and dtype != torch.bool:
+        return _UNPACK_KEEP_OP(packed, shape.numel(), dtype).view(shape)
     lanes = (packed.to(torch.int64) * _SPREAD) & _LANES
     # >> is arithmetic on int64: mask again after it (lane 7 would get the sign's ones)
     ones = ((((lanes + _LANE_ROUND) & _LANE_TOP) >> 7) & _SPREAD).view(torch.uint8)
@@ -301,7 +316,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             scaled_t if ctx.needs_input_grad[2] else None,
             a,
             b,
-            None if keep is None else pack_mask(keep.to(torch.uint8)),
+            None if keep is None else pack_mask(keep),
         )
         return y
 
