@@ -30,6 +30,7 @@ class _MicroBatch:
     mask: torch.Tensor  # [b, length] attention mask so far
     cache: object
     positions: torch.Tensor  # [b] next position id of each row
+    prefilled: bool = False
 
 
 def _scheduled(model) -> bool:
@@ -45,8 +46,7 @@ def _block_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[tor
     model, inner = lm.model, lm.model.model
     states, masks, rotary, positions = [], [], [], []
     for batch, ids in zip(batches, tokens, strict=True):
-        t = ids.shape[1]
-        if t > 1:  # prefill: positions count only real (unmasked) tokens, as HF generate does
+        if not batch.prefilled:  # positions count only real (unmasked) tokens, as HF generate
             position = (batch.mask.long().cumsum(-1) - 1).clamp(min=0)
         else:
             position = batch.positions[:, None]
@@ -71,7 +71,7 @@ def _block_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[tor
 def _fallback_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[torch.Tensor]):
     logits = []
     for batch, ids in zip(batches, tokens, strict=True):
-        if ids.shape[1] > 1:
+        if not batch.prefilled:
             position = (batch.mask.long().cumsum(-1) - 1).clamp(min=0)
         else:
             position = batch.positions[:, None]
@@ -152,11 +152,12 @@ def generate_batch(
             finished |= chosen == eos_token_id
             if bool(finished.all()):
                 break
-        tokens = []
         for batch in batches:
             batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-            tokens.append(chosen[batch.rows][:, None])
-            batch.positions = batch.positions + 1
+            if batch.prefilled:  # after the prefill, `positions` already is the next one
+                batch.positions = batch.positions + 1
+            batch.prefilled = True
+        tokens = [chosen[batch.rows][:, None] for batch in batches]
     if not generated:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
