@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/lora_ops.h"
 
@@ -17,33 +18,46 @@ namespace {
 constexpr int64_t kGrainBytes = 8192;
 
 template <typename In>
-void pack(const In* keep, int64_t numel, uint8_t* bits) {
-  const int64_t bytes = (numel + 7) / 8;
-  at::parallel_for(0, bytes, kGrainBytes, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t base = 8 * j;
-      const int count = static_cast<int>(numel - base < 8 ? numel - base : 8);
-      uint8_t byte = 0;
-      for (int i = 0; i < count; ++i) {
-        byte |= static_cast<uint8_t>(static_cast<float>(keep[base + i]) != 0.0f) << i;
-      }
-      bits[j] = byte;
-    }
-  });
+inline uint8_t pack_byte(const In* keep, int count) {
+  uint8_t byte = 0;
+  for (int i = 0; i < count; ++i) {
+    byte |= static_cast<uint8_t>(static_cast<float>(keep[i]) != 0.0f) << i;
+  }
+  return byte;
 }
+
+template <typename In>
+void pack(const In* keep, int64_t numel, uint8_t* bits) {
+  const int64_t full = numel / 8;
+  at::parallel_for(0, full, kGrainBytes, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) bits[j] = pack_byte(keep + 8 * j, 8);  // unrolled
+  });
+  if (numel % 8) bits[full] = pack_byte(keep + 8 * full, static_cast<int>(numel % 8));
+}
+
+// byte -> its 8 elements of 0/1 in Out: unpacking is then one 8-element copy per byte.
+template <typename Out>
+struct ByteTable {
+  Out lanes[256][8];
+  ByteTable() {
+    for (int byte = 0; byte < 256; ++byte) {
+      for (int i = 0; i < 8; ++i) {
+        lanes[byte][i] = static_cast<Out>(static_cast<float>((byte >> i) & 1));
+      }
+    }
+  }
+};
 
 template <typename Out>
 void unpack(const uint8_t* bits, int64_t numel, Out* out) {
-  const int64_t bytes = (numel + 7) / 8;
-  at::parallel_for(0, bytes, kGrainBytes, [&](int64_t begin, int64_t end) {
+  static const ByteTable<Out> table;
+  const int64_t full = numel / 8;
+  at::parallel_for(0, full, kGrainBytes, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const int64_t base = 8 * j;
-      const int count = static_cast<int>(numel - base < 8 ? numel - base : 8);
-      for (int i = 0; i < count; ++i) {
-        out[base + i] = static_cast<Out>(static_cast<float>((bits[j] >> i) & 1));
-      }
+      std::memcpy(out + 8 * j, table.lanes[bits[j]], sizeof(Out) * 8);
     }
   });
+  for (int64_t k = 8 * full; k < numel; ++k) out[k] = table.lanes[bits[full]][k - 8 * full];
 }
 
 template <typename Fn>
