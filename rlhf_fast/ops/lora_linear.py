@@ -12,15 +12,16 @@ copies saved for backward. The fused backend removes those:
   mask packed 8 to a byte (peft keeps the float noise and a dropped copy of x: 8 bytes an
   element with fp32 adapters). Drawing the mask again in backward would save even that bit
   but costs a second bernoulli_, which on CPU is single-threaded, ~7 ns an element: more than
-  the rest of the layer at small widths; packing and unpacking are a few byte passes;
+  the rest of the layer at small widths; packing and unpacking are one C++ pass each
+  (csrc/cpu/lora_mask_bits.cpp);
 - dropout's 1 / (1 - p) is applied to the [M, r] products, not to [M, K] tensors;
 - a quantized W is never dequantized whole: the forward runs `ops.quant_matmul` (C++ kernels
   that unpack tiles), the backward's dy W dequantizes row blocks of W, one at a time.
 
 Dropout draws its mask as torch.nn.Dropout does on CPU (`bernoulli_(1 - p)` over x's shape,
-the same draws for a bool as for a float tensor) and scales by 1 / (1 - p) rounded in the LoRA
-weights' dtype, so with the same RNG state the reference, the fused path and peft's layer drop
-the same elements.
+which makes the same draws whatever the tensor's dtype) and scales by 1 / (1 - p) rounded in
+the LoRA weights' dtype, so with the same RNG state the reference, the fused path and peft's
+layer drop the same elements.
 
 Precision: the base GEMM runs in x's dtype (as F.linear); the LoRA products run in x's dtype
 with the GEMMs' fp32 accumulation (like autocast), and their gradients are returned in A's and
