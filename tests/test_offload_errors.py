@@ -1,0 +1,118 @@
+"""Offload failures: a missing or truncated shard is a one-line `FILE: what` error, and an
+exception in the middle of a streamed forward leaves no reader thread, open file or bound layer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from rlhf_fast.offload import ShardError, load_offloaded, prepare_offload
+from rlhf_fast.offload.generate import generate_batch
+from rlhf_fast.offload.shards import layer_file
+
+
+@pytest.fixture(scope="module")
+def offload_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    return prepare_offload(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("o") / "off")
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for path in src.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def _reader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("rlhf-fast-offload")]
+
+
+def _open_shards():
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return [name for name in names if name.endswith(".safetensors")]
+
+
+def test_missing_shard_is_a_one_line_error(offload_dir, tmp_path):
+    broken = _copy(offload_dir, tmp_path / "b")
+    (broken / layer_file(2)).unlink()
+    with pytest.raises(ShardError) as error:
+        load_offloaded(broken)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(str(broken / layer_file(2))) and "missing" in message
+
+
+@pytest.mark.parametrize("keep", [5, 40, -7])
+def test_truncated_shard_is_a_one_line_error(offload_dir, tmp_path, keep):
+    broken = _copy(offload_dir, tmp_path / "b")
+    path = broken / layer_file(1)
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    with pytest.raises(ShardError, match="truncated|corrupt") as error:
+        load_offloaded(broken)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_not_an_offload_dir(tmp_path):
+    with pytest.raises(ShardError, match="offload.json: missing"):
+        load_offloaded(tmp_path)
+
+
+def test_shard_truncated_while_streaming_fails_the_step_cleanly(offload_dir, tmp_path):
+    broken = _copy(offload_dir, tmp_path / "b")
+    lm = load_offloaded(broken, prefetch=1)
+    path = broken / layer_file(3)
+    path.write_bytes(path.read_bytes()[:-10])
+    with lm, pytest.raises(ShardError, match="truncated"):
+        generate_batch(lm, torch.randint(0, 50, (2, 3)), max_new_tokens=2)
+    assert not _reader_threads()
+    assert not _open_shards()
+
+
+def test_exception_mid_stream_leaks_no_thread_file_or_binding(offload_dir):
+    before = len(_reader_threads())
+    lm = load_offloaded(offload_dir, resident_layers=1, prefetch=2)
+    assert len(_reader_threads()) <= before + 1
+
+    def explode(module, args, output):
+        raise RuntimeError("injected failure in layer 2")
+
+    lm.layers[2].register_forward_hook(explode)
+    with lm, pytest.raises(RuntimeError, match="injected"):
+        generate_batch(lm, torch.randint(0, 50, (3, 4)), max_new_tokens=3, micro_batch=2)
+    assert len(_reader_threads()) == before
+    assert not _open_shards()
+    streamed = [i for i in range(4) if i not in lm.streamer.resident]
+    for index in streamed:
+        assert all(p.is_meta for p in lm.layers[index].parameters()), index
+    with pytest.raises(RuntimeError, match="closed"):
+        lm.streamer.acquire(streamed[0])
+
+
+def test_hf_forward_exception_releases_the_layer(offload_dir):
+    with load_offloaded(offload_dir, prefetch=1) as lm:
+        handle = lm.layers[1].register_forward_hook(
+            lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
+        )
+        with pytest.raises(RuntimeError, match="boom"):
+            lm.model(torch.randint(0, 50, (1, 3)))
+        handle.remove()
+        assert not lm.streamer._held  # the always-called hook released layer 1
+        out = lm.model(torch.randint(0, 50, (1, 3))).logits  # and the model still works
+        assert torch.isfinite(out).all()
