@@ -1,0 +1,112 @@
+"""Offload policy: size parsing, the streamer simulation against hand-computed schedules, and
+the search (budget respected, explicit settings honoured, best of the grid, too-small budget).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_fast.offload.policy import (
+    Calibration,
+    ModelShape,
+    choose_policy,
+    evaluate,
+    model_shapes,
+    parse_max_memory,
+    parse_size,
+    simulate_step,
+)
+from rlhf_fast.offload.session import parse_offload
+
+CALIBRATION = Calibration(
+    disk_bandwidth=1e9,
+    layer_fixed={"none": 0.010, "int8": 0.004, "int4": 0.004},
+    layer_per_row={"none": 0.001, "int8": 0.002, "int4": 0.002},
+    head_fixed=0.001,
+    head_per_row=0.0001,
+)
+SHAPES = {
+    None: ModelShape(8, 100_000_000, 50_000_000, 1000, 1024, 4096, 32000),
+    8: ModelShape(8, 26_000_000, 50_000_000, 1000, 1024, 4096, 32000),
+    4: ModelShape(8, 15_000_000, 50_000_000, 1000, 1024, 4096, 32000),
+}
+
+
+def test_parse_sizes():
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("300KB") == 300_000
+    assert parse_max_memory("cpu=2GiB, device=1MiB") == {"cpu": 2 << 30, "device": 1 << 20}
+    for bad in ("2 parsecs", "", "-1GB"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_size(bad)
+    with pytest.raises(ValueError, match="cpu=SIZE"):
+        parse_max_memory("gpu=3GB")
+
+
+def test_parse_offload_spec():
+    assert parse_offload("auto", 32) == {}
+    assert parse_offload("compress=int4,resident=25%,prefetch=2,micro-batch=4", 32) == {
+        "compress": 4, "resident_layers": 8, "prefetch": 2, "micro_batch": 4,
+    }  # fmt: skip
+    assert parse_offload("compress=none,resident=3", 32) == {"compress": None, "resident_layers": 3}
+    for bad in ("resident=40", "prefetch=-1", "micro-batch=0", "speed=fast", "compress=int3"):
+        with pytest.raises(ValueError, match="--offload"):
+            parse_offload(bad, 32)
+
+
+def test_simulation_matches_hand_schedules():
+    # no prefetch: every read waits for its layer, nothing overlaps
+    assert simulate_step([1.0] * 4, [2.0] * 4, prefetch=0) == pytest.approx(12.0)
+    # prefetch, I/O bound: the reader never idles in steady state
+    assert simulate_step([1.0] * 4, [2.0] * 4, prefetch=1) == pytest.approx(8.0)
+    # prefetch, compute bound: reads hide behind compute
+    assert simulate_step([2.0] * 4, [1.0] * 4, prefetch=1) == pytest.approx(8.0)
+    # resident layers only compute
+    assert simulate_step([1.0] * 3, [None] * 3, prefetch=1) == pytest.approx(3.0)
+    # reads of streamed layers overlap the resident layers' compute too (deep prefetch)
+    overlapped = simulate_step([1.0] * 4, [None, 1.5, None, 1.5], prefetch=2)
+    assert overlapped == pytest.approx(4.0)
+
+
+def test_search_respects_budget_and_prefers_more_resident_layers():
+    budget = 600_000_000
+    policy = choose_policy({None: SHAPES[None]}, CALIBRATION, cpu_budget=budget, batch=4)
+    assert policy.memory_bytes <= budget
+    assert 0 < policy.resident_layers < 8
+    grid = [
+        evaluate(SHAPES[None], CALIBRATION, compress=None, resident_layers=r, prefetch=p,
+                 micro_batch=m, batch=4, context=512)
+        for r in range(9) for p in (0, 1, 2, 4) for m in (1, 2, 4)
+    ]  # fmt: skip
+    feasible = [g for g in grid if g.memory_bytes <= budget]
+    best = max(g.predicted_tokens_per_s for g in feasible)
+    assert policy.predicted_tokens_per_s == pytest.approx(best)
+
+
+def test_compression_is_chosen_when_it_is_faster_and_flags_override():
+    policy = choose_policy(SHAPES, CALIBRATION, cpu_budget=200_000_000, batch=1)
+    assert policy.compress == 4 and policy.resident_layers == 8
+    pinned = choose_policy(
+        SHAPES, CALIBRATION, cpu_budget=200_000_000, batch=8,
+        fixed={"compress": None, "prefetch": 0, "micro_batch": 2},
+    )  # fmt: skip
+    assert (pinned.compress, pinned.prefetch, pinned.micro_batch) == (None, 0, 2)
+    with pytest.raises(ValueError, match="too small"):
+        choose_policy(SHAPES, CALIBRATION, cpu_budget=10_000_000, batch=1)
+
+
+def test_model_shapes_count_layer_bytes():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    shapes = model_shapes(config, torch.float32)
+    linear = 256 * 256 * 2 + 256 * 128 * 2 + 256 * 512 * 3
+    assert shapes[None].layer_bytes == (linear + 2 * 256) * 4
+    assert shapes[None].other_bytes == (2 * 1000 * 256 + 256) * 4
+    assert shapes[4].layer_bytes < shapes[8].layer_bytes < shapes[None].layer_bytes / 3
+    assert shapes[None].kv_bytes_per_token == 2 * 3 * 2 * 64 * 4
