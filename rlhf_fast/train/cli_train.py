@@ -1,4 +1,5 @@
-"""`rlhf-fast train --stage sft|rm --model DIR --data FILE --output DIR [...]`.
+"""`rlhf-fast train --stage sft|rm|ppo|all --model DIR --data FILE --output DIR [...]`, and
+`rlhf-fast train` with no arguments: the built-in demo (rlhf_fast/demo/pipeline.py).
 
 The config is layered: defaults, then the run directory's config.yaml when resuming, then
 `--config run.yaml`, then the flags given on the command line (one flag per TrainConfig
@@ -20,18 +21,24 @@ from rlhf_fast.train.config import CHOICES, FIELDS, STAGES, ConfigError, TrainCo
 
 PROG = "rlhf-fast train"
 _POSITIONAL_LIKE = ("stage", "model", "data", "output")  # shown first in --help
-_METAVARS = {"model": "DIR", "data": "FILE", "output": "DIR", "lora_targets": "NAME"}
+_METAVARS = {
+    "model": "DIR", "data": "FILE", "output": "DIR", "lora_targets": "NAME",
+    "reward_model": "DIR", "sft_data": "FILE", "rm_data": "FILE", "ptx_data": "FILE",
+    "kl_estimator": "K",
+}  # fmt: skip
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "train",
-        help="train a stage: sft (supervised fine-tuning) or rm (reward model)",
+        help="train a stage: sft, rm, ppo, or all three; no arguments: the built-in demo",
         description=(
-            "Train one stage of the InstructGPT recipe on a local model directory: sft "
-            "(loss on the answers) or rm (reward model on ranked answers or direct scores). "
-            "Flags override --config run.yaml. With no arguments: the built-in demo (not "
-            "available yet)."
+            "Train the InstructGPT recipe on a local model directory: sft (loss on the "
+            "answers), rm (reward model on ranked answers or direct scores), ppo (--model "
+            "SFT_DIR --reward-model RM_DIR --data PROMPTS.jsonl), or all (--sft-data, --rm-data, "
+            "--data PROMPTS.jsonl: SFT -> RM -> PPO). Flags override --config run.yaml. With no "
+            "arguments: the built-in demo (SFT -> RM -> PPO on a tiny model, a few minutes on "
+            "a CPU; RLHF_FAST_DEMO_SCALE=0.1 runs a tenth of it)."
         ),
         argument_default=argparse.SUPPRESS,
     )
@@ -50,7 +57,7 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str) -> None:
         help_text += f" ({default})"
     base, _ = field_type(name)
     if name == "stage":
-        parser.add_argument(flag, choices=(*STAGES, "ppo", "all"), help=help_text)
+        parser.add_argument(flag, choices=STAGES, help=help_text)
     elif name in CHOICES:
         parser.add_argument(flag, choices=CHOICES[name], help=help_text)
     elif base is bool:
@@ -98,31 +105,67 @@ def _summary(outcome) -> list[str]:
         lines.append(f"held-out: {shown}")
     for name, path in exports.items():
         lines.append(f"{name}: {path}")
+    if outcome.config.stage in ("ppo", "all"):
+        return _ppo_summary(outcome)
     if outcome.config.stage == "sft":
         model = exports.get("merged", exports.get("adapter"))
         lines.append(f"next: rlhf-fast train --stage rm --model {model} --data RANKINGS.jsonl")
         if "merged" in exports:
             lines.append(f"  or: rlhf-fast chat {exports['merged']}")
     else:
+        reward = exports.get("reward_model", exports.get("merged"))
         lines.append(
-            "next: the PPO stage (a later issue) loads the reward model from "
-            f"{exports.get('merged', exports.get('reward_model'))}"
+            f"next: rlhf-fast train --stage ppo --model {outcome.config.model} "
+            f"--reward-model {reward} --data PROMPTS.jsonl"
         )
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
-    if _no_arguments(args):
-        print(
-            f"{PROG}: error: the built-in demo (no arguments) is not available yet; "
-            "run: rlhf-fast train --stage sft|rm --model DIR --data FILE [--output DIR]",
-            file=sys.stderr,
-        )
+def _ppo_summary(outcome) -> list[str]:
+    lines = []
+    stages = getattr(outcome, "stages", None)
+    if stages is not None:
+        lines.append(f"all stages done in {outcome.seconds:.1f} s; run directory: "
+                     f"{outcome.all_dir}")  # fmt: skip
+        for name, stage in stages.items():
+            done = "done earlier" if stage is None else f"{stage.result.step} steps"
+            lines.append(f"  {name}: {done} ({outcome.all_dir / name})")
+    else:
+        lines.append(f"trained {outcome.result.step} PPO steps in {outcome.seconds:.1f} s; "
+                     f"run directory: {outcome.run_dir}")  # fmt: skip
+    metrics = outcome.result.metrics
+    if metrics:
+        shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("reward", "kl") if k in metrics)
+        lines.append(f"last step: {shown}")
+    for name, path in outcome.exports.items():
+        lines.append(f"{name}: {path}")
+    if "merged" in outcome.exports:
+        lines.append(f"next: rlhf-fast chat {outcome.exports['merged']}")
+    return lines
+
+
+def run_demo() -> int:
+    from rlhf_fast.demo.pipeline import format_report, run_demo
+
+    try:
+        report = run_demo()
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: demo interrupted", file=sys.stderr)
+        return 130
+    except ValueError as error:  # a bad RLHF_FAST_DEMO_SCALE
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    print(format_report(report))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never wait on a hub
     # transformers' deprecation notices about its own internals (peft calls them) say nothing
     # the user can act on; they would only break up the progress output.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    if _no_arguments(args):
+        return run_demo()
     from rlhf_fast.models.load import ModelLoadError
     from rlhf_fast.train.checkpoint import CheckpointError
     from rlhf_fast.train.data import DataError, TemplateError
@@ -149,12 +192,16 @@ def run(args: argparse.Namespace) -> int:
 def _refuse_to_overwrite(config: TrainConfig, resuming: bool) -> None:
     if resuming or not config.output:
         return
-    checkpoints = Path(config.output) / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+    subdirs = ("sft", "rm", "ppo") if config.stage == "all" else ("",)
+    if any(_has_checkpoints(Path(config.output) / sub / "checkpoints") for sub in subdirs):
         raise ConfigError(
             f"--output {config.output} already holds a run: --resume {config.output} to "
             "continue it, or choose another --output"
         )
+
+
+def _has_checkpoints(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
 
 
 def _one_line(error: BaseException) -> str:

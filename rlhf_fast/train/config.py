@@ -59,6 +59,10 @@ class TrainConfig:
     max_steps: int = _help("optimizer steps (0: from epochs)", default=0)
     max_length: int = _help("tokens per sequence (longer ones are truncated)", default=512)
     pack: bool = _help("sft: pack several examples per row", default=False)
+    full_finetune: bool = _help(
+        "sft: train every weight instead of a LoRA adapter (small or random models)",
+        default=False,
+    )
     lora_r: int = _help("LoRA rank", default=8)
     lora_alpha: float = _help("LoRA alpha (scaling alpha / r)", default=16.0)
     lora_dropout: float = _help("LoRA dropout", default=0.0)

@@ -132,11 +132,15 @@ class PPOTrainer:
         *,
         device: str = "cpu",
         ptx_examples: list | None = None,
+        reward_fn=None,
     ) -> None:
+        """reward_fn(rollout, texts) -> scores [B], when given, replaces the reward model
+        (a programmatic reward; texts are (messages, decoded answer, ended) per row)."""
         self.config, self.models, self.device = config, models, torch.device(device)
         self.run_dir = Path(run_dir)
         self.tokenizer = models.tokenizer
         self.prompts = prompts
+        self.reward_fn = reward_fn
         keep = max(1, config.max_length - config.max_new_tokens)
         self.prompt_ids = [
             prompt_token_ids(self.tokenizer, example.messages)[-keep:] for example in prompts
@@ -192,7 +196,10 @@ class PPOTrainer:
             (self.prompts[i].messages, answers[row], bool(out.ended[row]))
             for row, i in enumerate(indices)
         ]
-        scores = models.scores(sequences, attention, texts).float()
+        if self.reward_fn is not None:
+            scores = self.reward_fn(out, texts).float()
+        else:
+            scores = models.scores(sequences, attention, texts).float()
         models.use(POLICY)
         kl = per_token_kl(out.logprobs, out.ref_logprobs, mask, config.kl_estimator)
         shaped = shaped_rewards(
@@ -334,6 +341,8 @@ class PPOTrainer:
         config = self.config
         if resume is not None:
             self.restore(resume)
+        if is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_step = self.step if resume is not None else None
         metrics_log = MetricsLog(self.run_dir, resume_step=resume_step)
         samples_log = SamplesLog(self.run_dir, resume_step)

@@ -216,6 +216,20 @@ def _init_critic_from_reward(models: PPOModels, lora_config) -> None:
     models.critic_head.load_state_dict(models.reward_head.state_dict())
 
 
+def _reward_tokenizer(rm_dir: Path):
+    """The RM directory's own tokenizer (saved beside its head), else its base model's."""
+    if (rm_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            rm_dir, local_files_only=True, trust_remote_code=False
+        )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    return load_tokenizer(read_reward_config(rm_dir)["base_model"])
+
+
 def shares_base(model_dir: str | Path, rm_dir: str | Path) -> bool:
     """Whether the RM directory is an adapter trained on exactly this base directory."""
     config = read_reward_config(rm_dir)
@@ -252,7 +266,7 @@ def build_ppo_models(
         models.reward_source = RewardSource(True, rm_dir)
     else:
         models.separate_reward = load_reward_model(rm_dir, dtype=dtype, device=device)
-        models.reward_tokenizer = load_tokenizer(rm_dir)
+        models.reward_tokenizer = _reward_tokenizer(rm_dir)
         models.model.add_adapter(CRITIC, copy.deepcopy(models.model.peft_config[POLICY]))
         head = models.separate_reward.value_head
         if head.in_features == hidden:

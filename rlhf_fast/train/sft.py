@@ -5,7 +5,8 @@ the mean cross-entropy over answer tokens. With `pack`, several examples share a
 ids restart per example; the model must keep them apart, checked with `packing_isolates`).
 
 Export: RUN_DIR/adapter/ (a peft adapter + the tokenizer: plain peft loads it onto the base
-model) and, with merge, RUN_DIR/merged/ (LoRA merged in: plain transformers loads it).
+model) and, with merge, RUN_DIR/merged/ (LoRA merged in: plain transformers loads it). With
+full_finetune every weight trains (no adapter) and RUN_DIR/merged/ is the model.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
             f"--pack: {type(base).__name__} would let packed examples attend to each other"
         )
     torch.manual_seed(config.seed)
-    model = attach_lora(base, lora_settings(config))
+    if config.full_finetune:
+        model = base.requires_grad_(True)
+    else:
+        model = attach_lora(base, lora_settings(config))
     pad = tokenizer.pad_token_id
     collate = SFTCollator(pad, pack_to=config.max_length if config.pack else None)
     eval_collate = SFTCollator(pad)
@@ -95,7 +99,13 @@ def lora_settings(config: TrainConfig) -> LoraSettings:
 
 
 def export(model, tokenizer, run_dir: Path, config: TrainConfig) -> dict[str, Path]:
-    """Write adapter/ (and merged/ with config.merge); returns {"adapter": ..., "merged": ...}."""
+    """Write adapter/ (and merged/ with config.merge); returns {"adapter": ..., "merged": ...}.
+    A full fine-tune has no adapter: merged/ is the model itself."""
+    if not hasattr(model, "peft_config"):
+        paths = {"merged": run_dir / MERGED_DIR}
+        model.save_pretrained(paths["merged"], safe_serialization=True)
+        tokenizer.save_pretrained(paths["merged"])
+        return paths
     paths = {"adapter": run_dir / ADAPTER_DIR}
     # The adapter names the directory it was trained on (which may itself be an adapter dir).
     model.peft_config["default"].base_model_name_or_path = str(Path(config.model).resolve())

@@ -1,0 +1,204 @@
+"""PPO stage on tiny models: the shared base (reference = adapters disabled = the SFT model;
+the reward adapter scores as the RM directory does; the critic starts as the reward model),
+PPO raising a reward a tiny model can learn, resume equality, and the run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_families import make_family_dir
+from train_helpers import assert_same_parameters, config, ranked_records, sft_records, write_jsonl
+
+from rlhf_fast.models.load import load_causal_lm, load_tokenizer
+from rlhf_fast.models.reward import load_reward_model
+from rlhf_fast.train.checkpoint import load_checkpoint
+from rlhf_fast.train.ppo import PPOTrainer, run_ppo
+from rlhf_fast.train.ppo_models import CRITIC, POLICY, build_ppo_models
+from rlhf_fast.train.run import run_stage
+from rlhf_fast.train.sft import lora_settings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """A tiny Llama, its SFT (merged) and an RM trained on that SFT model (adapter form)."""
+    root = tmp_path_factory.mktemp("ppo")
+    model = make_family_dir(root / "model", "llama", chat_template=True)
+    sft_data = write_jsonl(root / "sft.jsonl", sft_records(8))
+    ranked = write_jsonl(root / "ranked.jsonl", ranked_records(16))
+    prompts = write_jsonl(
+        root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sft_records(12)]
+    )
+    torch.set_num_threads(1)
+    sft = run_stage(config("sft", model, sft_data, root / "sft", max_steps=2, merge=True))
+    rm = run_stage(config("rm", sft.exports["merged"], ranked, root / "rm", max_steps=2))
+    return {
+        "root": root,
+        "sft": sft.exports["merged"],
+        "rm": rm.exports["reward_model"],
+        "prompts": prompts,
+        "sft_data": sft_data,
+    }
+
+
+def ppo_config(stages, output, **overrides):
+    values = dict(reward_model=str(stages["rm"]), max_new_tokens=6, batch_size=4, lr=1e-3,
+                  ppo_epochs=2, mini_batch_size=2)  # fmt: skip
+    values.update(overrides)
+    return config("ppo", stages["sft"], stages["prompts"], output, **values)
+
+
+def build(stages, **overrides):
+    cfg = ppo_config(stages, stages["root"] / "unused", **overrides)
+    return build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+
+
+def _batch(tokenizer, texts):
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):  # left padding, as rollouts have
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _perturb(models, adapter):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in models.model.named_parameters():
+            if f".{adapter}." in name and "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def test_reference_is_the_sft_model(stages):
+    models = build(stages)
+    _perturb(models, POLICY)  # a trained policy: differs from the SFT model
+    _perturb(models, CRITIC)
+    sft_model = load_causal_lm(stages["sft"])
+    ids, mask = _batch(models.tokenizer, ["Hello there", "What is the weather like today?"])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    expected = sft_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    with torch.no_grad():
+        policy = models.policy_logits(ids, mask.bool())
+        with models.reference():
+            reference = models.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    valid = mask.bool()
+    torch.testing.assert_close(reference.logits[valid], expected[valid], atol=1e-5, rtol=1e-5)
+    assert (policy[valid] - expected[valid]).abs().max() > 1e-2
+
+
+def test_shared_reward_adapter_scores_like_the_rm_directory(stages):
+    models = build(stages)
+    assert models.reward_source.shared and models.separate_reward is None
+    _perturb(models, POLICY)  # other adapters must not leak into the reward's forward
+    rm = load_reward_model(stages["rm"])
+    ids, mask = _batch(models.tokenizer, ["Say sunny sunny", "Say the", "Say hello weather dog"])
+    expected = rm(ids, mask)
+    torch.testing.assert_close(models.scores(ids, mask.bool()), expected, atol=1e-5, rtol=1e-5)
+    # the critic starts as the reward model: its value at the last token is the score
+    with torch.no_grad():
+        values = models.critic_values(ids, mask.bool(), 1)  # states 0 .. L-2 predict 1 .. L-1
+        full = models.critic_head(models._hidden(ids, mask.bool())[:, -1].float()).squeeze(-1)
+    torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-5)
+    assert values.shape == (3, ids.shape[1] - 1)
+
+
+def test_separate_reward_model_reads_text(stages, tmp_path):
+    # A policy on another base: the RM cannot share it and is loaded on its own.
+    other = make_family_dir(tmp_path / "gpt2", "gpt2", chat_template=True)
+    cfg = ppo_config(stages, tmp_path / "run")
+    models = build_ppo_models(other, cfg.reward_model, lora_settings(cfg), seed=0)
+    assert not models.reward_source.shared
+    messages = [{"role": "user", "content": "Say it"}]
+    texts = [(messages, "sunny sunny", True), (messages, "the dog", True)]
+    ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    scores = models.scores(ids, mask, texts)
+    rm = load_reward_model(stages["rm"])
+    tokenizer = load_tokenizer(stages["sft"])
+    from rlhf_fast.train.data_encode import encode_response
+
+    for row, answer in enumerate(["sunny sunny", "the dog"]):
+        ids = torch.tensor([encode_response(tokenizer, messages, answer, 64)])
+        torch.testing.assert_close(scores[row], rm(ids, torch.ones_like(ids))[0], atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+
+
+def test_ppo_raises_a_learnable_reward(stages, tmp_path):
+    # The tiny random model's logits are too small for adapters inside the decoder alone to
+    # move them far (frozen, random 0.02-scale output weights): LoRA on lm_head can.
+    cfg = ppo_config(stages, tmp_path / "run", max_steps=12, batch_size=16, mini_batch_size=4,
+                     ppo_epochs=4, lr=1e-2, max_new_tokens=8, kl_coef=0.0, sample_every=4,
+                     missing_eos_penalty=0.0,
+                     lora_targets=["q_proj", "v_proj", "lm_head"])  # fmt: skip
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    vocab = models.model.get_base_model().config.vocab_size
+    wanted = torch.zeros(vocab, dtype=torch.bool)
+    wanted[::2] = True  # even token ids: about half of what a random model samples
+    from rlhf_fast.train.data import read_prompts
+
+    def share_of_wanted(rollout, texts):
+        hits = (wanted[rollout.response] & rollout.response_mask).sum(1).float()
+        return hits / rollout.response_mask.sum(1).clamp(min=1)
+
+    trainer = PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "run",
+                         reward_fn=share_of_wanted)  # fmt: skip
+    trainer.train()
+    rewards = [json.loads(line)["reward"] for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert len(rewards) == 12
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.15, rewards
+    samples = [json.loads(line) for line in (tmp_path / "run/samples.jsonl").open()]
+    assert {s["step"] for s in samples} == {4, 8, 12}
+    assert set(samples[0]) == {"step", "prompt", "response", "score"}
+
+
+@pytest.mark.parametrize("kl_target", [0.0, 0.5])
+def test_resume_equals_uninterrupted(stages, tmp_path, kl_target):
+    common = dict(max_steps=4, save_every=2, keep_checkpoints=0, kl_target=kl_target,
+                  ptx_coef=0.5, ptx_data=str(stages["sft_data"]))  # fmt: skip
+    whole = run_ppo(ppo_config(stages, tmp_path / "whole", **common))
+    cut = ppo_config(stages, tmp_path / "cut", **common)
+    first = run_ppo(cut, stop_after=2)
+    assert first.result.step == 2 and not first.exports
+    resumed = run_ppo(cut, resume=tmp_path / "cut")
+    assert resumed.result.step == 4
+    a = load_checkpoint(tmp_path / "whole")
+    b = load_checkpoint(tmp_path / "cut")
+    assert_same_parameters(a.trainable, b.trainable, atol=1e-6)
+    assert a.extra["kl_controller"] == pytest.approx(b.extra["kl_controller"])
+    assert a.position == b.position
+    lines = [json.loads(x) for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    whole_lines = (tmp_path / "whole/metrics.jsonl").read_text().splitlines()
+    for mine, theirs in zip(lines, map(json.loads, whole_lines), strict=True):
+        assert mine["reward"] == pytest.approx(theirs["reward"], abs=1e-5)
+    assert whole.exports["adapter"].is_dir()
+
+
+def test_exports_load_in_plain_peft_and_transformers(stages, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    outcome = run_ppo(ppo_config(stages, tmp_path / "run", max_steps=2, merge=True))
+    merged = AutoModelForCausalLM.from_pretrained(outcome.exports["merged"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(stages["sft"]).eval()
+    adapted = PeftModel.from_pretrained(base, outcome.exports["adapter"]).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("reward", "kl", "non_score_reward", "policy_loss", "value_loss", "clip_frac",
+                "approx_kl", "entropy", "response_length", "rollout_s", "train_s",
+                "rollout_tok/s", "train_tok/s", "peak_rss_mib", "kl_coef"):  # fmt: skip
+        assert key in record, key
