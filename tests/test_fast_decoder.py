@@ -226,6 +226,17 @@ def test_unsupported_models_fall_back_to_the_hf_loop():
     assert list(generate_tokens(dynamic, [1, 2, 3], config)) == hf
 
 
+def test_models_with_hooks_or_meta_weights_fall_back():
+    """Offloaded models stream their layers through forward hooks into meta-device shells."""
+    model = tiny_model("llama")
+    handle = model.model.layers[1].register_forward_pre_hook(lambda module, args: None)
+    assert "hooks" in unsupported_reason(model)
+    handle.remove()
+    assert unsupported_reason(model) is None
+    model.model.layers[0].mlp.up_proj.to("meta")
+    assert "meta" in unsupported_reason(model)
+
+
 def test_bad_calls():
     decoder = FastDecoder(tiny_model("llama"))
     with pytest.raises(ValueError, match="before prefill"):

@@ -64,6 +64,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"rope type {rope_type!r} is not one of {STATIC_ROPE_TYPES}"
     if getattr(config, "hidden_act", None) != "silu":
         return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not 'silu'"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            # e.g. rlhf_fast.offload streams layer weights in through hooks: reading the
+            # tensors directly would bypass them
+            return f"module {name or type(model).__name__!r} has forward hooks"
+    if any(t.device.type != "cpu" for t in _source_tensors(model)):
+        return "some weights are not on the CPU (meta or another device)"
     if not isinstance(getattr(model, "lm_head", None), (nn.Linear, QuantLinear)):
         return "lm_head is neither nn.Linear nor QuantLinear"
     for index, layer in enumerate(inner.layers):
