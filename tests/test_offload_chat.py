@@ -1,0 +1,75 @@
+"""`rlhf-fast chat --offload`: answers equal the resident model's, the policy is printed, and
+bad --offload / --max-memory values are one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_fast.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import make_tiny_model_dir  # noqa: E402
+
+ARGS = ["--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("chat") / "model", num_layers=4)
+
+
+@pytest.fixture(autouse=True)
+def _restore_decoder_env():
+    saved = os.environ.get("RLHF_FAST_DECODER")
+    yield
+    if saved is None:
+        os.environ.pop("RLHF_FAST_DECODER", None)
+    else:
+        os.environ["RLHF_FAST_DECODER"] = saved
+
+
+def _answer(capsys, argv) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "spec, budget",
+    [("auto", "cpu=900KB"), ("compress=none,resident=1,prefetch=0", "cpu=1MB")],
+)
+def test_offloaded_chat_answers_like_the_resident_model(model_dir, capsys, tmp_path, spec, budget):
+    argv = ["chat", str(model_dir), *ARGS, "--offload", spec, "--max-memory", budget]
+    code, offloaded, err = _answer(capsys, [*argv, "--offload-dir", str(tmp_path / "o")])
+    assert code == 0, err
+    assert "[offload: compress=" in err and "predicted" in err
+    if spec != "auto":
+        assert "compress=none resident_layers=1 prefetch=0" in err
+    # the resident oracle: the same compression the policy chose, through the HF forward
+    chosen = err.split("[offload: compress=")[1].split()[0]
+    flags = {"none": [], "int8": ["--int8"], "int4": ["--int4", "--group-size", "32"]}[chosen]
+    os.environ["RLHF_FAST_DECODER"] = "hf"
+    code, resident, _ = _answer(capsys, ["chat", str(model_dir), *ARGS, *flags])
+    assert code == 0
+    assert offloaded == resident
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--offload", "bogus"], "--offload: 'bogus'"),
+        (["--offload", "auto", "--max-memory", "cpu=2KB"], "too small"),
+        (["--offload", "auto", "--max-memory", "ram=2GB"], "cpu=SIZE"),
+    ],
+)
+def test_bad_offload_flags_are_one_line_errors(model_dir, capsys, tmp_path, extra, message):
+    argv = ["chat", str(model_dir), *ARGS, *extra, "--offload-dir", str(tmp_path / "o")]
+    code, _, err = _answer(capsys, argv)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("rlhf-fast chat:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert err.strip().endswith(errors[0])
