@@ -39,15 +39,10 @@ def _error(capsys) -> str:
     return err
 
 
-def test_no_arguments_names_the_demo(capsys):
-    assert main(["train"]) == 2
-    assert "built-in demo" in _error(capsys)
-
-
-@pytest.mark.parametrize("stage", ["ppo", "all"])
-def test_later_stages_are_refused(stage, files, capsys):
-    assert main(["train", "--stage", stage, "--model", str(files["model"]), "--data", "x"]) == 2
-    assert f"stage '{stage}' is not available yet" in _error(capsys)
+def test_ppo_needs_a_reward_model(files, capsys):
+    # The PPO and all stages and the no-argument demo are tested in tests/test_ppo_cli.py.
+    assert main(["train", "--stage", "ppo", "--model", str(files["model"]), "--data", "x"]) == 2
+    assert "--stage ppo needs --reward-model DIR" in _error(capsys)
 
 
 def test_unknown_flag_is_a_usage_error(capsys):

@@ -1,0 +1,119 @@
+"""`rlhf-fast train --stage ppo|all` and `rlhf-fast train` with no arguments (the demo, at a
+small scale): run directories, exports that plain transformers loads, and the one-line errors
+that name the command making a missing input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_families import make_family_dir
+from train_helpers import ranked_records, sft_records, write_jsonl
+
+from rlhf_fast.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_cli")
+    return {
+        "sft": write_jsonl(root / "sft.jsonl", sft_records(6)),
+        "ranked": write_jsonl(root / "ranked.jsonl", ranked_records(8)),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Say {w}"} for w in "abcd"]),
+    }
+
+
+SMALL = ["--device", "cpu", "--max-steps", "2", "--ppo-steps", "2", "--batch-size", "2",
+         "--max-new-tokens", "4", "--save-every", "0", "--eval-fraction", "0", "--lr", "1e-3",
+         "--max-length", "48"]  # fmt: skip
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    return err
+
+
+def _all_args(model, data, output) -> list[str]:
+    return ["train", "--stage", "all", "--model", str(model), "--sft-data", str(data["sft"]),
+            "--rm-data", str(data["ranked"]), "--data", str(data["prompts"]),
+            "--output", str(output), *SMALL]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_stage_all_end_to_end(family, data, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = make_family_dir(tmp_path / "model", family, chat_template=True)
+    output = tmp_path / "run"
+    assert main(_all_args(model, data, output)) == 0
+    out = capsys.readouterr().out
+    assert f"rlhf-fast chat {output / 'ppo' / 'merged'}" in out
+    for stage in ("sft", "rm", "ppo"):
+        assert (output / stage / "metrics.jsonl").is_file()
+    assert (output / "rm" / "reward_model" / "reward_config.json").is_file()
+    ppo_config = (output / "ppo" / "config.yaml").read_text()
+    assert f"model: {output / 'sft' / 'merged'}" in ppo_config  # each stage feeds the next
+    merged = AutoModelForCausalLM.from_pretrained(output / "ppo" / "merged")
+    assert merged(torch.tensor([[1, 2, 3]])).logits.shape[-1] == merged.config.vocab_size
+    record = json.loads((output / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and "reward" in record and "kl" in record
+    # --resume of a finished run skips every stage
+    assert main(["train", "--stage", "all", "--resume", str(output)]) == 0
+    assert "ppo: done earlier" in capsys.readouterr().out
+
+
+def test_stage_all_checks_every_input_first(data, tmp_path, capsys):
+    model = make_family_dir(tmp_path / "model", "llama", chat_template=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"nope": 1}\n')
+    args = _all_args(model, data, tmp_path / "run")
+    args[args.index("--data") + 1] = str(bad)
+    assert main(args) == 2
+    assert f"{bad}:2:" in _error(capsys)
+    assert not (tmp_path / "run" / "sft").exists()  # nothing trained
+
+
+def test_ppo_missing_reward_model_dir_names_the_command(data, tmp_path, capsys):
+    model = make_family_dir(tmp_path / "model", "llama", chat_template=True)
+    args = ["train", "--stage", "ppo", "--model", str(model), "--data", str(data["prompts"]),
+            "--reward-model", str(tmp_path / "rm"), "--output", str(tmp_path / "run"),
+            *SMALL]  # fmt: skip
+    assert main(args) == 2
+    err = _error(capsys)
+    assert f"--reward-model {tmp_path / 'rm'}: no such directory" in err
+    assert f"rlhf-fast train --stage rm --model {model}" in err
+    (tmp_path / "rm").mkdir()
+    assert main(args) == 2
+    assert "reward_config.json: missing (not a reward-model directory)" in _error(capsys)
+
+
+def test_no_arguments_runs_the_demo(tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLHF_FAST_DEMO_SCALE", "0.02")
+    assert main(["train"]) == 0
+    out = capsys.readouterr().out
+    for row in ("reward model held-out accuracy", "held-out judge score", "mean RM reward",
+                "KL to the reference", "SFT policy", "PPO policy"):  # fmt: skip
+        assert row in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("demo-")
+    chat_model = run_dir / "ppo" / "merged"
+    assert f"rlhf-fast chat runs/{run_dir.name}/ppo/merged" in out
+    assert AutoModelForCausalLM.from_pretrained(chat_model) is not None
+
+
+def test_bad_demo_scale_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("RLHF_FAST_DEMO_SCALE", "lots")
+    assert main(["train"]) == 2
+    assert "RLHF_FAST_DEMO_SCALE must be a number" in _error(capsys)
