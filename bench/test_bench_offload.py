@@ -165,82 +165,156 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [pytest.param("tiny"), pytest.param("llama-1.57b", marks=pytest.mark.bench_full)],
-)
-def test_offload_generation_throughput(shape: str) -> None:
+_SETUP: dict[str, dict] = {}  # one shape's files at a time (the full one is ~13 GB on disk)
+
+
+def _drop_setup() -> None:
+    for setup in _SETUP.values():
+        shutil.rmtree(setup["work"], ignore_errors=True)
+    _SETUP.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup():
+    yield
+    _drop_setup()
+
+
+def _setup(shape: str) -> dict:
+    """The random model, its offload dirs (fp32 and int4) and the calibration, made once."""
     from transformers import LlamaConfig
 
+    if shape in _SETUP:
+        return _SETUP[shape]
+    _drop_setup()
     work = Path(tempfile.mkdtemp(prefix="rlhf-fast-bench-offload-", dir="/tmp"))
+    setup = _SETUP[shape] = {"work": work}
+    started = time.perf_counter()
+    source = setup["source"] = _write_random_model(work / "source", SHAPES[shape])
+    setup["prepared"] = {
+        None: prepare_offload(source, work / "off-none"),
+        4: prepare_offload(source, work / "off-int4", compress=4),
+    }
+    setup["setup_s"] = time.perf_counter() - started
+    config = setup["config"] = LlamaConfig.from_pretrained(source)
+    setup["shapes"] = model_shapes(config, torch.float32)
+    layers = [str(setup["prepared"][None] / layer_file(i)) for i in range(4)]
+    setup["calibration"] = calibrate(
+        config, torch.float32, work, compressions=(None, 4), files=layers
+    )
+    return setup
+
+
+SHAPE_PARAMS = [pytest.param("tiny"), pytest.param("llama-1.57b", marks=pytest.mark.bench_full)]
+
+
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
+def test_offload_generation_throughput(shape: str) -> None:
+    setup = _setup(shape)
     budget, new_tokens = BUDGETS[shape], NEW_TOKENS[shape]
-    try:
-        started = time.perf_counter()
-        source = _write_random_model(work / "source", SHAPES[shape])
-        prepared = {
-            None: prepare_offload(source, work / "off-none"),
-            4: prepare_offload(source, work / "off-int4", compress=4),
-        }
-        setup_s = time.perf_counter() - started
-        config = LlamaConfig.from_pretrained(source)
-        shapes = model_shapes(config, torch.float32)
-        layers = [str(prepared[None] / layer_file(i)) for i in range(4)]
-        calibration = calibrate(config, torch.float32, work, compressions=(None, 4), files=layers)
-        bandwidth = calibration.disk_bandwidth
-        context = PROMPT_TOKENS + new_tokens
-        rows = [["provider", "batch", "policy", "predicted", "measured", "I/O bound", "RAM"]]
-        measured: dict[tuple[str, int], float] = {}
-        for batch in BATCHES:
-            auto = choose_policy(
-                {c: shapes[c] for c in prepared}, calibration, cpu_budget=budget, batch=batch,
-                context=context,
-            )  # fmt: skip
-            none = choose_policy(
-                {None: shapes[None]}, calibration, cpu_budget=budget, batch=batch, context=context
-            )
-            pinned = dict(resident_layers=none.resident_layers, micro_batch=none.micro_batch)
-            no_overlap = evaluate(
-                shapes[None], calibration, compress=None, prefetch=0, batch=batch,
-                context=context, **pinned,
-            )  # fmt: skip
-            int4_streamed = choose_policy(
-                {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
-                fixed={"resident_layers": 0},
-            )  # fmt: skip
-            cases = [
-                ("ours-auto", auto),
-                ("ours-none", none),
-                ("ours-none-noprefetch", no_overlap),
-                ("ours-int4-streamed", int4_streamed),
-            ]
-            for name, policy in cases:
-                result = _run_ours(
-                    prepared[policy.compress], policy, batch, config.vocab_size, new_tokens
-                )
-                measured[(name, batch)] = result["tokens_per_s"]
-                rows.append([
-                    name, str(batch), policy.describe().split(";")[0],
-                    f"{policy.predicted_tokens_per_s:.3g}", f"{result['tokens_per_s']:.3g}",
-                    f"{policy.io_bound_tokens_per_s:.3g}", format_size(result["weights_in_ram"]),
-                ])  # fmt: skip
-            peer = _run_accelerate(source, work, budget, batch, new_tokens)
-            measured[("accelerate", batch)] = peer["tokens_per_s"]
-            peer_bound = batch * bandwidth / peer["disk_bytes"] if peer["disk_bytes"] else 0
-            rows.append([
-                "accelerate", str(batch), f"disk {format_size(peer['disk_bytes'])}", "-",
-                f"{peer['tokens_per_s']:.3g}", f"{peer_bound:.3g}", "-",
-            ])  # fmt: skip
-        best = {
-            name: max(measured[(name, b)] for b in BATCHES) for name in {n for n, _ in measured}
-        }
-        print(
-            f"\n[offload {shape}: true-disk regime, budget {format_size(budget)}, disk "
-            f"{bandwidth / 1e9:.2f} GB/s (cold buffered reads), setup {setup_s:.0f} s, "
-            f"{new_tokens - 1} decode steps per run, tokens/s]\n" + _table(rows)
+    source, prepared, config = setup["source"], setup["prepared"], setup["config"]
+    shapes, calibration, setup_s, work = (
+        setup["shapes"], setup["calibration"], setup["setup_s"], setup["work"]
+    )  # fmt: skip
+    bandwidth = calibration.disk_bandwidth
+    context = PROMPT_TOKENS + new_tokens
+    rows = [["provider", "batch", "policy", "predicted", "measured", "I/O bound", "RAM"]]
+    measured: dict[tuple[str, int], float] = {}
+    for batch in BATCHES:
+        auto = choose_policy(
+            {c: shapes[c] for c in prepared}, calibration, cpu_budget=budget, batch=batch,
+            context=context,
+        )  # fmt: skip
+        none = choose_policy(
+            {None: shapes[None]}, calibration, cpu_budget=budget, batch=batch, context=context
         )
-        for name in sorted(best):
-            if name != "accelerate":
-                ratio = best[name] / best["accelerate"]
-                print(f"best batch: {name} / accelerate = {ratio:.2f}x")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        pinned = dict(resident_layers=none.resident_layers, micro_batch=none.micro_batch)
+        no_overlap = evaluate(
+            shapes[None], calibration, compress=None, prefetch=0, batch=batch,
+            context=context, **pinned,
+        )  # fmt: skip
+        int4_streamed = choose_policy(
+            {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
+            fixed={"resident_layers": 0},
+        )  # fmt: skip
+        cases = [
+            ("ours-auto", auto),
+            ("ours-none", none),
+            ("ours-none-noprefetch", no_overlap),
+            ("ours-int4-streamed", int4_streamed),
+        ]
+        for name, policy in cases:
+            result = _run_ours(
+                prepared[policy.compress], policy, batch, config.vocab_size, new_tokens
+            )
+            measured[(name, batch)] = result["tokens_per_s"]
+            rows.append([
+                name, str(batch), policy.describe().split(";")[0],
+                f"{policy.predicted_tokens_per_s:.3g}", f"{result['tokens_per_s']:.3g}",
+                f"{policy.io_bound_tokens_per_s:.3g}", format_size(result["weights_in_ram"]),
+            ])  # fmt: skip
+        peer = _run_accelerate(source, work, budget, batch, new_tokens)
+        measured[("accelerate", batch)] = peer["tokens_per_s"]
+        peer_bound = batch * bandwidth / peer["disk_bytes"] if peer["disk_bytes"] else 0
+        rows.append([
+            "accelerate", str(batch), f"disk {format_size(peer['disk_bytes'])}", "-",
+            f"{peer['tokens_per_s']:.3g}", f"{peer_bound:.3g}", "-",
+        ])  # fmt: skip
+    best = {name: max(measured[(name, b)] for b in BATCHES) for name in {n for n, _ in measured}}
+    print(
+        f"\n[offload {shape}: true-disk regime, budget {format_size(budget)}, disk "
+        f"{bandwidth / 1e9:.2f} GB/s (cold buffered reads), setup {setup_s:.0f} s, "
+        f"{new_tokens - 1} decode steps per run, tokens/s]\n" + _table(rows)
+    )
+    for name in sorted(best):
+        if name != "accelerate":
+            ratio = best[name] / best["accelerate"]
+            print(f"best batch: {name} / accelerate = {ratio:.2f}x")
+
+
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
+def test_offload_policy_vs_grid(shape: str) -> None:
+    """At batch 8: the policy's pick, measured, beside every policy of a coarse grid (compression
+    x prefetch x micro-batch, each with the most resident layers that fit), measured."""
+    setup = _setup(shape)
+    budget, new_tokens, batch = BUDGETS[shape], NEW_TOKENS[shape], 8
+    shapes, calibration = setup["shapes"], setup["calibration"]
+    context = PROMPT_TOKENS + new_tokens
+    shapes = {c: shapes[c] for c in setup["prepared"]}
+    pick = choose_policy(shapes, calibration, cpu_budget=budget, batch=batch, context=context)
+    grid = {}
+    for compress in (None, 4):
+        for prefetch in (0, 1, 2):
+            for micro_batch in (4, 8):
+                try:
+                    policy = choose_policy(
+                        {compress: shapes[compress]}, calibration, cpu_budget=budget,
+                        batch=batch, context=context,
+                        fixed={"prefetch": prefetch, "micro_batch": micro_batch},
+                    )  # fmt: skip
+                except ValueError:  # does not fit the budget
+                    continue
+                streamed = policy.resident_layers < shapes[compress].num_layers
+                key = (compress, policy.resident_layers, prefetch if streamed else 0, micro_batch)
+                grid.setdefault(key, policy)
+    rows = [["policy", "predicted", "measured"]]
+    results = []
+    for policy in grid.values():
+        result = _run_ours(
+            setup["prepared"][policy.compress], policy, batch, setup["config"].vocab_size,
+            new_tokens,
+        )  # fmt: skip
+        results.append((policy, result["tokens_per_s"]))
+        rows.append([
+            policy.describe().split(";")[0], f"{policy.predicted_tokens_per_s:.3g}",
+            f"{result['tokens_per_s']:.3g}",
+        ])  # fmt: skip
+    best_policy, best = max(results, key=lambda item: item[1])
+    picked = [m for p, m in results if p.describe() == pick.describe()]
+    picked_text = f"{picked[0]:.3g}" if picked else "not in grid"
+    print(
+        f"\n[offload {shape} grid, batch {batch}, true disk, budget {format_size(budget)}]\n"
+        + _table(rows)
+        + f"\npolicy pick: {pick.describe()}\n  measured {picked_text} tokens/s; best of grid "
+        f"{best:.3g} ({best_policy.describe().split(';')[0]})"
+    )
