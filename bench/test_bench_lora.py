@@ -125,7 +125,7 @@ def _providers(weight, x, lora_A, lora_B, grad_y, quantized):
     # Tensors alive anyway, whose storages saved for backward cost nothing: the weights as
     # they are before the call (the int4 peers' fresh dense copies are counted).
     existing = [weight] if not quantized else []
-    providers["cpp"].existing = existing
+    providers["cpp"].existing = existing + [lora_A, lora_B]
     providers["peer"].existing = existing + list(peft_layer.parameters())
     if quantized:
         providers["peer-fast-dequantize"] = _step(peer_fast_dequantize, x, peft_params, grad_y)
