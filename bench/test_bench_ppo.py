@@ -1,0 +1,301 @@
+"""One PPO iteration (rollout + train) of a small Llama-shaped policy: ours vs a plain baseline.
+
+Setting (issue 6, size "h256-L4", bench_full): hidden 256, MLP 688, 4 layers, 4 heads, vocab
+2000, 8 prompts of 16 tokens, 48-token answers, 4 PPO epochs of one minibatch, LoRA r=16 on
+q/v, fp32. Quick mode runs a tiny shape only.
+
+Providers (group "ppo_iteration cpu <size>", throughput table; tokens = generated tokens):
+- "ours": `rlhf_fast.train.ppo.PPOTrainer` on the shared base of ppo_models.py (one frozen
+  base; policy, critic and reward adapters; reference = adapters disabled), fused LoRA,
+  `ops.gae`, the KV-cache rollout;
+- "peer": the same algorithm written plainly on transformers + peft: four separate model
+  copies (policy + LoRA, a frozen reference copy, a reward model copy + LoRA + head, a critic
+  copy + LoRA + head), `generate()` for sampling, old log-probs and values recomputed by
+  full forwards, the Python reversed GAE loop, unfused losses. trl 0.29.1's experimental PPO
+  trainer is not installed here, so it is not measured.
+
+Peak RSS needs a process of its own per provider: `python bench/test_bench_ppo.py PROVIDER
+SIZE` runs two iterations and prints the peak; test_peak_rss_side_by_side runs both and
+prints rollout / train tokens/s and peak RSS side by side (numbers, never asserted).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+SHAPES = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, vocab_size=400, prompts=4, prompt_len=8,
+                 new_tokens=8, epochs=2),
+    "h256-L4": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=4, vocab_size=2000, prompts=8, prompt_len=16,
+                    new_tokens=48, epochs=4),
+}  # fmt: skip
+SHAPE_PARAMS = [
+    pytest.param(name, id=name, marks=pytest.mark.bench_full if name != "tiny" else ())
+    for name in SHAPES
+]
+LORA_R = 16
+TARGETS = ("q_proj", "v_proj")
+
+
+def _tokenizer(vocab_size: int):
+    """A byte-level BPE trained on random letter strings up to `vocab_size` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 7)))
+             for _ in range(20000)]  # fmt: skip
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator([" ".join(words[i : i + 50]) for i in range(0, 20000, 50)],
+                                  trainer=trainer)  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                   eos_token="<eos>")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def model_dirs(shape: str) -> tuple[Path, Path, list[str]]:
+    """(policy dir, reward-model dir on it, prompts) in a temporary directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    from rlhf_fast.models.load import LoraSettings, attach_lora
+    from rlhf_fast.models.reward import RewardModel, save_reward_model
+
+    spec = SHAPES[shape]
+    root = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
+    tokenizer = _tokenizer(spec["vocab_size"])
+    config = LlamaConfig(
+        vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"], max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    backbone = LlamaModel.from_pretrained(root / "policy")
+    rm = RewardModel(attach_lora(backbone, LoraSettings(r=LORA_R, targets=TARGETS, fused=False)))
+    save_reward_model(rm, root / "rm", base_model=root / "policy", tokenizer=tokenizer)
+    rng = random.Random(1)
+    prompts = [" ".join("".join(rng.choice("abcdefgh") for _ in range(3)) for _ in range(40))
+               for _ in range(spec["prompts"])]  # fmt: skip
+    return root / "policy", root / "rm", prompts
+
+
+# ---------------------------------------------------------------------------------- ours
+
+
+def ours(shape: str):
+    """A callable running one PPO iteration with rlhf_fast, and its (rollout, train) clock."""
+    from rlhf_fast.models.load import LoraSettings
+    from rlhf_fast.train.config import TrainConfig
+    from rlhf_fast.train.data import PromptExample
+    from rlhf_fast.train.ppo import PPOTrainer
+    from rlhf_fast.train.ppo_models import build_ppo_models
+
+    spec = SHAPES[shape]
+    policy, rm, prompts = model_dirs(shape)
+    config = TrainConfig(
+        stage="ppo", model=str(policy), data="-", reward_model=str(rm), device="cpu",
+        batch_size=spec["prompts"], ppo_epochs=spec["epochs"], max_new_tokens=spec["new_tokens"],
+        max_length=spec["prompt_len"] + spec["new_tokens"], lr=1e-5, temperature=1.0,
+        save_every=0, max_steps=1000,
+    )  # fmt: skip
+    models = build_ppo_models(policy, rm, LoraSettings(r=LORA_R, alpha=32, targets=TARGETS))
+    examples = [PromptExample([{"role": "user", "content": p}]) for p in prompts]
+    trainer = PPOTrainer(config, models, examples, tempfile.mkdtemp(prefix="bench_ppo_run_"))
+    trainer.prompt_ids = [ids[-spec["prompt_len"] :] for ids in trainer.prompt_ids]
+    clock = {"rollout": 0.0, "train": 0.0, "generated": 0, "trained": 0}
+    indices = list(range(len(examples)))
+
+    def iteration():
+        start = time.perf_counter()
+        experience, metrics, _ = trainer.rollout(indices, trainer.step)
+        middle = time.perf_counter()
+        stats = trainer.optimize(experience, trainer.step)
+        clock["rollout"] += middle - start
+        clock["train"] += time.perf_counter() - middle
+        clock["generated"] += int(experience.response_mask.sum())
+        clock["trained"] += stats["train_tokens"]
+        trainer.step += 1
+        return int(experience.response_mask.sum())
+
+    return iteration, clock
+
+
+# --------------------------------------------------------------------------------- plain
+
+
+def _plain_gae(rewards, values, gamma=1.0, lam=0.95):
+    """trl's reversed loop (right padding: rewards and values are 0 past each answer)."""
+    last, reversed_advantages = 0.0, []
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t < length - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        reversed_advantages.append(last)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def _plain_whiten(values, mask):
+    mean = (values * mask).sum() / mask.sum()
+    var = ((values - mean) ** 2 * mask).sum() / (mask.sum() - 1)
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def plain(shape: str):
+    """The same iteration on transformers + peft, four model copies, no fused pieces."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    spec = SHAPES[shape]
+    policy_dir, rm_dir, prompts = model_dirs(shape)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    lora = LoraConfig(r=LORA_R, lora_alpha=32, target_modules=list(TARGETS))
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(policy_dir), lora)
+    reference = AutoModelForCausalLM.from_pretrained(policy_dir).eval().requires_grad_(False)
+    reward = PeftModel.from_pretrained(AutoModel.from_pretrained(policy_dir), rm_dir / "adapter")
+    reward.eval().requires_grad_(False)
+    reward_head = torch.nn.Linear(spec["hidden_size"], 1)
+    reward_head.load_state_dict(load_file(rm_dir / "value_head.safetensors"))
+    critic = get_peft_model(AutoModel.from_pretrained(policy_dir), lora)
+    critic_head = torch.nn.Linear(spec["hidden_size"], 1)
+    critic_head.load_state_dict(reward_head.state_dict())
+    params = [p for m in (policy, critic, critic_head) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    ids = [tokenizer(p)["input_ids"][-spec["prompt_len"] :] for p in prompts]
+    query = torch.tensor(ids)
+    generator_seed = [0]
+    clock = {"rollout": 0.0, "train": 0.0, "generated": 0, "trained": 0}
+
+    def logprobs_of(logits, tokens):
+        return torch.gather(F.log_softmax(logits, -1), 2, tokens[..., None]).squeeze(-1)
+
+    def iteration():
+        start = time.perf_counter()
+        q = query.shape[1]
+        with torch.no_grad():
+            torch.manual_seed(generator_seed[0])
+            generator_seed[0] += 1
+            policy.eval()
+            sequences = policy.generate(
+                input_ids=query, attention_mask=torch.ones_like(query), do_sample=True,
+                max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
+                top_k=0, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+            response = sequences[:, q:]
+            attention = torch.ones_like(sequences)
+            old_logprobs = logprobs_of(policy(sequences).logits[:, q - 1 : -1], response)
+            ref_logprobs = logprobs_of(reference(sequences).logits[:, q - 1 : -1], response)
+            hidden = critic(sequences, attention_mask=attention).last_hidden_state
+            values = critic_head(hidden[:, q - 1 : -1]).squeeze(-1)
+            last = reward(sequences, attention_mask=attention).last_hidden_state[:, -1]
+            scores = reward_head(last).squeeze(-1)
+            rewards = -0.05 * (old_logprobs - ref_logprobs)
+            rewards[:, -1] += scores
+            advantages, returns = _plain_gae(rewards, values)
+            mask = torch.ones_like(advantages)
+            advantages = _plain_whiten(advantages, mask)
+        middle = time.perf_counter()
+        policy.train()
+        trained = 0
+        for _ in range(spec["epochs"]):
+            optimizer.zero_grad()
+            logits = policy(sequences).logits[:, q - 1 : -1]
+            new_logprobs = logprobs_of(logits, response)
+            ratio = torch.exp(new_logprobs - old_logprobs)
+            pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
+            new_values = critic_head(critic(sequences).last_hidden_state[:, q - 1 : -1])
+            new_values = new_values.squeeze(-1)
+            clipped = values + (new_values - values).clamp(-0.2, 0.2)
+            vf = 0.5 * torch.max((new_values - returns) ** 2, (clipped - returns) ** 2).mean()
+            (pg + 0.1 * vf).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            trained += sequences.numel()
+        clock["rollout"] += middle - start
+        clock["train"] += time.perf_counter() - middle
+        clock["generated"] += response.numel()
+        clock["trained"] += trained
+        return response.numel()
+
+    return iteration, clock
+
+
+PROVIDERS = {"ours": ours, "peer": plain}
+
+
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_ppo_iteration(measure, shape, provider):
+    iteration, _ = PROVIDERS[provider](shape)
+    generated = iteration()  # warm-up; also the tokens of one call (all answers run full)
+    spec = SHAPES[shape]
+    measure(iteration, op="ppo_iteration", device="cpu", size=shape, provider=provider,
+            tokens=max(generated, spec["prompts"]))  # fmt: skip
+
+
+@pytest.mark.bench_full  # a process per provider: too slow for quick mode
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_peak_rss_side_by_side(shape, capsys):
+    rows = []
+    for provider in PROVIDERS:
+        run = subprocess.run([sys.executable, __file__, provider, shape], capture_output=True,
+                             text=True, timeout=900, env={**os.environ})  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    with capsys.disabled():
+        print(f"\nPPO iteration, {shape}, {torch.get_num_threads()} threads (2 iterations after "
+              "one warm-up, each provider in its own process):")  # fmt: skip
+        for row in rows:
+            print("  {provider:5s} rollout {rollout_tok_s:7.0f} generated tok/s  train "
+                  "{train_tok_s:7.0f} tok/s  iteration {iteration_s:6.3f} s  peak RSS "
+                  "{peak_rss_mib:6.0f} MiB".format(**row))  # fmt: skip
+
+
+def _one_process(provider: str, shape: str) -> dict:
+    torch.manual_seed(0)
+    iteration, clock = PROVIDERS[provider](shape)
+    iteration()
+    for key in clock:
+        clock[key] = 0
+    started = time.perf_counter()
+    for _ in range(2):
+        iteration()
+    seconds = (time.perf_counter() - started) / 2
+    return {
+        "provider": provider,
+        "rollout_tok_s": clock["generated"] / max(clock["rollout"], 1e-9),
+        "train_tok_s": clock["trained"] / max(clock["train"], 1e-9),
+        "iteration_s": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps(_one_process(sys.argv[1], sys.argv[2])))
