@@ -160,3 +160,26 @@ def test_one_token_prompts(dense):
     with load_offloaded(dense["from_model"], prefetch=1) as lm:
         out = generate_batch(lm, ids, max_new_tokens=NEW_TOKENS, micro_batch=1)
     assert torch.equal(out, expected)
+
+
+def test_sampling_is_seeded_and_independent_of_micro_batching(dense):
+    ids, mask = dense["prompts"]
+    with load_offloaded(dense["from_model"], resident_layers=1, prefetch=1) as lm:
+        runs = [
+            generate_batch(
+                lm,
+                ids,
+                mask,
+                max_new_tokens=NEW_TOKENS,
+                micro_batch=mb,
+                temperature=0.8,
+                seed=7,
+            )  # fmt: skip
+            for mb in (1, 5)
+        ]
+        top1 = generate_batch(
+            lm, ids, mask, max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=1, seed=3
+        )
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], dense["expected"])  # it did sample
+    assert torch.equal(top1, dense["expected"])
