@@ -1,6 +1,7 @@
 """rlhf_fast::decode_gemv_int4 / decode_gemv_int8 (csrc/cpu/decode_gemv_*): the decode GEMVs
-with int16-quantized activations, against a float64 product with the weight decoded here from
-the packed bytes, within the error bound the activation quantization implies."""
+with activations quantized on the fly (int8 per 32 columns for int4 weights, int16 per 128 for
+int8), against a float64 product with the weight decoded here from the packed bytes, within
+the error bound the activation quantization implies."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ FORMATS = [(8, -1), (4, 32), (4, 64), (4, 96), (4, 128)]
 # 4, 1000: 32 blocks in 2 windows of 16); N not a multiple of the 4-channel tile.
 SHAPES = [(1, 1, 3), (1, 31, 5), (2, 33, 9), (1, 100, 13), (3, 576, 37), (16, 1000, 6)]
 CHUNK = {4: 32, 8: 128}  # columns that share one activation scale
+LEVELS = {4: 127, 8: 32767}  # largest activation code
 
 
 def call(x, qweight, bias):
@@ -32,11 +34,11 @@ def call(x, qweight, bias):
     )  # fmt: skip
 
 
-def error_bound(x: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor:
+def error_bound(x: torch.Tensor, weight: torch.Tensor, chunk: int, levels: int) -> torch.Tensor:
     """|y - x @ W.T| <= sum_k |W[n, k]| * (half a code step of k's chunk) + fp32 rounding."""
     m, k = x.shape
     padded = torch.nn.functional.pad(x.double().abs(), (0, -k % chunk))
-    step = padded.view(m, -1, chunk).amax(-1) / 32767  # [M, chunks]
+    step = padded.view(m, -1, chunk).amax(-1) / levels  # [M, chunks]
     half_step = step.repeat_interleave(chunk, dim=1)[:, :k] / 2
     rounding = 1e-5 * (x.double().abs() @ weight.abs().T)
     return 1.01 * half_step @ weight.abs().T + rounding + 1e-6
@@ -58,7 +60,9 @@ def test_within_the_activation_quantization_bound(bits, group_size, m, k, n):
         y = call(x, qweight, b)
         expected = x.double() @ weight.T + (bias.double() if with_bias else 0)
         assert y.dtype == torch.float32 and y.shape == (m, n)
-        assert ((y.double() - expected).abs() <= error_bound(x, weight, CHUNK[bits])).all()
+        assert (
+            (y.double() - expected).abs() <= error_bound(x, weight, CHUNK[bits], LEVELS[bits])
+        ).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -169,17 +169,18 @@ def test_decoder_is_rebuilt_when_weights_change():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_quantized_models(family, bits, group_size):
     """Exact activations: the same kernels as the HF path's QuantLinear, so logits agree to
-    fp32 rounding and greedy tokens are equal. Fast activations (bf16 / int16-quantized x in the
-    GEMVs): logits close at the precision of those activations."""
+    fp32 rounding and greedy tokens are equal. Fast activations (int8 / int16-quantized x in the
+    GEMVs, an int8 lm_head): they move the logits far less than quantizing the weights did."""
     model = tiny_model(family, hidden_size=128, intermediate_size=160)
-    quantize_model(model, bits=bits, group_size=max(group_size, 32))
     ids = sequence(40)
+    float_logits = hf_logits(model, ids)[35:]
+    quantize_model(model, bits=bits, group_size=max(group_size, 32))
     expected = hf_logits(model, ids)[35:]
     exact = lean_logits(FastDecoder(model, fast_activations=False), ids, 36)
     torch.testing.assert_close(exact, expected, atol=3e-4, rtol=1e-4)
     fast = lean_logits(FastDecoder(model, fast_activations=True), ids, 36)
-    scale = expected.abs().max()
-    assert (fast - expected).abs().max() <= 3e-2 * scale
+    weight_error = (expected - float_logits).abs().max()
+    assert (fast - expected).abs().max() <= 0.5 * weight_error
     config = SamplingConfig(temperature=0.0, max_new_tokens=16)
     prompt = ids[:12].tolist()
     hf = list(generate_tokens(model, prompt, config, decoder="hf"))

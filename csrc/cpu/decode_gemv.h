@@ -1,16 +1,20 @@
 // Plain C++ interface of the decode GEMVs (decode_gemv_avx512vnni.cpp): int4 / int8 weights
-// times activations quantized to int16 on the fly, with AVX512_VNNI integer dot products.
+// times activations quantized on the fly, with AVX512_VNNI integer dot products.
 //
 // Why a separate kernel: at decode (M = 1) the fp32 kernels of quant_matmul_kernel.h spend
 // ~12 instructions per 32 int4 weights (a 16-entry value table per group of 32, two vpermps,
 // two FMAs) and are compute bound at 8-9 G weights/s per core, far under the memory's rate.
-// vpdpwssd multiplies 32 int16 codes by 32 int16 activations per instruction, so a 64-weight
-// pair of int4 blocks costs ~9 instructions, and int8 ~3 per 32 weights.
 //
-// Activations: per chunk of columns (32 for int4, one block and so one weight group; 128 for
-// int8) x_k ~= c_k * s with c_k = round(x_k / s) in [-32767, 32767], s = max |x_k| / 32767:
-// the error is at most 2^-16 of the chunk's largest |x|, finer than bf16 rounding (2^-9).
-// int4 weights w = q * scale + offset give
+// int4: activations are quantized to int8 per 32-column block (one weight group or part of
+// one), as llama.cpp's Q8 activations for its 4-bit formats: vpdpbusd multiplies 64 unsigned
+// 4-bit codes by 64 int8 activations per instruction, so 128 weights (4 blocks) cost 8 vector
+// instructions per channel. The activation error (at most 1/254 of the block's largest |x|) is
+// ~20x under the weights' own 4-bit rounding error; logits move by well under 1%.
+// int8: activations are quantized to int16 per 128 columns (error <= 2^-16 of the chunk's
+// largest |x|), vpdpwssd on sign-extended weights: 3 instructions per 32 weights.
+//
+// With x_k ~= c_k * s per chunk (s = max |x_k| / 127 or / 32767), int4 weights
+// w = q * scale + offset give
 //   sum_k w_k x_k = sum_blocks (scale * s_b * sum_k q_k c_k + offset * s_b * sum_k c_k),
 // int8 weights w = q * scale give scale * sum_chunks s_c * sum_k q_k c_k.
 #pragma once
@@ -19,12 +23,12 @@
 
 namespace rlhf_fast {
 
-// int4 codes of one row of x: per pair of 32-column blocks (2p, 2p + 1), 64 int16 codes in the
-// order the packed bytes unpack to: the 16 low-nibble columns of block 2p, those of block
-// 2p + 1, then the 16 high-nibble columns of each. Blocks past K hold zeros.
-// int8 codes: natural column order, zero past K, padded to whole chunks of 128.
+// int4 codes (int8) of one row of x: per quad of 32-column blocks (4q .. 4q + 3), 128 codes in
+// the order of the quad's 64 packed bytes: the 16 low-nibble columns of each block, then the 16
+// high-nibble columns of each. Blocks past K hold zeros.
+// int8 codes (int16): natural column order, zero past K, padded to whole chunks of 128.
 struct DecodeActivations {
-  const int16_t* codes;  // [M, row_codes]
+  const void* codes;     // [M, row_codes]: int8 (int4 weights) or int16 (int8 weights)
   const float* scales;   // [M, chunks]: s of each chunk (0 past K)
   const float* sums;     // int4 only: [M, chunks]: s * sum of the chunk's codes
   int64_t row_codes;     // codes per row
@@ -50,7 +54,7 @@ struct DecodeGemvArgs {
 namespace avx512vnni {
 // Quantize rows of fp32 x ([M, K], row stride x_stride) into the layouts above.
 void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
-                               int64_t chunks, int16_t* codes, float* scales, float* sums);
+                               int64_t chunks, int8_t* codes, float* scales, float* sums);
 void quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
                                int64_t chunks, int16_t* codes, float* scales);
 // Output channels [n_begin, n_end) of every row.

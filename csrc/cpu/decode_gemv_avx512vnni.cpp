@@ -27,19 +27,20 @@ inline __m512i codes_of(__m512 v, __m512 inverse) {
 
 inline float inverse_of(float amax) { return amax > 0.0f ? 32767.0f / amax : 0.0f; }
 
-// The 64-code pair layout's index of lane i of a block's low (hi = 0) or high (hi = 1) half.
+// Where the int8 codes of a block's low (hi = 0) or high (hi = 1) 16 columns go: per quad of
+// blocks, 64 low-nibble codes then 64 high-nibble codes, in the order of the packed bytes.
 inline int64_t int4_code_offset(int64_t block, int hi) {
-  return 64 * (block / 2) + 32 * hi + 16 * (block % 2);
+  return 128 * (block / 4) + 64 * hi + 16 * (block % 4);
 }
 
 }  // namespace
 
 void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
-                               int64_t chunks, int16_t* codes, float* scales, float* sums) {
+                               int64_t chunks, int8_t* codes, float* scales, float* sums) {
   const int64_t blocks = (K + 31) / 32;
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * x_stride;
-    int16_t* row_codes = codes + m * chunks * 32;
+    int8_t* row_codes = codes + m * chunks * 32;
     float* row_scales = scales + m * chunks;
     float* row_sums = sums + m * chunks;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -47,19 +48,19 @@ void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int6
       const __m512 lo = _mm512_maskz_loadu_ps(first_lanes16(K - k), row + k);
       const __m512 hi = _mm512_maskz_loadu_ps(first_lanes16(K - k - 16), row + k + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const __m512 inverse = _mm512_set1_ps(inverse_of(amax));
+      const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
       const __m512i code_lo = codes_of(lo, inverse), code_hi = codes_of(hi, inverse);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_codes + int4_code_offset(b, 0)),
-                          _mm512_cvtepi32_epi16(code_lo));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_codes + int4_code_offset(b, 1)),
-                          _mm512_cvtepi32_epi16(code_hi));
-      const float scale = amax / 32767.0f;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row_codes + int4_code_offset(b, 0)),
+                       _mm512_cvtepi32_epi8(code_lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row_codes + int4_code_offset(b, 1)),
+                       _mm512_cvtepi32_epi8(code_hi));
+      const float scale = amax / 127.0f;
       row_scales[b] = scale;
       row_sums[b] = scale * float(_mm512_reduce_add_epi32(_mm512_add_epi32(code_lo, code_hi)));
     }
     for (int64_t b = blocks; b < chunks; ++b) {
-      std::memset(row_codes + int4_code_offset(b, 0), 0, 16 * sizeof(int16_t));
-      std::memset(row_codes + int4_code_offset(b, 1), 0, 16 * sizeof(int16_t));
+      std::memset(row_codes + int4_code_offset(b, 0), 0, 16);
+      std::memset(row_codes + int4_code_offset(b, 1), 0, 16);
       row_scales[b] = row_sums[b] = 0.0f;
     }
   }
@@ -115,39 +116,39 @@ inline void window_factors(const DecodeGemvArgs& a, int64_t m, int64_t n0, int64
 template <int NR>
 void int4_tile(const DecodeGemvArgs& a, int64_t m, int64_t n0) {
   const int64_t blocks = (a.K + 31) / 32;
-  const int64_t pairs = (blocks + 1) / 2;
+  const int64_t quads = (blocks + 3) / 4;
   const uint8_t* rows[NR];
   __m512 acc[NR], offset_acc[NR];
   for (int j = 0; j < NR; ++j) {
     rows[j] = static_cast<const uint8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
     acc[j] = offset_acc[j] = _mm512_setzero_ps();
   }
-  const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
-  const int16_t* codes = a.x.codes + m * a.x.row_codes;
-  // Lanes 0-7 of a pair's int32 dot products belong to its first block, 8-15 to its second.
-  const __m512i first_pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const int8_t* codes = static_cast<const int8_t*>(a.x.codes) + m * a.x.row_codes;
+  // Lane i of a quad's int32 dot products belongs to its block i / 4.
+  const __m512i first_quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   for (int64_t window = 0; 16 * window < blocks; ++window) {
     __m512 factors[NR];
     window_factors<NR>(a, m, n0, window, factors, offset_acc);
-    const int64_t pair_end = std::min(pairs, 8 * window + 8);
-    __m512i pick = first_pair;
-    for (int64_t p = 8 * window; p < pair_end; ++p) {
-      const bool both = 2 * p + 1 < blocks;  // the last pair may hold one block only
-      const __m512i x_lo = _mm512_loadu_si512(codes + 64 * p);
-      const __m512i x_hi = _mm512_loadu_si512(codes + 64 * p + 32);
+    const int64_t quad_end = std::min(quads, 4 * window + 4);
+    __m512i pick = first_quad;
+    for (int64_t q = 4 * window; q < quad_end; ++q) {
+      const bool whole = 4 * q + 4 <= blocks;  // the last quad may hold 1 to 3 blocks
+      const __mmask64 present = whole ? ~__mmask64(0) : (__mmask64(1) << (16 * (blocks - 4 * q))) - 1;
+      const __m512i x_lo = _mm512_loadu_si512(codes + 128 * q);
+      const __m512i x_hi = _mm512_loadu_si512(codes + 128 * q + 64);
       for (int j = 0; j < NR; ++j) {
-        const uint8_t* bytes = rows[j] + 32 * p;
+        const uint8_t* bytes = rows[j] + 64 * q;
         __builtin_prefetch(bytes + 1024, 0, 3);
-        const __m256i packed =
-            both ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes))
-                 : _mm256_maskz_loadu_epi8(first_lanes32(16), bytes);
-        const __m512i wide = _mm512_cvtepu8_epi16(packed);
-        __m512i dot = _mm512_madd_epi16(_mm512_and_si512(wide, low_nibbles), x_lo);
-        dot = _mm512_dpwssd_epi32(dot, _mm512_srli_epi16(wide, 4), x_hi);
+        const __m512i packed = whole ? _mm512_loadu_si512(bytes) : _mm512_maskz_loadu_epi8(present, bytes);
+        const __m512i lo = _mm512_and_si512(packed, low_nibbles);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x_lo);
+        dot = _mm512_dpbusd_epi32(dot, hi, x_hi);
         acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                                  _mm512_permutexvar_ps(pick, factors[j]), acc[j]);
       }
-      pick = _mm512_add_epi32(pick, _mm512_set1_epi32(2));
+      pick = _mm512_add_epi32(pick, _mm512_set1_epi32(4));
     }
   }
   float* y = a.y + m * a.y_row_stride + n0;
@@ -164,7 +165,7 @@ void int8_tile(const DecodeGemvArgs& a, int64_t m, int64_t n0) {
     rows[j] = static_cast<const int8_t*>(a.qdata) + (n0 + j) * a.qdata_row_stride;
     acc[j] = _mm512_setzero_ps();
   }
-  const int16_t* codes = a.x.codes + m * a.x.row_codes;
+  const int16_t* codes = static_cast<const int16_t*>(a.x.codes) + m * a.x.row_codes;
   const int64_t full_chunks = a.K / 128;
   const int64_t chunks = (a.K + 127) / 128;
   for (int64_t c = 0; c < chunks; ++c) {

@@ -1,5 +1,5 @@
 // rlhf_fast::decode_gemv_int4 / decode_gemv_int8: the few-row GEMVs of token generation,
-// with activations quantized to int16 per chunk (decode_gemv.h). On a CPU without
+// with activations quantized per chunk (int8 / int16: decode_gemv.h). On a CPU without
 // AVX512_VNNI they are the exact quant_matmul kernels, so callers never need a second path.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -82,7 +82,7 @@ at::Tensor decode_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
 
   const int64_t blocks = (K + 31) / 32;
   const int64_t chunks = (blocks + 15) / 16 * 16;
-  std::vector<int16_t> codes(M * chunks * 32);
+  std::vector<int8_t> codes(M * chunks * 32);
   std::vector<float> x_scales(M * chunks), x_sums(M * chunks);
   avx512vnni::quantize_int4_activations(x32.const_data_ptr<float>(), K, M, K, chunks,
                                         codes.data(), x_scales.data(), x_sums.data());

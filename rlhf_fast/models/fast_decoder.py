@@ -101,8 +101,9 @@ class _Projection:
     reads them all); dense layers are read in place (fusing them would copy the weights) and
     their outputs concatenated. `fast_activations` runs quantized GEMMs on bf16 activations
     where the kernels are faster with them (int4 from 32 rows up: bf16 weight tiles and
-    torch's bf16 GEMM) and, up to 16 rows, on activations quantized to int16 per 32 or 128
-    columns (rlhf_fast::decode_gemv_*: integer dot products, 2-3x the fp32 kernels)."""
+    torch's bf16 GEMM) and, up to 16 rows, on activations quantized per 32 / 128 columns
+    (rlhf_fast::decode_gemv_*: int8 activations for int4 weights, int16 for int8; integer dot
+    products, 2-4x the fp32 kernels)."""
 
     def __init__(self, modules: list[nn.Module], fast_activations: bool) -> None:
         self.out_features = sum(m.out_features for m in modules)
@@ -191,7 +192,7 @@ def _quantized_op(qweight: QuantizedWeight):
 
 
 def _decode_gemv_op(qweight: QuantizedWeight):
-    """rlhf_fast::decode_gemv_int4/int8 (int16-quantized activations), None where not built."""
+    """rlhf_fast::decode_gemv_int4/int8 (quantized activations), None where not built."""
     if not hasattr(torch.ops.rlhf_fast, "decode_gemv_int4") or qweight.device.type != "cpu":
         return None
     if qweight.bits == 8:
