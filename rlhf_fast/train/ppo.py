@@ -147,9 +147,11 @@ class PPOTrainer:
         ]
         self.total = total_ppo_steps(config, len(prompts))
         self.params = models.trainable()
+        # foreach: one fused update over the many small adapter tensors (not a Python loop)
         self.optimizer = torch.optim.AdamW(
-            list(self.params.values()), lr=config.lr, weight_decay=config.weight_decay
-        )
+            list(self.params.values()), lr=config.lr, weight_decay=config.weight_decay,
+            foreach=True,
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(config.schedule, config.warmup_steps, self.total)
         )
@@ -404,6 +406,7 @@ class PPOTrainer:
         if self.config.merge:
             paths["merged"] = self.run_dir / MERGED_DIR
             self.models.use(POLICY)
+            self.models._active = None  # deleting adapters below changes what is active
             for name in list(model.peft_config):
                 if name != POLICY:
                     model.delete_adapter(name)

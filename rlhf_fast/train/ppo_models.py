@@ -21,7 +21,6 @@ same layers sit one attribute deeper (`base_model_prefix`), so its keys are rena
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,15 +81,20 @@ class PPOModels(nn.Module):
         self.reward_tokenizer = None
         self.reward_source: RewardSource | None = None
         self._trainable: dict[str, nn.Parameter] = {}
+        self._active: str | None = None
 
     # ------------------------------------------------------------------ adapters
 
     def use(self, adapter: str) -> None:
         """Make `adapter` the active one; keeps the policy and critic trainable (peft's
-        set_adapter would freeze every adapter but the active one)."""
+        set_adapter would freeze every adapter but the active one). Switching walks every
+        module, so it is skipped when `adapter` is already the active one."""
+        if self._active == adapter:
+            return
         self.model.base_model.set_adapter(adapter, inference_mode=True)
         for param in self._trainable.values():
             param.requires_grad_(True)
+        self._active = adapter
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """Policy adapter, critic adapter and critic head, by stable names."""
@@ -275,12 +279,3 @@ def build_ppo_models(
     models._collect_trainable()
     models.use(POLICY)
     return models.eval()
-
-
-@contextlib.contextmanager
-def adapter_active(models: PPOModels, adapter: str):
-    models.use(adapter)
-    try:
-        yield
-    finally:
-        models.use(POLICY)
