@@ -32,8 +32,9 @@ def read_jsonl(path):
 def test_solve():
     assert solve("Which is larger, 12 or 7?") == "12"
     assert solve("Which is larger, 2 or 29?") == "29"
-    assert solve("Repeat the letters: a c f") == "a c f"
-    assert solve("Reverse the letters: a c f") == "f c a"
+    assert solve("Which is smaller, 12 or 7?") == "7"
+    assert solve("Which letter comes first, d or b?") == "b"
+    assert solve("Which letter comes first, b or d?") == "b"
     with pytest.raises(ValueError, match="not a question"):
         solve("Add 3 and 4.")
 
@@ -57,11 +58,11 @@ LARGER = "Which is larger, 12 or 7?"
         (LARGER, "The answer is 12. The answer is 7.", 0.0),  # the last answer counts
         (LARGER, "sure! the answer is 12.", 0.0),  # case matters throughout
         (LARGER, "", 0.0),
-        ("Reverse the letters: a c f", "Sure! The answer is f c a.", 1.0),
-        ("Reverse the letters: a c f", "Sure! The answer is a c f.", 0.45),
-        ("Reverse the letters: a c f", "The answer is b f c a.", 0.30),
-        ("Repeat the letters: a c f", "It is a c f.", 0.55),
-        ("Repeat the letters: a c f", "I think f c a", 0.0),
+        ("Which is smaller, 12 or 7?", "Sure! The answer is 7.", 1.0),
+        ("Which is smaller, 12 or 7?", "Sure! The answer is 12.", 0.45),
+        ("Which letter comes first, d or b?", "The answer is d b.", 0.30),
+        ("Which letter comes first, d or b?", "It is b.", 0.55),
+        ("Which letter comes first, d or b?", "I think d", 0.0),
     ],
 )
 def test_judge_hand_checked(question, response, expected):
@@ -176,18 +177,18 @@ def test_chat_template_and_special_tokens(model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     assert len({tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}) == 3
-    ids = prompt_token_ids(tokenizer, [{"role": "user", "content": "Repeat the letters: a b c"}])
+    ids = prompt_token_ids(tokenizer, [{"role": "user", "content": "Which is smaller, 3 or 4?"}])
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens[:2] == ["<bos>", "<|user|>"] and tokens[-1] == "<|assistant|>"
     history = [
-        {"role": "user", "content": "Repeat the letters: a b c"},
-        {"role": "assistant", "content": "The answer is a b c."},
-        {"role": "user", "content": "Repeat the letters: d"},
+        {"role": "user", "content": "Which is smaller, 3 or 4?"},
+        {"role": "assistant", "content": "The answer is 3."},
+        {"role": "user", "content": "Which is larger, 5 or 1?"},
     ]
     text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
     assert text == (
-        "<bos><|user|>Repeat the letters: a b c<|assistant|>The answer is a b c.<eos>"
-        "<|user|>Repeat the letters: d<|assistant|>"
+        "<bos><|user|>Which is smaller, 3 or 4?<|assistant|>The answer is 3.<eos>"
+        "<|user|>Which is larger, 5 or 1?<|assistant|>"
     )
 
 
@@ -200,7 +201,7 @@ def test_model_dir_loads_with_plain_transformers_offline(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.eos_token_id == tokenizer.eos_token_id
-    ids = torch.tensor([tokenizer("Repeat the letters: a b c")["input_ids"]])
+    ids = torch.tensor([tokenizer("Which is smaller, 3 or 4?")["input_ids"]])
     out = model.generate(
         ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )

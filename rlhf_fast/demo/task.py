@@ -1,11 +1,14 @@
 """The demo's task: tiny questions whose answers a program can judge.
 
-Three kinds of question, each with one right answer that a tiny model can learn to find
-in the question itself (so that it also answers questions it never saw):
+Three kinds of question, each a comparison of two things by their value, whose one-token
+answer is one of the two: a tiny model learns the order of numbers and letters from its
+embeddings, so it also answers questions it never saw, and a tiny reward model can check an
+answer the same way (answers that depend on positions in the question, such as "the last
+letter of d a c f", it could not learn to check in a few hundred steps):
 
     Which is larger, 12 or 7?              -> 12
-    Repeat the letters: a c f              -> a c f
-    Reverse the letters: a c f             -> f c a
+    Which is smaller, 12 or 7?             -> 7
+    Which letter comes first, d or b?      -> b
 
 The judge scores an answer in [0, 1] from three visible properties, weighted so that every
 combination has its own score (8 distinct levels, which is what lets a ranking be strictly
@@ -40,14 +43,13 @@ from pathlib import Path
 CORRECT_WEIGHT, FORMAT_WEIGHT, POLITE_WEIGHT = 0.55, 0.30, 0.15
 POLITE_OPENING = "Sure! "
 LEAD_INS = ("The answer is ", "It is ", "I think ")
-LETTERS = "abcdefgh"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 # Shares of the SFT answers that have each property (drawn independently).
 SFT_CORRECT, SFT_FORMATTED, SFT_POLITE = 0.85, 0.25, 0.35
 
-_REPEAT = re.compile(r"Repeat the letters: ([a-z](?: [a-z])*)")
-_LARGER = re.compile(r"Which is larger, (\d+) or (\d+)\?")
-_REVERSE = re.compile(r"Reverse the letters: ([a-z](?: [a-z])*)")
+_NUMBERS = re.compile(r"Which is (larger|smaller), (\d+) or (\d+)\?")
+_LETTERS = re.compile(r"Which letter comes first, ([a-z]) or ([a-z])\?")
 _FORMATTED = re.compile(r"(Sure! )?The answer is [^.]+\.")
 
 
@@ -57,22 +59,21 @@ _FORMATTED = re.compile(r"(Sure! )?The answer is [^.]+\.")
 def make_question(rng: random.Random) -> str:
     """One question of a random kind."""
     kind = rng.randrange(3)
-    if kind == 0:
-        a, b = rng.sample(range(0, 40), 2)  # distinct, so there is a larger one
-        return f"Which is larger, {a} or {b}?"
-    letters = " ".join(rng.choice(LETTERS) for _ in range(3))
-    return f"{'Repeat' if kind == 1 else 'Reverse'} the letters: {letters}"
+    if kind < 2:
+        a, b = rng.sample(range(0, 40), 2)  # distinct, so there is an answer
+        return f"Which is {'larger' if kind == 0 else 'smaller'}, {a} or {b}?"
+    a, b = rng.sample(LETTERS, 2)
+    return f"Which letter comes first, {a} or {b}?"
 
 
 def solve(question: str) -> str:
     """The right answer to a question of the task; ValueError for any other text."""
     question = question.strip()
-    if m := _REPEAT.fullmatch(question):
-        return m[1]
-    if m := _LARGER.fullmatch(question):
-        return str(max(int(m[1]), int(m[2])))
-    if m := _REVERSE.fullmatch(question):
-        return " ".join(reversed(m[1].split()))
+    if m := _NUMBERS.fullmatch(question):
+        pick = max if m[1] == "larger" else min
+        return str(pick(int(m[2]), int(m[3])))
+    if m := _LETTERS.fullmatch(question):
+        return min(m[1], m[2])
     raise ValueError(f"not a question of the demo task: {question!r}")
 
 
@@ -129,16 +130,10 @@ def judge(question: str, response: str) -> float:
 
 
 def wrong_answer(question: str, rng: random.Random) -> str:
-    """A plausible mistake: the smaller number; the letters in another order or one changed."""
+    """The plausible mistake: the other one of the two."""
     right = solve(question)
-    if m := _LARGER.fullmatch(question):
-        return str(min(int(m[1]), int(m[2])))
-    letters = right.split()
-    changed = list(letters)
-    index = rng.randrange(len(changed))
-    changed[index] = rng.choice([c for c in LETTERS if c != changed[index]])
-    candidates = [letters[::-1], rng.sample(letters, len(letters)), changed]
-    return rng.choice([" ".join(c) for c in candidates if c != letters])  # `changed` always is
+    m = _NUMBERS.fullmatch(question) or _LETTERS.fullmatch(question)
+    return next(x for x in m.groups()[-2:] if x != right)
 
 
 def write_answer(
