@@ -5,7 +5,7 @@ Llama built from a config (random weights), saved together as a plain Hugging Fa
 The tokenizer carries a chat template with single-token role markers, so that the trainer and
 `rlhf-fast chat` render a conversation the same way (rlhf_fast/models/prompt_format.py):
 
-    <bos><|user|>Add 3 and 4.<|assistant|>Sure! The answer is 7.<eos>
+    <bos><|user|>Which is larger, 3 or 4?<|assistant|>Sure! The answer is 4.<eos>
 
 Special tokens: <eos> ends an answer, <pad> pads batches (distinct from <eos>, so padding can
 never be mistaken for an answer's end), <bos> opens a conversation.
