@@ -4,7 +4,9 @@
     RUN/data/     sft.jsonl, rm.jsonl (K-wise rankings by the judge), prompts.jsonl,
                   eval_prompts.jsonl (questions no other file asks)
     RUN/sft/      SFT, every weight (the base is random: an adapter alone could not learn)
-    RUN/rm/       reward model on RUN/sft/merged (adapter form: PPO shares the base with it)
+    RUN/rm/       reward model on RUN/sft/merged, every weight trained (LoRA alone stayed near
+                  80% held-out accuracy on this tiny model); PPO therefore loads it beside the
+                  shared base (`--stage all` with LoRA RMs shares one base for all four roles)
     RUN/ppo/      PPO; RUN/ppo/merged is the chat-ready model
 
 It ends with a before/after table: the RM's held-out accuracy, and for the SFT policy (the
@@ -47,21 +49,21 @@ class DemoPreset:
     sizes: task.DemoSizes = task.DemoSizes()
     sft: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=3e-3, batch_size=32, max_steps=300, full_finetune=True,
+            lr=3e-3, batch_size=32, max_steps=150, full_finetune=True,
             schedule="linear", warmup_steps=20, eval_fraction=0.05,
         )
     )  # fmt: skip
     rm: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=1e-3, batch_size=8, max_steps=150, lora_r=16, lora_alpha=32.0,
+            lr=1e-3, batch_size=16, max_steps=150, full_finetune=True,
             schedule="cosine", warmup_steps=10, eval_fraction=0.1,
         )
     )  # fmt: skip
     ppo: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=1e-3, batch_size=32, max_steps=40, lora_r=16, lora_alpha=32.0,
-            schedule="constant", ppo_epochs=4, mini_batch_size=16, max_new_tokens=20,
-            kl_coef=0.02, score_clip=5.0, missing_eos_penalty=1.0, sample_every=5,
+            lr=3e-4, batch_size=32, max_steps=24, lora_r=16, lora_alpha=32.0,
+            schedule="constant", ppo_epochs=2, mini_batch_size=16, max_new_tokens=16,
+            kl_coef=0.05, score_clip=5.0, missing_eos_penalty=1.0, sample_every=4,
         )
     )  # fmt: skip
     eval_questions: int = 128

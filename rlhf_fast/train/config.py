@@ -60,7 +60,7 @@ class TrainConfig:
     max_length: int = _help("tokens per sequence (longer ones are truncated)", default=512)
     pack: bool = _help("sft: pack several examples per row", default=False)
     full_finetune: bool = _help(
-        "sft: train every weight instead of a LoRA adapter (small or random models)",
+        "sft, rm: train every weight instead of a LoRA adapter (small or random models)",
         default=False,
     )
     lora_r: int = _help("LoRA rank", default=8)

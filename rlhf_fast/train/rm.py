@@ -94,7 +94,10 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
     held_encoded = [encode(tokenizer, example, config.max_length) for example in held_out]
     backbone = load_backbone(config.model, dtype=config.dtype, device=device)
     torch.manual_seed(config.seed)
-    model = RewardModel(attach_lora(backbone, lora_settings(config))).to(device)
+    if config.full_finetune:  # every weight trains; exported in merged form
+        model = RewardModel(backbone.requires_grad_(True)).to(device)
+    else:
+        model = RewardModel(attach_lora(backbone, lora_settings(config))).to(device)
     collate = (ScoreCollator if scored else RankCollator)(tokenizer.pad_token_id)
     step_loss = _mse_loss if scored else _rank_loss
 
