@@ -130,10 +130,15 @@ def judge(question: str, response: str) -> float:
 
 
 def wrong_answer(question: str, rng: random.Random) -> str:
-    """The plausible mistake: the other one of the two."""
+    """Half the time the plausible mistake, the other one of the two; else a stray answer (any
+    other number or letter). Without strays, a reward model never sees an answer outside the
+    question and may score one highly: a letter question answered "38" is then what PPO finds."""
     right = solve(question)
     m = _NUMBERS.fullmatch(question) or _LETTERS.fullmatch(question)
-    return next(x for x in m.groups()[-2:] if x != right)
+    if rng.random() < 0.5:
+        return next(x for x in m.groups()[-2:] if x != right)
+    strays = [str(n) for n in range(40)] + list(LETTERS)
+    return rng.choice([x for x in strays if x not in m.groups()])
 
 
 def write_answer(
