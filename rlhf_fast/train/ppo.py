@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast.lora import fuse, unfuse
 from rlhf_fast.models.load import check_model_dir, resolve_device
 from rlhf_fast.models.prompt_format import prompt_token_ids
 from rlhf_fast.train import checkpoint as ckpt
@@ -172,6 +173,17 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, indices: list[int], step: int) -> tuple[Experience, dict, list[dict]]:
+        # The fused LoRA op pays off in training (memory saved for backward); without a
+        # backward, and at the few rows of a decode step, peft's own forward is faster
+        # (measured: 5 ms vs 80 ms a decode step of the bench's policy), so rollouts use it.
+        refuse = unfuse(self.models.model) > 0
+        try:
+            return self._rollout(indices, step)
+        finally:
+            if refuse:
+                fuse(self.models.model)
+
+    def _rollout(self, indices: list[int], step: int) -> tuple[Experience, dict, list[dict]]:
         config, models = self.config, self.models
         models.eval()
         models.use(POLICY)
