@@ -15,8 +15,9 @@ Providers (group "ppo_iteration cpu <size>", throughput table; tokens = generate
   trainer is not installed here, so it is not measured.
 
 Peak RSS needs a process of its own per provider: `python bench/test_bench_ppo.py PROVIDER
-SIZE` runs two iterations and prints the peak; test_peak_rss_side_by_side runs both and
-prints rollout / train tokens/s and peak RSS side by side (numbers, never asserted).
+SIZE` runs two iterations and prints the peak; test_peak_rss_side_by_side runs both, and
+"sft" (one LoRA SFT step of the same policy, the memory yardstick of the shared-base plan),
+and prints rollout / train tokens/s and peak RSS side by side (numbers, never asserted).
 """
 
 from __future__ import annotations
@@ -246,7 +247,36 @@ def plain(shape: str):
     return iteration, clock
 
 
+def sft_step(shape: str):
+    """For the memory comparison only: one LoRA SFT step (forward, backward, AdamW) of the
+    same policy on the same rows (prompt + answer), with the trainer's own loss."""
+    from rlhf_fast.models.load import LoraSettings, attach_lora, load_causal_lm
+    from rlhf_fast.train.sft import token_loss
+
+    spec = SHAPES[shape]
+    policy_dir, _, _ = model_dirs(shape)
+    model = attach_lora(load_causal_lm(policy_dir), LoraSettings(r=LORA_R, targets=TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    width = spec["prompt_len"] + spec["new_tokens"]
+    ids = torch.randint(2, spec["vocab_size"], (spec["prompts"], width))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    clock = {"rollout": 0.0, "train": 0.0, "generated": 0, "trained": 0}
+
+    def iteration():
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        token_loss(model, batch).backward()
+        optimizer.step()
+        clock["train"] += time.perf_counter() - start
+        clock["trained"] += ids.numel()
+        return ids.numel()
+
+    return iteration, clock
+
+
 PROVIDERS = {"ours": ours, "peer": plain}
+MEMORY_PROVIDERS = {**PROVIDERS, "sft": sft_step}  # sft: the memory yardstick, not timed
 
 
 @pytest.mark.parametrize("shape", SHAPE_PARAMS)
@@ -263,7 +293,7 @@ def test_ppo_iteration(measure, shape, provider):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_peak_rss_side_by_side(shape, capsys):
     rows = []
-    for provider in PROVIDERS:
+    for provider in MEMORY_PROVIDERS:
         run = subprocess.run([sys.executable, __file__, provider, shape], capture_output=True,
                              text=True, timeout=900, env={**os.environ})  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
@@ -279,7 +309,7 @@ def test_peak_rss_side_by_side(shape, capsys):
 
 def _one_process(provider: str, shape: str) -> dict:
     torch.manual_seed(0)
-    iteration, clock = PROVIDERS[provider](shape)
+    iteration, clock = MEMORY_PROVIDERS[provider](shape)
     iteration()
     for key in clock:
         clock[key] = 0
