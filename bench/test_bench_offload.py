@@ -15,7 +15,9 @@ bandwidth measured here) and, for ours, the cost model's predicted tokens/s:
     offload folder (the peer).
 Decode tokens/s = batch / median decode-step time (prefill excluded). Quick mode: a tiny shape.
 The full shape is the issue's 1.57B Llama (hidden 2048, MLP 5632, 32 layers, 16/4 heads, vocab
-32000; 6.3 GB fp32) with a 2 GiB budget. Every file is written under a temp dir and deleted.
+32000; 6.3 GB fp32) with a 2 GiB budget. Every file is written under a temp dir and deleted
+(the full setup writes ~13 GB and takes ~5-7 minutes; the whole full run ~20 minutes).
+Run with `-s` to see the tables.
 """
 
 from __future__ import annotations
