@@ -48,7 +48,7 @@ def _all_args(model, data, output) -> list[str]:
             "--output", str(output), *SMALL]  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
 def test_stage_all_end_to_end(family, data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

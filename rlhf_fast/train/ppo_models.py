@@ -22,6 +22,7 @@ same layers sit one attribute deeper (`base_model_prefix`), so its keys are rena
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,15 +124,21 @@ class PPOModels(nn.Module):
 
     # ------------------------------------------------------------------ forwards
 
+    def _positions(self, module: nn.Module, mask: torch.Tensor) -> dict:
+        """position_ids for models that take them (ALiBi models such as BLOOM take none)."""
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        takes = "position_ids" in inspect.signature(base.forward).parameters
+        return {"position_ids": positions_of(mask)} if takes else {}
+
     def policy_logits(self, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.use(POLICY)
         output = self.model(input_ids=sequences, attention_mask=mask.long(),
-                            position_ids=positions_of(mask))  # fmt: skip
+                            **self._positions(self.model, mask))  # fmt: skip
         return output.logits
 
     def _hidden(self, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         output = self.decoder(input_ids=sequences, attention_mask=mask.long(),
-                              position_ids=positions_of(mask))  # fmt: skip
+                              **self._positions(self.decoder, mask))  # fmt: skip
         return output.last_hidden_state
 
     def critic_values(self, sequences: torch.Tensor, mask: torch.Tensor, query_width: int):
