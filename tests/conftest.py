@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Never let a test reach for the Hugging Face hub (it would hang ~25 s before failing).
@@ -10,3 +11,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # variable once, when it is first imported: set it before any test can import triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: training tests on tiny models are dominated by thread
+    wake-ups, and on a shared 2-core machine a second thread only adds waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

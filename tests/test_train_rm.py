@@ -18,13 +18,7 @@ from rlhf_fast.train.config import ConfigError
 from rlhf_fast.train.data import RankCollator, encode_ranking, read_rm
 from rlhf_fast.train.run import run_stage
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

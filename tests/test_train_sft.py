@@ -18,14 +18,7 @@ from rlhf_fast.train.data import SFTCollator, encode_sft, read_sft
 from rlhf_fast.train.run import run_stage
 from rlhf_fast.train.sft import token_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is faster, and far faster on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
