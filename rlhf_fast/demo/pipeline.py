@@ -49,19 +49,19 @@ class DemoPreset:
     sizes: task.DemoSizes = task.DemoSizes()
     sft: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=3e-3, batch_size=32, max_steps=150, full_finetune=True,
+            lr=3e-3, batch_size=32, max_steps=1200, full_finetune=True,
             schedule="linear", warmup_steps=20, eval_fraction=0.05,
         )
     )  # fmt: skip
     rm: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=1e-3, batch_size=16, max_steps=150, full_finetune=True,
+            lr=1e-3, batch_size=16, max_steps=400, full_finetune=True,
             schedule="cosine", warmup_steps=10, eval_fraction=0.1,
         )
     )  # fmt: skip
     ppo: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=3e-4, batch_size=32, max_steps=24, lora_r=16, lora_alpha=32.0,
+            lr=3e-4, batch_size=32, max_steps=48, lora_r=16, lora_alpha=32.0,
             schedule="constant", ppo_epochs=2, mini_batch_size=16, max_new_tokens=16,
             kl_coef=0.05, score_clip=5.0, missing_eos_penalty=1.0, sample_every=4,
         )
