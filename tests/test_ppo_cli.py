@@ -13,13 +13,7 @@ from train_helpers import ranked_records, sft_records, write_jsonl
 
 from rlhf_fast.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

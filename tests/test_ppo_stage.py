@@ -19,13 +19,7 @@ from rlhf_fast.train.ppo_models import CRITIC, POLICY, build_ppo_models
 from rlhf_fast.train.run import run_stage
 from rlhf_fast.train.sft import lora_settings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
