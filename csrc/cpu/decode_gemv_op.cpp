@@ -40,23 +40,6 @@ at::Tensor fp32_contiguous(const at::Tensor& x) {
   return (x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).contiguous();
 }
 
-at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value()) return at::Tensor();
-  float_dtype_index(*bias, "bias");
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
-                    "] (out_features), got ", bias->sizes());
-  TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias must be on the CPU, got ", bias->device());
-  return bias->to(at::kFloat).contiguous();
-}
-
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                  at::IntArrayRef sizes) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
-}
-
 at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -73,9 +56,9 @@ at::Tensor decode_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
     return quant_matmul_int4_cpu(x, qdata, scales, offsets, group_size, in_features, bias);
   const int64_t groups = check_int4_arguments(x, qdata, group_size, in_features);
   const int64_t M = x.size(0), N = qdata.size(0), K = in_features;
-  check_tensor(qdata, "qdata", at::kByte, {N, groups * group_size / 2});
-  check_tensor(scales, "scales", at::kHalf, {N, groups});
-  check_tensor(offsets, "offsets", at::kHalf, {N, groups});
+  check_weight_tensor(qdata, "qdata", at::kByte, {N, groups * group_size / 2});
+  check_weight_tensor(scales, "scales", at::kHalf, {N, groups});
+  check_weight_tensor(offsets, "offsets", at::kHalf, {N, groups});
   const at::Tensor q = qdata.contiguous(), s = scales.contiguous(), o = offsets.contiguous();
   const at::Tensor bias32 = bias_fp32(bias, N);
   const at::Tensor x32 = fp32_contiguous(x);
@@ -118,8 +101,8 @@ at::Tensor decode_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
   if (!have_vnni() || x.size(0) == 0 || x.size(1) == 0 || qdata.dim() != 2 || qdata.size(0) == 0)
     return quant_matmul_int8_cpu(x, qdata, scales, bias);
   const int64_t M = x.size(0), N = qdata.size(0), K = x.size(1);
-  check_tensor(qdata, "qdata", at::kChar, {N, K});
-  check_tensor(scales, "scales", at::kFloat, {N});
+  check_weight_tensor(qdata, "qdata", at::kChar, {N, K});
+  check_weight_tensor(scales, "scales", at::kFloat, {N});
   const at::Tensor q = qdata.contiguous(), s = scales.contiguous();
   const at::Tensor bias32 = bias_fp32(bias, N);
   const at::Tensor x32 = fp32_contiguous(x);

@@ -29,6 +29,26 @@ inline DTypeIndex float_dtype_index(const at::Tensor& t, const char* name) {
 }
 
 // The kernels read rows with unit stride along the last dimension; other strides are copied.
+// A quantized weight's part (codes, scales, offsets): exact dtype and shape, on the CPU.
+inline void check_weight_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                                at::IntArrayRef sizes) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+// An optional [N] bias as contiguous fp32 (an undefined tensor when absent): the kernels add
+// it in their fp32 epilogue whatever the activations' dtype.
+inline at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  float_dtype_index(*bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
+                    "] (out_features), got ", bias->sizes());
+  TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias must be on the CPU, got ", bias->device());
+  return bias->to(at::kFloat).contiguous();
+}
+
 inline at::Tensor unit_stride_rows(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }

@@ -27,23 +27,6 @@ void check_x(const at::Tensor& x) {
   float_dtype_index(x, "x");
 }
 
-void check_weight_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                         at::IntArrayRef sizes) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
-}
-
-at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value()) return at::Tensor();
-  float_dtype_index(*bias, "bias");
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
-                    "] (out_features), got ", bias->sizes());
-  TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias must be on the CPU, got ", bias->device());
-  return bias->to(at::kFloat).contiguous();
-}
-
 // Activations of the VNNI GEMV (quant_gemv_vnni_avx512.h): per row and 128 columns, int16
 // codes round(x / scale) with scale = max |x| / 32767, in the order of the packed nibbles
 // (per 64 columns: the 32 of the low nibbles, then the 32 of the high ones); plus the scale and
