@@ -7,10 +7,16 @@ once; the others are bound by a LayerStreamer around each forward through hooks 
 (a pre-hook acquires, an always-called forward hook releases, even when the layer raises).
 Any HF forward therefore works unchanged (`model(...)`, `generate_tokens(..., decoder="hf")`);
 `offload.generate.generate_batch` adds FlexGen's block schedule on top.
+
+Training (LoRA on the frozen streamed base): `enable_training()` checkpoints every decoder layer
+so that its backward streams it in again (offload/backward.py); adapters are attached inside
+`stand_ins()` (offload/lora.py), since peft places them on the device of weights that are not
+loaded.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -87,6 +93,16 @@ class OffloadedLM:
         """Bytes held in RAM for weights: non-layer tensors + resident layers + slots."""
         return self.manifest["resident_bytes"] + self.streamer.held_bytes
 
+    def enable_training(self) -> None:
+        """Forward and backward in training mode stream the layers (see offload/backward.py)."""
+        from rlhf_fast.offload.backward import enable_streamed_training
+
+        enable_streamed_training(self.streamer, self.layers)
+
+    def stand_ins(self):
+        """Context: unloaded layers show shaped CPU stand-ins (LayerStreamer.shaped_stand_ins)."""
+        return self.streamer.shaped_stand_ins()
+
     def close(self) -> None:
         self.streamer.close()
         for hook in self._hooks:
@@ -143,9 +159,15 @@ def load_offloaded(
         layers, layouts, spread(resident_layers, len(layers)), prefetch=prefetch,
         drop_cache=drop_cache,
     )  # fmt: skip
+    def acquire(layer: nn.Module, args, index: int) -> None:
+        # a training forward is followed by a backward that walks the layers in reverse
+        checkpointed = getattr(layer, "gradient_checkpointing", False)
+        training = layer.training and checkpointed and torch.is_grad_enabled()
+        streamer.acquire(index, turn=training)
+
     hooks = []
     for index, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda *_, i=index: streamer.acquire(i)))
+        hooks.append(layer.register_forward_pre_hook(functools.partial(acquire, index=index)))
         hooks.append(
             layer.register_forward_hook(lambda *_, i=index: streamer.release(i), always_call=True)
         )

@@ -9,11 +9,18 @@ computes, so disk reads overlap compute; `prefetch=0` reads synchronously inside
 no-overlap baseline). Acquires nest (a count per layer), so a block of micro-batches can hold
 a layer across several forward calls whose hooks acquire it again.
 
+Training walks the layers forward, then backward (offload/backward.py re-streams each layer in
+reverse to recompute it): `acquire(i, direction=-1)` reads ahead towards layer 0, and a forward
+acquire with `turn=True` reads ahead past the last layer into the backward order (the last
+layers again) instead of wrapping to the first. A freed slot remembers which layer it holds, so
+acquiring that layer again before the slot is reused costs no read (the turns at both ends).
+
 The bytes it holds are fixed at construction: resident layers + slots (`held_bytes`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +44,17 @@ class _Binding:
                 raise ValueError(f"shard tensor {name!r} names no parameter or buffer")
             placeholder = getattr(module, attr)
             self.targets.append((name, module, attr, is_parameter, placeholder))
+
+    def bind_shaped(self) -> None:
+        """Binds zero-stride CPU stand-ins of the right shape and dtype (no memory): for code
+        that reads a weight's device, dtype or shape while it is not loaded (peft, adding
+        LoRA adapters). Never for a forward: every value is 0."""
+        for _, module, attr, is_parameter, placeholder in self.targets:
+            stand_in = torch.zeros((), dtype=placeholder.dtype).expand(placeholder.shape)
+            if is_parameter:
+                module._parameters[attr] = nn.Parameter(stand_in, requires_grad=False)
+            else:
+                module._buffers[attr] = stand_in
 
     def bind(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, module, attr, is_parameter, _ in self.targets:
@@ -87,6 +105,8 @@ class LayerStreamer:
         self._free = list(range(slots))
         self._pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, read)
         self._held: dict[int, tuple[int, int]] = {}  # layer -> (slot, acquire count)
+        self._contents: list[int | None] = [None] * slots  # the layer a slot holds, once read
+        self._direction, self._turn = 1, False
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="rlhf-fast-offload")
         self._closed = False
@@ -107,26 +127,56 @@ class LayerStreamer:
             return True
         if not self._free:
             return False
-        slot = self._free.pop(0)
+        kept = [slot for slot in self._free if self._contents[slot] == index]
+        if kept:  # freed but not yet overwritten: no read
+            self._free.remove(kept[0])
+            done: Future = Future()
+            done.set_result(None)
+            self._pending[index] = (kept[0], done)
+            return True
+        # overwrite the slot whose layer is needed last (or an empty one)
+        upcoming = self._following(index)
+        slot = max(
+            self._free,
+            key=lambda s: len(upcoming) + 1
+            if self._contents[s] not in upcoming
+            else upcoming.index(self._contents[s]),
+        )
+        self._free.remove(slot)
+        self._contents[slot] = None
         self._pending[index] = (slot, self._reader.submit(self._read, index, slot))
         self.bytes_read += self.layouts[index].data_bytes
         return True
 
+    def _following(self, index: int) -> list[int]:
+        """Streamed layers in the order they are expected after `index` (one round)."""
+        streamed = self.streamed
+        after = [i for i in streamed if i > index]
+        before = [i for i in streamed if i < index]
+        if self._direction < 0:  # backward: towards layer 0, then the next forward
+            return before[::-1] + streamed
+        if self._turn:  # a training forward: past the last layer comes the backward
+            return after + streamed[::-1]
+        return after + before + ([index] if index in streamed else [])
+
     def _prefetch_after(self, index: int) -> None:
         if self.prefetch == 0 or not self.streamed:
             return
-        position = next((k for k, i in enumerate(self.streamed) if i > index), 0)
-        for step in range(min(self.prefetch, len(self.streamed))):
-            following = self.streamed[(position + step) % len(self.streamed)]
-            if following != index and not self._schedule(following):
+        for following in self._following(index)[: self.prefetch + 1]:
+            if following in self._held:
+                continue
+            if not self._schedule(following):
                 break
 
-    def acquire(self, index: int) -> None:
+    def acquire(self, index: int, *, direction: int = 1, turn: bool = False) -> None:
+        """Binds layer `index` (reading it if it is not read ahead). `direction` -1: the
+        walk goes towards layer 0 (backward); `turn`: a training forward (see the docstring)."""
         if self._closed:
             raise RuntimeError("offload streamer is closed")
         if index not in self.streamed:
             return
         with self._lock:
+            self._direction, self._turn = direction, turn
             if index in self._held:
                 slot, count = self._held[index]
                 self._held[index] = (slot, count + 1)
@@ -143,6 +193,7 @@ class LayerStreamer:
             raise
         with self._lock:
             self._held[index] = (slot, 1)
+            self._contents[slot] = index
             self.bindings[index].bind(self.layouts[index].views(self.slots[slot]))
             self._prefetch_after(index)
 
@@ -167,6 +218,23 @@ class LayerStreamer:
             self.bindings[index].unbind()
             self._free.append(slot)
             self._prefetch_after(index)
+
+    @contextlib.contextmanager
+    def shaped_stand_ins(self):
+        """Context: every streamed layer not in use shows zero-stride stand-ins of its tensors
+        (see `_Binding.bind_shaped`), so code that inspects weights (peft creating adapters on
+        the weights' device and dtype) works; meta placeholders are back afterwards."""
+        with self._lock:
+            if self._held:
+                raise RuntimeError(f"layers {sorted(self._held)} are in use")
+            idle = list(self.streamed)
+            for index in idle:
+                self.bindings[index].bind_shaped()
+        try:
+            yield
+        finally:
+            for index in idle:
+                self.bindings[index].unbind()
 
     def close(self) -> None:
         """Waits for reads in flight, stops the thread, unbinds every streamed layer."""
