@@ -46,6 +46,10 @@ def _adapter_state(layer: nn.Module) -> list[tuple[nn.Module, object, bool]]:
     ]
 
 
+def _adapter_state_now(state: list[tuple[nn.Module, object, bool]]):
+    return [(module, module._active_adapter, module._disable_adapters) for module, _, _ in state]
+
+
 def _set_adapter_state(state: list[tuple[nn.Module, object, bool]]) -> None:
     for module, active, disabled in state:
         module._active_adapter, module._disable_adapters = active, disabled
@@ -90,7 +94,7 @@ class _StreamedLayer(torch.autograd.Function):
         params = list(saved[ctx.num_args :])
         recompute.streamer.acquire(recompute.index, direction=-1)
         try:
-            current = [(m, m._active_adapter, m._disable_adapters) for m, _, _ in recompute.adapters]
+            current = _adapter_state_now(recompute.adapters)
             devices = list(recompute.cuda_rng)
             with torch.random.fork_rng(devices=devices, device_type="cuda"):
                 torch.set_rng_state(recompute.cpu_rng)

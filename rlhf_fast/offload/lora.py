@@ -54,9 +54,8 @@ def lora_config(lm: OffloadedLM, settings: LoraSettings):
     if settings.r <= 0:
         raise ModelLoadError(f"--lora-r must be a positive integer, got {settings.r}")
     targets = lora_targets(lm.model, settings)
-    transposed = any(
-        isinstance(m, Conv1D) for n, m in lm.model.named_modules() if n.rsplit(".", 1)[-1] in targets
-    )
+    modules = lm.model.named_modules()
+    transposed = any(isinstance(m, Conv1D) for n, m in modules if n.rsplit(".", 1)[-1] in targets)
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=list(targets), fan_in_fan_out=transposed, bias="none",

@@ -159,6 +159,7 @@ def load_offloaded(
         layers, layouts, spread(resident_layers, len(layers)), prefetch=prefetch,
         drop_cache=drop_cache,
     )  # fmt: skip
+
     def acquire(layer: nn.Module, args, index: int) -> None:
         # a training forward is followed by a backward that walks the layers in reverse
         checkpointed = getattr(layer, "gradient_checkpointing", False)

@@ -138,9 +138,11 @@ class LayerStreamer:
         upcoming = self._following(index)
         slot = max(
             self._free,
-            key=lambda s: len(upcoming) + 1
-            if self._contents[s] not in upcoming
-            else upcoming.index(self._contents[s]),
+            key=lambda s: (
+                len(upcoming) + 1
+                if self._contents[s] not in upcoming
+                else upcoming.index(self._contents[s])
+            ),
         )
         self._free.remove(slot)
         self._contents[slot] = None
