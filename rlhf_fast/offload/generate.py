@@ -106,11 +106,15 @@ def generate_batch(
     temperature: float = 0.0,
     top_k: int = 0,
     seed: int | None = None,
+    generator: torch.Generator | None = None,
     step_seconds: list[float] | None = None,
+    logprobs: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """[B, T + new] token ids: the (left-padded) prompts followed by the generated tokens.
 
-    `step_seconds`, when given, receives the wall time of each step (prefill first)."""
+    `step_seconds`, when given, receives the wall time of each step (prefill first);
+    `logprobs` each step's [B] log-probabilities of the chosen tokens under the distribution
+    they were drawn from, softmax(logits / temperature) before top-k (temperature 0: 1)."""
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -125,7 +129,10 @@ def generate_batch(
     micro_batch = min(micro_batch or size, size)
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give seed or generator, not both")
+        generator = torch.Generator().manual_seed(seed)
     config = lm.model.config
     batches = [
         _MicroBatch(
@@ -144,6 +151,9 @@ def generate_batch(
         started = time.perf_counter()
         logits = torch.cat(forward(lm, batches, tokens))
         chosen = _choose(logits, temperature, top_k, generator)
+        if logprobs is not None:
+            scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+            logprobs.append(scaled.log_softmax(-1).gather(-1, chosen[:, None])[:, 0])
         chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
         generated.append(chosen)
         if step_seconds is not None:

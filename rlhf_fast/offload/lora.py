@@ -76,5 +76,4 @@ def attach_offload_lora(lm: OffloadedLM, settings: LoraSettings):
 
         fuse(wrapped)
     lm.enable_training()
-    wrapped.rlhf_fast_offload = lm
     return wrapped

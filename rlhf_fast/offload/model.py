@@ -83,6 +83,8 @@ class OffloadedLM:
 
     def __init__(self, model: nn.Module, streamer: LayerStreamer, manifest: dict, hooks) -> None:
         self.model, self.streamer, self.manifest, self._hooks = model, streamer, manifest, hooks
+        self.policy = None  # the offload Policy that chose this placement, when one did
+        model.rlhf_fast_offload = self  # how the trainer and chat find the streamer
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -116,9 +116,11 @@ def open_offloaded_model(
     batch: int = 1,
     context: int = 512,
     drop_cache: bool = True,
+    reserve: int = 0,
 ) -> tuple[OffloadedLM, Policy]:
-    """Chooses a policy for `max_memory` (default: half the available RAM), prepares the offload
-    directory it needs and opens it. Prints nothing; returns (model, policy)."""
+    """Chooses a policy for `max_memory` (default: half the available RAM) less `reserve` bytes
+    (training's activations), prepares the offload directory it needs and opens it. Prints
+    nothing; returns (model, policy)."""
     from transformers import AutoConfig
 
     from rlhf_fast.quant.io import read_quantization
@@ -143,8 +145,9 @@ def open_offloaded_model(
     wanted = [c for c in COMPRESSIONS if c in shapes]
     calibration = _calibration(root, config, dtype, wanted)
     policy = choose_policy(
-        shapes, calibration, cpu_budget=budgets["cpu"], batch=batch, context=context, fixed=fixed
-    )
+        shapes, calibration, cpu_budget=budgets["cpu"] - reserve, batch=batch, context=context,
+        fixed=fixed,
+    )  # fmt: skip
     target = root / compression_name(policy.compress)
     _prepared(model_dir, target, None if stored is not None else policy.compress)
     if not (target / MANIFEST).is_file():
@@ -153,6 +156,7 @@ def open_offloaded_model(
         target, resident_layers=policy.resident_layers, prefetch=policy.prefetch,
         drop_cache=drop_cache,
     )  # fmt: skip
+    lm.policy = policy
     return lm, policy
 
 

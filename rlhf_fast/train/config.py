@@ -70,6 +70,16 @@ class TrainConfig:
         "module names to put LoRA on (default: all linear projections)", default=None
     )
     lora_fused: bool = _help("run LoRA layers through the fused op (rlhf_fast.lora)", default=True)
+    offload: str | None = _help(
+        "sft, ppo: stream the frozen base from disk, auto or compress=..,resident=..,prefetch=..",
+        default=None,
+    )
+    max_memory: str | None = _help(
+        "with --offload: RAM budget, cpu=SIZE (e.g. cpu=2GiB)", default=None
+    )
+    offload_dir: str | None = _help(
+        "with --offload: shards' home (MODEL/.rlhf_fast_offload)", default=None
+    )
     rm_loss: str = _help(
         "rm: rank (K-wise pairs) | mse (direct scores) | auto (from the data)", default="auto"
     )
@@ -206,9 +216,26 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             "--stage all needs --sft-data FILE and --rm-data FILE (and --data PROMPTS)"
         )
+    if config.offload is not None:
+        _validate_offload(config)
     if config.gamma > 1 or config.lam > 1:
         raise ConfigError(f"gamma and lam must be in [0, 1], got {config.gamma} and {config.lam}")
     return config
+
+
+def _validate_offload(config: TrainConfig) -> None:
+    if config.stage not in ("sft", "ppo"):
+        raise ConfigError(f"--offload: supported for --stage sft and ppo, not {config.stage}")
+    if config.full_finetune:
+        raise ConfigError(
+            "--offload trains LoRA adapters on the streamed base: drop --full-finetune"
+        )
+    if config.merge:
+        raise ConfigError(
+            "--offload: --merge needs the whole base in memory; merge the adapter later"
+        )
+    if config.device == "cuda":
+        raise ConfigError("--offload streams to the CPU in this build: use --device cpu")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:

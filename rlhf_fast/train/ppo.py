@@ -188,7 +188,10 @@ class PPOTrainer:
         models.eval()
         models.use(POLICY)
         started = time.perf_counter()
-        out = generate_rollouts(
+        generate = generate_rollouts
+        if getattr(models.model, "rlhf_fast_offload", None) is not None:  # streamed base
+            from rlhf_fast.offload.rollout import generate_offloaded_rollouts as generate
+        out = generate(
             models.model,
             [self.prompt_ids[i] for i in indices],
             pad_token_id=self.tokenizer.pad_token_id,
@@ -470,10 +473,15 @@ def run_ppo(config: TrainConfig, *, resume=None, stop_after: int | None = None):
     prompts, ptx = read_inputs(config)
     checkpoint = ckpt.load_checkpoint(resume) if resume is not None else None
     device = resolve_device(config.device)
-    models = build_ppo_models(
-        config.model, config.reward_model, lora_settings(config), dtype=config.dtype,
-        device=device, seed=config.seed,
-    )  # fmt: skip
+    if config.offload:  # the frozen base streams from disk (rlhf_fast/offload/training.py)
+        from rlhf_fast.offload.training import build_offloaded_ppo_models
+
+        models = build_offloaded_ppo_models(config, build_ppo_models, lora_settings(config))
+    else:
+        models = build_ppo_models(
+            config.model, config.reward_model, lora_settings(config), dtype=config.dtype,
+            device=device, seed=config.seed,
+        )  # fmt: skip
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         config_module.write(config, run_dir / CONFIG_FILE)

@@ -258,12 +258,15 @@ def build_ppo_models(
     device: str = "cpu",
     seed: int = 0,
     share_reward: bool = True,
+    base: nn.Module | None = None,
 ) -> PPOModels:
-    """Load the base once and set up the four roles (see the module docstring)."""
+    """Load the base once and set up the four roles (see the module docstring). `base`: an
+    already loaded frozen causal LM to use instead (an offloaded one: rlhf_fast.offload)."""
     rm_dir = Path(rm_dir)
     read_reward_config(rm_dir)  # a clear error before the (slow) base load
     tokenizer = load_tokenizer(model_dir)
-    base = load_causal_lm(model_dir, dtype=dtype, device=device)
+    if base is None:
+        base = load_causal_lm(model_dir, dtype=dtype, device=device)
     torch.manual_seed(seed)
     peft_model = attach_lora(base, lora)
     hidden = decoder_of(base).get_input_embeddings().embedding_dim

@@ -61,13 +61,22 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
     """Encode the examples, load the model with LoRA and return the Stage for the loop."""
     encoded = [encode_sft(tokenizer, example, config.max_length) for example in train]
     held_encoded = [encode_sft(tokenizer, example, config.max_length) for example in held_out]
-    base = load_causal_lm(config.model, dtype=config.dtype, device=device)
+    if config.offload:  # the frozen base streams from disk (rlhf_fast/offload/training.py)
+        from rlhf_fast.offload.training import open_for_training
+
+        base = open_for_training(config, rows=config.batch_size).model
+    else:
+        base = load_causal_lm(config.model, dtype=config.dtype, device=device)
     if config.pack and not packing_isolates(base):
         raise ConfigError(
             f"--pack: {type(base).__name__} would let packed examples attend to each other"
         )
     torch.manual_seed(config.seed)
-    if config.full_finetune:
+    if config.offload:
+        from rlhf_fast.offload.lora import attach_offload_lora
+
+        model = attach_offload_lora(base.rlhf_fast_offload, lora_settings(config))
+    elif config.full_finetune:
         model = base.requires_grad_(True)
     else:
         model = attach_lora(base, lora_settings(config))

@@ -1,0 +1,77 @@
+"""PPO rollouts on an offloaded policy: generate_batch's block schedule instead of HF decoding.
+
+`generate_offloaded_rollouts` takes generate_rollouts' arguments (rlhf_fast/train/rollout.py)
+and returns its Rollout, built the same way: left-padded prompts, answers drawn from
+softmax(logits / temperature) (top-k restricts the draw, not the log-probs), the response mask
+true up to and including the first EOS, and the reference's log-probs from one forward of the
+policy with its adapters disabled. The draw order of the seeded generator is the same (one
+multinomial over all rows per step), so a seed gives the answers the resident path gives. What
+differs is the schedule: each decode step streams each layer once for all the rows, the rows
+cut into the policy's micro-batches (FlexGen's block), instead of one HF forward per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from rlhf_fast.offload.generate import generate_batch
+
+
+@torch.no_grad()
+def generate_offloaded_rollouts(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    pad_token_id: int,
+    eos_token_ids: int | list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    reference: torch.nn.Module | None = None,
+    score_reference: bool = True,
+):
+    """generate_rollouts (train/rollout.py) for a peft model over an offloaded base."""
+    from rlhf_fast.train.rollout import (
+        Rollout,
+        left_pad,
+        reference_context,
+        response_logprobs,
+    )
+
+    lm = model.rlhf_fast_offload
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos_list = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        query, query_mask = left_pad(prompts, pad_token_id)
+        micro_batch = lm.policy.micro_batch if lm.policy is not None else None
+        steps: list[torch.Tensor] = []
+        sequences = generate_batch(
+            lm, query, query_mask.long(), max_new_tokens=max_new_tokens, micro_batch=micro_batch,
+            eos_token_id=eos_list[0] if len(eos_list) == 1 else None, pad_token_id=pad_token_id,
+            temperature=temperature, top_k=top_k, generator=generator, logprobs=steps,
+        )  # fmt: skip
+        response = sequences[:, query.shape[1] :]
+        is_eos = torch.isin(response, torch.tensor(eos_list))
+        ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        response_mask = ~ended_before
+        response = response.masked_fill(~response_mask, pad_token_id)
+        logprobs = torch.where(response_mask, torch.stack(steps, 1), 0.0)
+        ended = (is_eos & response_mask).any(-1)
+        ref_logprobs = None
+        if score_reference:
+            with contextlib.ExitStack() as stack:
+                if reference is None:
+                    stack.enter_context(reference_context(model))
+                ref_logprobs = response_logprobs(
+                    model if reference is None else reference, query, query_mask, response,
+                    response_mask, temperature,
+                )  # fmt: skip
+    finally:
+        model.train(was_training)
+    return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)
