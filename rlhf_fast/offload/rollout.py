@@ -32,8 +32,10 @@ def generate_offloaded_rollouts(
     generator: torch.Generator | None = None,
     reference: torch.nn.Module | None = None,
     score_reference: bool = True,
+    micro_batch: int | None = None,
 ):
-    """generate_rollouts (train/rollout.py) for a peft model over an offloaded base."""
+    """generate_rollouts (train/rollout.py) for a peft model over an offloaded base.
+    `micro_batch`: rows per micro-batch of the block (default: the offload policy's)."""
     from rlhf_fast.train.rollout import (
         Rollout,
         left_pad,
@@ -49,7 +51,8 @@ def generate_offloaded_rollouts(
     model.eval()
     try:
         query, query_mask = left_pad(prompts, pad_token_id)
-        micro_batch = lm.policy.micro_batch if lm.policy is not None else None
+        if micro_batch is None and lm.policy is not None:
+            micro_batch = lm.policy.micro_batch
         steps: list[torch.Tensor] = []
         sequences = generate_batch(
             lm, query, query_mask.long(), max_new_tokens=max_new_tokens, micro_batch=micro_batch,
