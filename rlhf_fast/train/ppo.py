@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -64,6 +65,11 @@ SAMPLES_FILE = "samples.jsonl"
 SAMPLE_ROWS = 4
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
+# Test hook (tests/test_ppo_kill_resume.py): "STEP:FILE" makes the trainer, inside 1-based
+# step STEP just after that step's first optimizer update (adapters and optimizer moments
+# half-updated, nothing of the step saved or logged), create FILE and sleep, so that a test
+# can SIGKILL it mid-step. Unset (always, outside that test): nothing happens.
+PAUSE_ENV = "RLHF_FAST_TEST_PPO_PAUSE"
 
 
 @dataclass
@@ -112,6 +118,21 @@ class SamplesLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _pause_request() -> tuple[int, Path] | None:
+    raw = os.environ.get(PAUSE_ENV)
+    if not raw:
+        return None
+    step, sep, file = raw.partition(":")
+    if not (sep and step.isdigit() and file):
+        raise ValueError(f"{PAUSE_ENV} must be STEP:FILE, got {raw!r}")
+    return int(step), Path(file)
+
+
+def _pause_for_test(marker: Path) -> None:
+    marker.write_text("paused\n")
+    time.sleep(600)  # the test kills the process long before this ends
 
 
 def _step_of(line: str) -> int:
@@ -165,6 +186,7 @@ class PPOTrainer:
             self.ptx_sampler = EpochSampler(len(encoded), config.batch_size, config.seed + 1)
         self.step = 0
         self.position = {"epoch": 0, "index": 0, "ptx": {"epoch": 0, "index": 0}}
+        self._pause = _pause_request()
 
     # ------------------------------------------------------------------ rollout
 
@@ -325,6 +347,8 @@ class PPOTrainer:
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm)
                 self.optimizer.step()
+                if self._pause is not None and self._pause[0] == step + 1:
+                    _pause_for_test(self._pause[1])
         self.models.eval()
         merged = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "tokens"}
         merged["train_tokens"] = sum(p["tokens"] for p in parts)
