@@ -24,6 +24,7 @@ from rlhf_fast.offload import load_offloaded, prepare_offload
 from rlhf_fast.offload.lora import attach_offload_lora
 
 SETTINGS = LoraSettings(r=4, alpha=8.0, fused=True)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _llama(layers: int = 5):
@@ -245,3 +246,63 @@ def test_exception_mid_backward_releases_layers_and_leaks_no_thread(tmp_path):
     assert len(_reader_threads()) == before
     assert not _open_shards()
     assert all(p.is_meta for p in lm.layers[2].parameters() if not p.requires_grad)
+
+
+def test_peak_rss_of_a_streamed_training_step_stays_under_budget(tmp_path):
+    """In a subprocess: a LoRA training step (forward + backward) on a model whose layers are
+    ~38 MB grows the RSS by no more than a stated slack over what the streamer holds."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=12,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    layers_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters())
+    prepare_offload(model, tmp_path / "off")
+    del model
+    script = textwrap.dedent(
+        f"""
+        import json, resource, torch
+        from rlhf_fast.models.load import LoraSettings
+        from rlhf_fast.offload import load_offloaded
+        from rlhf_fast.offload.lora import attach_offload_lora
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        lm = load_offloaded({str(tmp_path / "off")!r}, resident_layers=0, prefetch=1,
+                            drop_cache=True)
+        model = attach_offload_lora(lm, LoraSettings(r=8, alpha=16.0))
+        model.train()
+        ids = torch.randint(0, 256, (2, 16))
+        def step():
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        step()  # warm up the allocator and the kernels; the adapters' grads now exist
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * resource.getpagesize()
+        before = rss()
+        peak = before
+        def sample(*_):
+            global peak
+            peak = max(peak, rss())
+        for layer in lm.layers:  # runs in the forward and in each backward's recompute
+            layer.mlp.down_proj.register_forward_hook(sample)
+        step()
+        print(json.dumps({{"before": before, "peak": peak, "held": lm.resident_bytes}}))
+        lm.close()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    # the streamer's slots were allocated before `before`: what may grow is activations
+    assert numbers["peak"] - numbers["before"] <= 16 << 20, numbers
+    assert numbers["held"] < layers_bytes / 4, numbers
+    assert numbers["peak"] - numbers["before"] + numbers["held"] < layers_bytes / 2, numbers

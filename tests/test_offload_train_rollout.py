@@ -18,6 +18,7 @@ from rlhf_fast.train.rollout import generate_rollouts
 
 SETTINGS = LoraSettings(r=4, alpha=8.0, fused=True)
 EOS = 5
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
