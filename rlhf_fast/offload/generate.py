@@ -12,6 +12,7 @@ Mistral, Qwen2 without sliding windows) run the schedule; other models fall back
 forward per micro-batch (each re-streams the layers). Prompts are left-padded
 (`attention_mask` 0 on the left); sampling is greedy at temperature 0, else softmax sampling
 with optional top-k from a seeded generator. Finished rows (EOS) are padded with `pad_token_id`.
+With `kv_bits=4` each micro-batch's KV cache is held 4-bit group-wise (offload/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.offload.kv_cache import compressed_cache
 from rlhf_fast.offload.model import OffloadedLM
 
 
@@ -109,12 +111,15 @@ def generate_batch(
     generator: torch.Generator | None = None,
     step_seconds: list[float] | None = None,
     logprobs: list[torch.Tensor] | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> torch.Tensor:
     """[B, T + new] token ids: the (left-padded) prompts followed by the generated tokens.
 
     `step_seconds`, when given, receives the wall time of each step (prefill first);
     `logprobs` each step's [B] log-probabilities of the chosen tokens under the distribution
-    they were drawn from, softmax(logits / temperature) before top-k (temperature 0: 1)."""
+    they were drawn from, softmax(logits / temperature) before top-k (temperature 0: 1).
+    `kv_bits=4`: the KV cache is held compressed, groups of `kv_group_size` (kv_cache.py)."""
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -134,11 +139,19 @@ def generate_batch(
             raise ValueError("give seed or generator, not both")
         generator = torch.Generator().manual_seed(seed)
     config = lm.model.config
+    if kv_bits not in (None, 4):
+        raise ValueError(f"kv_bits must be None or 4, got {kv_bits!r}")
+
+    def new_cache():
+        if kv_bits is None:
+            return DynamicCache(config=config)
+        return compressed_cache(config, kv_group_size)
+
     batches = [
         _MicroBatch(
             slice(start, min(start + micro_batch, size)),
             attention_mask[start : start + micro_batch].long(),
-            DynamicCache(config=config),
+            new_cache(),
             attention_mask[start : start + micro_batch].long().sum(-1),
         )
         for start in range(0, size, micro_batch)

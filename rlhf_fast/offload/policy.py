@@ -70,6 +70,7 @@ class ModelShape:
     hidden: int
     intermediate: int
     vocab: int
+    kv_element_size: int = 4  # bytes of one cached key or value number, uncompressed
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Policy:
     memory_bytes: int = 0
     io_bound_tokens_per_s: float = float("inf")
     details: dict = field(default_factory=dict, compare=False)
+    kv_bits: int | None = None  # 4: KV cache held 4-bit group-wise (offload/kv_cache.py)
 
     def describe(self) -> str:
         blocks = -(-self.batch // self.micro_batch)
@@ -107,7 +109,7 @@ class Policy:
             f"prefetch={self.prefetch} micro_batch={self.micro_batch} x {blocks} per block "
             f"(batch {self.batch}); memory {format_size(self.memory_bytes)}; predicted "
             f"{self.predicted_tokens_per_s:.2f} tokens/s (I/O bound "
-            f"{self.io_bound_tokens_per_s:.2f})"
+            f"{self.io_bound_tokens_per_s:.2f})" + (" kv=int4" if self.kv_bits == 4 else "")
         )
 
     def as_dict(self) -> dict:
@@ -184,6 +186,7 @@ def evaluate(
     micro_batch: int,
     batch: int,
     context: int,
+    kv_bits: int | None = None,
 ) -> Policy:
     """The predicted throughput and memory of one policy (no budget check)."""
     from rlhf_fast.offload.model import spread
@@ -198,10 +201,15 @@ def evaluate(
     streamed = shape.num_layers - len(resident)
     slots = min(prefetch + 1, streamed)
     activations = micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate + shape.vocab)
+    kv_share = 1.0
+    if kv_bits == 4:
+        from rlhf_fast.offload.kv_cache import compressed_fraction
+
+        kv_share = compressed_fraction(shape.kv_element_size)
     memory = (
         shape.other_bytes
         + (len(resident) + slots) * shape.layer_bytes
-        + batch * context * shape.kv_bytes_per_token
+        + batch * context * shape.kv_bytes_per_token * kv_share
         + activations
     )
     io_seconds = streamed * read_seconds
@@ -209,6 +217,7 @@ def evaluate(
         compress, len(resident), prefetch, micro_batch, batch,
         predicted_tokens_per_s=batch / step, memory_bytes=int(memory),
         io_bound_tokens_per_s=batch / io_seconds if io_seconds else float("inf"),
+        kv_bits=kv_bits,
     )  # fmt: skip
 
 
@@ -253,6 +262,7 @@ def choose_policy(
                     policy = evaluate(
                         shape, calibration, compress=compress, resident_layers=resident,
                         prefetch=prefetch, micro_batch=micro_batch, batch=batch, context=context,
+                        kv_bits=fixed.get("kv_bits"),
                     )  # fmt: skip
                     if smallest is None or policy.memory_bytes < smallest.memory_bytes:
                         smallest = policy
@@ -310,7 +320,14 @@ def model_shapes(config, dtype: torch.dtype, group_size: int = 32) -> dict[int |
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     return {
         bits: ModelShape(
-            len(layers), int(size + other), int(other_bytes), kv, hidden, intermediate, vocab
+            len(layers),
+            int(size + other),
+            int(other_bytes),
+            kv,
+            hidden,
+            intermediate,
+            vocab,
+            element,
         )
         for bits, size in per_bits.items()
     }

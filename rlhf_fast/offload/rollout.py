@@ -51,6 +51,7 @@ def generate_offloaded_rollouts(
     model.eval()
     try:
         query, query_mask = left_pad(prompts, pad_token_id)
+        kv_bits = lm.policy.kv_bits if lm.policy is not None else None
         if micro_batch is None and lm.policy is not None:
             micro_batch = lm.policy.micro_batch
         steps: list[torch.Tensor] = []
@@ -58,6 +59,7 @@ def generate_offloaded_rollouts(
             lm, query, query_mask.long(), max_new_tokens=max_new_tokens, micro_batch=micro_batch,
             eos_token_id=eos_list[0] if len(eos_list) == 1 else None, pad_token_id=pad_token_id,
             temperature=temperature, top_k=top_k, generator=generator, logprobs=steps,
+            kv_bits=kv_bits,
         )  # fmt: skip
         response = sequences[:, query.shape[1] :]
         is_eos = torch.isin(response, torch.tensor(eos_list))

@@ -3,7 +3,8 @@
 Used by `rlhf-fast chat MODEL_DIR --offload auto --max-memory cpu=2GiB` and by batched
 generation for PPO rollouts. `offload` is "auto" or explicit settings that override the
 policy's choice, comma-separated: `compress=none|int8|int4|auto`, `resident=N` (layers) or
-`resident=P%`, `prefetch=N`, `micro-batch=N`. Offload directories are prepared once under
+`resident=P%`, `prefetch=N`, `micro-batch=N`, `kv=none|int4` (the KV cache of batched
+generation, PPO rollouts, held 4-bit group-wise). Offload directories are prepared once under
 `offload_root` (default MODEL_DIR/.rlhf_fast_offload/<compression>) and reused; the
 calibration (disk bandwidth, per-layer compute time) is cached beside them.
 """
@@ -37,7 +38,8 @@ _BITS = {"none": None, "int8": 8, "int4": 4}
 
 
 def parse_offload(text: str, num_layers: int) -> dict:
-    """'auto' -> {}; 'compress=int4,resident=25%,prefetch=2,micro-batch=4' -> fixed fields."""
+    """'auto' -> {}; 'compress=int4,resident=25%,prefetch=2,micro-batch=4,kv=int4' -> fixed
+    fields (kv=int4: the batched generation's KV cache held 4-bit, offload/kv_cache.py)."""
     fixed: dict = {}
     if text.strip() == "auto":
         return fixed
@@ -57,6 +59,8 @@ def parse_offload(text: str, num_layers: int) -> dict:
                 if not 0 <= count <= num_layers:
                     raise ValueError
                 fixed["resident_layers"] = count
+            elif key == "kv":
+                fixed["kv_bits"] = {"none": None, "int4": 4}[value]
             elif key in ("prefetch", "micro-batch"):
                 number = int(value)
                 if number < (0 if key == "prefetch" else 1):
@@ -67,7 +71,7 @@ def parse_offload(text: str, num_layers: int) -> dict:
         except (KeyError, ValueError):
             raise ValueError(
                 f"--offload: {item!r} is not auto or one of compress=none|int8|int4, "
-                f"resident=N|P%, prefetch=N, micro-batch=N"
+                f"resident=N|P%, prefetch=N, micro-batch=N, kv=none|int4"
             ) from None
     return fixed
 
