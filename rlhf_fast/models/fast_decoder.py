@@ -48,8 +48,16 @@ _LAYER_PROJECTIONS = (
 )  # fmt: skip
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """None when FastDecoder can run `model`; otherwise why not (one line)."""
+def _projection_module(module: nn.Module | None, lora: bool) -> nn.Module | None:
+    """The module whose weight a projection reads: with lora, a peft LoRA layer's base layer."""
+    if lora and module is not None and hasattr(module, "lora_A"):
+        return module.get_base_layer()
+    return module
+
+
+def unsupported_reason(model: nn.Module, *, lora: bool = False) -> str | None:
+    """None when FastDecoder can run `model`; otherwise why not (one line). lora=True also
+    accepts peft LoRA layers over the projections (train/rollout_decoder.py reads those)."""
     name = type(model).__name__
     if name not in SUPPORTED_ARCHITECTURES:
         return f"{name} is not one of {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -75,7 +83,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "lm_head is neither nn.Linear nor QuantLinear"
     for index, layer in enumerate(inner.layers):
         for path in _LAYER_PROJECTIONS:
-            if not isinstance(_attr(layer, path), (nn.Linear, QuantLinear)):
+            if not isinstance(
+                _projection_module(_attr(layer, path), lora), (nn.Linear, QuantLinear)
+            ):
                 return f"layers.{index}.{path} is neither nn.Linear nor QuantLinear"
         for norm in ("input_layernorm", "post_attention_layernorm"):
             if _attr(layer, f"{norm}.weight") is None:

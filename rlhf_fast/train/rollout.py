@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,34 @@ def reference_context(model: torch.nn.Module):
     return model.disable_adapter()
 
 
+DECODER_CHOICES = ("auto", "hf", "lean")
+DECODER_ENV = "RLHF_FAST_DECODER"  # "hf" forces the HF loop here too (as for chat)
+
+
+def choose_decoder(model: torch.nn.Module, decoder: str = "auto", quant: str = "none") -> str:
+    """ "lean" or "hf" for this model: "auto" takes the lean decoder where it runs the model
+    (RLHF_FAST_DECODER=hf overrides); quantized rollouts need it (ValueError otherwise)."""
+    from rlhf_fast.train.rollout_decoder import QUANT_CHOICES, unsupported_reason
+
+    if decoder not in DECODER_CHOICES:
+        raise ValueError(f"decoder must be one of {DECODER_CHOICES}, got {decoder!r}")
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    if decoder == "auto" and os.environ.get(DECODER_ENV, "").strip().lower() == "hf":
+        decoder = "hf"
+    if decoder == "hf":
+        if quant != "none":
+            raise ValueError(f"quant={quant!r} rollouts run on the lean decoder, not decoder='hf'")
+        return "hf"
+    reason = unsupported_reason(model)
+    if reason is None:
+        return "lean"
+    if decoder == "lean" or quant != "none":
+        what = "decoder='lean'" if decoder == "lean" else f"quant={quant!r} rollouts"
+        raise ValueError(f"{what}: the lean rollout decoder cannot run this model ({reason})")
+    return "hf"
+
+
 @torch.no_grad()
 def generate_rollouts(
     model: torch.nn.Module,
@@ -151,11 +180,16 @@ def generate_rollouts(
     generator: torch.Generator | None = None,
     reference: torch.nn.Module | None = None,
     score_reference: bool = True,
+    decoder: str = "auto",
+    quant: str = "none",
 ) -> Rollout:
     """Sample one answer per prompt (token id lists) and score it; see the module docstring.
 
     reference: a separate reference model, or None for `model` with adapters disabled.
-    score_reference=False skips the reference (ref_logprobs is None): for evaluation."""
+    score_reference=False skips the reference (ref_logprobs is None): for evaluation.
+    decoder: "auto" (the lean batched decoder of rollout_decoder.py where it runs the model,
+    else the HF loop), "hf" or "lean"; quant: "none", "int8" or "int4" weights for sampling
+    (lean decoder only); the stored log-probs are then the unquantized policy's."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -164,14 +198,21 @@ def generate_rollouts(
     eos = torch.tensor(
         [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), device=device
     )
+    path = choose_decoder(model, decoder, quant)
     was_training = model.training
     model.eval()  # no dropout while sampling, and the log-probs PPO stores must be exact
     try:
         query, query_mask = left_pad(prompts, pad_token_id, device)
+        steps = _LeanSteps(model, quant) if path == "lean" else _HFSteps(model)
         response, response_mask, logprobs = _sample(
-            model, query, query_mask, pad_token_id, eos, max_new_tokens, temperature, top_k,
+            steps, query, query_mask, pad_token_id, eos, max_new_tokens, temperature, top_k,
             generator,
         )  # fmt: skip
+        del steps  # the KV cache
+        if quant != "none":  # sampled from quantized weights: PPO's ratios need the policy's
+            logprobs = response_logprobs(
+                model, query, query_mask, response, response_mask, temperature
+            )
         ended = (torch.isin(response, eos) & response_mask).any(-1)
         ref_logprobs = None
         if score_reference:
@@ -187,26 +228,66 @@ def generate_rollouts(
     return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)
 
 
-def _sample(model, query, query_mask, pad_token_id, eos, max_new_tokens, temperature, top_k,
+class _HFSteps:
+    """The HF forward with its KV cache: start() prefills, step() feeds one token per row (the
+    attention mask grows by `alive`: rows that already ended no longer count)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.keyword = model, _cache_keyword(model)
+
+    def start(self, query, query_mask, max_new_tokens):
+        model = self.model
+        self.attention = query_mask.long()
+        positions = _positions(query_mask)
+        output = model(
+            input_ids=query,
+            attention_mask=self.attention,
+            use_cache=True,
+            **_position_keywords(model, positions),
+        )
+        self.cache = _returned_cache(output)
+        self.next_position = positions[:, -1:] + 1
+        return output.logits[:, -1]
+
+    def step(self, tokens, alive):
+        model = self.model
+        self.attention = torch.cat([self.attention, alive.long()[:, None]], dim=1)
+        output = model(
+            input_ids=tokens[:, None],
+            attention_mask=self.attention,
+            use_cache=True,
+            **{self.keyword: self.cache},
+            **_position_keywords(model, self.next_position),
+        )
+        self.cache = _returned_cache(output)
+        self.next_position = self.next_position + 1
+        return output.logits[:, -1]
+
+
+class _LeanSteps:
+    """rollout_decoder.RolloutDecoder: the same steps through the lean batched decoder."""
+
+    def __init__(self, model: torch.nn.Module, quant: str) -> None:
+        from rlhf_fast.train.rollout_decoder import RolloutDecoder
+
+        self.decoder = RolloutDecoder(model, quant)
+
+    def start(self, query, query_mask, max_new_tokens):
+        return self.decoder.start(query, query_mask, max_new_tokens)
+
+    def step(self, tokens, alive):
+        return self.decoder.step(tokens)
+
+
+def _sample(steps, query, query_mask, pad_token_id, eos, max_new_tokens, temperature, top_k,
             generator):  # fmt: skip
-    keyword = _cache_keyword(model)
     batch = query.shape[0]
-    attention = query_mask.long()
-    positions = _positions(query_mask)
-    output = model(
-        input_ids=query,
-        attention_mask=attention,
-        use_cache=True,
-        **_position_keywords(model, positions),
-    )
-    cache = _returned_cache(output)
-    last_logits = output.logits[:, -1]
+    last_logits = steps.start(query, query_mask, max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=query.device)
     tokens, masks, logprobs = [], [], []
-    next_position = positions[:, -1:] + 1
+    scale = temperature if temperature > 0 else 1.0
     for step in range(max_new_tokens):
         token = sample_tokens(last_logits, temperature, top_k, generator)
-        scale = temperature if temperature > 0 else 1.0
         logprob = torch.log_softmax(last_logits.float() / scale, -1).gather(-1, token[:, None])
         alive = ~finished
         tokens.append(torch.where(alive, token, pad_token_id))
@@ -215,15 +296,5 @@ def _sample(model, query, query_mask, pad_token_id, eos, max_new_tokens, tempera
         finished = finished | torch.isin(token, eos)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention = torch.cat([attention, alive.long()[:, None]], dim=1)
-        output = model(
-            input_ids=tokens[-1][:, None],
-            attention_mask=attention,
-            use_cache=True,
-            **{keyword: cache},
-            **_position_keywords(model, next_position),
-        )
-        cache = _returned_cache(output)
-        last_logits = output.logits[:, -1]
-        next_position = next_position + 1
+        last_logits = steps.step(tokens[-1], alive)
     return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1)
