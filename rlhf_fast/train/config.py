@@ -97,6 +97,11 @@ class TrainConfig:
     max_new_tokens: int = _help("ppo: longest sampled answer, tokens", default=48)
     temperature: float = _help("ppo: sampling temperature", default=1.0)
     top_k: int = _help("ppo: sample from the k likeliest tokens (0: all)", default=0)
+    rollout_quant: str = _help(
+        "ppo: none | int8 | int4 weights of the policy for sampling rollouts (Llama, Mistral, "
+        "Qwen2; log-probs stay the fp32 policy's)",
+        default="none",
+    )
     kl_coef: float = _help("ppo: KL penalty coefficient (initial one when adaptive)", default=0.05)
     kl_estimator: str = _help("ppo: per-token KL estimator, k1 | k3", default="k1")
     kl_target: float = _help("ppo: adaptive KL controller's target (0: fixed coef)", default=0.0)
@@ -121,6 +126,7 @@ CHOICES = {
     "schedule": ("cosine", "linear", "constant"),
     "rm_loss": ("auto", "rank", "mse"),
     "kl_estimator": ("k1", "k3"),
+    "rollout_quant": ("none", "int8", "int4"),
 }
 _POSITIVE = (
     "batch_size", "grad_accum", "max_length", "lora_r", "log_every", "ppo_epochs",

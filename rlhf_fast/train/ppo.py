@@ -222,6 +222,7 @@ class PPOTrainer:
             temperature=config.temperature,
             top_k=config.top_k,
             generator=self._generator(step),
+            quant=config.rollout_quant,
         )
         generated = time.perf_counter()
         mask = out.response_mask
