@@ -102,6 +102,8 @@ def test_sft_and_ppo_run_on_a_base_over_budget(setup, capsys):
         (["--merge"], "--merge needs the whole base"),
         (["--stage", "rm"], "supported for --stage sft and ppo"),
         (["--max-memory", "cpu=64KB"], "too small"),
+        (["--device", "cuda"], "use --device cpu"),
+        (["--offload", "compress=int3"], "--offload: 'compress=int3'"),
     ],
 )
 def test_what_offload_cannot_do_is_a_one_line_error(setup, capsys, extra, message):

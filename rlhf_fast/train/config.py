@@ -190,7 +190,8 @@ def apply(config: TrainConfig, values: dict, where: str) -> TrainConfig:
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """The same config, or ConfigError naming the first bad value."""
+    """The same config (device auto -> cpu under --offload), or ConfigError naming the first
+    bad value."""
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(
@@ -223,13 +224,14 @@ def validate(config: TrainConfig) -> TrainConfig:
             "--stage all needs --sft-data FILE and --rm-data FILE (and --data PROMPTS)"
         )
     if config.offload is not None:
-        _validate_offload(config)
+        config = _validate_offload(config)
     if config.gamma > 1 or config.lam > 1:
         raise ConfigError(f"gamma and lam must be in [0, 1], got {config.gamma} and {config.lam}")
     return config
 
 
-def _validate_offload(config: TrainConfig) -> None:
+def _validate_offload(config: TrainConfig) -> TrainConfig:
+    """The config with device cpu (the streamer feeds the CPU), or ConfigError."""
     if config.stage not in ("sft", "ppo"):
         raise ConfigError(f"--offload: supported for --stage sft and ppo, not {config.stage}")
     if config.full_finetune:
@@ -242,6 +244,7 @@ def _validate_offload(config: TrainConfig) -> None:
         )
     if config.device == "cuda":
         raise ConfigError("--offload streams to the CPU in this build: use --device cpu")
+    return dataclasses.replace(config, device="cpu")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
