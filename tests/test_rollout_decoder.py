@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ppo_stage import ppo_config, stages  # noqa: F401 (a module-scoped fixture)
 
 from rlhf_fast.train.rollout import choose_decoder, generate_rollouts, left_pad
 from rlhf_fast.train.rollout_decoder import RolloutDecoder, merged_weight, unsupported_reason
@@ -199,3 +200,28 @@ def test_environment_forces_the_hf_loop(monkeypatch):
     monkeypatch.setenv("RLHF_FAST_DECODER", "hf")
     assert choose_decoder(policy) == "hf"
     assert choose_decoder(policy, "lean") == "lean"
+
+
+def test_ppo_with_quantized_rollouts(stages, tmp_path):  # noqa: F811 (the fixture)
+    """--rollout-quant int4 through the PPO trainer: steps run with finite metrics, the stored
+    log-probs are the fp32 policy's (KL to the reference is 0 before any update: the policy
+    adapter starts at zero), and a bad value is a ConfigError."""
+    import json
+
+    from rlhf_fast.train import config as config_module
+    from rlhf_fast.train.config import ConfigError
+    from rlhf_fast.train.data import read_prompts
+    from rlhf_fast.train.ppo import PPOTrainer
+    from rlhf_fast.train.ppo_models import build_ppo_models
+    from rlhf_fast.train.sft import lora_settings
+
+    cfg = ppo_config(stages, tmp_path / "run", max_steps=2, rollout_quant="int4", save_every=0)
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    trainer = PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "run")
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert len(records) == 2
+    assert abs(records[0]["kl"]) < 1e-4
+    assert all(torch.isfinite(torch.tensor(r["policy_loss"])) for r in records)
+    with pytest.raises(ConfigError, match="rollout_quant"):
+        config_module.validate(config_module.TrainConfig(stage="ppo", rollout_quant="int2"))
