@@ -7,12 +7,17 @@ q/v, fp32. Quick mode runs a tiny shape only.
 Providers (group "ppo_iteration cpu <size>", throughput table; tokens = generated tokens):
 - "ours": `rlhf_fast.train.ppo.PPOTrainer` on the shared base of ppo_models.py (one frozen
   base; policy, critic and reward adapters; reference = adapters disabled), fused LoRA,
-  `ops.gae`, the KV-cache rollout;
+  `ops.gae`, rollouts from the lean batched decoder (train/rollout_decoder.py);
 - "peer": the same algorithm written plainly on transformers + peft: four separate model
   copies (policy + LoRA, a frozen reference copy, a reward model copy + LoRA + head, a critic
   copy + LoRA + head), `generate()` for sampling, old log-probs and values recomputed by
-  full forwards, the Python reversed GAE loop, unfused losses. trl 0.29.1's experimental PPO
-  trainer is not installed here, so it is not measured.
+  full forwards, the Python reversed GAE loop, unfused losses;
+- "trl", "trl-gcfreeze": trl 0.29.1's `trl.experimental.ppo.PPOTrainer` as shipped on the
+  same policy and settings (see `trl_ppo`), and with `gc.freeze()` after setup; skipped with
+  the reason when trl is not installed (not a dependency: `pip install trl==0.29.1`).
+
+Run (2 threads, as the issue's numbers): `python -m pytest -q bench/test_bench_ppo.py -k
+"ppo_iteration and h256"`; the throughput table's speedup column is relative to "ours".
 
 Peak RSS needs a process of its own per provider: `python bench/test_bench_ppo.py PROVIDER
 SIZE` runs two iterations and prints the peak; test_peak_rss_side_by_side runs both, and
@@ -247,6 +252,78 @@ def plain(shape: str):
     return iteration, clock
 
 
+def trl_ppo(shape: str, freeze_gc: bool = False):
+    """trl 0.29.1's `trl.experimental.ppo.PPOTrainer` as shipped on the same policy, prompts and
+    settings: LoRA r=16 on q/v of the policy (its reference = adapters disabled), reward and
+    value models LlamaForSequenceClassification of the same shape (trl trains its value model
+    in full), whole-batch minibatches, 48-token answers, fp32 on the CPU. One call = one
+    `train()` of one update. freeze_gc: `gc.freeze()` after setup, so the two gc.collect()
+    calls of each trl update only walk the objects made since (the issue's second trl number).
+    Skipped when trl is not installed (it is not a dependency: pip install trl==0.29.1)."""
+    try:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+    except ImportError as error:
+        pytest.skip(f"trl peer: trl.experimental.ppo does not import ({error}); "
+                    "pip install trl==0.29.1 to measure it")  # fmt: skip
+    import gc
+    import logging
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        PrinterCallback,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    spec = SHAPES[shape]
+    policy_dir, _, prompts = model_dirs(shape)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    ids = [tokenizer(p)["input_ids"][-spec["prompt_len"] :] for p in prompts]
+
+    def scorer():
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    config = PPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_ppo_trl_"), per_device_train_batch_size=
+        spec["prompts"], gradient_accumulation_steps=1, num_mini_batches=1,
+        num_ppo_epochs=spec["epochs"], response_length=spec["new_tokens"],
+        local_rollout_forward_batch_size=spec["prompts"], total_episodes=spec["prompts"],
+        learning_rate=1e-5, lr_scheduler_type="constant", temperature=1.0, stop_token=None,
+        num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=10**6,
+        disable_tqdm=True, use_cpu=True, bf16=False, seed=0,
+    )  # fmt: skip
+    trainer = PPOTrainer(
+        args=config, processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(policy_dir), ref_model=None,
+        reward_model=scorer(), value_model=scorer(),
+        train_dataset=Dataset.from_dict({"input_ids": ids}),
+        peft_config=LoraConfig(r=LORA_R, lora_alpha=32, target_modules=list(TARGETS)),
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # the metrics dict printed every update
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()
+    clock = {"rollout": 0.0, "train": 0.0, "generated": 0, "trained": 0}
+    tokens = spec["prompts"] * spec["new_tokens"]
+
+    def iteration():
+        start = time.perf_counter()
+        trainer.train()
+        clock["train"] += time.perf_counter() - start  # trl times no phases: all under train
+        clock["generated"] += tokens
+        clock["trained"] += tokens * spec["epochs"]
+        return tokens
+
+    return iteration, clock
+
+
 def sft_step(shape: str):
     """For the memory comparison only: one LoRA SFT step (forward, backward, AdamW) of the
     same policy on the same rows (prompt + answer), with the trainer's own loss."""
@@ -275,7 +352,12 @@ def sft_step(shape: str):
     return iteration, clock
 
 
-PROVIDERS = {"ours": ours, "peer": plain}
+PROVIDERS = {
+    "ours": ours,
+    "peer": plain,
+    "trl": trl_ppo,
+    "trl-gcfreeze": functools.partial(trl_ppo, freeze_gc=True),
+}
 MEMORY_PROVIDERS = {**PROVIDERS, "sft": sft_step}  # sft: the memory yardstick, not timed
 
 
