@@ -12,6 +12,7 @@ The Triton kernels in kernels/ are installed as the subpackage rlhf_fast.kernels
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
@@ -20,6 +21,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Python's own CFLAGS carry -g, which makes the .so ~10x larger; -g0 comes later and wins.
 COMMON_CXX = ["-O3", "-std=c++20", "-g0", "-fopenmp", "-fno-math-errno", "-Wall"]
+
+
+def shared_libstdcxx_args() -> list[str]:
+    """Link flags naming the shared libstdc++ this Python process has loaded (torch loads it).
+
+    Seen on a GPU machine: its compiler (a separate GCC toolchain) resolved a plain -lstdc++
+    to a static archive, so each extension carried a private libstdc++, and the first error
+    message a C++ check formatted (a TORCH_CHECK printing a shape) segfaulted inside that
+    copy's std::ostream instead of raising. Naming the exact shared object, from the
+    directory the running process loaded it from, makes every build use the process's one.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    import torch  # noqa: F401  (maps libstdc++ into this process)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        paths = set()
+    search = [f"-L{os.path.dirname(path)}" for path in sorted(paths)[:1]]
+    return search + ["-Wl,-Bdynamic", "-l:libstdc++.so.6"]
+
+
+SHARED_LIBSTDCXX = shared_libstdcxx_args()
 
 
 def rel(pattern: str) -> list[str]:
@@ -32,7 +58,7 @@ def cpu_extension() -> CppExtension:
         sources=rel("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": COMMON_CXX},
-        extra_link_args=["-fopenmp", "-Wl,--strip-debug"],
+        extra_link_args=["-fopenmp", "-Wl,--strip-debug", *SHARED_LIBSTDCXX],
     )
 
 
@@ -61,6 +87,7 @@ def cuda_extension():
         # No -std: torch adds the standard its own headers need (C++20 in recent versions).
         # No --use_fast_math: the kernels promise the reference's fp32 arithmetic.
         extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=SHARED_LIBSTDCXX,
     )
 
 
