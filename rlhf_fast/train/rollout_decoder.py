@@ -42,6 +42,9 @@ QUANT_CHOICES = ("none", "int8", "int4")
 _QUANT_BITS = {"int8": 8, "int4": 4}
 _ATTENTION = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj")
+# Fuse q/k/v and gate/up of dense models up to this many bytes of those weights (the copies
+# live for one rollout): at a few rows a step costs its calls; big models are bound by GEMMs.
+FUSE_LIMIT_BYTES = 64 << 20
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -152,25 +155,27 @@ def _quantized_group(bases: list[nn.Module], bits: int) -> QuantProjection:
 
 
 class _Group:
-    """Projections fed the same x (q/k/v, gate/up, or one alone): x [M, in] -> their outputs.
+    """Projections fed the same x (q/k/v, gate/up, or one alone): x [M, in] -> their outputs,
+    concatenated [M, sum of out_features] (`fused`) or one tensor each.
 
-    Dense bases: one F.linear each on the merged weight (a copy only where an adapter sits).
-    Quantized: one fused quantized call, then each adapter's low-rank term added to its slice."""
+    Dense bases: F.linear on the merged weights (copies only where an adapter sits), or with
+    fuse=True one F.linear on their concatenation (a copy of the group). Quantized: one fused
+    quantized call, then each adapter's low-rank term added to its slice."""
 
-    def __init__(self, modules: list[nn.Module], bits: int | None) -> None:
+    def __init__(self, modules: list[nn.Module], bits: int | None, fuse: bool = False) -> None:
         parts = [_parts(m) for m in modules]
         bases = [base for base, _ in parts]
         self.sizes = [base.out_features for base in bases]
-        self.fused: QuantProjection | None = None
+        self.quantized: QuantProjection | None = None
         self.dense: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.low_rank: list[tuple[int, int, torch.Tensor, torch.Tensor, float]] = []
         with torch.no_grad():
             if any(isinstance(b, QuantLinear) for b in bases) or bits is not None:
                 dense = [b for b in bases if not isinstance(b, QuantLinear)]
                 if bits is not None and len(dense) == len(bases):
-                    self.fused = _quantized_group(bases, bits)
+                    self.quantized = _quantized_group(bases, bits)
                 else:  # a quantized base (QLoRA): read as it is
-                    self.fused = QuantProjection(bases, fast_activations=True)
+                    self.quantized = QuantProjection(bases, fast_activations=True)
                 offset = 0
                 for size, (_, lora) in zip(self.sizes, parts, strict=True):
                     if lora is not None:
@@ -181,27 +186,55 @@ class _Group:
                 self.dense = [
                     (merged_weight(base.weight.detach(), lora), base.bias) for base, lora in parts
                 ]
+                if fuse and len(self.dense) > 1:
+                    self.dense = [_concatenated(self.dense)]
+        self.fused = self.quantized is not None or len(self.dense) == 1
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.fused is None:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.quantized is None:
+            if len(self.dense) == 1:
+                return F.linear(x, *self.dense[0])
             return [F.linear(x, w, b) for w, b in self.dense]
-        y = self.fused(x)
+        y = self.quantized(x)
         for offset, size, a, b, scale in self.low_rank:
             low = F.linear(x.to(a.dtype), a)
             y[:, offset : offset + size].addmm_(low, b.t(), alpha=scale)
-        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+        return y
+
+
+def _concatenated(dense: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """One (weight, bias) for several dense projections of the same input."""
+    weight = torch.cat([w for w, _ in dense])
+    if all(b is None for _, b in dense):
+        return weight, None
+    return weight, torch.cat([
+        torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b.detach() for w, b in dense
+    ])  # fmt: skip
+
+
+def _fusable_bytes(layers: list[nn.Module]) -> int:
+    """Bytes of the q/k/v and gate/up weights: what fusing the dense groups would copy."""
+    total = 0
+    for layer in layers:
+        for part, names in (("self_attn", _ATTENTION), ("mlp", _MLP)):
+            for name in names:
+                base, _ = _parts(getattr(getattr(layer, part), name))
+                weight = getattr(base, "weight", None)
+                if isinstance(weight, torch.Tensor):
+                    total += weight.numel() * weight.element_size()
+    return total
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, window: int | None, bits: int | None) -> None:
+    def __init__(self, layer: nn.Module, window: int | None, bits: int | None, fuse: bool):
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm.weight
         self.post_norm = layer.post_attention_layernorm.weight
         self.eps = float(layer.input_layernorm.variance_epsilon)
         self.post_eps = float(layer.post_attention_layernorm.variance_epsilon)
-        self.qkv = _Group([getattr(attn, n) for n in _ATTENTION], bits)
+        self.qkv = _Group([getattr(attn, n) for n in _ATTENTION], bits, fuse)
         self.o = _Group([attn.o_proj], bits)
-        self.gate_up = _Group([getattr(mlp, n) for n in _MLP], bits)
+        self.gate_up = _Group([getattr(mlp, n) for n in _MLP], bits, fuse)
         self.down = _Group([mlp.down_proj], bits)
         self.window = window
 
@@ -232,14 +265,40 @@ class RolloutDecoder:
         self.norm_eps = float(inner.norm.variance_epsilon)
         bits = _QUANT_BITS.get(quant)
         windows = _sliding_windows(lm)
-        self.layers = [_Layer(layer, windows[i], bits) for i, layer in enumerate(inner.layers)]
+        # Small models: copy q/k/v and gate/up into one weight each (a decode step of a few
+        # rows costs its calls, not its arithmetic); large ones read their weights in place.
+        fuse = bits is None and _fusable_bytes(inner.layers) <= FUSE_LIMIT_BYTES
+        self.layers = [
+            _Layer(layer, windows[i], bits, fuse) for i, layer in enumerate(inner.layers)
+        ]
         self.lm_head = _Group([lm.lm_head], None)
+        ops = torch.ops.rlhf_fast
+        norms = [self.norm] + [w for x in self.layers for w in (x.input_norm, x.post_norm)]
+        self.native_norm = hasattr(ops, "decode_add_rms_norm") and all(
+            w.dtype == self.dtype for w in norms
+        )
+        self.native_silu_mul = hasattr(ops, "decode_silu_mul")
 
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def _add_norm(self, x: torch.Tensor, delta, weight: torch.Tensor, eps: float):
+        """x += delta (in place, when given), then RMSNorm(x) * weight as the HF module."""
+        if self.native_norm:
+            return torch.ops.rlhf_fast.decode_add_rms_norm.default(x, delta, weight, eps)
+        if delta is not None:
+            x.add_(delta)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (self.hidden,), weight, eps)
         # As the HF module: normalise in fp32, round to the model's dtype, then scale.
         return weight * F.rms_norm(x.float(), (self.hidden,), None, eps).to(x.dtype)
+
+    def _silu_mul(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        gate_up = layer.gate_up(h)
+        if not isinstance(gate_up, torch.Tensor):
+            gate, up = gate_up
+            return F.silu(gate).mul_(up)
+        if self.native_silu_mul:
+            return torch.ops.rlhf_fast.decode_silu_mul.default(gate_up)
+        inner = gate_up.shape[-1] // 2
+        return F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])
 
     def _tables(self, capacity: int) -> None:
         positions = torch.arange(capacity).unsqueeze(0)
@@ -249,21 +308,24 @@ class RolloutDecoder:
         # rotate_half(x) * sin == flip_halves(x) * signed_sin, flip_halves(x) = [x2, x1]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()
 
-    def _rope(self, qk: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """qk [B, T, heads, head_dim] at positions [B, T], rotated."""
-        cos = self.cos[positions].unsqueeze(2)
-        sin = self.signed_sin[positions].unsqueeze(2)
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """qk [B, T, heads, head_dim] rotated by cos, signed sin [B, T, 1, head_dim]."""
         half = self.head_dim // 2
         flipped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
         return torch.addcmul(qk * cos, flipped, sin)
 
-    def _attention(self, layer: _Layer, index: int, h: torch.Tensor, positions: torch.Tensor,
-                   start: int, mask: torch.Tensor, first: int) -> torch.Tensor:  # fmt: skip
-        rows, width = positions.shape
+    def _attention(self, layer: _Layer, index: int, h: torch.Tensor, rope, start: int,
+                   mask: torch.Tensor, first: int) -> torch.Tensor:  # fmt: skip
+        cos, sin = rope
+        rows, width = cos.shape[:2]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        q, k, v = layer.qkv(h)
-        qk = torch.cat([q, k], dim=-1).view(rows, width, heads + kv_heads, head_dim)
-        qk = self._rope(qk, positions)
+        qkv = layer.qkv(h)
+        if isinstance(qkv, torch.Tensor):
+            qk, v = qkv.split([(heads + kv_heads) * head_dim, kv_heads * head_dim], dim=-1)
+        else:
+            q, k, v = qkv
+            qk = torch.cat([q, k], dim=-1)
+        qk = self._rope(qk.reshape(rows, width, heads + kv_heads, head_dim), cos, sin)
         keys, values = self.cache[index]
         end = start + width
         keys[:, :, start:end] = qk[:, :, heads:].transpose(1, 2)
@@ -273,8 +335,7 @@ class RolloutDecoder:
             query, keys[:, :, first:end], values[:, :, first:end], attn_mask=mask,
             scale=self.scale, enable_gqa=kv_heads != heads,
         )  # fmt: skip
-        (out,) = layer.o(out.transpose(1, 2).reshape(rows * width, heads * head_dim))
-        return out
+        return layer.o(out.transpose(1, 2).reshape(rows * width, heads * head_dim))
 
     def _mask(self, start: int, end: int, first: int, window: int | None) -> torch.Tensor:
         """[B, 1, T, keys]: causal over the columns first..end-1, within the window, real keys
@@ -290,23 +351,24 @@ class RolloutDecoder:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
         rows, width = ids.shape
         end = start + width
-        x = F.embedding(ids, self.embed).reshape(rows * width, self.hidden)
+        x = F.embedding(ids, self.embed).reshape(rows * width, self.hidden)  # updated in place
+        rope = (self.cos[positions].unsqueeze(2), self.signed_sin[positions].unsqueeze(2))
         masks: dict[int | None, tuple[torch.Tensor, int]] = {}
+        delta = None
         for index, layer in enumerate(self.layers):
             if layer.window not in masks:
                 first = 0 if layer.window is None else max(0, end - layer.window - width + 1)
                 masks[layer.window] = (self._mask(start, end, first, layer.window), first)
             mask, first = masks[layer.window]
-            h = self._rms_norm(x, layer.input_norm, layer.eps)
-            x = x + self._attention(layer, index, h, positions, start, mask, first)
+            h = self._add_norm(x, delta, layer.input_norm, layer.eps)
+            attended = self._attention(layer, index, h, rope, start, mask, first)
             if index == len(self.layers) - 1 and width > 1:
-                x = x.view(rows, width, self.hidden)[:, -1]  # only the last column's logits
-            h = self._rms_norm(x, layer.post_norm, layer.post_eps)
-            gate, up = layer.gate_up(h)
-            (down,) = layer.down(F.silu(gate).mul_(up))
-            x = x + down
-        (logits,) = self.lm_head(self._rms_norm(x, self.norm, self.norm_eps))
-        return logits
+                # only the last column's logits are wanted
+                x = x.add_(attended).view(rows, width, self.hidden)[:, -1].contiguous()
+                attended = None
+            h = self._add_norm(x, attended, layer.post_norm, layer.post_eps)
+            delta = layer.down(self._silu_mul(layer, h))
+        return self.lm_head(self._add_norm(x, delta, self.norm, self.norm_eps))
 
     @torch.inference_mode()
     def start(self, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int):
