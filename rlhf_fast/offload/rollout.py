@@ -33,9 +33,13 @@ def generate_offloaded_rollouts(
     reference: torch.nn.Module | None = None,
     score_reference: bool = True,
     micro_batch: int | None = None,
+    decoder: str = "auto",
+    quant: str = "none",
 ):
     """generate_rollouts (train/rollout.py) for a peft model over an offloaded base.
-    `micro_batch`: rows per micro-batch of the block (default: the offload policy's)."""
+    `micro_batch`: rows per micro-batch of the block (default: the offload policy's). The
+    lean decoder and its quantized copies need every weight in memory: `decoder` is ignored
+    (the block schedule is the offloaded decoder) and `quant` must be "none"."""
     from rlhf_fast.train.rollout import (
         Rollout,
         left_pad,
@@ -44,6 +48,8 @@ def generate_offloaded_rollouts(
     )
 
     lm = model.rlhf_fast_offload
+    if quant != "none":
+        raise ValueError(f"rollout quant={quant!r} needs the whole policy in memory, not offload")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos_list = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)

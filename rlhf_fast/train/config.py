@@ -244,6 +244,8 @@ def _validate_offload(config: TrainConfig) -> TrainConfig:
         )
     if config.device == "cuda":
         raise ConfigError("--offload streams to the CPU in this build: use --device cpu")
+    if config.rollout_quant != "none":
+        raise ConfigError("--rollout-quant needs the whole policy in memory: not with --offload")
     return dataclasses.replace(config, device="cpu")
 
 
