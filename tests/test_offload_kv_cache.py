@@ -137,6 +137,7 @@ def test_kv_int4_in_the_offload_spec_and_the_policy_memory():
 
     assert parse_offload("kv=int4,prefetch=2", 4) == {"kv_bits": 4, "prefetch": 2}
     assert parse_offload("kv=none", 4) == {"kv_bits": None}
+    assert parse_offload("auto,kv=int4", 4) == {"kv_bits": 4}
     with pytest.raises(ValueError, match="kv=none\\|int4"):
         parse_offload("kv=int8", 4)
     shape = model_shapes(_llama().config, torch.float32)[None]

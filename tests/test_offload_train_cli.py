@@ -84,10 +84,10 @@ def test_sft_and_ppo_run_on_a_base_over_budget(setup, capsys):
     ppo_run = root / "ppo"
     argv = ["train", "--stage", "ppo", "--model", str(model), "--data", str(data["prompts"]),
             "--reward-model", str(rm_run / "reward_model"), "--output", str(ppo_run), *SMALL,
-            *_offload_flags(root)]  # fmt: skip
+            *_offload_flags(root, "auto,kv=int4")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert "compress=none" in err
+    assert "compress=none" in err and "kv=int4" in err
     assert int(re.search(r"resident_layers=(\d+)", err).group(1)) < 8
     records = _records(ppo_run)
     assert [r["step"] for r in records] == [1, 2]

@@ -39,11 +39,14 @@ _BITS = {"none": None, "int8": 8, "int4": 4}
 
 def parse_offload(text: str, num_layers: int) -> dict:
     """'auto' -> {}; 'compress=int4,resident=25%,prefetch=2,micro-batch=4,kv=int4' -> fixed
-    fields (kv=int4: the batched generation's KV cache held 4-bit, offload/kv_cache.py)."""
+    fields (kv=int4: the batched generation's KV cache held 4-bit, offload/kv_cache.py);
+    'auto,kv=int4' -> {'kv_bits': 4}."""
     fixed: dict = {}
     if text.strip() == "auto":
         return fixed
     for item in filter(None, (part.strip() for part in text.split(","))):
+        if item == "auto":  # 'auto,kv=int4': the policy chooses all but what follows
+            continue
         key, sep, value = (s.strip() for s in item.partition("="))
         try:
             if not sep:
