@@ -69,6 +69,10 @@ def open_for_training(train_config, *, rows: int, rollout: bool = False) -> Offl
     except ValueError as error:  # ShardError, a bad --offload / --max-memory, too small
         raise ModelLoadError(str(error).strip().splitlines()[0]) from None
     lm.model.requires_grad_(False)
+    stored = lm.manifest["dtype"]
+    if {"fp32": "float32", "bf16": "bfloat16"}.get(train_config.dtype) != stored:
+        print(f"[offload: the layers stream as stored ({stored}); --dtype does not apply]",
+              file=sys.stderr)  # fmt: skip
     print(
         f"[offload: {policy.describe()}; training activations ~{format_size(reserve)}]",
         file=sys.stderr,

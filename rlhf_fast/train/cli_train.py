@@ -24,7 +24,7 @@ _POSITIONAL_LIKE = ("stage", "model", "data", "output")  # shown first in --help
 _METAVARS = {
     "model": "DIR", "data": "FILE", "output": "DIR", "lora_targets": "NAME",
     "reward_model": "DIR", "sft_data": "FILE", "rm_data": "FILE", "ptx_data": "FILE",
-    "kl_estimator": "K",
+    "kl_estimator": "K", "offload": "auto|SPEC", "max_memory": "cpu=SIZE",
 }  # fmt: skip
 
 
