@@ -95,6 +95,13 @@ def test_sft_and_ppo_run_on_a_base_over_budget(setup, capsys):
         for key in ("reward", "kl", "policy_loss", "value_loss", "response_length"):
             assert math.isfinite(record[key]), (key, record)
     assert (ppo_run / "adapter" / "adapter_model.safetensors").is_file()
+    # the same with int4 layers streamed (LoRA on QuantLinear for every role)
+    argv[argv.index("--output") + 1] = str(root / "ppo-int4")
+    argv[argv.index("--offload") + 1] = "compress=int4,resident=2"
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "compress=int4 resident_layers=2" in capsys.readouterr().err
+    for record in _records(root / "ppo-int4"):
+        assert all(math.isfinite(record[k]) for k in ("reward", "kl", "policy_loss")), record
 
 
 @pytest.mark.parametrize(

@@ -66,14 +66,20 @@ def lora_config(lm: OffloadedLM, settings: LoraSettings):
 def attach_offload_lora(lm: OffloadedLM, settings: LoraSettings):
     """`lm.model` wrapped by peft with trainable LoRA adapters (fused when settings.fused),
     the streamed base frozen, and training through streamed layers enabled."""
+    with lm.stand_ins():
+        wrapped = wrap_with_lora(lm, settings)
+    lm.enable_training()
+    return wrapped
+
+
+def wrap_with_lora(lm: OffloadedLM, settings: LoraSettings):
+    """The peft wrapping of attach_offload_lora alone: call it inside `lm.stand_ins()`."""
     from peft import get_peft_model
 
     lm.model.requires_grad_(False)
-    with lm.stand_ins():
-        wrapped = get_peft_model(lm.model, lora_config(lm, settings))
+    wrapped = get_peft_model(lm.model, lora_config(lm, settings))
     if settings.fused:
         from rlhf_fast.lora import fuse
 
         fuse(wrapped)
-    lm.enable_training()
     return wrapped

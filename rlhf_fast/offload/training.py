@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from rlhf_fast.models.load import ModelLoadError
+from rlhf_fast.offload.lora import wrap_with_lora
 from rlhf_fast.offload.model import OffloadedLM
 from rlhf_fast.offload.policy import format_size, parse_max_memory
 
@@ -30,9 +31,8 @@ def training_activation_bytes(config, rows: int, tokens: int) -> int:
 
 def open_for_training(train_config, *, rows: int, rollout: bool = False) -> OffloadedLM:
     """The offloaded base for a training stage, its policy printed on stderr. `rows`: rows of a
-    training micro-batch; `rollout`: also generation of batch_size rows (PPO), which pins the
-    dense layers (the PPO roles' adapters attach to nn.Linear). Errors: ModelLoadError, one
-    line."""
+    training micro-batch; `rollout`: also generation of batch_size rows (PPO, whose KV cache
+    the policy counts). Errors: ModelLoadError, one line."""
     from transformers import AutoConfig
 
     from rlhf_fast.offload.session import open_offloaded_model
@@ -46,10 +46,6 @@ def open_for_training(train_config, *, rows: int, rollout: bool = False) -> Offl
         ) from None
     reserve = training_activation_bytes(config, rows, train_config.max_length)
     spec = train_config.offload
-    if rollout:
-        if "compress=int" in spec:
-            raise ModelLoadError("--offload: PPO streams dense layers (drop compress=int4/int8)")
-        spec = "compress=none" if spec.strip() == "auto" else f"{spec},compress=none"
     try:
         budget = parse_max_memory(train_config.max_memory) if train_config.max_memory else None
     except ValueError as error:
@@ -83,8 +79,8 @@ def open_for_training(train_config, *, rows: int, rollout: bool = False) -> Offl
 
 def build_offloaded_ppo_models(train_config, build_ppo_models, lora_settings):
     """PPO's four roles (train/ppo_models.py's `build_ppo_models`, passed in) on an offloaded
-    base: the adapters are created while the streamer shows shaped stand-ins, then every
-    decoder layer is checkpointed for streamed training."""
+    base, dense or int4/int8: the adapters are created while the streamer shows shaped
+    stand-ins, then every decoder layer is checkpointed for streamed training."""
     rows = train_config.mini_batch_size or train_config.batch_size
     lm = open_for_training(train_config, rows=rows, rollout=True)
     with lm.stand_ins():
@@ -92,6 +88,7 @@ def build_offloaded_ppo_models(train_config, build_ppo_models, lora_settings):
             train_config.model, train_config.reward_model, lora_settings,
             dtype={"float32": "fp32", "bfloat16": "bf16"}.get(lm.manifest["dtype"], "fp32"),
             device="cpu", seed=train_config.seed, base=lm.model,
+            attach=lambda base, settings: wrap_with_lora(lm, settings),
         )  # fmt: skip
     lm.enable_training()
     return models

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from rlhf_fast.lora.qlora import qlora_config
 from rlhf_fast.models.load import (
     LoraSettings,
     ModelLoadError,
@@ -203,7 +204,8 @@ def _add_shared_reward(models: PPOModels, rm_dir: Path, device: str) -> nn.Linea
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ModelLoadError(f"{adapter_dir}: cannot load the adapter ({reason})") from None
     lora_config.inference_mode = True
-    models.model.add_adapter(REWARD, lora_config)
+    # a base whose layers are QuantLinear (an int4/int8 streamed one) needs QLoRA's layer class
+    models.model.add_adapter(REWARD, qlora_config(lora_config))
     prefix = models.model.get_base_model().base_model_prefix
     result = set_peft_model_state_dict(
         models.model, _rename_for_causal_lm(state, prefix), adapter_name=REWARD
@@ -259,16 +261,18 @@ def build_ppo_models(
     seed: int = 0,
     share_reward: bool = True,
     base: nn.Module | None = None,
+    attach=attach_lora,
 ) -> PPOModels:
     """Load the base once and set up the four roles (see the module docstring). `base`: an
-    already loaded frozen causal LM to use instead (an offloaded one: rlhf_fast.offload)."""
+    already loaded frozen causal LM to use instead, and `attach(base, lora)` its way to a peft
+    model (an offloaded base: rlhf_fast.offload.training)."""
     rm_dir = Path(rm_dir)
     read_reward_config(rm_dir)  # a clear error before the (slow) base load
     tokenizer = load_tokenizer(model_dir)
     if base is None:
         base = load_causal_lm(model_dir, dtype=dtype, device=device)
     torch.manual_seed(seed)
-    peft_model = attach_lora(base, lora)
+    peft_model = attach(base, lora)
     hidden = decoder_of(base).get_input_embeddings().embedding_dim
     critic_head = nn.Linear(hidden, 1, dtype=torch.float32).to(device)
     nn.init.zeros_(critic_head.weight)
