@@ -76,7 +76,6 @@ def wrap_with_lora(lm: OffloadedLM, settings: LoraSettings):
     """The peft wrapping of attach_offload_lora alone: call it inside `lm.stand_ins()`."""
     from peft import get_peft_model
 
-    lm.model.requires_grad_(False)
     wrapped = get_peft_model(lm.model, lora_config(lm, settings))
     if settings.fused:
         from rlhf_fast.lora import fuse

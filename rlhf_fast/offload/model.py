@@ -175,4 +175,5 @@ def load_offloaded(
             layer.register_forward_hook(lambda *_, i=index: streamer.release(i), always_call=True)
         )
     model.eval()
+    model.requires_grad_(False)  # a frozen base: only adapters added later train
     return OffloadedLM(model, streamer, manifest, hooks)
