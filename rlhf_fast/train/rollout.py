@@ -99,7 +99,11 @@ def sample_tokens(
     if 0 < top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(scaled, -1)
+    if generator is not None and generator.device != probs.device:
+        # The run's generator lives on the CPU, so a seed gives the same samples on any device.
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
