@@ -198,6 +198,9 @@ def test_bytes_bound_during_a_training_step_stay_within_the_placement(tmp_path):
                 assert len(bound) <= 2, bound  # the slots: prefetch + 1
                 phase = "recompute" if torch.is_grad_enabled() else "forward"
                 seen[phase].append(_storage_bytes(offloaded))
+                ahead = index - 1 if phase == "recompute" else index + 1
+                if ahead in streamed and index in streamed:  # read ahead in walk order
+                    assert ahead in lm.streamer._pending or ahead in lm.streamer._held, ahead
 
             return hook
 
