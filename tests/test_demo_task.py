@@ -119,6 +119,32 @@ def test_rankings_are_strictly_ordered_by_the_judge(demo_data):
         assert all(a > b for a, b in zip(scores, scores[1:], strict=False)), (row, scores)
 
 
+def wording_of(question: str, response: str) -> str:
+    """The response with its polite opening dropped and its final answer replaced by {}."""
+    body = response.removeprefix(task.POLITE_OPENING)
+    answer = task.final_answer(body)
+    cut = body.rfind(answer)
+    return body[:cut] + "{}" + body[cut + len(answer) :]
+
+
+def test_ranked_answers_differ_only_in_what_the_judge_scores(demo_data):
+    """The unformatted answers of one ranking share their wording and the wrong ones their
+    wrong answer: a reward model cannot explain a preference by something the judge does not
+    score (which wording, which wrong answer)."""
+    wordings_seen, strays = set(), 0
+    for row in read_jsonl(demo_data.rm):
+        question, responses = row["prompt"], row["responses"]
+        plain = [r for r in responses if not verdict(question, r).formatted]
+        wordings = {wording_of(question, r) for r in plain}
+        assert len(wordings) <= 1 and wordings <= set(task.PLAIN_WORDINGS), row
+        wordings_seen |= wordings
+        wrong = {task.final_answer(r) for r in responses if not verdict(question, r).correct}
+        assert len(wrong) <= 1, row
+        strays += bool(wrong - set(question.rstrip("?").replace(",", "").split()))
+    assert wordings_seen == set(task.PLAIN_WORDINGS)  # but every wording occurs
+    assert 0 < strays < len(read_jsonl(demo_data.rm))  # and wrong answers of both kinds
+
+
 def test_splits_share_no_question(demo_data):
     train = {row["prompt"] for row in read_jsonl(demo_data.sft) + read_jsonl(demo_data.rm)}
     ppo = {row["prompt"] for row in read_jsonl(demo_data.prompts)}

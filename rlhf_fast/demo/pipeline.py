@@ -55,7 +55,7 @@ class DemoPreset:
     )  # fmt: skip
     rm: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=1e-3, batch_size=16, max_steps=400, full_finetune=True,
+            lr=1e-3, batch_size=16, max_steps=800, full_finetune=True,
             schedule="cosine", warmup_steps=10, eval_fraction=0.1,
         )
     )  # fmt: skip

@@ -29,6 +29,25 @@ imitating them scores ~0.6 on average, and the most likely answer is a right but
 that scores 0.55, which leaves PPO room to improve), K-wise rankings (K = 4..8) of answers
 of varied quality ordered by the judge, and PPO / evaluation prompts drawn from questions
 that the SFT and RM data never ask. Everything is a deterministic function of the seed.
+
+The answers of one ranking differ only in what the judge scores: its wrong answers give the
+same wrong answer and its unformatted answers share one wording. Measured on the demo's SFT
+model (reward-model held-out pairwise accuracy, scratch runs; in brackets over the pairs
+that differ in correctness alone or with other properties, the hard ones):
+
+    wording and wrong answer drawn per answer, 800 rankings, 400 steps     0.78 (0.67)
+    one wording per ranking, same data and steps                           0.85
+    one wording per ranking, 2400 rankings (6000 SFT answers), 800 steps   0.86 (0.81)
+    one wording and one wrong answer per ranking, as the last row          0.96 (0.93)
+
+With a wording per answer the reward model learned format and politeness but little of
+correctness: a third of the held-out pairs that differ only in correctness were ordered
+wrongly, and "Sure! The answer is 37." and "Sure! The answer is o." to "Which is larger, 37
+or 10?" scored the same, since a wording change explained as much of a ranking as the one
+answer token that decides correctness. With two different wrong answers in a ranking, the
+model ordered them by how wrong they looked (an answer from the question above a stray one),
+which the judge does not score, and got 12% of the pairs that differ only in politeness
+wrong. Wrong answers are still strays half the time across rankings (see wrong_answer).
 """
 
 from __future__ import annotations
@@ -141,18 +160,29 @@ def wrong_answer(question: str, rng: random.Random) -> str:
     return rng.choice([x for x in strays if x not in m.groups()])
 
 
+# The wordings of an unformatted answer. Every wording puts a space before the answer, as the
+# question does: a byte-level BPE spells "a" and " a" with different tokens, and the model
+# should not have to learn both.
+PLAIN_WORDINGS = ("It is {}.", "It is {}", "I think {}.", "I think {}")
+
+
 def write_answer(
-    question: str, rng: random.Random, *, correct: bool, formatted: bool, polite: bool
+    question: str,
+    rng: random.Random,
+    *,
+    correct: bool,
+    formatted: bool,
+    polite: bool,
+    wording: str | None = None,
+    wrong: str | None = None,
 ) -> str:
-    """An answer with exactly the given properties, worded at random."""
-    answer = solve(question) if correct else wrong_answer(question, rng)
+    """An answer with exactly the given properties; unformatted ones in `wording` (one of
+    PLAIN_WORDINGS), wrong ones with the answer `wrong`; random ones when None."""
+    answer = solve(question) if correct else wrong or wrong_answer(question, rng)
     if formatted:
         text = f"The answer is {answer}."
     else:
-        # Every wording puts a space before the answer, as the question does: a byte-level BPE
-        # spells "a" and " a" with different tokens, and the model should not have to learn both.
-        text = rng.choice([f"It is {answer}.", f"It is {answer}", f"I think {answer}.",
-                           f"I think {answer}"])  # fmt: skip
+        text = (wording or rng.choice(PLAIN_WORDINGS)).format(answer)
     text = POLITE_OPENING + text if polite else text
     assert verdict(question, text) == Verdict(correct, formatted, polite), (question, text)
     return text
@@ -169,15 +199,19 @@ def sft_answer(question: str, rng: random.Random) -> str:
 
 
 def ranking(question: str, rng: random.Random, k: int) -> list[str]:
-    """k answers with distinct verdicts (so distinct scores), best first."""
+    """k answers with distinct verdicts (so distinct scores), best first. The wrong ones give
+    the same wrong answer and the unformatted ones share one wording, so two answers of a
+    ranking differ only in what the judge scores."""
     verdicts = [
         Verdict(c, f, p) for c in (True, False) for f in (True, False) for p in (True, False)
     ]
     chosen = sorted(rng.sample(verdicts, k), key=lambda v: v.score, reverse=True)
+    wording, wrong = rng.choice(PLAIN_WORDINGS), wrong_answer(question, rng)
     return [
-        write_answer(question, rng, correct=v.correct, formatted=v.formatted, polite=v.polite)
+        write_answer(question, rng, correct=v.correct, formatted=v.formatted, polite=v.polite,
+                     wording=wording, wrong=wrong)
         for v in chosen
-    ]
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- files
@@ -185,8 +219,11 @@ def ranking(question: str, rng: random.Random, k: int) -> list[str]:
 
 @dataclass(frozen=True)
 class DemoSizes:
-    sft: int = 2000
-    rm: int = 800
+    # More distinct questions rather than more passes over few: the SFT model (and so the
+    # reward model on it) then orders held-out numbers better (scratch: greedy correctness
+    # 0.72 -> 0.79 with 2000 -> 6000 SFT answers, same steps).
+    sft: int = 6000
+    rm: int = 2400
     ppo_prompts: int = 512
     eval_prompts: int = 128
 
