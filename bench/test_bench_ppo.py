@@ -7,7 +7,8 @@ q/v, fp32. Quick mode runs a tiny shape only.
 Providers (group "ppo_iteration cpu <size>", throughput table; tokens = generated tokens):
 - "ours": `rlhf_fast.train.ppo.PPOTrainer` on the shared base of ppo_models.py (one frozen
   base; policy, critic and reward adapters; reference = adapters disabled), fused LoRA,
-  `ops.gae`, rollouts from the lean batched decoder (train/rollout_decoder.py);
+  `ops.gae`, rollouts from the lean batched decoder (train/rollout_decoder.py); "ours-int8":
+  the same with --rollout-quant int8 (tokens from int8 weights of the policy);
 - "peer": the same algorithm written plainly on transformers + peft: four separate model
   copies (policy + LoRA, a frozen reference copy, a reward model copy + LoRA + head, a critic
   copy + LoRA + head), `generate()` for sampling, old log-probs and values recomputed by
@@ -112,8 +113,9 @@ def model_dirs(shape: str) -> tuple[Path, Path, list[str]]:
 # ---------------------------------------------------------------------------------- ours
 
 
-def ours(shape: str):
-    """A callable running one PPO iteration with rlhf_fast, and its (rollout, train) clock."""
+def ours(shape: str, rollout_quant: str = "none"):
+    """A callable running one PPO iteration with rlhf_fast, and its (rollout, train) clock;
+    rollout_quant: --rollout-quant (int8: tokens sampled from int8 weights of the policy)."""
     from rlhf_fast.models.load import LoraSettings
     from rlhf_fast.train.config import TrainConfig
     from rlhf_fast.train.data import PromptExample
@@ -126,7 +128,7 @@ def ours(shape: str):
         stage="ppo", model=str(policy), data="-", reward_model=str(rm), device="cpu",
         batch_size=spec["prompts"], ppo_epochs=spec["epochs"], max_new_tokens=spec["new_tokens"],
         max_length=spec["prompt_len"] + spec["new_tokens"], lr=1e-5, temperature=1.0,
-        save_every=0, max_steps=1000,
+        save_every=0, max_steps=1000, rollout_quant=rollout_quant,
     )  # fmt: skip
     models = build_ppo_models(policy, rm, LoraSettings(r=LORA_R, alpha=32, targets=TARGETS))
     examples = [PromptExample([{"role": "user", "content": p}]) for p in prompts]
@@ -354,6 +356,7 @@ def sft_step(shape: str):
 
 PROVIDERS = {
     "ours": ours,
+    "ours-int8": functools.partial(ours, rollout_quant="int8"),
     "peer": plain,
     "trl": trl_ppo,
     "trl-gcfreeze": functools.partial(trl_ppo, freeze_gc=True),
