@@ -127,10 +127,12 @@ def response_logits(model, query, query_mask, response, response_mask) -> torch.
     forward uses this too). Position Q - 1 + t of query + response predicts response token t."""
     mask = torch.cat([query_mask, response_mask], dim=1)
     sequences = torch.cat([query, response], dim=1)
-    positions = _position_keywords(model, _positions(mask))
-    output = model(input_ids=sequences, attention_mask=mask.long(), **positions)
-    width = query.shape[1]
-    return output.logits[:, width - 1 : -1]
+    keywords = _position_keywords(model, _positions(mask))
+    if "logits_to_keep" in _forward_parameters(model):
+        # the LM head (and its [rows, vocab] output) on the last R + 1 positions only
+        keywords["logits_to_keep"] = response.shape[1] + 1
+    output = model(input_ids=sequences, attention_mask=mask.long(), **keywords)
+    return output.logits[:, -response.shape[1] - 1 : -1]
 
 
 def reference_context(model: torch.nn.Module):
