@@ -177,3 +177,14 @@ def corrupted(bits: int, change) -> dict[str, torch.Tensor]:
 def test_from_state_dict_rejects_corrupt_tensors(bits, change, message):
     with pytest.raises(ValueError, match=message):
         QuantizedWeight.from_state_dict(corrupted(bits, change), "w")
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, -1), (4, 32), (4, 128)])
+def test_transposed_weight_gives_contiguous_codes(bits, group_size):
+    """GPT-2's Conv1D hands over its weight transposed; the codes must still be row-major."""
+    weight = torch.randn(96, 40, generator=torch.Generator().manual_seed(bits)).t()
+    assert not weight.is_contiguous()
+    qweight = quantize_weight(weight, bits, 32 if bits == 8 else group_size)
+    assert qweight.data.is_contiguous() and qweight.scales.is_contiguous()
+    reference = quantize_weight(weight.contiguous(), bits, 32 if bits == 8 else group_size)
+    assert torch.equal(qweight.data, reference.data)

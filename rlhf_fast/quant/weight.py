@@ -182,7 +182,9 @@ def quantize_weight(
         raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or inf")
-    w = weight.detach().float()
+    # Contiguous: elementwise ops keep a transposed input's strides (GPT-2's Conv1D stores
+    # [in, out]), and the kernels read the codes row-major.
+    w = weight.detach().float().contiguous()
     n, k = w.shape
     if bits == 8:
         amax = w.abs().amax(1)
