@@ -77,7 +77,7 @@ def test_same_tokens_as_the_hf_loop(family, extra):
     greedy = {d: rollouts(policy, d, temperature=0.0, eos_token_ids=[2]) for d in ("lean", "hf")}
     assert_same_rollout(greedy["lean"], greedy["hf"])
     assert greedy["hf"].response_mask.sum(1).max() == 10  # long enough to pass the window
-    for seed in range(3):
+    for seed in range(2):
         sampled = {d: rollouts(policy, d, seed, top_k=20) for d in ("lean", "hf")}
         assert_same_rollout(sampled["lean"], sampled["hf"])
 
@@ -114,12 +114,21 @@ def test_bf16_policy_is_close():
     assert (lean.response[:, :2] == hf.response[:, :2]).float().mean() >= 0.8
 
 
-def test_decoder_logits_equal_the_model():
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "torch"])
+def test_decoder_logits_equal_the_model(monkeypatch, fuse, native):
     """Each step's logits equal the HF model's on the same padded sequence (positions and
-    padding handled as rollout.py does)."""
-    policy = with_lora(tiny_causal_lm("qwen2"))
+    padding handled as rollout.py does): q/k/v and gate/up fused (small models) or read in
+    place (large ones), with the C++ norm and silu*mul ops or torch's."""
+    from rlhf_fast.train import rollout_decoder
+
+    monkeypatch.setattr(rollout_decoder, "FUSE_LIMIT_BYTES", (1 << 40) if fuse else 0)
+    policy = with_lora(tiny_causal_lm("qwen2"), targets=("q_proj", "v_proj", "up_proj"))
     query, query_mask = left_pad(PROMPTS, PAD)
     decoder = RolloutDecoder(policy)
+    assert isinstance(decoder.layers[0].qkv(torch.zeros(1, 64)), torch.Tensor) == fuse
+    if not native:
+        decoder.native_norm = decoder.native_silu_mul = False
     logits = [decoder.start(query, query_mask, 4)]
     tokens = torch.randint(3, VOCAB, (len(PROMPTS), 4))
     for column in range(3):
@@ -130,7 +139,8 @@ def test_decoder_logits_equal_the_model():
     with torch.no_grad():
         expected = policy(input_ids=sequences, attention_mask=mask.long(),
                           position_ids=positions).logits[:, query.shape[1] - 1 :]  # fmt: skip
-    torch.testing.assert_close(torch.stack(logits, 1), expected, atol=2e-5, rtol=0)
+    # fp32 rounding: the adapter merged into W vs peft's x @ W.T + s * (x @ A.T) @ B.T
+    torch.testing.assert_close(torch.stack(logits, 1), expected, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="cache is full"):
         decoder.step(tokens[:, 3])
         decoder.step(tokens[:, 3])
