@@ -235,3 +235,9 @@ def test_ppo_with_quantized_rollouts(stages, tmp_path):  # noqa: F811 (the fixtu
     assert all(torch.isfinite(torch.tensor(r["policy_loss"])) for r in records)
     with pytest.raises(ConfigError, match="rollout_quant"):
         config_module.validate(config_module.TrainConfig(stage="ppo", rollout_quant="int2"))
+    # LoRA on the LM head: the lean decoder cannot run it, which the trainer says up front
+    cfg = ppo_config(stages, tmp_path / "head", rollout_quant="int8",
+                     lora_targets=["q_proj", "lm_head"])  # fmt: skip
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    with pytest.raises(ConfigError, match="--rollout-quant int8: .*lm_head"):
+        PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "head")

@@ -58,7 +58,7 @@ from rlhf_fast.train.ppo_math import (
     value_loss,
 )
 from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models
-from rlhf_fast.train.rollout import generate_rollouts
+from rlhf_fast.train.rollout import choose_decoder, generate_rollouts
 from rlhf_fast.train.sft import lora_settings, token_loss
 
 SAMPLES_FILE = "samples.jsonl"
@@ -178,6 +178,11 @@ class PPOTrainer:
             self.optimizer, lr_factor(config.schedule, config.warmup_steps, self.total)
         )
         self.kl_controller = make_kl_controller(config)
+        if config.rollout_quant != "none":  # a model the lean decoder cannot run: say so now
+            try:
+                choose_decoder(models.model, quant=config.rollout_quant)
+            except ValueError as error:
+                raise ConfigError(f"--rollout-quant {config.rollout_quant}: {error}") from None
         self.sampler = EpochSampler(len(prompts), config.batch_size, config.seed)
         self.ptx = None
         if config.ptx_coef > 0 and ptx_examples:
