@@ -2,15 +2,17 @@
 
 Why: a rollout feeds B rows one token at a time. The HF forward through peft costs ~15 modules
 and their Python bookkeeping per layer, a dynamic KV cache grown by concatenation and masks
-rebuilt every step; at a few rows the step is all overhead (measured on the PPO bench's policy:
-most of the rollout's time). `RolloutDecoder` runs the same model as `fast_decoder.FastDecoder`
+rebuilt every step; at a few rows that overhead is as large as the arithmetic (the PPO bench's
+policy, 8 rows x 48 tokens, 1 thread on a busy machine: 380-510 ms of CPU per rollout through
+HF + peft, 220-233 ms here). `RolloutDecoder` runs the same model as `fast_decoder.FastDecoder`
 does for chat (Llama, Mistral, Qwen2 on the CPU), but B left-padded rows at once, with a static
 KV cache [B, kv_heads, capacity, head_dim], per-row positions, and the policy's active LoRA
 adapter:
 
   quant="none"          each adapted projection's weight is merged into a copy made for this
                         rollout, W + scale * B @ A (only the adapted matrices are copied; every
-                        other weight is read in place);
+                        other weight is read in place, except that models whose q/k/v and
+                        gate/up weights total <= FUSE_LIMIT_BYTES get one fused copy of each);
   quant="int8" / "int4" the frozen base's projections are quantized once (rlhf_fast.quant; kept
                         while the base's tensors are unchanged), q/k/v and gate/up fused, and the
                         adapter is added as a low-rank term scale * (x @ A.T) @ B.T: the tokens
