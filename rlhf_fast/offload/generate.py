@@ -13,10 +13,18 @@ forward per micro-batch (each re-streams the layers). Prompts are left-padded
 (`attention_mask` 0 on the left); sampling is greedy at temperature 0, else softmax sampling
 with optional top-k from a seeded generator. Finished rows (EOS) are padded with `pad_token_id`.
 With `kv_bits=4` each micro-batch's KV cache is held 4-bit group-wise (offload/kv_cache.py).
+
+While layers stream, torch's intra-op threads are capped at one fewer than it has (at least 1,
+`compute_threads` overrides): the reader thread copies each shard into its slot with a core's
+worth of work, and torch's parallel regions wait at a barrier for their slowest thread, so a
+reader (or another process) holding one of the cores stretched every op of the step. On the
+2-core machine this was measured at 2-4x per decoder layer (a 2-thread int4 GEMM of 8 rows
+took a 12 ms time slice, one thread 1-7 ms).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -67,7 +75,10 @@ def _block_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[tor
                 )  # fmt: skip
         finally:
             lm.streamer.release(index)
-    return [model.lm_head(inner.norm(hidden[:, -1])) for hidden in states]
+    # The LM head runs once over the whole batch: per micro-batch it would re-read its weights
+    # (vocab x hidden, 262 MB in fp32 for a 32k vocab) once per micro-batch.
+    last = torch.cat([hidden[:, -1] for hidden in states])
+    return [model.lm_head(inner.norm(last))]
 
 
 def _fallback_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[torch.Tensor]):
@@ -83,6 +94,23 @@ def _fallback_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[
         )  # fmt: skip
         logits.append(out.logits[:, -1])
     return logits
+
+
+def streaming_threads(lm: OffloadedLM) -> int:
+    """Intra-op threads for compute while `lm`'s layers stream (see the module docstring)."""
+    threads = torch.get_num_threads()
+    streams = bool(lm.streamer.streamed) and lm.streamer.prefetch > 0
+    return max(1, threads - 1) if streams else threads
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
@@ -113,13 +141,31 @@ def generate_batch(
     logprobs: list[torch.Tensor] | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    compute_threads: int | None = None,
 ) -> torch.Tensor:
     """[B, T + new] token ids: the (left-padded) prompts followed by the generated tokens.
 
     `step_seconds`, when given, receives the wall time of each step (prefill first);
     `logprobs` each step's [B] log-probabilities of the chosen tokens under the distribution
     they were drawn from, softmax(logits / temperature) before top-k (temperature 0: 1).
-    `kv_bits=4`: the KV cache is held compressed, groups of `kv_group_size` (kv_cache.py)."""
+    `kv_bits=4`: the KV cache is held compressed, groups of `kv_group_size` (kv_cache.py).
+    `compute_threads`: torch's intra-op threads meanwhile (default `streaming_threads(lm)`)."""
+    if compute_threads is not None and compute_threads < 1:
+        raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
+    threads = compute_threads or streaming_threads(lm)
+    with _intra_op_threads(threads):
+        return _generate(
+            lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, micro_batch=micro_batch,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature,
+            top_k=top_k, seed=seed, generator=generator, step_seconds=step_seconds,
+            logprobs=logprobs, kv_bits=kv_bits, kv_group_size=kv_group_size,
+        )  # fmt: skip
+
+
+def _generate(
+    lm, input_ids, attention_mask, *, max_new_tokens, micro_batch, eos_token_id, pad_token_id,
+    temperature, top_k, seed, generator, step_seconds, logprobs, kv_bits, kv_group_size,
+) -> torch.Tensor:  # fmt: skip
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
