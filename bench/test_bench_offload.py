@@ -5,19 +5,24 @@ Regime: TRUE DISK. Every offload file's pages are evicted from the page cache
 reading it; Accelerate's files (the source shards and its offload folder) are evicted before
 every decode step. So every streamed byte comes from the disk, as in the issue's peer numbers.
 
-Providers, at batch 1 and 8, each with its I/O bound (bytes streamed per step / the disk
-bandwidth measured here) and, for ours, the cost model's predicted tokens/s:
+Providers, at batch 1, 8, 32 and 64 (quick: 1 and 8), each with its I/O bound (bytes streamed
+per step / the disk bandwidth measured here), the share of it reached and, for ours, the cost
+model's predicted tokens/s and where a decode step's time went (MB read, seconds blocked on a
+read, the rest: compute):
   * ours-auto: the policy's choice under the budget (it may pick int4 compression);
   * ours-none: the policy's choice without compression (fp32 layers streamed);
   * ours-none-noprefetch: the same placement with prefetch=0 (reads never overlap compute);
   * ours-int4-streamed: int4 layers, none resident (compressed streaming);
   * accelerate: transformers + Accelerate device_map="auto", max_memory={"cpu": budget}, disk
     offload folder (the peer).
-Decode tokens/s = batch / median decode-step time (prefill excluded). Quick mode: a tiny shape.
-The full shape is the issue's 1.57B Llama (hidden 2048, MLP 5632, 32 layers, 16/4 heads, vocab
-32000; 6.3 GB fp32) with a 2 GiB budget. Every file is written under a temp dir and deleted
-(the full setup writes ~13 GB and takes ~5-7 minutes; the whole full run ~20 minutes).
-Run with `-s` to see the tables.
+Decode tokens/s = batch / median decode-step time (prefill excluded). Each provider is compared
+with Accelerate at each one's best batch size ("best batch: X / accelerate"). Quick mode: a
+tiny shape. The full shape is the issue's 1.57B Llama (hidden 2048, MLP 5632, 32 layers, 16/4
+heads, vocab 32000; 6.3 GB fp32) with a 2 GiB budget; `llama-8l` is the same width with 8
+layers (2.1 GB fp32, budget 640 MiB) for quicker runs. Every file is written under a temp dir
+and deleted (the full setup writes ~13 GB and takes ~5-7 minutes; the whole full run ~30-40
+minutes). The full benchmark, one command:
+    python -m pytest -q -s bench/test_bench_offload.py -k "llama-1.57b"
 """
 
 from __future__ import annotations
@@ -49,11 +54,14 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
     "llama-1.57b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=32,
                         num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
+    "llama-8l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                     num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
 }  # fmt: skip
-BUDGETS = {"tiny": 600 << 10, "llama-1.57b": 2 << 30}
-NEW_TOKENS = {"tiny": 4, "llama-1.57b": 4}  # prefill + 3 decode steps
+BUDGETS = {"tiny": 600 << 10, "llama-1.57b": 2 << 30, "llama-8l": 640 << 20}
+NEW_TOKENS = {"tiny": 4, "llama-1.57b": 4, "llama-8l": 4}  # prefill + 3 decode steps
 PROMPT_TOKENS = 8
-BATCHES = (1, 8)
+BATCHES = {"tiny": (1, 8), "llama-1.57b": (1, 8, 32, 64), "llama-8l": (1, 8, 32, 64)}
+GRID_BATCH = {"tiny": 8, "llama-1.57b": 32, "llama-8l": 32}
 
 
 def _write_random_model(directory: Path, shape: dict, shard_bytes: int = 1 << 30) -> Path:
@@ -106,19 +114,54 @@ def _prompt(batch: int, vocab: int) -> torch.Tensor:
     )
 
 
+class _StepLog(list):
+    """generate_batch's `step_seconds` list that also notes the streamer's counters at each
+    step's end, so each decode step's bytes read and seconds blocked on I/O can be told."""
+
+    def __init__(self, streamer) -> None:
+        super().__init__()
+        self.streamer, self.marks = streamer, [(0, 0.0, 0.0)]
+
+    def append(self, seconds: float) -> None:
+        super().append(seconds)
+        s = self.streamer
+        self.marks.append((s.bytes_read, s.wait_seconds, s.read_seconds))
+
+
 def _run_ours(offload_dir: Path, policy, batch: int, vocab: int, new_tokens: int) -> dict:
     _evict(offload_dir)
-    steps: list[float] = []
     with load_offloaded(
         offload_dir, resident_layers=policy.resident_layers, prefetch=policy.prefetch,
         drop_cache=True,
     ) as lm:  # fmt: skip
+        steps = _StepLog(lm.streamer)
         generate_batch(
             lm, _prompt(batch, vocab), max_new_tokens=new_tokens,
             micro_batch=policy.micro_batch, step_seconds=steps,
         )  # fmt: skip
         held = lm.resident_bytes
-    return {"tokens_per_s": batch / statistics.median(steps[1:]), "weights_in_ram": held}
+    decode = range(2, len(steps.marks))  # marks[k] - marks[k-1]: step k-1 (0: the prefill)
+    median_step = statistics.median(steps[1:])
+    per_step = [
+        [b - a for a, b in zip(steps.marks[k - 1], steps.marks[k], strict=True)] for k in decode
+    ]
+    return {
+        "tokens_per_s": batch / median_step,
+        "weights_in_ram": held,
+        "step_s": median_step,
+        "read_mb": statistics.median(p[0] for p in per_step) / 1e6,
+        "wait_s": statistics.median(p[1] for p in per_step),
+        "reading_s": statistics.median(p[2] for p in per_step),
+    }
+
+
+def _breakdown(result: dict) -> str:
+    """'step 0.52 s = 0.10 blocked on I/O + 0.42 compute; 232 MB read (0.31 s reading)'."""
+    compute = result["step_s"] - result["wait_s"]
+    return (
+        f"{result['step_s']:.2f}s = {result['wait_s']:.2f} I/O wait + {compute:.2f} compute; "
+        f"{result['read_mb']:.0f} MB ({result['reading_s']:.2f}s reading)"
+    )
 
 
 def _run_accelerate(source: Path, work: Path, budget: int, batch: int, new_tokens: int) -> dict:
@@ -207,7 +250,11 @@ def _setup(shape: str) -> dict:
     return setup
 
 
-SHAPE_PARAMS = [pytest.param("tiny"), pytest.param("llama-1.57b", marks=pytest.mark.bench_full)]
+SHAPE_PARAMS = [
+    pytest.param("tiny"),
+    pytest.param("llama-1.57b", marks=pytest.mark.bench_full),
+    pytest.param("llama-8l", marks=pytest.mark.bench_full),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPE_PARAMS)
@@ -220,9 +267,11 @@ def test_offload_generation_throughput(shape: str) -> None:
     )  # fmt: skip
     bandwidth = calibration.disk_bandwidth
     context = PROMPT_TOKENS + new_tokens
-    rows = [["provider", "batch", "policy", "predicted", "measured", "I/O bound", "RAM"]]
+    head = ["provider", "batch", "policy", "predicted", "measured", "I/O bound", "% bound"]
+    rows = [head + ["decode step (median)", "RAM"]]
     measured: dict[tuple[str, int], float] = {}
-    for batch in BATCHES:
+    batches = BATCHES[shape]
+    for batch in batches:
         auto = choose_policy(
             {c: shapes[c] for c in prepared}, calibration, cpu_budget=budget, batch=batch,
             context=context,
@@ -242,44 +291,56 @@ def test_offload_generation_throughput(shape: str) -> None:
         cases = [
             ("ours-auto", auto),
             ("ours-none", none),
-            ("ours-none-noprefetch", no_overlap),
             ("ours-int4-streamed", int4_streamed),
         ]
+        if batch <= 8:  # the no-overlap baseline only where I/O is a large share of a step
+            cases.insert(2, ("ours-none-noprefetch", no_overlap))
         for name, policy in cases:
             result = _run_ours(
                 prepared[policy.compress], policy, batch, config.vocab_size, new_tokens
             )
             measured[(name, batch)] = result["tokens_per_s"]
+            bound = policy.io_bound_tokens_per_s
             rows.append([
                 name, str(batch), policy.describe().split(";")[0],
                 f"{policy.predicted_tokens_per_s:.3g}", f"{result['tokens_per_s']:.3g}",
-                f"{policy.io_bound_tokens_per_s:.3g}", format_size(result["weights_in_ram"]),
+                f"{bound:.3g}", f"{100 * result['tokens_per_s'] / bound:.0f}%",
+                _breakdown(result), format_size(result["weights_in_ram"]),
             ])  # fmt: skip
         peer = _run_accelerate(source, work, budget, batch, new_tokens)
         measured[("accelerate", batch)] = peer["tokens_per_s"]
         peer_bound = batch * bandwidth / peer["disk_bytes"] if peer["disk_bytes"] else 0
         rows.append([
             "accelerate", str(batch), f"disk {format_size(peer['disk_bytes'])}", "-",
-            f"{peer['tokens_per_s']:.3g}", f"{peer_bound:.3g}", "-",
+            f"{peer['tokens_per_s']:.3g}", f"{peer_bound:.3g}",
+            f"{100 * peer['tokens_per_s'] / peer_bound:.0f}%" if peer_bound else "-", "-", "-",
         ])  # fmt: skip
-    best = {name: max(measured[(name, b)] for b in BATCHES) for name in {n for n, _ in measured}}
+    names = {n for n, _ in measured}
+    best = {
+        name: max((measured[(name, b)], b) for b in batches if (name, b) in measured)
+        for name in names
+    }
     print(
         f"\n[offload {shape}: true-disk regime, budget {format_size(budget)}, disk "
         f"{bandwidth / 1e9:.2f} GB/s (cold buffered reads), setup {setup_s:.0f} s, "
-        f"{new_tokens - 1} decode steps per run, tokens/s]\n" + _table(rows)
+        f"{new_tokens - 1} decode steps per run, tokens/s; compute timed with "
+        f"{calibration.threads} intra-op thread(s)]\n" + _table(rows)
     )
-    for name in sorted(best):
-        if name != "accelerate":
-            ratio = best[name] / best["accelerate"]
-            print(f"best batch: {name} / accelerate = {ratio:.2f}x")
+    peer_best, peer_batch = best["accelerate"]
+    for name in sorted(names - {"accelerate"}):
+        tokens, at = best[name]
+        print(
+            f"best batch: {name} {tokens:.3g} tok/s (batch {at}) / accelerate {peer_best:.3g} "
+            f"(batch {peer_batch}) = {tokens / peer_best:.2f}x"
+        )
 
 
 @pytest.mark.parametrize("shape", SHAPE_PARAMS)
 def test_offload_policy_vs_grid(shape: str) -> None:
-    """At batch 8: the policy's pick, measured, beside every policy of a coarse grid (compression
-    x prefetch x micro-batch, each with the most resident layers that fit), measured."""
+    """At GRID_BATCH: the policy's pick, measured, beside every policy of a coarse grid
+    (compression x prefetch x micro-batch, each with the most resident layers that fit)."""
     setup = _setup(shape)
-    budget, new_tokens, batch = BUDGETS[shape], NEW_TOKENS[shape], 8
+    budget, new_tokens, batch = BUDGETS[shape], NEW_TOKENS[shape], GRID_BATCH[shape]
     shapes, calibration = setup["shapes"], setup["calibration"]
     context = PROMPT_TOKENS + new_tokens
     shapes = {c: shapes[c] for c in setup["prepared"]}
@@ -287,7 +348,7 @@ def test_offload_policy_vs_grid(shape: str) -> None:
     grid = {}
     for compress in (None, 4):
         for prefetch in (0, 1, 2):
-            for micro_batch in (4, 8):
+            for micro_batch in sorted({max(1, batch // 4), batch}):
                 try:
                     policy = choose_policy(
                         {compress: shapes[compress]}, calibration, cpu_budget=budget,
@@ -299,7 +360,7 @@ def test_offload_policy_vs_grid(shape: str) -> None:
                 streamed = policy.resident_layers < shapes[compress].num_layers
                 key = (compress, policy.resident_layers, prefetch if streamed else 0, micro_batch)
                 grid.setdefault(key, policy)
-    rows = [["policy", "predicted", "measured"]]
+    rows = [["policy", "predicted", "measured", "predicted/measured", "decode step (median)"]]
     results = []
     for policy in grid.values():
         result = _run_ours(
@@ -310,10 +371,17 @@ def test_offload_policy_vs_grid(shape: str) -> None:
         rows.append([
             policy.describe().split(";")[0], f"{policy.predicted_tokens_per_s:.3g}",
             f"{result['tokens_per_s']:.3g}",
+            f"{policy.predicted_tokens_per_s / result['tokens_per_s']:.2f}", _breakdown(result),
         ])  # fmt: skip
     best_policy, best = max(results, key=lambda item: item[1])
     picked = [m for p, m in results if p.describe() == pick.describe()]
-    picked_text = f"{picked[0]:.3g}" if picked else "not in grid"
+    picked_text = "not in grid"
+    if picked:
+        picked_text = (
+            f"{picked[0]:.3g} ({100 * picked[0] / best:.0f}% of the grid's best; predicted "
+            f"{pick.predicted_tokens_per_s:.3g} = {pick.predicted_tokens_per_s / picked[0]:.2f}x "
+            f"the measured)"
+        )
     print(
         f"\n[offload {shape} grid, batch {batch}, true disk, budget {format_size(budget)}]\n"
         + _table(rows)

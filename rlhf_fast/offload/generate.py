@@ -14,12 +14,13 @@ forward per micro-batch (each re-streams the layers). Prompts are left-padded
 with optional top-k from a seeded generator. Finished rows (EOS) are padded with `pad_token_id`.
 With `kv_bits=4` each micro-batch's KV cache is held 4-bit group-wise (offload/kv_cache.py).
 
-While layers stream, torch's intra-op threads are capped at one fewer than it has (at least 1,
-`compute_threads` overrides): the reader thread copies each shard into its slot with a core's
+Torch's intra-op threads are capped at one fewer than it has (at least 1; `compute_threads`
+overrides) while generating: the reader thread copies each shard into its slot with a core's
 worth of work, and torch's parallel regions wait at a barrier for their slowest thread, so a
 reader (or another process) holding one of the cores stretched every op of the step. On the
 2-core machine this was measured at 2-4x per decoder layer (a 2-thread int4 GEMM of 8 rows
-took a 12 ms time slice, one thread 1-7 ms).
+took a 12 ms time slice, one thread 1-7 ms). The cap holds without prefetching too, so that the
+policy's calibration (policy.calibrate, timed with the same count) describes every policy.
 """
 
 from __future__ import annotations
@@ -96,11 +97,9 @@ def _fallback_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[
     return logits
 
 
-def streaming_threads(lm: OffloadedLM) -> int:
-    """Intra-op threads for compute while `lm`'s layers stream (see the module docstring)."""
-    threads = torch.get_num_threads()
-    streams = bool(lm.streamer.streamed) and lm.streamer.prefetch > 0
-    return max(1, threads - 1) if streams else threads
+def streaming_threads() -> int:
+    """Intra-op threads for generate_batch's compute (see the module docstring)."""
+    return max(1, torch.get_num_threads() - 1)
 
 
 @contextlib.contextmanager
@@ -149,10 +148,10 @@ def generate_batch(
     `logprobs` each step's [B] log-probabilities of the chosen tokens under the distribution
     they were drawn from, softmax(logits / temperature) before top-k (temperature 0: 1).
     `kv_bits=4`: the KV cache is held compressed, groups of `kv_group_size` (kv_cache.py).
-    `compute_threads`: torch's intra-op threads meanwhile (default `streaming_threads(lm)`)."""
+    `compute_threads`: torch's intra-op threads meanwhile (default `streaming_threads()`)."""
     if compute_threads is not None and compute_threads < 1:
         raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
-    threads = compute_threads or streaming_threads(lm)
+    threads = compute_threads or streaming_threads()
     with _intra_op_threads(threads):
         return _generate(
             lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, micro_batch=micro_batch,

@@ -76,13 +76,21 @@ class ModelShape:
 @dataclass(frozen=True)
 class Calibration:
     """Measured speeds: t_layer(mb) = layer_fixed + layer_per_row * mb seconds, per compression
-    (keys "none", "int8", "int4"); the same for lm_head; disk read bandwidth in bytes/s."""
+    (keys "none", "int8", "int4"); the same for lm_head; disk read bandwidth in bytes/s.
+
+    `layer_points` (when a compression has them): [rows, seconds] measured at several row
+    counts, interpolated piecewise-linearly instead of the straight line (the kernels change
+    method with the row count: register-dequantizing GEMV-like up to 63 rows, dequantized
+    tiles and a GEMM from 64). `threads`: torch's intra-op threads the compute was timed with
+    (generate_batch's while layers stream: one fewer than the machine's)."""
 
     disk_bandwidth: float
     layer_fixed: dict[str, float]
     layer_per_row: dict[str, float]
     head_fixed: float
     head_per_row: float
+    layer_points: dict[str, list[list[float]]] = field(default_factory=dict)
+    threads: int = 0
 
 
 def compression_name(bits: int | None) -> str:
@@ -173,7 +181,15 @@ def simulate_step(
 
 def layer_time(calibration: Calibration, compress: int | None, micro_batch: int) -> float:
     name = compression_name(compress)
-    return calibration.layer_fixed[name] + calibration.layer_per_row[name] * micro_batch
+    points = sorted(calibration.layer_points.get(name) or [])
+    if len(points) < 2:
+        return calibration.layer_fixed[name] + calibration.layer_per_row[name] * micro_batch
+    # the segment that holds micro_batch (the first or last one extrapolated)
+    index = 1
+    while index < len(points) - 1 and points[index][0] < micro_batch:
+        index += 1
+    (r0, t0), (r1, t1) = points[index - 1], points[index]
+    return max(t0 + (t1 - t0) * (micro_batch - r0) / max(r1 - r0, 1e-9), 1e-6)
 
 
 def evaluate(
@@ -197,10 +213,11 @@ def evaluate(
     read_seconds = shape.layer_bytes / calibration.disk_bandwidth
     reads = [None if i in resident else read_seconds for i in range(shape.num_layers)]
     step = simulate_step([per_layer] * shape.num_layers, reads, prefetch)
-    step += blocks * (calibration.head_fixed + calibration.head_per_row * micro_batch)
+    step += calibration.head_fixed + calibration.head_per_row * batch  # once over the batch
     streamed = shape.num_layers - len(resident)
     slots = min(prefetch + 1, streamed)
-    activations = micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate + shape.vocab)
+    activations = micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate)
+    activations += batch * 4 * shape.vocab  # the step's logits, all micro-batches at once
     kv_share = 1.0
     if kv_bits == 4:
         from rlhf_fast.offload.kv_cache import compressed_fraction
@@ -380,12 +397,24 @@ def calibrate_compute(
     *,
     compressions=COMPRESSIONS,
     group_size: int = 32,
-    rows=(1, 8),
+    rows=(1, 8, 32, 64),
     context: int = 64,
     repeats: int = 3,
-) -> tuple[dict, dict, float, float]:
+    threads: int | None = None,
+) -> tuple[dict, dict, float, float, dict]:
     """Times one decoder layer of `config` (random weights) per compression at `rows` decode
-    rows with `context` cached positions, and the lm_head; returns the fitted coefficients."""
+    rows with `context` cached positions, and the lm_head, with `threads` intra-op threads
+    (default: one fewer than torch has, generate_batch's while streaming); returns the
+    straight-line coefficients (first and last rows) and the measured points."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, before - 1))
+    try:
+        return _calibrate_compute(config, dtype, compressions, group_size, rows, context, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _calibrate_compute(config, dtype, compressions, group_size, rows, context, repeats):
     import copy
 
     from transformers import AutoModelForCausalLM, DynamicCache
@@ -398,7 +427,7 @@ def calibrate_compute(
     small.tie_word_embeddings = False
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
-    fixed, per_row = {}, {}
+    fixed, per_row, points = {}, {}, {}
     for bits in compressions:
         model = base if bits is None else quantize_model(copy.deepcopy(base), bits, group_size)
         layer = decoder_layers(model)[1][0]
@@ -420,16 +449,21 @@ def calibrate_compute(
         slope = (times[-1] - times[0]) / max(rows[-1] - rows[0], 1)
         fixed[compression_name(bits)] = max(times[0] - slope * rows[0], 1e-6)
         per_row[compression_name(bits)] = max(slope, 0.0)
+        points[compression_name(bits)] = [[float(r), t] for r, t in zip(rows, times, strict=True)]
     head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
     inputs = [torch.randn(count, config.hidden_size, dtype=dtype) for count in rows]
     head_times = [_median_seconds(lambda x=x: head(x), 3) for x in inputs]
     head_slope = (head_times[-1] - head_times[0]) / max(rows[-1] - rows[0], 1)
-    return fixed, per_row, max(head_times[0] - head_slope * rows[0], 1e-6), max(head_slope, 0.0)
+    head_fixed = max(head_times[0] - head_slope * rows[0], 1e-6)
+    return fixed, per_row, head_fixed, max(head_slope, 0.0), points
 
 
-def calibrate(config, dtype, directory, *, compressions=COMPRESSIONS, files=None) -> Calibration:
+def calibrate(
+    config, dtype, directory, *, compressions=COMPRESSIONS, files=None, threads=None
+) -> Calibration:
     bandwidth = measure_disk_bandwidth(directory, files)
-    fixed, per_row, head_fixed, head_per_row = calibrate_compute(
-        config, dtype, compressions=compressions
+    threads = threads or max(1, torch.get_num_threads() - 1)
+    fixed, per_row, head_fixed, head_per_row, points = calibrate_compute(
+        config, dtype, compressions=compressions, threads=threads
     )
-    return Calibration(bandwidth, fixed, per_row, head_fixed, head_per_row)
+    return Calibration(bandwidth, fixed, per_row, head_fixed, head_per_row, points, threads)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -111,6 +112,10 @@ class LayerStreamer:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="rlhf-fast-offload")
         self._closed = False
         self.bytes_read = 0
+        # where a step's time goes (benchmarks print them): seconds acquire() blocked on a read
+        # (compute waiting for I/O) and seconds the reads took (on the reader thread)
+        self.wait_seconds = 0.0
+        self.read_seconds = 0.0
 
     @property
     def held_bytes(self) -> int:
@@ -119,7 +124,9 @@ class LayerStreamer:
         return resident + sum(slot.numel() for slot in self.slots)
 
     def _read(self, index: int, slot: int) -> None:
+        started = time.perf_counter()
         read_into(self.layouts[index], self.slots[slot], drop_cache=self.drop_cache)
+        self.read_seconds += time.perf_counter() - started
 
     def _schedule(self, index: int) -> bool:
         """Starts reading streamed layer `index` into a free slot; False when none is free."""
@@ -187,12 +194,14 @@ class LayerStreamer:
                 self._evict_prefetched()
                 self._schedule(index)
             slot, read = self._pending.pop(index)
+        started = time.perf_counter()
         try:
             read.result()
         except BaseException:
             with self._lock:
                 self._free.append(slot)
             raise
+        self.wait_seconds += time.perf_counter() - started
         with self._lock:
             self._held[index] = (slot, 1)
             self._contents[slot] = index
