@@ -183,3 +183,17 @@ def test_sampling_is_seeded_and_independent_of_micro_batching(dense):
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], dense["expected"])  # it did sample
     assert torch.equal(top1, dense["expected"])
+
+
+def test_compute_threads_are_capped_during_generation_and_restored(dense):
+    ids, mask = dense["prompts"]
+    seen = []
+    before = torch.get_num_threads()
+    with load_offloaded(dense["from_model"], prefetch=1) as lm:
+        hook = lm.layers[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+        out = generate_batch(lm, ids, mask, max_new_tokens=2, compute_threads=1)
+        hook.remove()
+        assert set(seen) == {1} and torch.get_num_threads() == before
+        with pytest.raises(ValueError, match="compute_threads"):
+            generate_batch(lm, ids, mask, max_new_tokens=1, compute_threads=0)
+    assert torch.equal(out, dense["expected"][:, : ids.shape[1] + 2])

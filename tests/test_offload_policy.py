@@ -12,6 +12,7 @@ from rlhf_fast.offload.policy import (
     ModelShape,
     choose_policy,
     evaluate,
+    layer_time,
     model_shapes,
     parse_max_memory,
     parse_size,
@@ -110,3 +111,24 @@ def test_model_shapes_count_layer_bytes():
     assert shapes[None].other_bytes == (2 * 1000 * 256 + 256) * 4
     assert shapes[4].layer_bytes < shapes[8].layer_bytes < shapes[None].layer_bytes / 3
     assert shapes[None].kv_bytes_per_token == 2 * 3 * 2 * 64 * 4
+
+
+def test_layer_time_interpolates_measured_points():
+    points = {"int4": [[1.0, 0.010], [8.0, 0.017], [32.0, 0.065], [64.0, 0.097]]}
+    calibration = Calibration(1e9, {"int4": 1.0}, {"int4": 1.0}, 0.0, 0.0, points, 1)
+    assert layer_time(calibration, 4, 1) == pytest.approx(0.010)
+    assert layer_time(calibration, 4, 32) == pytest.approx(0.065)
+    assert layer_time(calibration, 4, 20) == pytest.approx(0.017 + 0.048 * 12 / 24)
+    assert layer_time(calibration, 4, 128) == pytest.approx(0.097 + 0.032 * 2)  # last slope
+    # without points (an older cached calibration): the straight line
+    assert layer_time(CALIBRATION, 4, 3) == pytest.approx(0.004 + 0.002 * 3)
+
+
+def test_lm_head_is_charged_once_per_step_not_per_micro_batch():
+    common = dict(compress=4, resident_layers=8, prefetch=0, batch=8, context=16)
+    one = evaluate(SHAPES[4], CALIBRATION, micro_batch=8, **common)
+    eight = evaluate(SHAPES[4], CALIBRATION, micro_batch=1, **common)
+    layers = 8 * (0.004 + 0.002 * 8)
+    assert 8 / one.predicted_tokens_per_s == pytest.approx(layers + 0.001 + 0.0001 * 8)
+    layers_mb1 = 8 * 8 * (0.004 + 0.002)
+    assert 8 / eight.predicted_tokens_per_s == pytest.approx(layers_mb1 + 0.001 + 0.0001 * 8)
