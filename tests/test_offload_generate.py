@@ -197,3 +197,62 @@ def test_compute_threads_are_capped_during_generation_and_restored(dense):
         with pytest.raises(ValueError, match="compute_threads"):
             generate_batch(lm, ids, mask, max_new_tokens=1, compute_threads=0)
     assert torch.equal(out, dense["expected"][:, : ids.shape[1] + 2])
+
+
+def test_direct_reads_equal_buffered_reads_and_catch_truncation(dense, tmp_path):
+    import shutil
+
+    from rlhf_fast.offload.shards import (
+        ShardError,
+        aligned_buffer,
+        direct_bytes,
+        layer_file,
+        read_into,
+        read_layout,
+    )
+
+    layout = read_layout(dense["int4"] / layer_file(2))
+    plain = read_into(layout, torch.empty(layout.data_bytes, dtype=torch.uint8)).clone()
+    direct = read_into(layout, aligned_buffer(direct_bytes(layout)), drop_cache=True)
+    assert torch.equal(direct, plain)
+    # it was the O_DIRECT read: the data starts past the aligned offset below it
+    assert direct.data_ptr() % 4096 == layout.data_offset % 4096 != 0
+    views = layout.views(direct)
+    assert {k: v.dtype for k, v in views.items()} == {
+        k: v.dtype for k, v in layout.views(plain).items()
+    }
+    # a misaligned or short buffer falls back to the buffered read (same bytes)
+    odd = torch.empty(layout.data_bytes + 1, dtype=torch.uint8)[1:]
+    assert torch.equal(read_into(layout, odd, drop_cache=True), plain)
+    # a file cut after its header was read: the direct read names it
+    copy_path = tmp_path / "cut.safetensors"
+    shutil.copy(layout.path, copy_path)
+    cut = read_layout(copy_path)
+    with open(copy_path, "r+b") as handle:
+        handle.truncate(cut.data_offset + cut.data_bytes - 100)
+    with pytest.raises(ShardError, match="cut.safetensors: truncated"):
+        read_into(cut, aligned_buffer(direct_bytes(cut)), drop_cache=True)
+
+
+def test_bf16_activations_opt_in_stay_close_to_the_quantized_resident_model(dense):
+    ids, mask = dense["prompts"]
+    quantized = quantize_model(copy.deepcopy(dense["model"]), 4, 32)
+    with torch.no_grad():
+        want = quantized(input_ids=ids, attention_mask=mask).logits
+    calls = []
+    with load_offloaded(dense["int4"], prefetch=1, bf16_rows=32) as lm:
+        down = lm.layers[1].mlp.down_proj
+        hook = down.register_forward_hook(lambda _, args, out: calls.append(args[0].dtype))
+        with torch.no_grad():
+            got = lm.model(input_ids=ids, attention_mask=mask).logits  # 45 rows: bf16
+            small = lm.model(input_ids=ids[:2], attention_mask=mask[:2]).logits  # 18: fp32
+        hook.remove()
+    assert calls == [torch.bfloat16, torch.float32]
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    # bf16 rounding of the activations: a few % of the logits' norm (this tiny random model
+    # amplifies it through 5 layers at init scale 0.3), not a wrong product
+    relative = ((got - want).norm() / want.norm()).item()
+    assert 0 < relative < 0.05, relative
+    torch.testing.assert_close(small, want[:2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bf16_rows"):
+        load_offloaded(dense["int4"], bf16_rows=0)

@@ -5,11 +5,16 @@ An offload directory holds `offload.json` (what was prepared from what), `reside
 `layer_NNN.safetensors` per decoder layer, its tensors named relative to the layer
 (`self_attn.q_proj.weight`, or `.qdata`/`.scales`/`.offsets`/`.qshape` when compressed).
 
-Reading a layer parses its header once (`ShardLayout`), then each load is one buffered
-`readinto` of the whole data section into a preallocated uint8 buffer, whose slices are viewed
-as the layer's tensors: no allocation and no copy beyond the kernel's. With `drop_cache=True`
-the file's pages are evicted from the page cache after the read (posix_fadvise DONTNEED), so
-every load is a true disk read and the page cache never holds the model ("true-disk" regime).
+Reading a layer parses its header once (`ShardLayout`), then each load is one read of the whole
+data section into a preallocated uint8 buffer, whose slices are viewed as the layer's tensors:
+no allocation and no copy beyond the kernel's. With `drop_cache=True` ("true-disk" regime: the
+page cache never holds the model) the read bypasses the page cache with O_DIRECT into a
+page-aligned buffer (`aligned_buffer`, `direct_bytes`): the disk's DMA fills the buffer, where a
+buffered read would cost a CPU copy out of the page cache plus the eviction
+(posix_fadvise DONTNEED) afterwards. Measured on the 2-core dev machine, 226 MB of int4 layers
+read cold: O_DIRECT 1.3-1.5 GB/s and 0.01 s of CPU, buffered 0.7-1.0 GB/s and 0.08 s of CPU
+(which the decoder's compute thread competes with). Where O_DIRECT is refused (tmpfs, some
+network file systems) the read falls back to buffered + DONTNEED.
 """
 
 from __future__ import annotations
@@ -113,6 +118,24 @@ def read_layout(path: str | os.PathLike) -> ShardLayout:
     return ShardLayout(path, data_offset, data_bytes, tuple(entries))
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT wants the file offset, length and buffer address aligned
+
+
+def direct_bytes(layout: ShardLayout) -> int:
+    """Buffer bytes that an O_DIRECT read of `layout`'s data section needs: from the aligned
+    offset below the data section to the aligned length above its end."""
+    head = layout.data_offset % DIRECT_ALIGN
+    return -(-(head + layout.data_bytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of `nbytes` whose first byte is DIRECT_ALIGN-aligned (a view of a slightly
+    larger allocation, which it keeps alive)."""
+    raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % DIRECT_ALIGN
+    return raw[skip : skip + nbytes]
+
+
 def drop_page_cache(path: str | os.PathLike) -> None:
     """Evicts a file's pages from the page cache (the next read comes from the disk)."""
     fd = os.open(path, os.O_RDONLY)
@@ -122,8 +145,50 @@ def drop_page_cache(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def read_into(layout: ShardLayout, buffer: torch.Tensor, *, drop_cache: bool = False) -> None:
-    """Reads the data section of `layout`'s file into the first bytes of `buffer` (uint8)."""
+def _read_direct(layout: ShardLayout, buffer: torch.Tensor) -> torch.Tensor | None:
+    """The data section read with O_DIRECT into `buffer`, as a view; None where the buffer or
+    the file system does not allow it."""
+    length = direct_bytes(layout)
+    if buffer.numel() < length or buffer.data_ptr() % DIRECT_ALIGN or not hasattr(os, "O_DIRECT"):
+        return None
+    head = layout.data_offset % DIRECT_ALIGN
+    try:
+        fd = os.open(layout.path, os.O_RDONLY | os.O_DIRECT)
+    except FileNotFoundError:
+        raise ShardError(f"{layout.path}: missing offload shard (deleted while in use?)") from None
+    except OSError:  # EINVAL: this file system has no O_DIRECT
+        return None
+    target = memoryview(buffer.numpy()).cast("B")[:length]
+    try:
+        done, offset = 0, layout.data_offset - head
+        while done < head + layout.data_bytes:
+            try:
+                got = os.preadv(fd, [target[done:]], offset + done)
+            except OSError:
+                if done:
+                    raise
+                return None  # refused at the first read: fall back to a buffered one
+            if not got:
+                raise ShardError(
+                    f"{layout.path}: truncated (read {max(done - head, 0)} of "
+                    f"{layout.data_bytes} data bytes)"
+                )
+            done += got
+    finally:
+        os.close(fd)
+    return buffer[head : head + layout.data_bytes]
+
+
+def read_into(
+    layout: ShardLayout, buffer: torch.Tensor, *, drop_cache: bool = False
+) -> torch.Tensor:
+    """Reads the data section of `layout`'s file into `buffer` (uint8) and returns the view of
+    `buffer` that holds it (give it to `layout.views`): the first bytes, or, with `drop_cache`
+    and an `aligned_buffer` of `direct_bytes(layout)`, an O_DIRECT read past the alignment."""
+    if drop_cache:
+        data = _read_direct(layout, buffer)
+        if data is not None:
+            return data
     if buffer.numel() < layout.data_bytes:
         raise ValueError(f"buffer of {buffer.numel()} bytes < {layout.data_bytes} ({layout.path})")
     target = memoryview(buffer.numpy()).cast("B")[: layout.data_bytes]
@@ -143,14 +208,14 @@ def read_into(layout: ShardLayout, buffer: torch.Tensor, *, drop_cache: bool = F
             done += got
         if drop_cache:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return buffer[: layout.data_bytes]
 
 
 def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a (small) safetensors file, in one owned buffer, checked like a layer."""
     layout = read_layout(path)
     buffer = torch.empty(layout.data_bytes, dtype=torch.uint8)
-    read_into(layout, buffer)
-    return layout.views(buffer)
+    return layout.views(read_into(layout, buffer))
 
 
 def read_manifest(offload_dir: str | os.PathLike) -> dict:

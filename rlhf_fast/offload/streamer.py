@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from rlhf_fast.offload.shards import ShardLayout, read_into
+from rlhf_fast.offload.shards import ShardLayout, aligned_buffer, direct_bytes, read_into
 
 
 class _Binding:
@@ -94,14 +94,23 @@ class LayerStreamer:
         self.resident = sorted(resident)
         self.streamed = [i for i in range(len(self.layers)) if i not in resident]
         self.resident_buffers = {}
+
+        # buffers sized and aligned for O_DIRECT reads when reading bypasses the page cache
+        def size(layout: ShardLayout) -> int:
+            return direct_bytes(layout) if drop_cache else layout.data_bytes
+
+        def new_buffer(nbytes: int) -> torch.Tensor:
+            return aligned_buffer(nbytes) if drop_cache else torch.empty(nbytes, dtype=torch.uint8)
+
         for index in self.resident:
-            buffer = torch.empty(self.layouts[index].data_bytes, dtype=torch.uint8)
-            read_into(self.layouts[index], buffer, drop_cache=drop_cache)
-            self.bindings[index].bind(self.layouts[index].views(buffer))
+            buffer = new_buffer(size(self.layouts[index]))
+            data = read_into(self.layouts[index], buffer, drop_cache=drop_cache)
+            self.bindings[index].bind(self.layouts[index].views(data))
             self.resident_buffers[index] = buffer
-        slot_bytes = max((self.layouts[i].data_bytes for i in self.streamed), default=0)
+        slot_bytes = max((size(self.layouts[i]) for i in self.streamed), default=0)
         slots = min(prefetch + 1, len(self.streamed))
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slots)]
+        self.slots = [new_buffer(slot_bytes) for _ in range(slots)]
+        self._data: list[torch.Tensor | None] = [None] * slots  # each slot's data section
         self.prefetch = prefetch
         self._free = list(range(slots))
         self._pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, read)
@@ -125,7 +134,9 @@ class LayerStreamer:
 
     def _read(self, index: int, slot: int) -> None:
         started = time.perf_counter()
-        read_into(self.layouts[index], self.slots[slot], drop_cache=self.drop_cache)
+        self._data[slot] = read_into(
+            self.layouts[index], self.slots[slot], drop_cache=self.drop_cache
+        )
         self.read_seconds += time.perf_counter() - started
 
     def _schedule(self, index: int) -> bool:
@@ -205,7 +216,7 @@ class LayerStreamer:
         with self._lock:
             self._held[index] = (slot, 1)
             self._contents[slot] = index
-            self.bindings[index].bind(self.layouts[index].views(self.slots[slot]))
+            self.bindings[index].bind(self.layouts[index].views(self._data[slot]))
             self._prefetch_after(index)
 
     def _evict_prefetched(self) -> None:
