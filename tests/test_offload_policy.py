@@ -132,3 +132,18 @@ def test_lm_head_is_charged_once_per_step_not_per_micro_batch():
     assert 8 / one.predicted_tokens_per_s == pytest.approx(layers + 0.001 + 0.0001 * 8)
     layers_mb1 = 8 * 8 * (0.004 + 0.002)
     assert 8 / eight.predicted_tokens_per_s == pytest.approx(layers_mb1 + 0.001 + 0.0001 * 8)
+
+
+def test_cold_reads_count_every_byte_direct_or_buffered(tmp_path):
+    from rlhf_fast.offload.policy import _read_cold, measure_disk_bandwidth
+    from rlhf_fast.offload.shards import aligned_buffer
+
+    path = tmp_path / "odd.bin"
+    data = torch.randint(0, 256, (300_001,), dtype=torch.uint8)
+    path.write_bytes(data.numpy().tobytes())
+    aligned = aligned_buffer(64 << 10)  # O_DIRECT: chunks, then a short read at the end
+    assert _read_cold(str(path), aligned) == 300_001
+    assert torch.equal(aligned[: 300_001 - 4 * (64 << 10)], data[4 * (64 << 10) :])
+    unaligned = torch.empty((64 << 10) + 1, dtype=torch.uint8)[1:]  # refused: buffered
+    assert _read_cold(str(path), unaligned) == 300_001
+    assert measure_disk_bandwidth(tmp_path, [str(path)]) > 0

@@ -353,27 +353,55 @@ def model_shapes(config, dtype: torch.dtype, group_size: int = 32) -> dict[int |
 # ------------------------------------------------------------------------------ calibration
 
 
+def _read_cold(path: str, buffer: torch.Tensor) -> int:
+    """Reads all of `path` as the streamer reads in the true-disk regime: O_DIRECT into an
+    aligned buffer (shards.read_into), else buffered with the page cache dropped first."""
+    view = memoryview(buffer.numpy()).cast("B")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = None
+    if fd is not None:
+        total = 0
+        try:
+            while got := os.preadv(fd, [view], total):
+                total += got
+                if got < len(view):  # the end of the file (O_DIRECT reads are short only there)
+                    break
+            return total
+        except OSError:
+            if total:
+                raise
+        finally:
+            os.close(fd)
+    drop_page_cache(path)
+    total = 0
+    with open(path, "rb", buffering=0) as handle:
+        while got := handle.readinto(view):
+            total += got
+    drop_page_cache(path)
+    return total
+
+
 def measure_disk_bandwidth(directory: str | os.PathLike, files: list[str] | None = None) -> float:
-    """Bytes/s of cold buffered reads (page cache dropped first): of `files` when given, else of
-    a 256 MiB temporary file written in `directory` and deleted."""
-    buffer = bytearray(64 << 20)
+    """Bytes/s of cold reads, made as the streamer makes them (`_read_cold`): of `files` when
+    given, else of a 256 MiB temporary file written in `directory` and deleted."""
+    from rlhf_fast.offload.shards import aligned_buffer
+
+    buffer = aligned_buffer(64 << 20)
     created = None
     if not files:
         handle, created = tempfile.mkstemp(dir=directory, suffix=".bw")
         with os.fdopen(handle, "wb") as out:
             for _ in range(4):
-                out.write(os.urandom(len(buffer)))
+                out.write(os.urandom(buffer.numel()))
             out.flush()
             os.fsync(out.fileno())
         files = [created]
     try:
         total, started = 0, time.perf_counter()
         for path in files:
-            drop_page_cache(path)
-            with open(path, "rb", buffering=0) as handle:
-                while got := handle.readinto(buffer):
-                    total += got
-            drop_page_cache(path)
+            total += _read_cold(path, buffer)
         return total / (time.perf_counter() - started)
     finally:
         if created:
