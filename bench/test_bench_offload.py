@@ -14,7 +14,7 @@ read, the rest: compute):
   * ours-none-noprefetch: the same placement with prefetch=0 (reads never overlap compute);
   * ours-int4-streamed: int4 layers, none resident (compressed streaming);
   * ours-int4-bf16: the same with bf16 activations for products of >= 32 rows (opt-in
-    `bf16_rows`: not token-exact with the fp32 model; the cost model has no calibration of it);
+    `bf16_rows`: not token-exact with the fp32 model; calibrated as "int4-bf16");
   * accelerate: transformers + Accelerate device_map="auto", max_memory={"cpu": budget}, disk
     offload folder (the peer).
 Decode tokens/s = batch / median decode-step time (prefill excluded). Each provider is compared
@@ -294,25 +294,28 @@ def test_offload_generation_throughput(shape: str) -> None:
             {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
             fixed={"resident_layers": 0},
         )  # fmt: skip
+        int4_bf16 = choose_policy(
+            {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
+            fixed={"resident_layers": 0, "bf16_rows": BF16_ROWS},
+        )  # fmt: skip
         cases = [
             ("ours-auto", auto),
             ("ours-none", none),
             ("ours-int4-streamed", int4_streamed),
-            ("ours-int4-bf16", int4_streamed),
+            ("ours-int4-bf16", int4_bf16),
         ]
         if batch <= 8:  # the no-overlap baseline only where I/O is a large share of a step
             cases.insert(2, ("ours-none-noprefetch", no_overlap))
         for name, policy in cases:
-            bf16 = name.endswith("-bf16")
             result = _run_ours(
                 prepared[policy.compress], policy, batch, config.vocab_size, new_tokens,
-                bf16_rows=BF16_ROWS if bf16 else None,
+                bf16_rows=policy.bf16_rows,
             )  # fmt: skip
             measured[(name, batch)] = result["tokens_per_s"]
             bound = policy.io_bound_tokens_per_s
             rows.append([
                 name, str(batch), policy.describe().split(";")[0],
-                "-" if bf16 else f"{policy.predicted_tokens_per_s:.3g}",
+                f"{policy.predicted_tokens_per_s:.3g}",
                 f"{result['tokens_per_s']:.3g}",
                 f"{bound:.3g}", f"{100 * result['tokens_per_s'] / bound:.0f}%",
                 _breakdown(result), format_size(result["weights_in_ram"]),

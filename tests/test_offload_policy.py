@@ -120,6 +120,13 @@ def test_layer_time_interpolates_measured_points():
     assert layer_time(calibration, 4, 32) == pytest.approx(0.065)
     assert layer_time(calibration, 4, 20) == pytest.approx(0.017 + 0.048 * 12 / 24)
     assert layer_time(calibration, 4, 128) == pytest.approx(0.097 + 0.032 * 2)  # last slope
+    # bf16 activations (opt-in): their own points from bf16_rows rows up, int4's below
+    both = dict(points, **{"int4-bf16": [[1.0, 0.010], [32.0, 0.030], [64.0, 0.040]]})
+    mixed = Calibration(1e9, {"int4": 1.0}, {"int4": 1.0}, 0.0, 0.0, both, 1)
+    assert layer_time(mixed, 4, 64, bf16_rows=32) == pytest.approx(0.040)
+    assert layer_time(mixed, 4, 16, bf16_rows=32) == pytest.approx(0.017 + 0.048 * 8 / 24)
+    assert layer_time(mixed, 4, 64) == pytest.approx(0.097)
+    assert layer_time(calibration, 4, 64, bf16_rows=32) == pytest.approx(0.097)  # not calibrated
     # without points (an older cached calibration): the straight line
     assert layer_time(CALIBRATION, 4, 3) == pytest.approx(0.004 + 0.002 * 3)
 
@@ -147,3 +154,23 @@ def test_cold_reads_count_every_byte_direct_or_buffered(tmp_path):
     unaligned = torch.empty((64 << 10) + 1, dtype=torch.uint8)[1:]  # refused: buffered
     assert _read_cold(str(path), unaligned) == 300_001
     assert measure_disk_bandwidth(tmp_path, [str(path)]) > 0
+
+
+def test_calibration_times_int4_with_and_without_bf16_activations():
+    from transformers import LlamaConfig
+
+    from rlhf_fast.offload.policy import calibrate_compute
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    before = torch.get_num_threads()
+    fixed, per_row, head_fixed, _, points = calibrate_compute(
+        config, torch.float32, compressions=(None, 4), rows=(1, 32), context=4, repeats=1
+    )
+    assert set(points) == {"none", "int4", "int4-bf16"} and set(fixed) == set(points)
+    assert all(
+        [r for r, _ in p] == [1.0, 32.0] and min(t for _, t in p) > 0 for p in points.values()
+    )
+    assert head_fixed > 0 and torch.get_num_threads() == before

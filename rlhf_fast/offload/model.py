@@ -76,7 +76,7 @@ def _install_quant_shells(layer: nn.Module, layout, where: str) -> None:
         replace_module(layer, name, shell)
 
 
-def _bf16_activation_hooks(layers: nn.ModuleList, rows: int) -> list:
+def bf16_activation_hooks(layers: nn.ModuleList, rows: int) -> list:
     """Hooks that run int4 QuantLinears of >= `rows` rows on bf16 activations (see above)."""
 
     def to_bf16(module: nn.Module, args):
@@ -210,7 +210,7 @@ def load_offloaded(
             layer.register_forward_hook(lambda *_, i=index: streamer.release(i), always_call=True)
         )
     if bf16_rows is not None:
-        hooks += _bf16_activation_hooks(layers, bf16_rows)
+        hooks += bf16_activation_hooks(layers, bf16_rows)
     model.eval()
     model.requires_grad_(False)  # a frozen base: only adapters added later train
     return OffloadedLM(model, streamer, manifest, hooks)

@@ -109,6 +109,7 @@ class Policy:
     io_bound_tokens_per_s: float = float("inf")
     details: dict = field(default_factory=dict, compare=False)
     kv_bits: int | None = None  # 4: KV cache held 4-bit group-wise (offload/kv_cache.py)
+    bf16_rows: int | None = None  # int4 products of >= this many rows on bf16 (opt-in)
 
     def describe(self) -> str:
         blocks = -(-self.batch // self.micro_batch)
@@ -117,7 +118,9 @@ class Policy:
             f"prefetch={self.prefetch} micro_batch={self.micro_batch} x {blocks} per block "
             f"(batch {self.batch}); memory {format_size(self.memory_bytes)}; predicted "
             f"{self.predicted_tokens_per_s:.2f} tokens/s (I/O bound "
-            f"{self.io_bound_tokens_per_s:.2f})" + (" kv=int4" if self.kv_bits == 4 else "")
+            f"{self.io_bound_tokens_per_s:.2f})"
+            + (" kv=int4" if self.kv_bits == 4 else "")
+            + (f" bf16_rows={self.bf16_rows}" if self.bf16_rows else "")
         )
 
     def as_dict(self) -> dict:
@@ -179,8 +182,23 @@ def simulate_step(
     return now - step_start
 
 
-def layer_time(calibration: Calibration, compress: int | None, micro_batch: int) -> float:
+BF16 = "-bf16"  # the calibration key suffix of int4 layers timed with bf16 activations
+
+
+def layer_time(
+    calibration: Calibration, compress: int | None, micro_batch: int, bf16_rows: int | None = None
+) -> float:
+    """Seconds of one decoder layer on `micro_batch` decode rows (see Calibration); with
+    `bf16_rows` (int4 only, opt-in: offload/model.py) the bf16-activation timing from there."""
     name = compression_name(compress)
+    bf16 = name + BF16
+    if (
+        compress == 4
+        and bf16_rows
+        and micro_batch >= bf16_rows
+        and bf16 in calibration.layer_points
+    ):
+        name = bf16
     points = sorted(calibration.layer_points.get(name) or [])
     if len(points) < 2:
         return calibration.layer_fixed[name] + calibration.layer_per_row[name] * micro_batch
@@ -203,12 +221,13 @@ def evaluate(
     batch: int,
     context: int,
     kv_bits: int | None = None,
+    bf16_rows: int | None = None,
 ) -> Policy:
     """The predicted throughput and memory of one policy (no budget check)."""
     from rlhf_fast.offload.model import spread
 
     blocks = -(-batch // micro_batch)
-    per_layer = layer_time(calibration, compress, micro_batch) * blocks
+    per_layer = layer_time(calibration, compress, micro_batch, bf16_rows) * blocks
     resident = spread(resident_layers, shape.num_layers)
     read_seconds = shape.layer_bytes / calibration.disk_bandwidth
     reads = [None if i in resident else read_seconds for i in range(shape.num_layers)]
@@ -234,7 +253,7 @@ def evaluate(
         compress, len(resident), prefetch, micro_batch, batch,
         predicted_tokens_per_s=batch / step, memory_bytes=int(memory),
         io_bound_tokens_per_s=batch / io_seconds if io_seconds else float("inf"),
-        kv_bits=kv_bits,
+        kv_bits=kv_bits, bf16_rows=bf16_rows if compress == 4 else None,
     )  # fmt: skip
 
 
@@ -279,7 +298,7 @@ def choose_policy(
                     policy = evaluate(
                         shape, calibration, compress=compress, resident_layers=resident,
                         prefetch=prefetch, micro_batch=micro_batch, batch=batch, context=context,
-                        kv_bits=fixed.get("kv_bits"),
+                        kv_bits=fixed.get("kv_bits"), bf16_rows=fixed.get("bf16_rows"),
                     )  # fmt: skip
                     if smallest is None or policy.memory_bytes < smallest.memory_bytes:
                         smallest = policy
@@ -429,24 +448,29 @@ def calibrate_compute(
     context: int = 64,
     repeats: int = 3,
     threads: int | None = None,
+    bf16_rows: int | None = 32,
 ) -> tuple[dict, dict, float, float, dict]:
     """Times one decoder layer of `config` (random weights) per compression at `rows` decode
     rows with `context` cached positions, and the lm_head, with `threads` intra-op threads
     (default: one fewer than torch has, generate_batch's while streaming); returns the
-    straight-line coefficients (first and last rows) and the measured points."""
+    straight-line coefficients (first and last rows) and the measured points. int4 is timed
+    again with `bf16_rows` (offload/model.py's opt-in), under the key "int4-bf16"."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, before - 1))
     try:
-        return _calibrate_compute(config, dtype, compressions, group_size, rows, context, repeats)
+        return _calibrate_compute(
+            config, dtype, compressions, group_size, rows, context, repeats, bf16_rows
+        )
     finally:
         torch.set_num_threads(before)
 
 
-def _calibrate_compute(config, dtype, compressions, group_size, rows, context, repeats):
+def _calibrate_compute(config, dtype, compressions, group_size, rows, context, repeats, bf16_rows):
     import copy
 
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from rlhf_fast.offload.model import bf16_activation_hooks
     from rlhf_fast.offload.prepare import decoder_layers
     from rlhf_fast.quant import quantize_model
 
@@ -456,8 +480,13 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
     fixed, per_row, points = {}, {}, {}
-    for bits in compressions:
+    variants = [(bits, False) for bits in compressions]
+    variants += [(4, True)] if 4 in compressions and bf16_rows else []
+    for bits, bf16 in variants:
         model = base if bits is None else quantize_model(copy.deepcopy(base), bits, group_size)
+        if bf16:
+            bf16_activation_hooks(decoder_layers(model)[1], bf16_rows)
+        key = compression_name(bits) + (BF16 if bf16 else "")
         layer = decoder_layers(model)[1][0]
         inner = model.model if hasattr(model, "model") else None
         times = []
@@ -475,9 +504,9 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
             times.append(whole)
         del layer, inner
         slope = (times[-1] - times[0]) / max(rows[-1] - rows[0], 1)
-        fixed[compression_name(bits)] = max(times[0] - slope * rows[0], 1e-6)
-        per_row[compression_name(bits)] = max(slope, 0.0)
-        points[compression_name(bits)] = [[float(r), t] for r, t in zip(rows, times, strict=True)]
+        fixed[key] = max(times[0] - slope * rows[0], 1e-6)
+        per_row[key] = max(slope, 0.0)
+        points[key] = [[float(r), t] for r, t in zip(rows, times, strict=True)]
     head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
     inputs = [torch.randn(count, config.hidden_size, dtype=dtype) for count in rows]
     head_times = [_median_seconds(lambda x=x: head(x), 3) for x in inputs]
