@@ -185,7 +185,7 @@ def test_sampling_is_seeded_and_independent_of_micro_batching(dense):
     assert torch.equal(top1, dense["expected"])
 
 
-def test_compute_threads_are_capped_during_generation_and_restored(dense):
+def test_compute_threads_are_capped_during_generation_and_restored(dense, monkeypatch):
     ids, mask = dense["prompts"]
     seen = []
     before = torch.get_num_threads()
@@ -196,6 +196,14 @@ def test_compute_threads_are_capped_during_generation_and_restored(dense):
         assert set(seen) == {1} and torch.get_num_threads() == before
         with pytest.raises(ValueError, match="compute_threads"):
             generate_batch(lm, ids, mask, max_new_tokens=1, compute_threads=0)
+        from rlhf_fast.offload.generate import THREADS_ENV, streaming_threads
+
+        monkeypatch.setenv(THREADS_ENV, "3")
+        assert streaming_threads() == 3
+        monkeypatch.setenv(THREADS_ENV, "zero")
+        with pytest.raises(ValueError, match=THREADS_ENV):
+            generate_batch(lm, ids, mask, max_new_tokens=1)
+        assert torch.get_num_threads() == before
     assert torch.equal(out, dense["expected"][:, : ids.shape[1] + 2])
 
 

@@ -26,6 +26,7 @@ policy's calibration (policy.calibrate, timed with the same count) describes eve
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -97,8 +98,18 @@ def _fallback_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[
     return logits
 
 
+THREADS_ENV = "RLHF_FAST_OFFLOAD_THREADS"
+
+
 def streaming_threads() -> int:
-    """Intra-op threads for generate_batch's compute (see the module docstring)."""
+    """Intra-op threads for generate_batch's compute (see the module docstring): one fewer
+    than torch has, or $RLHF_FAST_OFFLOAD_THREADS (e.g. all of them on a quiet machine, where
+    the O_DIRECT reader needs almost no CPU: untested here, the dev machine is always shared)."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"${THREADS_ENV} must be a whole number >= 1, got {text!r}")
+        return int(text)
     return max(1, torch.get_num_threads() - 1)
 
 

@@ -455,8 +455,10 @@ def calibrate_compute(
     (default: one fewer than torch has, generate_batch's while streaming); returns the
     straight-line coefficients (first and last rows) and the measured points. int4 is timed
     again with `bf16_rows` (offload/model.py's opt-in), under the key "int4-bf16"."""
+    from rlhf_fast.offload.generate import streaming_threads
+
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, before - 1))
+    torch.set_num_threads(threads or streaming_threads())
     try:
         return _calibrate_compute(
             config, dtype, compressions, group_size, rows, context, repeats, bf16_rows
@@ -519,7 +521,9 @@ def calibrate(
     config, dtype, directory, *, compressions=COMPRESSIONS, files=None, threads=None
 ) -> Calibration:
     bandwidth = measure_disk_bandwidth(directory, files)
-    threads = threads or max(1, torch.get_num_threads() - 1)
+    from rlhf_fast.offload.generate import streaming_threads
+
+    threads = threads or streaming_threads()
     fixed, per_row, head_fixed, head_per_row, points = calibrate_compute(
         config, dtype, compressions=compressions, threads=threads
     )
