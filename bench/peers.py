@@ -179,3 +179,22 @@ def rank_loss_pair_gather(rewards: torch.Tensor, mask: torch.Tensor | None) -> t
     weights = (mask[:, better] & mask[:, worse]).to(rewards.dtype)
     losses = F.softplus(safe[:, worse] - safe[:, better])
     return (losses * weights).sum() / weights.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# int4 weights in aten's (tinygemm's) format
+# --------------------------------------------------------------------------------------------
+
+
+def aten_int4_codes(weight: torch.Tensor, group: int = 128):
+    """Asymmetric int4 of a [N, K] weight as aten's int4pack ops take it: codes [N, K] in 0..15
+    (float) and the bf16 [K / group, N, 2] (scale, zero) table, where w = (code - 8) * scale
+    + zero per group. The CPU and CUDA formats differ only in how the codes are packed."""
+    n, k = weight.shape
+    groups = weight.view(n, k // group, group)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    zero = low + 8 * scale
+    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(n, k)
+    scale_and_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
+    return codes, scale_and_zero

@@ -16,6 +16,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from peers import aten_int4_codes
 
 from rlhf_fast import ops
 from rlhf_fast.ops import backends
@@ -30,18 +31,11 @@ PROVIDERS = ["bf16", "torch-int4pack-g128", "ours-int4-g128", "ours-int4-g32", "
 
 
 def _torch_int4pack(weight: torch.Tensor, group: int = 128):
-    """tinygemm's CUDA format: uint8 codes packed two per byte, bf16 (scale, zero) per group."""
-    n, k = weight.shape
-    groups = weight.view(n, k // group, group)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8)
-    zero = low + 8 * scale
-    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(n, k)
+    """tinygemm's CUDA format: the codes packed two per byte (high nibble first)."""
+    codes, scale_and_zero = aten_int4_codes(weight, group)
     codes = codes.to(torch.uint8)
     packed_bytes = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack(packed_bytes, 8)
-    scale_and_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
-    return packed, scale_and_zero
+    return torch.ops.aten._convert_weight_to_int4pack(packed_bytes, 8), scale_and_zero
 
 
 @functools.cache  # the copies serve every M

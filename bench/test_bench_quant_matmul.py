@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quick_mode
+from peers import aten_int4_codes
 
 from rlhf_fast import ops
 from rlhf_fast.ops import backends
@@ -47,15 +48,8 @@ def _copies(weight_bytes: int) -> int:
 
 def _torch_int4pack(weight: torch.Tensor, group: int = 128):
     """aten's packed int4 CPU format: codes 0..15 around 8, bf16 (scale, zero) per group."""
-    n, k = weight.shape
-    groups = weight.view(n, k // group, group)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8)
-    zero = low + 8 * scale
-    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k).int(), 2)
-    scale_and_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
-    return packed, scale_and_zero
+    codes, scale_and_zero = aten_int4_codes(weight, group)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2), scale_and_zero
 
 
 @functools.cache  # weights are reused across M; the largest set is ~3 GB for all providers

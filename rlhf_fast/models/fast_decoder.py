@@ -268,6 +268,21 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
+def read_decoder_shape(target: object, config, inner: nn.Module) -> None:
+    """Sets the attributes a decode loop reads off a Llama-style model (embedding, dtype,
+    widths, heads, attention scale, rotary module, final norm) on `target`."""
+    target.embed = inner.embed_tokens.weight
+    target.dtype = target.embed.dtype
+    target.hidden = config.hidden_size
+    target.heads = config.num_attention_heads
+    target.kv_heads = getattr(config, "num_key_value_heads", None) or target.heads
+    target.head_dim = getattr(config, "head_dim", None) or target.hidden // target.heads
+    target.scale = target.head_dim**-0.5
+    target.rotary = inner.rotary_emb
+    target.norm = inner.norm.weight
+    target.norm_eps = float(inner.norm.variance_epsilon)
+
+
 class FastDecoder:
     """Prefill and one-token steps of a supported model (see `unsupported_reason`).
 
@@ -284,16 +299,7 @@ class FastDecoder:
             raise ValueError(f"FastDecoder cannot run this model: {reason}")
         config, inner = model.config, model.model
         self.model_ref = weakref.ref(model)
-        self.embed = inner.embed_tokens.weight
-        self.dtype = self.embed.dtype
-        self.hidden = config.hidden_size
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
-        self.scale = self.head_dim**-0.5
-        self.rotary = inner.rotary_emb
-        self.norm = inner.norm.weight
-        self.norm_eps = float(inner.norm.variance_epsilon)
+        read_decoder_shape(self, config, inner)
         windows = _sliding_windows(model)
         with torch.inference_mode():
             self.layers = [

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast.models.fast_decoder import _Projection as QuantProjection
-from rlhf_fast.models.fast_decoder import _sliding_windows
+from rlhf_fast.models.fast_decoder import _sliding_windows, read_decoder_shape
 from rlhf_fast.models.fast_decoder import unsupported_reason as lean_unsupported_reason
 from rlhf_fast.quant.linear import QuantLinear
 
@@ -255,16 +255,7 @@ class RolloutDecoder:
             raise ValueError(f"RolloutDecoder cannot run this model: {reason}")
         lm = causal_lm_of(model)
         config, inner = lm.config, lm.model
-        self.embed = inner.embed_tokens.weight
-        self.dtype = self.embed.dtype
-        self.hidden = config.hidden_size
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
-        self.scale = self.head_dim**-0.5
-        self.rotary = inner.rotary_emb
-        self.norm = inner.norm.weight
-        self.norm_eps = float(inner.norm.variance_epsilon)
+        read_decoder_shape(self, config, inner)
         bits = _QUANT_BITS.get(quant)
         windows = _sliding_windows(lm)
         # Small models: copy q/k/v and gate/up into one weight each (a decode step of a few
