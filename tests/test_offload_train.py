@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import threading
 
 import pytest
 import torch
+from test_offload_errors import _open_shards
 
 from rlhf_fast.models.load import LoraSettings, attach_lora
 from rlhf_fast.offload import load_offloaded, prepare_offload
@@ -217,16 +217,6 @@ def test_bytes_bound_during_a_training_step_stay_within_the_placement(tmp_path):
     assert reads == 2 * 5 - 2
     full = sum(p.numel() * 4 for p in model.model.layers.parameters())
     assert lm.streamer.held_bytes <= full / 2  # 1 resident layer + 2 slots of 6 layers
-
-
-def _open_shards():
-    names = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            names.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
-    return [name for name in names if name.endswith(".safetensors")]
 
 
 def test_exception_mid_backward_releases_layers_and_leaks_no_thread(tmp_path):
