@@ -246,3 +246,20 @@ def test_qlora_rejects_merge():
     model = lora.prepare_qlora(tiny_model("llama"), bits=4, group_size=32)
     with pytest.raises(NotImplementedError, match="quantized"):
         model.merge_adapter()
+
+
+def test_cuda_inputs_keep_peft_forward_unless_triton_is_asked_for(monkeypatch):
+    """Measured on an H200, peft's forward beat the Triton fused layer: CUDA inputs run peft's
+    forward unless RLHF_FAST_BACKEND=triton; CPU inputs always take the fused op."""
+    from rlhf_fast.lora.fuse import peft_is_faster_here
+
+    class CudaLike:
+        is_cuda = True
+
+    monkeypatch.delenv("RLHF_FAST_BACKEND", raising=False)
+    assert peft_is_faster_here(CudaLike())
+    assert not peft_is_faster_here(torch.zeros(2))
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    assert not peft_is_faster_here(CudaLike())
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cpp")
+    assert peft_is_faster_here(CudaLike())
