@@ -12,8 +12,6 @@ cut into the policy's micro-batches (FlexGen's block), instead of one HF forward
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from rlhf_fast.offload.generate import generate_batch
@@ -40,12 +38,7 @@ def generate_offloaded_rollouts(
     `micro_batch`: rows per micro-batch of the block (default: the offload policy's). The
     lean decoder and its quantized copies need every weight in memory: `decoder` is ignored
     (the block schedule is the offloaded decoder) and `quant` must be "none"."""
-    from rlhf_fast.train.rollout import (
-        Rollout,
-        left_pad,
-        reference_context,
-        response_logprobs,
-    )
+    from rlhf_fast.train.rollout import Rollout, left_pad, reference_logprobs
 
     lm = model.rlhf_fast_offload
     if quant != "none":
@@ -76,13 +69,9 @@ def generate_offloaded_rollouts(
         ended = (is_eos & response_mask).any(-1)
         ref_logprobs = None
         if score_reference:
-            with contextlib.ExitStack() as stack:
-                if reference is None:
-                    stack.enter_context(reference_context(model))
-                ref_logprobs = response_logprobs(
-                    model if reference is None else reference, query, query_mask, response,
-                    response_mask, temperature,
-                )  # fmt: skip
+            ref_logprobs = reference_logprobs(
+                model, reference, query, query_mask, response, response_mask, temperature
+            )
     finally:
         model.train(was_training)
     return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)

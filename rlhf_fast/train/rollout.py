@@ -173,6 +173,18 @@ def choose_decoder(model: torch.nn.Module, decoder: str = "auto", quant: str = "
     return "hf"
 
 
+def reference_logprobs(model, reference, query, query_mask, response, response_mask, temperature):
+    """The answers' log-probs under `reference`, or under `model` with its adapters disabled
+    when `reference` is None (the shared-base reference: exactly the SFT model)."""
+    with contextlib.ExitStack() as stack:
+        if reference is None:
+            stack.enter_context(reference_context(model))
+        return response_logprobs(
+            model if reference is None else reference, query, query_mask, response,
+            response_mask, temperature,
+        )  # fmt: skip
+
+
 @torch.no_grad()
 def generate_rollouts(
     model: torch.nn.Module,
@@ -222,13 +234,9 @@ def generate_rollouts(
         ended = (torch.isin(response, eos) & response_mask).any(-1)
         ref_logprobs = None
         if score_reference:
-            with contextlib.ExitStack() as stack:
-                if reference is None:
-                    stack.enter_context(reference_context(model))
-                ref_model = model if reference is None else reference
-                ref_logprobs = response_logprobs(
-                    ref_model, query, query_mask, response, response_mask, temperature
-                )
+            ref_logprobs = reference_logprobs(
+                model, reference, query, query_mask, response, response_mask, temperature
+            )
     finally:
         model.train(was_training)
     return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)
