@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tiny_families import make_family_dir
+from tiny_families import FAMILIES, make_family_dir
 from train_helpers import ranked_records, sft_records, write_jsonl
 
 from rlhf_fast.cli import main
@@ -42,7 +42,7 @@ def _all_args(model, data, output) -> list[str]:
             "--output", str(output), *SMALL]  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_stage_all_end_to_end(family, data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -1,8 +1,8 @@
 """Tiny random causal LMs of each family the trainer supports, saved with the tiny tokenizer.
 
 `make_family_dir(directory, family)` writes config.json + model.safetensors + tokenizer files
-for "llama", "qwen2", "gpt2", "opt" or "bloom" (hidden size 32, 2 layers): small enough that
-a few training steps take milliseconds on a CPU.
+for "llama", "qwen2", "mistral", "gpt2", "opt" or "bloom" (hidden size 32, 2 layers): small
+enough that a few training steps take milliseconds on a CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tiny_models import TINY_CHAT_TEMPLATE, train_tokenizer
 
-FAMILIES = ("llama", "qwen2", "gpt2", "opt", "bloom")
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt", "bloom")
 HIDDEN = 32
 
 
@@ -25,9 +25,12 @@ def _config(family: str, tokenizer):
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    if family in ("llama", "qwen2"):
-        config_class = tf.LlamaConfig if family == "llama" else tf.Qwen2Config
-        return config_class(
+    if family in ("llama", "qwen2", "mistral"):
+        config_class = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}.get(family)
+        # Mistral's sliding window is shorter than the tests' sequences, so the windowed mask
+        # is exercised, not just the causal one.
+        extra = {"sliding_window": 16} if family == "mistral" else {}
+        return (config_class or tf.MistralConfig)(
             hidden_size=HIDDEN,
             intermediate_size=HIDDEN * 2,
             num_hidden_layers=2,
@@ -35,6 +38,7 @@ def _config(family: str, tokenizer):
             num_key_value_heads=2,
             max_position_embeddings=256,
             tie_word_embeddings=False,
+            **extra,
             **special,
         )
     if family == "gpt2":  # GPT2Config defaults bos/eos to 50256: `special` puts them in vocab
