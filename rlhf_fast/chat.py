@@ -48,6 +48,7 @@ def load(args: argparse.Namespace):
     import transformers
     from transformers import AutoTokenizer
 
+    from rlhf_fast.quant.activations import set_int4_activations
     from rlhf_fast.quant.io import load_model
 
     device = args.device
@@ -69,6 +70,9 @@ def load(args: argparse.Namespace):
         model = load_model(
             model_dir, quantize=quantize, group_size=args.group_size, device=device, dtype="auto"
         )
+        # an int4 model chats under the project's int4 activation rule (quant/activations.py),
+        # as the lean decoder and the streamed model (--offload) do
+        set_int4_activations(model)
     except Exception as error:  # transformers raises many types; report them all on one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ChatError(

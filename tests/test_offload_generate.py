@@ -2,7 +2,8 @@
 
 The oracle is transformers' own `generate` on the same model held fully in memory (for int4:
 the same model through rlhf_fast.quant.quantize_model, which uses the same quantizer as the
-prepare step). Prompts are left-padded with gaps of different lengths, and the offloaded run
+prepare step; fp32 activations here, the int4 activation rule in test_offload_bf16_rule.py).
+Prompts are left-padded with gaps of different lengths, and the offloaded run
 varies resident layers, prefetch depth and micro-batch size.
 """
 
@@ -94,7 +95,8 @@ def test_compressed_streaming_equals_quantized_resident(dense, bits):
     ids, mask = dense["prompts"]
     quantized = quantize_model(copy.deepcopy(dense["model"]), bits, 32)
     expected = _reference(quantized, ids, mask)
-    with load_offloaded(dense[f"int{bits}"], resident_layers=1, prefetch=2) as lm:
+    # fp32 activations (the opt-out of the int4 activation rule: test_offload_bf16_rule.py)
+    with load_offloaded(dense[f"int{bits}"], resident_layers=1, prefetch=2, bf16_rows=None) as lm:
         from rlhf_fast.quant import QuantLinear
 
         assert isinstance(lm.layers[0].mlp.down_proj, QuantLinear)
@@ -112,7 +114,7 @@ def test_prequantized_model_streams_as_stored(dense, tmp_path):
     quantized = quantize_model(copy.deepcopy(dense["model"]), 4, 64)
     expected = _reference(quantized, ids, mask)
     prepare_offload(quantized, tmp_path / "q")
-    with load_offloaded(tmp_path / "q", prefetch=1) as lm:
+    with load_offloaded(tmp_path / "q", prefetch=1, bf16_rows=None) as lm:
         assert lm.layers[3].self_attn.q_proj.group_size == 64
         out = generate_batch(lm, ids, mask, max_new_tokens=NEW_TOKENS, micro_batch=3)
     assert torch.equal(out, expected)
@@ -240,27 +242,3 @@ def test_direct_reads_equal_buffered_reads_and_catch_truncation(dense, tmp_path)
         handle.truncate(cut.data_offset + cut.data_bytes - 100)
     with pytest.raises(ShardError, match="cut.safetensors: truncated"):
         read_into(cut, aligned_buffer(direct_bytes(cut)), drop_cache=True)
-
-
-def test_bf16_activations_opt_in_stay_close_to_the_quantized_resident_model(dense):
-    ids, mask = dense["prompts"]
-    quantized = quantize_model(copy.deepcopy(dense["model"]), 4, 32)
-    with torch.no_grad():
-        want = quantized(input_ids=ids, attention_mask=mask).logits
-    calls = []
-    with load_offloaded(dense["int4"], prefetch=1, bf16_rows=32) as lm:
-        down = lm.layers[1].mlp.down_proj
-        hook = down.register_forward_hook(lambda _, args, out: calls.append(args[0].dtype))
-        with torch.no_grad():
-            got = lm.model(input_ids=ids, attention_mask=mask).logits  # 45 rows: bf16
-            small = lm.model(input_ids=ids[:2], attention_mask=mask[:2]).logits  # 18: fp32
-        hook.remove()
-    assert calls == [torch.bfloat16, torch.float32]
-    assert got.dtype == torch.float32 and not torch.equal(got, want)
-    # bf16 rounding of the activations: a few % of the logits' norm (this tiny random model
-    # amplifies it through 5 layers at init scale 0.3), not a wrong product
-    relative = ((got - want).norm() / want.norm()).item()
-    assert 0 < relative < 0.05, relative
-    torch.testing.assert_close(small, want[:2], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="bf16_rows"):
-        load_offloaded(dense["int4"], bf16_rows=0)

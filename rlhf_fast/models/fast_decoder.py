@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_fast.quant.activations import BF16_ROWS, runs_on_bf16
 from rlhf_fast.quant.linear import QuantLinear
 from rlhf_fast.quant.weight import QuantizedWeight
 
@@ -111,7 +112,8 @@ class _Projection:
     reads them all); dense layers are read in place (fusing them would copy the weights) and
     their outputs concatenated. `fast_activations` runs quantized GEMMs on bf16 activations
     where the kernels are faster with them (int4 from 32 rows up: bf16 weight tiles and
-    torch's bf16 GEMM) and, up to 16 rows, on activations quantized per 32 / 128 columns
+    torch's bf16 GEMM; quant/activations.py's rule, shared with the HF forward of chat --int4
+    and the streamed model) and, up to 16 rows, on activations quantized per 32 / 128 columns
     (rlhf_fast::decode_gemv_*: int8 activations for int4 weights, int16 for int8; integer dot
     products, 2-4x the fp32 kernels)."""
 
@@ -144,8 +146,8 @@ class _Projection:
             y = F.linear(x.to(torch.bfloat16), codes).float().mul_(qweight.scales)
             y = y if self.bias is None else y.add_(self.bias)
             return y.to(x.dtype)
-        use_bf16 = self.fast_activations and x.dtype == torch.float32 and qweight.bits == 4
-        if use_bf16 and rows >= 32:
+        # int4 from BF16_ROWS rows: the project's one int4 activation rule (quant/activations.py)
+        if self.fast_activations and runs_on_bf16(x, qweight.bits, BF16_ROWS):
             return self._op(x.to(torch.bfloat16), qweight, self.bias).to(x.dtype)
         return self._op(x, qweight, self.bias)
 

@@ -14,6 +14,12 @@ forward per micro-batch (each re-streams the layers). Prompts are left-padded
 with optional top-k from a seeded generator. Finished rows (EOS) are padded with `pad_token_id`.
 With `kv_bits=4` each micro-batch's KV cache is held 4-bit group-wise (offload/kv_cache.py).
 
+int4 layers follow the model's int4 activation rule (quant/activations.py; on by default in
+load_offloaded: products of >= 32 rows on bf16). A product's rows are a micro-batch's, so the
+output equals the resident model's whole-batch forward under the same rule when every
+micro-batch is on the batch's side of the threshold (`activations.same_side`; the policy only
+proposes such micro-batches); otherwise it equals the resident model fed the same micro-batches.
+
 Torch's intra-op threads are capped at one fewer than it has (at least 1; `compute_threads`
 overrides) while generating: the reader thread copies each shard into its slot with a core's
 worth of work, and torch's parallel regions wait at a barrier for their slowest thread, so a

@@ -8,13 +8,15 @@ once; the others are bound by a LayerStreamer around each forward through hooks 
 Any HF forward therefore works unchanged (`model(...)`, `generate_tokens(..., decoder="hf")`);
 `offload.generate.generate_batch` adds FlexGen's block schedule on top.
 
-`bf16_rows=N` (opt-in, int4 layers only): quantized products of at least N rows (prefill,
-large decode batches) run on bf16 activations, where the C++ int4 kernel multiplies bf16
-weight tiles with torch's bf16 GEMM; on the dev machine (Zen 5, one thread) a decoder layer's
-linears at 64 rows took 43 ms instead of 115 ms in fp32. The outputs then differ from the fp32
-resident model in the activations' rounding (bf16: 8 bits of mantissa), as the lean rollout
-decoder's own bf16 path for int4 from 32 rows (models/fast_decoder.py); without it (default)
-streamed outputs equal the resident model's exactly. Never under autograd.
+Activations (int4 layers): by default the project's int4 activation rule (quant/activations.py)
+holds: int4 products of at least `bf16_rows` = BF16_ROWS (32) rows (prefill, large decode
+batches) run on bf16 activations outside autograd, where the C++ int4 kernel multiplies bf16
+weight tiles with torch's bf16 GEMM (at 128 rows of the 1.57B shape's MLP: 7.0 ms instead of
+20.5 ms with fp32 activations). The streamed model then equals the resident quantized model
+under the same rule (`quant.activations.set_int4_activations`; chat --int4 sets it) token for
+token under greedy decoding; `bf16_rows=None` is the opt-out (fp32 activations: equal to the
+fp32-activation resident model). Training turns the rule off (`enable_training`), and so do
+PPO rollouts (offload/rollout.py): their stored log-probs must be the training forward's.
 
 Training (LoRA on the frozen streamed base): `enable_training()` checkpoints every decoder layer
 so that its backward streams it in again (offload/backward.py); adapters are attached inside
@@ -41,6 +43,7 @@ from rlhf_fast.offload.shards import (
     read_manifest,
 )
 from rlhf_fast.offload.streamer import LayerStreamer
+from rlhf_fast.quant.activations import BF16_ROWS, set_int4_activations
 from rlhf_fast.quant.linear import QuantLinear
 from rlhf_fast.quant.model import replace_module
 
@@ -76,30 +79,6 @@ def _install_quant_shells(layer: nn.Module, layout, where: str) -> None:
         replace_module(layer, name, shell)
 
 
-def bf16_activation_hooks(layers: nn.ModuleList, rows: int) -> list:
-    """Hooks that run int4 QuantLinears of >= `rows` rows on bf16 activations (see above)."""
-
-    def to_bf16(module: nn.Module, args):
-        x = args[0]
-        many = x.dim() > 0 and x.numel() >= rows * x.shape[-1]
-        if x.dtype == torch.float32 and many and not torch.is_grad_enabled():
-            return (x.to(torch.bfloat16), *args[1:])
-        return None
-
-    def back_to_fp32(module: nn.Module, args, output):
-        if args[0].dtype == torch.bfloat16 and output.dtype == torch.bfloat16:
-            return output.float()
-        return None
-
-    hooks = []
-    for layer in layers:
-        for module in layer.modules():
-            if isinstance(module, QuantLinear) and module.bits == 4:
-                hooks.append(module.register_forward_pre_hook(to_bf16))
-                hooks.append(module.register_forward_hook(back_to_fp32))
-    return hooks
-
-
 def _materialize_remaining(model: nn.Module, streamed_names: set[str]) -> None:
     """Non-persistent buffers (rotary inv_freq) are in no file: build them with the model's
     own initializer, except the streamed layers' tensors (they stay meta until bound)."""
@@ -131,6 +110,9 @@ class OffloadedLM:
         """Forward and backward in training mode stream the layers (see offload/backward.py)."""
         from rlhf_fast.offload.backward import enable_streamed_training
 
+        # the training forward runs its layers without a graph and the backward recomputes them
+        # with one: both must run the same (fp32) products
+        set_int4_activations(self.model, None)
         enable_streamed_training(self.streamer, self.layers)
 
     def stand_ins(self):
@@ -156,17 +138,18 @@ def load_offloaded(
     resident_layers: int = 0,
     prefetch: int = 1,
     drop_cache: bool = False,
-    bf16_rows: int | None = None,
+    bf16_rows: int | None = BF16_ROWS,
 ) -> OffloadedLM:
     """Opens an offload directory written by prepare_offload (see the module docstring).
 
     Every shard's header is checked here, so a missing or truncated file fails before the first
-    token with `FILE: what is wrong`.
+    token with `FILE: what is wrong`. `bf16_rows`: the int4 activation rule's threshold (None:
+    fp32 activations).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if bf16_rows is not None and bf16_rows < 1:
-        raise ValueError(f"bf16_rows must be None or >= 1, got {bf16_rows}")
+    if bf16_rows is not None and (not isinstance(bf16_rows, int) or bf16_rows < 1):
+        raise ValueError(f"bf16_rows must be None or an int >= 1, got {bf16_rows!r}")
     path = Path(offload_dir)
     manifest = read_manifest(path)
     layouts = [read_layout(path / layer_file(i)) for i in range(manifest["num_layers"])]
@@ -209,8 +192,7 @@ def load_offloaded(
         hooks.append(
             layer.register_forward_hook(lambda *_, i=index: streamer.release(i), always_call=True)
         )
-    if bf16_rows is not None:
-        hooks += bf16_activation_hooks(layers, bf16_rows)
+    set_int4_activations(model, bf16_rows)
     model.eval()
     model.requires_grad_(False)  # a frozen base: only adapters added later train
     return OffloadedLM(model, streamer, manifest, hooks)

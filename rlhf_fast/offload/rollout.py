@@ -8,6 +8,11 @@ policy with its adapters disabled. The draw order of the seeded generator is the
 multinomial over all rows per step), so a seed gives the answers the resident path gives. What
 differs is the schedule: each decode step streams each layer once for all the rows, the rows
 cut into the policy's micro-batches (FlexGen's block), instead of one HF forward per step.
+
+Activations stay fp32 here whatever the model's int4 activation rule (quant/activations.py;
+chat and plain generation default to bf16 for many-row int4 products): the log-probs of the
+sampling forward are stored as PPO's old log-probs, and the training forward that PPO compares
+them with runs fp32 under autograd, so bf16 here would bias epoch 1's ratio away from 1.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast.offload.generate import generate_batch
+from rlhf_fast.quant.activations import int4_activations
 
 
 @torch.no_grad()
@@ -48,30 +54,32 @@ def generate_offloaded_rollouts(
     eos_list = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
     was_training = model.training
     model.eval()
-    try:
-        query, query_mask = left_pad(prompts, pad_token_id)
-        kv_bits = lm.policy.kv_bits if lm.policy is not None else None
-        if micro_batch is None and lm.policy is not None:
-            micro_batch = lm.policy.micro_batch
-        steps: list[torch.Tensor] = []
-        sequences = generate_batch(
-            lm, query, query_mask.long(), max_new_tokens=max_new_tokens, micro_batch=micro_batch,
-            eos_token_id=eos_list[0] if len(eos_list) == 1 else None, pad_token_id=pad_token_id,
-            temperature=temperature, top_k=top_k, generator=generator, logprobs=steps,
-            kv_bits=kv_bits,
-        )  # fmt: skip
-        response = sequences[:, query.shape[1] :]
-        is_eos = torch.isin(response, torch.tensor(eos_list))
-        ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-        response_mask = ~ended_before
-        response = response.masked_fill(~response_mask, pad_token_id)
-        logprobs = torch.where(response_mask, torch.stack(steps, 1), 0.0)
-        ended = (is_eos & response_mask).any(-1)
-        ref_logprobs = None
-        if score_reference:
-            ref_logprobs = reference_logprobs(
-                model, reference, query, query_mask, response, response_mask, temperature
-            )
-    finally:
-        model.train(was_training)
+    # fp32 activations while sampling and scoring: see the module docstring
+    with int4_activations(lm.model, None):
+        try:
+            query, query_mask = left_pad(prompts, pad_token_id)
+            kv_bits = lm.policy.kv_bits if lm.policy is not None else None
+            if micro_batch is None and lm.policy is not None:
+                micro_batch = lm.policy.micro_batch
+            steps: list[torch.Tensor] = []
+            sequences = generate_batch(
+                lm, query, query_mask.long(), max_new_tokens=max_new_tokens,
+                micro_batch=micro_batch, eos_token_id=eos_list[0] if len(eos_list) == 1 else None,
+                pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
+                generator=generator, logprobs=steps, kv_bits=kv_bits,
+            )  # fmt: skip
+            response = sequences[:, query.shape[1] :]
+            is_eos = torch.isin(response, torch.tensor(eos_list))
+            ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+            response_mask = ~ended_before
+            response = response.masked_fill(~response_mask, pad_token_id)
+            logprobs = torch.where(response_mask, torch.stack(steps, 1), 0.0)
+            ended = (is_eos & response_mask).any(-1)
+            ref_logprobs = None
+            if score_reference:
+                ref_logprobs = reference_logprobs(
+                    model, reference, query, query_mask, response, response_mask, temperature
+                )
+        finally:
+            model.train(was_training)
     return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rlhf_fast import ops
+from rlhf_fast.quant.activations import runs_on_bf16
 from rlhf_fast.quant.weight import INT4_BLOCK, QuantizedWeight, quantize_weight
 
 
@@ -42,7 +43,11 @@ def is_quantizable(module: nn.Module) -> bool:
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W.T (+ bias) with W stored int8 per channel or int4 group-wise; no gradient to W."""
+    """y = x @ W.T (+ bias) with W stored int8 per channel or int4 group-wise; no gradient to W.
+
+    `bf16_rows`: the int4 activation rule (quant/activations.py; None, the default: fp32)."""
+
+    bf16_rows: int | None = None
 
     def __init__(
         self,
@@ -135,6 +140,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ops.quant_matmul passes gradients to x (and a trainable bias); never to the weight.
+        if runs_on_bf16(x, self.bits, self.bf16_rows):
+            return ops.quant_matmul(x.to(torch.bfloat16), self.qweight, self.bias).float()
         return ops.quant_matmul(x, self.qweight, self.bias)
 
     def _apply(self, fn, recurse: bool = True):

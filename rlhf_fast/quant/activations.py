@@ -1,0 +1,95 @@
+"""The activation rule of int4 inference products: one definition for every model that uses it.
+
+Rule: an int4 QuantLinear product of at least `rows` rows (BF16_ROWS = 32 by default) runs on
+bf16 activations when no gradient is being recorded; smaller products, products under autograd
+and int8 / dense layers keep fp32 activations. 32 is where the C++ int4 kernel switches bf16
+activations to its many-row path (bf16 weight tiles, torch's bf16 GEMM, fp32 sums; 3x the
+fp32-activation kernel at 128 rows on the dev machine), and where the lean chat decoder
+(models/fast_decoder.py) uses bf16 for int4 prefill: that decoder calls `runs_on_bf16` itself.
+
+The rule is a property of the modules (`QuantLinear.bf16_rows`, None: off), set here:
+  * `set_int4_activations(model, rows)` / `int4_activations(model, rows)` (a context that puts
+    the old values back). The streamed model (offload/model.py, on by default for generation
+    and chat) and any resident model it is compared with (chat --int4 on the HF forward, the
+    tests' oracles) set the same rule, so the two compute the same products.
+  * Off (fp32) for anything whose outputs must equal a training forward: PPO rollouts store the
+    sampling log-probs as PPO's old log-probs, and the training forward runs fp32 under
+    autograd (offload/rollout.py turns the rule off while it samples).
+
+What bf16 changes: each activation keeps 8 bits of mantissa, and the many-row kernel rounds the
+dequantized weight to bf16 too; next to int4's own rounding of the weights (4 bits) this moves
+the logits little (tests/test_offload_bf16_rule.py bounds it). A row's outputs depend on the
+rows it is multiplied with only through the threshold, so a batch split into micro-batches gives
+the whole batch's outputs when every micro-batch is on the same side of it (`same_side`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+BF16_ROWS = 32
+
+
+def runs_on_bf16(x: torch.Tensor, bits: int, rows: int | None) -> bool:
+    """Whether an int`bits` product on `x` ([..., in_features]) runs on bf16 under the rule
+    with threshold `rows` (None: the rule is off)."""
+    return (
+        rows is not None
+        and bits == 4
+        and x.dtype == torch.float32
+        and x.dim() > 0
+        and x.numel() >= rows * max(x.shape[-1], 1)
+        and not torch.is_grad_enabled()
+    )
+
+
+def _int4_modules(model: nn.Module) -> list[nn.Module]:
+    from rlhf_fast.quant.linear import QuantLinear
+
+    return [m for m in model.modules() if isinstance(m, QuantLinear) and m.bits == 4]
+
+
+def _check_rows(rows: int | None) -> None:
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"rows must be None (fp32 activations) or an int >= 1, got {rows!r}")
+
+
+def set_int4_activations(model: nn.Module, rows: int | None = BF16_ROWS) -> int:
+    """Applies the rule with threshold `rows` to every int4 QuantLinear of `model` (None: fp32
+    activations, the opt-out). Returns how many modules it set."""
+    _check_rows(rows)
+    modules = _int4_modules(model)
+    for module in modules:
+        module.bf16_rows = rows
+    return len(modules)
+
+
+@contextlib.contextmanager
+def int4_activations(model: nn.Module, rows: int | None = BF16_ROWS):
+    """`set_int4_activations` for the duration of a `with` block; each module's previous
+    threshold comes back afterwards, even on an exception."""
+    _check_rows(rows)
+    modules = _int4_modules(model)
+    before = [module.bf16_rows for module in modules]
+    try:
+        for module in modules:
+            module.bf16_rows = rows
+        yield
+    finally:
+        for module, old in zip(modules, before, strict=True):
+            module.bf16_rows = old
+
+
+def same_side(micro_batch: int, batch: int, rows: int | None) -> bool:
+    """Whether cutting `batch` rows into micro-batches of `micro_batch` keeps every product on
+    the threshold's side that the whole batch's product is on (decode: one row per sequence;
+    prefill: each sequence's prompt positions, the same factor on both sides). True when the
+    rule is off, when there is one micro-batch, or when every micro-batch (the last one, the
+    remainder, included) has at least `rows` rows."""
+    if rows is None or micro_batch >= batch:
+        return True
+    remainder = batch % micro_batch
+    return micro_batch >= rows and (remainder == 0 or remainder >= rows)
