@@ -52,7 +52,10 @@ def test_parse_offload_spec():
         "compress": 4, "resident_layers": 8, "prefetch": 2, "micro_batch": 4,
     }  # fmt: skip
     assert parse_offload("compress=none,resident=3", 32) == {"compress": None, "resident_layers": 3}
-    for bad in ("resident=40", "prefetch=-1", "micro-batch=0", "speed=fast", "compress=int3"):
+    assert parse_offload("auto,act=fp32", 32) == {"bf16_rows": None}
+    assert parse_offload("act=bf16", 32) == {"bf16_rows": 32}
+    bad_values = ("resident=40", "prefetch=-1", "micro-batch=0", "speed=fast", "compress=int3")
+    for bad in (*bad_values, "act=fp16"):
         with pytest.raises(ValueError, match="--offload"):
             parse_offload(bad, 32)
 
@@ -166,11 +169,58 @@ def test_calibration_times_int4_with_and_without_bf16_activations():
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     )  # fmt: skip
     before = torch.get_num_threads()
-    fixed, per_row, head_fixed, _, points = calibrate_compute(
-        config, torch.float32, compressions=(None, 4), rows=(1, 32), context=4, repeats=1
+    fixed, per_row, head_fixed, _, points, head_points = calibrate_compute(
+        config, torch.float32, compressions=(None, 4), rows=(1, 32, 64), context=4, repeats=1
     )
     assert set(points) == {"none", "int4", "int4-bf16"} and set(fixed) == set(points)
-    assert all(
-        [r for r, _ in p] == [1.0, 32.0] and min(t for _, t in p) > 0 for p in points.values()
-    )
+    rows = {key: [r for r, _ in p] for key, p in points.items()}
+    # the bf16 timing only where the rule applies (from 32 rows)
+    assert rows == {"none": [1.0, 32.0, 64.0], "int4": [1.0, 32.0, 64.0], "int4-bf16": [32.0, 64.0]}
+    assert all(min(t for _, t in p) > 0 for p in points.values())
+    assert [r for r, _ in head_points] == [1.0, 32.0, 64.0] and min(t for _, t in head_points) > 0
     assert head_fixed > 0 and torch.get_num_threads() == before
+
+
+def test_head_time_interpolates_its_points():
+    from rlhf_fast.offload.policy import head_time
+
+    calibration = Calibration(
+        1e9, {"int4": 1.0}, {"int4": 1.0}, 1.0, 1.0, {}, 1, [[1.0, 0.002], [64.0, 0.050]]
+    )
+    assert head_time(calibration, 1) == pytest.approx(0.002)
+    assert head_time(calibration, 128) == pytest.approx(0.002 + 0.048 * 127 / 63)
+    assert head_time(CALIBRATION, 8) == pytest.approx(0.001 + 0.0001 * 8)  # no points: the line
+
+
+def _bf16_calibration() -> Calibration:
+    """int4 at 5 ms + 1 ms/row with fp32 activations, 6 ms + 0.1 ms/row under the rule."""
+    points = {
+        "int4": [[1.0, 0.006], [128.0, 0.133]],
+        "int4-bf16": [[32.0, 0.0092], [128.0, 0.0188]],
+    }
+    return Calibration(1e9, {"int4": 0.005}, {"int4": 0.001}, 0.001, 0.0, points, 1)
+
+
+def test_int4_under_the_rule_is_a_normal_candidate_and_its_micro_batches_stay_exact():
+    calibration, shapes = _bf16_calibration(), {4: SHAPES[4]}
+    policy = choose_policy(shapes, calibration, cpu_budget=10**9, batch=64, context=16)
+    assert policy.bf16_rows == 32 and "act=bf16" in policy.describe()
+    # 16-row micro-batches would run fp32 where the whole batch runs bf16: never proposed,
+    # whatever their predicted speed
+    assert policy.micro_batch in (32, 64)
+    assert policy.predicted_tokens_per_s == pytest.approx(
+        evaluate(SHAPES[4], calibration, compress=4, resident_layers=8, prefetch=policy.prefetch,
+                 micro_batch=policy.micro_batch, batch=64, context=16,
+                 bf16_rows=32).predicted_tokens_per_s
+    )  # fmt: skip
+    # opted out (act=fp32, training): fp32 timing, any micro-batch
+    off = choose_policy(
+        shapes, calibration, cpu_budget=10**9, batch=64, context=16, fixed={"bf16_rows": None}
+    )
+    assert off.bf16_rows is None and off.predicted_tokens_per_s < policy.predicted_tokens_per_s
+    # below the threshold the rule changes nothing: one micro-batch (splitting it could cross)
+    small = choose_policy(shapes, calibration, cpu_budget=10**9, batch=8, context=16)
+    assert small.micro_batch == 8
+    # other compressions never carry the rule
+    dense = choose_policy({None: SHAPES[None]}, CALIBRATION, cpu_budget=10**9, batch=64)
+    assert dense.bf16_rows is None

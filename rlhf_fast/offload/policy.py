@@ -1,9 +1,11 @@
 """Offload policy: choose resident layers, compression, prefetch depth and micro-batching.
 
 The cost model of one decode step (one new token for each of B sequences):
-  * compute: per layer and micro-batch, t_layer(mb) = a + b * mb (fitted from a calibration run
-    of one real decoder layer of the model's shape, per compression), times the number of
-    micro-batches; plus the lm_head on each micro-batch;
+  * compute: per layer and micro-batch, t_layer(mb): one real decoder layer of the model's shape
+    timed at 1, 8, 16, 32, 64 and 128 decode rows (per compression; int4 also under the int4
+    activation rule, quant/activations.py, from its threshold up), interpolated piecewise
+    between them, times the number of micro-batches; plus the lm_head once over the batch
+    (timed at the same row counts);
   * I/O: each streamed layer is read once per step (the block schedule), bytes / disk bandwidth;
   * overlap: an event simulation of the streamer (one reader thread; a read starts once a slot
     is free and the compute is within `prefetch` streamed layers of it; a layer's compute
@@ -12,6 +14,11 @@ Memory that must fit the CPU budget: non-layer weights, resident layers, prefetc
 buffers, the KV cache of the whole batch and one micro-batch's activations (logits included).
 The page cache is not counted (the streamer evicts what it reads in the true-disk regime).
 `choose_policy` searches a coarse grid exhaustively and returns the best predicted policy.
+
+int4 candidates follow the int4 activation rule (products of >= BF16_ROWS rows on bf16
+activations) unless it is pinned off (`fixed["bf16_rows"] = None`: `--offload act=fp32`, and
+training); their micro-batches then keep every product on the whole batch's side of the
+threshold (activations.same_side), so that the streamed outputs equal the resident model's.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rlhf_fast.offload.shards import drop_page_cache
+from rlhf_fast.quant.activations import BF16_ROWS, same_side
 
 COMPRESSIONS = (None, 8, 4)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20}
@@ -82,7 +90,8 @@ class Calibration:
     counts, interpolated piecewise-linearly instead of the straight line (the kernels change
     method with the row count: register-dequantizing GEMV-like up to 63 rows, dequantized
     tiles and a GEMM from 64). `threads`: torch's intra-op threads the compute was timed with
-    (generate_batch's while layers stream: one fewer than the machine's)."""
+    (generate_batch's while layers stream: one fewer than the machine's). `head_points`: the
+    lm_head's [rows, seconds], interpolated the same way (else its straight line)."""
 
     disk_bandwidth: float
     layer_fixed: dict[str, float]
@@ -91,6 +100,7 @@ class Calibration:
     head_per_row: float
     layer_points: dict[str, list[list[float]]] = field(default_factory=dict)
     threads: int = 0
+    head_points: list[list[float]] = field(default_factory=list)
 
 
 def compression_name(bits: int | None) -> str:
@@ -109,7 +119,7 @@ class Policy:
     io_bound_tokens_per_s: float = float("inf")
     details: dict = field(default_factory=dict, compare=False)
     kv_bits: int | None = None  # 4: KV cache held 4-bit group-wise (offload/kv_cache.py)
-    bf16_rows: int | None = None  # int4 products of >= this many rows on bf16 (opt-in)
+    bf16_rows: int | None = None  # int4 activation rule: products of >= this many rows on bf16
 
     def describe(self) -> str:
         blocks = -(-self.batch // self.micro_batch)
@@ -120,7 +130,7 @@ class Policy:
             f"{self.predicted_tokens_per_s:.2f} tokens/s (I/O bound "
             f"{self.io_bound_tokens_per_s:.2f})"
             + (" kv=int4" if self.kv_bits == 4 else "")
-            + (f" bf16_rows={self.bf16_rows}" if self.bf16_rows else "")
+            + (f" act=bf16 (int4 products of >= {self.bf16_rows} rows)" if self.bf16_rows else "")
         )
 
     def as_dict(self) -> dict:
@@ -189,7 +199,8 @@ def layer_time(
     calibration: Calibration, compress: int | None, micro_batch: int, bf16_rows: int | None = None
 ) -> float:
     """Seconds of one decoder layer on `micro_batch` decode rows (see Calibration); with
-    `bf16_rows` (int4 only, opt-in: offload/model.py) the bf16-activation timing from there."""
+    `bf16_rows` (int4 only: the activation rule's threshold) the bf16-activation timing from
+    that many rows up."""
     name = compression_name(compress)
     bf16 = name + BF16
     if (
@@ -202,12 +213,23 @@ def layer_time(
     points = sorted(calibration.layer_points.get(name) or [])
     if len(points) < 2:
         return calibration.layer_fixed[name] + calibration.layer_per_row[name] * micro_batch
-    # the segment that holds micro_batch (the first or last one extrapolated)
+    return _interpolate(points, micro_batch)
+
+
+def head_time(calibration: Calibration, rows: int) -> float:
+    """Seconds of the lm_head on `rows` rows (see Calibration)."""
+    if len(calibration.head_points) < 2:
+        return calibration.head_fixed + calibration.head_per_row * rows
+    return _interpolate(sorted(calibration.head_points), rows)
+
+
+def _interpolate(points: list[list[float]], rows: int) -> float:
+    """Piecewise-linear through [rows, seconds] points (the first or last segment extended)."""
     index = 1
-    while index < len(points) - 1 and points[index][0] < micro_batch:
+    while index < len(points) - 1 and points[index][0] < rows:
         index += 1
     (r0, t0), (r1, t1) = points[index - 1], points[index]
-    return max(t0 + (t1 - t0) * (micro_batch - r0) / max(r1 - r0, 1e-9), 1e-6)
+    return max(t0 + (t1 - t0) * (rows - r0) / max(r1 - r0, 1e-9), 1e-6)
 
 
 def evaluate(
@@ -232,7 +254,7 @@ def evaluate(
     read_seconds = shape.layer_bytes / calibration.disk_bandwidth
     reads = [None if i in resident else read_seconds for i in range(shape.num_layers)]
     step = simulate_step([per_layer] * shape.num_layers, reads, prefetch)
-    step += calibration.head_fixed + calibration.head_per_row * batch  # once over the batch
+    step += head_time(calibration, batch)  # once over the batch
     streamed = shape.num_layers - len(resident)
     slots = min(prefetch + 1, streamed)
     activations = micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate)
@@ -277,18 +299,21 @@ def choose_policy(
     fixed: dict | None = None,
 ) -> Policy:
     """The best predicted policy that fits `cpu_budget`; `fixed` pins some fields (explicit
-    flags: compress, resident_layers, prefetch, micro_batch). ValueError when none fits."""
+    flags: compress, resident_layers, prefetch, micro_batch, kv_bits, bf16_rows: None turns
+    the int4 activation rule off). ValueError when none fits."""
     fixed = fixed or {}
     best, smallest = None, None
     for compress, shape in shapes.items():
         if "compress" in fixed and fixed["compress"] != compress:
             continue
+        bf16_rows = fixed.get("bf16_rows", BF16_ROWS) if compress == 4 else None
+        micro_batches = [min(fixed["micro_batch"], batch)] if "micro_batch" in fixed else None
+        if micro_batches is None:  # exact under the activation rule (see the module docstring)
+            micro_batches = [
+                m for m in candidate_micro_batches(batch) if same_side(m, batch, bf16_rows)
+            ]
         for prefetch in (fixed["prefetch"],) if "prefetch" in fixed else prefetch_choices:
-            for micro_batch in (
-                (min(fixed["micro_batch"], batch),)
-                if "micro_batch" in fixed
-                else candidate_micro_batches(batch)
-            ):
+            for micro_batch in micro_batches:
                 counts = (
                     (fixed["resident_layers"],)
                     if "resident_layers" in fixed
@@ -298,7 +323,7 @@ def choose_policy(
                     policy = evaluate(
                         shape, calibration, compress=compress, resident_layers=resident,
                         prefetch=prefetch, micro_batch=micro_batch, batch=batch, context=context,
-                        kv_bits=fixed.get("kv_bits"), bf16_rows=fixed.get("bf16_rows"),
+                        kv_bits=fixed.get("kv_bits"), bf16_rows=bf16_rows,
                     )  # fmt: skip
                     if smallest is None or policy.memory_bytes < smallest.memory_bytes:
                         smallest = policy
@@ -437,6 +462,10 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+CALIBRATION_ROWS = (1, 8, 16, 32, 64, 128)  # decode rows timed (the kernels change method
+# at 16, 32 and 64 rows; generate_batch's micro-batches are powers of two or the whole batch)
+
+
 @torch.no_grad()
 def calibrate_compute(
     config,
@@ -444,17 +473,18 @@ def calibrate_compute(
     *,
     compressions=COMPRESSIONS,
     group_size: int = 32,
-    rows=(1, 8, 32, 64),
+    rows=CALIBRATION_ROWS,
     context: int = 64,
     repeats: int = 3,
     threads: int | None = None,
-    bf16_rows: int | None = 32,
-) -> tuple[dict, dict, float, float, dict]:
+    bf16_rows: int | None = BF16_ROWS,
+) -> tuple[dict, dict, float, float, dict, list]:
     """Times one decoder layer of `config` (random weights) per compression at `rows` decode
     rows with `context` cached positions, and the lm_head, with `threads` intra-op threads
-    (default: one fewer than torch has, generate_batch's while streaming); returns the
-    straight-line coefficients (first and last rows) and the measured points. int4 is timed
-    again with `bf16_rows` (offload/model.py's opt-in), under the key "int4-bf16"."""
+    (default: one fewer than torch has, generate_batch's while streaming). Returns the
+    straight-line coefficients (first and last rows), the layer's measured points per
+    compression and the lm_head's points. int4 is timed again under the activation rule with
+    threshold `bf16_rows` at the rows from there up, under the key "int4-bf16"."""
     from rlhf_fast.offload.generate import streaming_threads
 
     before = torch.get_num_threads()
@@ -467,14 +497,27 @@ def calibrate_compute(
         torch.set_num_threads(before)
 
 
+def _filled_cache(config, count: int, context: int, dtype: torch.dtype):
+    """A one-layer KV cache holding `context` random positions of `count` rows (a prefill of
+    count x context rows would cost more than all the timed steps together)."""
+    from transformers import DynamicCache
+
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cache = DynamicCache(config=config)
+    shape = (count, kv_heads, context, head_dim)
+    cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), 0)
+    return cache
+
+
 def _calibrate_compute(config, dtype, compressions, group_size, rows, context, repeats, bf16_rows):
     import copy
 
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
-    from rlhf_fast.offload.model import bf16_activation_hooks
-    from rlhf_fast.offload.prepare import decoder_layers
     from rlhf_fast.quant import quantize_model
+    from rlhf_fast.quant.activations import set_int4_activations
 
     small = copy.deepcopy(config)
     small.num_hidden_layers, small.vocab_size = 1, 256
@@ -482,39 +525,34 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
     fixed, per_row, points = {}, {}, {}
-    variants = [(bits, False) for bits in compressions]
-    variants += [(4, True)] if 4 in compressions and bf16_rows else []
-    for bits, bf16 in variants:
+    variants = [(bits, None) for bits in compressions]
+    variants += [(4, bf16_rows)] if 4 in compressions and bf16_rows else []
+    for bits, rule in variants:
         model = base if bits is None else quantize_model(copy.deepcopy(base), bits, group_size)
-        if bf16:
-            bf16_activation_hooks(decoder_layers(model)[1], bf16_rows)
-        key = compression_name(bits) + (BF16 if bf16 else "")
-        layer = decoder_layers(model)[1][0]
-        inner = model.model if hasattr(model, "model") else None
+        set_int4_activations(model, rule)
+        key = compression_name(bits) + (BF16 if rule else "")
+        counts = [r for r in rows if rule is None or r >= rule]
         times = []
-        for count in rows:
-            cache = DynamicCache(config=small)
-            ids = torch.randint(0, 256, (count, context))
-            model(input_ids=ids, cache=cache, use_cache=True)
+        for count in counts:
+            cache = _filled_cache(small, count, context, dtype)
             step_ids = torch.randint(0, 256, (count, 1))
 
             def step(model=model, ids=step_ids, cache=cache):  # cache grows a few positions
                 model(input_ids=ids, cache=cache, use_cache=True)
 
-            whole = _median_seconds(step, repeats)
             # the 1-layer model's own embedding/norm/head are tiny next to the layer (vocab 256)
-            times.append(whole)
-        del layer, inner
-        slope = (times[-1] - times[0]) / max(rows[-1] - rows[0], 1)
-        fixed[key] = max(times[0] - slope * rows[0], 1e-6)
+            times.append(_median_seconds(step, repeats))
+        slope = (times[-1] - times[0]) / max(counts[-1] - counts[0], 1)
+        fixed[key] = max(times[0] - slope * counts[0], 1e-6)
         per_row[key] = max(slope, 0.0)
-        points[key] = [[float(r), t] for r, t in zip(rows, times, strict=True)]
+        points[key] = [[float(r), t] for r, t in zip(counts, times, strict=True)]
     head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
     inputs = [torch.randn(count, config.hidden_size, dtype=dtype) for count in rows]
     head_times = [_median_seconds(lambda x=x: head(x), 3) for x in inputs]
     head_slope = (head_times[-1] - head_times[0]) / max(rows[-1] - rows[0], 1)
     head_fixed = max(head_times[0] - head_slope * rows[0], 1e-6)
-    return fixed, per_row, head_fixed, max(head_slope, 0.0), points
+    head_points = [[float(r), t] for r, t in zip(rows, head_times, strict=True)]
+    return fixed, per_row, head_fixed, max(head_slope, 0.0), points, head_points
 
 
 def calibrate(
@@ -524,7 +562,9 @@ def calibrate(
     from rlhf_fast.offload.generate import streaming_threads
 
     threads = threads or streaming_threads()
-    fixed, per_row, head_fixed, head_per_row, points = calibrate_compute(
+    fixed, per_row, head_fixed, head_per_row, points, head_points = calibrate_compute(
         config, dtype, compressions=compressions, threads=threads
     )
-    return Calibration(bandwidth, fixed, per_row, head_fixed, head_per_row, points, threads)
+    return Calibration(
+        bandwidth, fixed, per_row, head_fixed, head_per_row, points, threads, head_points
+    )

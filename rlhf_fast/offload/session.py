@@ -4,9 +4,12 @@ Used by `rlhf-fast chat MODEL_DIR --offload auto --max-memory cpu=2GiB` and by b
 generation for PPO rollouts. `offload` is "auto" or explicit settings that override the
 policy's choice, comma-separated: `compress=none|int8|int4|auto`, `resident=N` (layers) or
 `resident=P%`, `prefetch=N`, `micro-batch=N`, `kv=none|int4` (the KV cache of batched
-generation, PPO rollouts, held 4-bit group-wise). Offload directories are prepared once under
-`offload_root` (default MODEL_DIR/.rlhf_fast_offload/<compression>) and reused; the
-calibration (disk bandwidth, per-layer compute time) is cached beside them.
+generation, PPO rollouts, held 4-bit group-wise), `act=bf16|fp32` (int4 only: bf16, the
+default, is the project's int4 activation rule, quant/activations.py, under which the streamed
+model equals the resident int4 model of chat --int4; fp32 opts out: fp32 activations, equal to
+the fp32-activation quantized model; training always runs fp32). Offload directories are
+prepared once under `offload_root` (default MODEL_DIR/.rlhf_fast_offload/<compression>) and
+reused; the calibration (disk bandwidth, per-layer compute time) is cached beside them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from rlhf_fast.offload.policy import (
 )
 from rlhf_fast.offload.prepare import prepare_offload
 from rlhf_fast.offload.shards import MANIFEST, ShardError, read_manifest
+from rlhf_fast.quant.activations import BF16_ROWS
 
 ROOT_NAME = ".rlhf_fast_offload"
 _BITS = {"none": None, "int8": 8, "int4": 4}
@@ -40,7 +44,7 @@ _BITS = {"none": None, "int8": 8, "int4": 4}
 def parse_offload(text: str, num_layers: int) -> dict:
     """'auto' -> {}; 'compress=int4,resident=25%,prefetch=2,micro-batch=4,kv=int4' -> fixed
     fields (kv=int4: the batched generation's KV cache held 4-bit, offload/kv_cache.py);
-    'auto,kv=int4' -> {'kv_bits': 4}."""
+    'auto,kv=int4' -> {'kv_bits': 4}; 'act=fp32' -> {'bf16_rows': None} (see above)."""
     fixed: dict = {}
     if text.strip() == "auto":
         return fixed
@@ -64,6 +68,8 @@ def parse_offload(text: str, num_layers: int) -> dict:
                 fixed["resident_layers"] = count
             elif key == "kv":
                 fixed["kv_bits"] = {"none": None, "int4": 4}[value]
+            elif key == "act":
+                fixed["bf16_rows"] = {"bf16": BF16_ROWS, "fp32": None}[value]
             elif key in ("prefetch", "micro-batch"):
                 number = int(value)
                 if number < (0 if key == "prefetch" else 1):
@@ -74,7 +80,7 @@ def parse_offload(text: str, num_layers: int) -> dict:
         except (KeyError, ValueError):
             raise ValueError(
                 f"--offload: {item!r} is not auto or one of compress=none|int8|int4, "
-                f"resident=N|P%, prefetch=N, micro-batch=N, kv=none|int4"
+                f"resident=N|P%, prefetch=N, micro-batch=N, kv=none|int4, act=bf16|fp32"
             ) from None
     return fixed
 
@@ -124,10 +130,12 @@ def open_offloaded_model(
     context: int = 512,
     drop_cache: bool = True,
     reserve: int = 0,
+    bf16_activations: bool = True,
 ) -> tuple[OffloadedLM, Policy]:
     """Chooses a policy for `max_memory` (default: half the available RAM) less `reserve` bytes
     (training's activations), prepares the offload directory it needs and opens it. Prints
-    nothing; returns (model, policy)."""
+    nothing; returns (model, policy). `bf16_activations=False` (training) turns the int4
+    activation rule off whatever `offload` says."""
     from transformers import AutoConfig
 
     from rlhf_fast.quant.io import read_quantization
@@ -148,6 +156,8 @@ def open_offloaded_model(
     if stored is not None and "compress" in fixed and fixed["compress"] != stored["bits"]:
         raise ValueError(f"--offload: {model_dir} is stored int{stored['bits']}; it streams so")
     fixed.pop("compress", None) if stored is not None else None
+    if not bf16_activations:
+        fixed["bf16_rows"] = None
     root = Path(offload_root) if offload_root else model_dir / ROOT_NAME
     wanted = [c for c in COMPRESSIONS if c in shapes]
     calibration = _calibration(root, config, dtype, wanted)
@@ -161,7 +171,7 @@ def open_offloaded_model(
         raise ShardError(f"{target / MANIFEST}: missing after prepare")
     lm = load_offloaded(
         target, resident_layers=policy.resident_layers, prefetch=policy.prefetch,
-        drop_cache=drop_cache,
+        drop_cache=drop_cache, bf16_rows=policy.bf16_rows,
     )  # fmt: skip
     lm.policy = policy
     return lm, policy

@@ -61,6 +61,7 @@ def open_for_training(train_config, *, rows: int, rollout: bool = False) -> Offl
             offload_root=train_config.offload_dir,
             batch=train_config.batch_size if rollout else 1,
             context=train_config.max_length if rollout else 1, reserve=reserve,
+            bf16_activations=False,  # rollout log-probs must be the fp32 training forward's
         )  # fmt: skip
     except ValueError as error:  # ShardError, a bad --offload / --max-memory, too small
         raise ModelLoadError(str(error).strip().splitlines()[0]) from None
