@@ -6,17 +6,20 @@ reading it; Accelerate's files (the source shards and its offload folder) are ev
 every decode step. So every streamed byte comes from the disk, as in the issue's peer numbers.
 
 Providers, at batch 1, 8, 32, 64 and 128 (quick: 1 and 8), each with its I/O bound (bytes streamed
-per step / the disk bandwidth measured here), the share of it reached and, for ours, the cost
-model's predicted tokens/s and where a decode step's time went (MB read, seconds blocked on a
-read, the rest: compute):
-  * ours-auto: the policy's choice under the budget (it may pick int4 compression);
+per step / the disk bandwidth measured here), the share of it reached, its ratio to Accelerate
+at the same batch and, for ours, the cost model's predicted tokens/s (and predicted/measured)
+and where a decode step's time went (MB read, seconds blocked on a read, the rest: compute):
+  * accelerate: transformers + Accelerate device_map="auto", max_memory={"cpu": budget}, disk
+    offload folder (the peer);
+  * ours-auto: the policy's choice under the budget with the defaults, what `--offload auto`
+    runs (it may pick int4; int4 follows the int4 activation rule, quant/activations.py:
+    products of >= 32 rows on bf16, under which the streamed model equals the resident int4
+    model token for token, tests/test_offload_bf16_rule.py);
   * ours-none: the policy's choice without compression (fp32 layers streamed);
   * ours-none-noprefetch: the same placement with prefetch=0 (reads never overlap compute);
-  * ours-int4-streamed: int4 layers, none resident (compressed streaming);
-  * ours-int4-bf16: the same with bf16 activations for products of >= 32 rows (opt-in
-    `bf16_rows`: not token-exact with the fp32 model; calibrated as "int4-bf16");
-  * accelerate: transformers + Accelerate device_map="auto", max_memory={"cpu": budget}, disk
-    offload folder (the peer).
+  * ours-int4-streamed: int4 layers, none resident (compressed streaming), the default rule;
+  * ours-int4-fp32: the same with the rule off (`act=fp32`: fp32 activations, as PPO
+    rollouts run).
 Decode tokens/s = batch / median decode-step time (prefill excluded). Each provider is compared
 with Accelerate at each one's best batch size ("best batch: X / accelerate"). Quick mode: a
 tiny shape. The full shape is the issue's 1.57B Llama (hidden 2048, MLP 5632, 32 layers, 16/4
@@ -68,7 +71,6 @@ PROMPT_TOKENS = 8
 # up to where throughput stops rising (Accelerate still gained 2x from 32 to 64 on llama-12l)
 BATCHES = {"tiny": (1, 8), "llama-1.57b": (1, 8, 32, 64, 128), "llama-12l": (1, 8, 32, 64, 128)}
 GRID_BATCH = {"tiny": 8, "llama-1.57b": 32, "llama-12l": 32}
-BF16_ROWS = 32  # ours-int4-bf16: int4 products of >= 32 rows on bf16 activations
 
 
 def _write_random_model(directory: Path, shape: dict, shard_bytes: int = 1 << 30) -> Path:
@@ -276,8 +278,8 @@ def test_offload_generation_throughput(shape: str) -> None:
     )  # fmt: skip
     bandwidth = calibration.disk_bandwidth
     context = PROMPT_TOKENS + new_tokens
-    head = ["provider", "batch", "policy", "predicted", "measured", "I/O bound", "% bound"]
-    rows = [head + ["decode step (median)", "RAM"]]
+    head = ["provider", "batch", "policy", "predicted", "measured", "pred/meas", "x accel"]
+    rows = [head + ["I/O bound", "% bound", "decode step (median)", "RAM"]]
     measured: dict[tuple[str, int], float] = {}
     batches = BATCHES[shape]
     for batch in batches:
@@ -297,40 +299,41 @@ def test_offload_generation_throughput(shape: str) -> None:
             {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
             fixed={"resident_layers": 0},
         )  # fmt: skip
-        int4_bf16 = choose_policy(
+        int4_fp32 = choose_policy(
             {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
-            fixed={"resident_layers": 0, "bf16_rows": BF16_ROWS},
+            fixed={"resident_layers": 0, "bf16_rows": None},
         )  # fmt: skip
         cases = [
             ("ours-auto", auto),
             ("ours-none", none),
             ("ours-int4-streamed", int4_streamed),
-            ("ours-int4-bf16", int4_bf16),
+            ("ours-int4-fp32", int4_fp32),
         ]
         if batch <= 8:  # the no-overlap baseline only where I/O is a large share of a step
             cases.insert(2, ("ours-none-noprefetch", no_overlap))
+        peer = _run_accelerate(source, work, budget, batch, new_tokens)
+        peer_tokens = measured[("accelerate", batch)] = peer["tokens_per_s"]
+        peer_bound = batch * bandwidth / peer["disk_bytes"] if peer["disk_bytes"] else 0
+        rows.append([
+            "accelerate", str(batch), f"disk {format_size(peer['disk_bytes'])}", "-",
+            f"{peer_tokens:.3g}", "-", "1.00", f"{peer_bound:.3g}",
+            f"{100 * peer_tokens / peer_bound:.0f}%" if peer_bound else "-", "-", "-",
+        ])  # fmt: skip
         for name, policy in cases:
             result = _run_ours(
                 prepared[policy.compress], policy, batch, config.vocab_size, new_tokens,
                 bf16_rows=policy.bf16_rows,
             )  # fmt: skip
-            measured[(name, batch)] = result["tokens_per_s"]
+            tokens = measured[(name, batch)] = result["tokens_per_s"]
             bound = policy.io_bound_tokens_per_s
             rows.append([
-                name, str(batch), policy.describe().split(";")[0],
-                f"{policy.predicted_tokens_per_s:.3g}",
-                f"{result['tokens_per_s']:.3g}",
-                f"{bound:.3g}", f"{100 * result['tokens_per_s'] / bound:.0f}%",
+                name, str(batch), policy.describe().split(";")[0]
+                + (" act=bf16" if policy.bf16_rows else ""),
+                f"{policy.predicted_tokens_per_s:.3g}", f"{tokens:.3g}",
+                f"{policy.predicted_tokens_per_s / tokens:.2f}", f"{tokens / peer_tokens:.2f}",
+                f"{bound:.3g}", f"{100 * tokens / bound:.0f}%",
                 _breakdown(result), format_size(result["weights_in_ram"]),
             ])  # fmt: skip
-        peer = _run_accelerate(source, work, budget, batch, new_tokens)
-        measured[("accelerate", batch)] = peer["tokens_per_s"]
-        peer_bound = batch * bandwidth / peer["disk_bytes"] if peer["disk_bytes"] else 0
-        rows.append([
-            "accelerate", str(batch), f"disk {format_size(peer['disk_bytes'])}", "-",
-            f"{peer['tokens_per_s']:.3g}", f"{peer_bound:.3g}",
-            f"{100 * peer['tokens_per_s'] / peer_bound:.0f}%" if peer_bound else "-", "-", "-",
-        ])  # fmt: skip
     names = {n for n, _ in measured}
     best = {
         name: max((measured[(name, b)], b) for b in batches if (name, b) in measured)
@@ -381,7 +384,7 @@ def test_offload_policy_vs_grid(shape: str) -> None:
     for policy in grid.values():
         result = _run_ours(
             setup["prepared"][policy.compress], policy, batch, setup["config"].vocab_size,
-            new_tokens,
+            new_tokens, bf16_rows=policy.bf16_rows,
         )  # fmt: skip
         results.append((policy, result["tokens_per_s"]))
         rows.append([
