@@ -224,3 +224,12 @@ def test_int4_under_the_rule_is_a_normal_candidate_and_its_micro_batches_stay_ex
     # other compressions never carry the rule
     dense = choose_policy({None: SHAPES[None]}, CALIBRATION, cpu_budget=10**9, batch=64)
     assert dense.bf16_rows is None
+
+
+def test_calibration_points_never_fall_with_more_rows():
+    from rlhf_fast.offload.policy import _monotone
+
+    # a count slowed by another process is capped by the next count's time
+    assert _monotone([0.015, 0.045, 0.036, 0.051]) == [0.015, 0.036, 0.036, 0.051]
+    assert _monotone([0.3, 0.2, 0.1]) == [0.1, 0.1, 0.1]
+    assert _monotone([0.1]) == [0.1] and _monotone([]) == []

@@ -511,6 +511,16 @@ def _filled_cache(config, count: int, context: int, dtype: torch.dtype):
     return cache
 
 
+def _monotone(times: list[float]) -> list[float]:
+    """Each time capped by the next one: more rows never take less time, so a smaller count
+    timed slower than a larger one was slowed by another process (the dev machine is shared),
+    and interpolating through it would bend every prediction near it."""
+    capped = list(times)
+    for index in range(len(capped) - 2, -1, -1):
+        capped[index] = min(capped[index], capped[index + 1])
+    return capped
+
+
 def _calibrate_compute(config, dtype, compressions, group_size, rows, context, repeats, bf16_rows):
     import copy
 
@@ -542,13 +552,14 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
 
             # the 1-layer model's own embedding/norm/head are tiny next to the layer (vocab 256)
             times.append(_median_seconds(step, repeats))
+        times = _monotone(times)
         slope = (times[-1] - times[0]) / max(counts[-1] - counts[0], 1)
         fixed[key] = max(times[0] - slope * counts[0], 1e-6)
         per_row[key] = max(slope, 0.0)
         points[key] = [[float(r), t] for r, t in zip(counts, times, strict=True)]
     head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
     inputs = [torch.randn(count, config.hidden_size, dtype=dtype) for count in rows]
-    head_times = [_median_seconds(lambda x=x: head(x), 3) for x in inputs]
+    head_times = _monotone([_median_seconds(lambda x=x: head(x), 3) for x in inputs])
     head_slope = (head_times[-1] - head_times[0]) / max(rows[-1] - rows[0], 1)
     head_fixed = max(head_times[0] - head_slope * rows[0], 1e-6)
     head_points = [[float(r), t] for r, t in zip(rows, head_times, strict=True)]
