@@ -1,5 +1,6 @@
 """`rlhf-fast chat --offload`: answers equal the resident model's, the policy is printed, and
-bad --offload / --max-memory values are one-line errors (exit 2)."""
+bad --offload / --max-memory values are one-line errors (exit 2). int4 chats under the int4
+activation rule (bf16 for products of >= 32 rows) offloaded and resident alike."""
 
 from __future__ import annotations
 
@@ -56,6 +57,45 @@ def test_offloaded_chat_answers_like_the_resident_model(model_dir, capsys, tmp_p
     code, resident, _ = _answer(capsys, ["chat", str(model_dir), *ARGS, *flags])
     assert code == 0
     assert offloaded == resident
+
+
+LONG = "Hello there, please tell me a long story about the sea and the ships on it today"
+
+
+@pytest.mark.parametrize("act, bf16_expected", [("", True), (",act=fp32", False)])
+def test_offloaded_int4_chat_follows_the_activation_rule(
+    model_dir, capsys, tmp_path, monkeypatch, act, bf16_expected
+):
+    import torch
+
+    import rlhf_fast.ops
+
+    seen = []
+    original = rlhf_fast.ops.quant_matmul
+
+    def spy(x, qweight, bias=None, **kwargs):
+        if x.dim() == 3 and x.shape[0] == 1:  # the chat's one sequence (not the calibration's)
+            seen.append((x.dtype, x.shape[1]))
+        return original(x, qweight, bias, **kwargs)
+
+    monkeypatch.setattr(rlhf_fast.ops, "quant_matmul", spy)
+    args = ["--prompt", LONG, "--temperature", "0", "--max-new-tokens", "8"]
+    argv = ["chat", str(model_dir), *args, "--offload", f"compress=int4,resident=1{act}"]
+    argv += ["--max-memory", "cpu=1MB", "--offload-dir", str(tmp_path / "o")]
+    code, offloaded, err = _answer(capsys, argv)
+    assert code == 0, err
+    assert ("act=bf16" in err) == bf16_expected
+    prefill = max(rows for _, rows in seen)
+    assert prefill >= 32  # the prompt's prefill is a product of >= 32 rows
+    assert {d for d, r in seen if r >= 32} == {torch.bfloat16 if bf16_expected else torch.float32}
+    assert {d for d, r in seen if r < 32} == {torch.float32}
+    if bf16_expected:  # the resident HF forward of chat --int4 applies the same rule
+        os.environ["RLHF_FAST_DECODER"] = "hf"
+        seen.clear()
+        flags = ["--int4", "--group-size", "32"]
+        code, resident, _ = _answer(capsys, ["chat", str(model_dir), *args, *flags])
+        assert code == 0 and offloaded == resident
+        assert {d for d, r in seen if r >= 32} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize(
