@@ -169,9 +169,17 @@ def test_calibration_times_int4_with_and_without_bf16_activations():
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     )  # fmt: skip
     before = torch.get_num_threads()
-    fixed, per_row, head_fixed, _, points, head_points = calibrate_compute(
+    fields = calibrate_compute(
         config, torch.float32, compressions=(None, 4), rows=(1, 32, 64), context=4, repeats=1
     )
+    fixed, points, head_points = (
+        fields["layer_fixed"],
+        fields["layer_points"],
+        fields["head_points"],
+    )
+    head_fixed = fields["head_fixed"]
+    assert fields["attention_per_position"] >= 0 and fields["context"] == 4
+    Calibration(1e9, threads=1, **fields)  # the fields of a Calibration
     assert set(points) == {"none", "int4", "int4-bf16"} and set(fixed) == set(points)
     rows = {key: [r for r, _ in p] for key, p in points.items()}
     # the bf16 timing only where the rule applies (from 32 rows)
@@ -233,3 +241,16 @@ def test_calibration_points_never_fall_with_more_rows():
     assert _monotone([0.015, 0.045, 0.036, 0.051]) == [0.015, 0.036, 0.036, 0.051]
     assert _monotone([0.3, 0.2, 0.1]) == [0.1, 0.1, 0.1]
     assert _monotone([0.1]) == [0.1] and _monotone([]) == []
+
+
+def test_attention_cost_follows_the_context():
+    calibration = Calibration(
+        1e9, {"int4": 0.004}, {"int4": 0.002}, 0.0, 0.0, attention_per_position=1e-6, context=64
+    )
+    common = dict(compress=4, resident_layers=8, prefetch=0, micro_batch=4, batch=8)
+    short = evaluate(SHAPES[4], calibration, context=64, **common)
+    long = evaluate(SHAPES[4], calibration, context=1088, **common)
+    # 8 layers x 2 micro-batches x 4 rows x 1024 more positions x 1 us
+    assert 8 / long.predicted_tokens_per_s - 8 / short.predicted_tokens_per_s == pytest.approx(
+        8 * 2 * 4 * 1024 * 1e-6
+    )

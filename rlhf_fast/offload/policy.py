@@ -4,7 +4,8 @@ The cost model of one decode step (one new token for each of B sequences):
   * compute: per layer and micro-batch, t_layer(mb): one real decoder layer of the model's shape
     timed at 1, 8, 16, 32, 64 and 128 decode rows (per compression; int4 also under the int4
     activation rule, quant/activations.py, from its threshold up), interpolated piecewise
-    between them, times the number of micro-batches; plus the lm_head once over the batch
+    between them, plus the attention's cost per row and cached position beyond the timed
+    context (64), times the number of micro-batches; plus the lm_head once over the batch
     (timed at the same row counts);
   * I/O: each streamed layer is read once per step (the block schedule), bytes / disk bandwidth;
   * overlap: an event simulation of the streamer (one reader thread; a read starts once a slot
@@ -91,7 +92,10 @@ class Calibration:
     method with the row count: register-dequantizing GEMV-like up to 63 rows, dequantized
     tiles and a GEMM from 64). `threads`: torch's intra-op threads the compute was timed with
     (generate_batch's while layers stream: one fewer than the machine's). `head_points`: the
-    lm_head's [rows, seconds], interpolated the same way (else its straight line)."""
+    lm_head's [rows, seconds], interpolated the same way (else its straight line).
+    `attention_per_position`: the seconds a decoder layer's attention adds per row and cached
+    position beyond `context` (the KV length the layer was timed at; HF's GQA attention
+    expands the cache to every query head, so long contexts cost memory traffic too)."""
 
     disk_bandwidth: float
     layer_fixed: dict[str, float]
@@ -101,6 +105,8 @@ class Calibration:
     layer_points: dict[str, list[list[float]]] = field(default_factory=dict)
     threads: int = 0
     head_points: list[list[float]] = field(default_factory=list)
+    attention_per_position: float = 0.0
+    context: int = 64
 
 
 def compression_name(bits: int | None) -> str:
@@ -249,7 +255,10 @@ def evaluate(
     from rlhf_fast.offload.model import spread
 
     blocks = -(-batch // micro_batch)
-    per_layer = layer_time(calibration, compress, micro_batch, bf16_rows) * blocks
+    layer = layer_time(calibration, compress, micro_batch, bf16_rows)
+    # attention over `context` cached positions instead of the calibration's (decode rows)
+    layer += calibration.attention_per_position * micro_batch * (context - calibration.context)
+    per_layer = max(layer, 1e-6) * blocks
     resident = spread(resident_layers, shape.num_layers)
     read_seconds = shape.layer_bytes / calibration.disk_bandwidth
     reads = [None if i in resident else read_seconds for i in range(shape.num_layers)]
@@ -478,12 +487,14 @@ def calibrate_compute(
     repeats: int = 3,
     threads: int | None = None,
     bf16_rows: int | None = BF16_ROWS,
-) -> tuple[dict, dict, float, float, dict, list]:
+) -> dict:
     """Times one decoder layer of `config` (random weights) per compression at `rows` decode
     rows with `context` cached positions, and the lm_head, with `threads` intra-op threads
-    (default: one fewer than torch has, generate_batch's while streaming). Returns the
-    straight-line coefficients (first and last rows), the layer's measured points per
-    compression and the lm_head's points. int4 is timed again under the activation rule with
+    (default: one fewer than torch has, generate_batch's while streaming); then the dense
+    layer at 16 rows with 512 more cached positions, for the attention's cost per position.
+    Returns Calibration's fields but the disk bandwidth and threads: the straight-line
+    coefficients (first and last rows), the measured points (layer per compression, lm_head)
+    and the attention's coefficient. int4 is timed again under the activation rule with
     threshold `bf16_rows` at the rows from there up, under the key "int4-bf16"."""
     from rlhf_fast.offload.generate import streaming_threads
 
@@ -563,7 +574,23 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
     head_slope = (head_times[-1] - head_times[0]) / max(rows[-1] - rows[0], 1)
     head_fixed = max(head_times[0] - head_slope * rows[0], 1e-6)
     head_points = [[float(r), t] for r, t in zip(rows, head_times, strict=True)]
-    return fixed, per_row, head_fixed, max(head_slope, 0.0), points, head_points
+    attention = 0.0
+    if None in compressions:  # attention runs fp32 whatever the layers' compression
+        seconds = []
+        for cached in (context, context + 512):
+            cache = _filled_cache(small, 16, cached, dtype)
+            ids = torch.randint(0, 256, (16, 1))
+
+            def step(ids=ids, cache=cache):
+                base(input_ids=ids, cache=cache, use_cache=True)
+
+            seconds.append(_median_seconds(step, repeats))
+        attention = max(seconds[1] - seconds[0], 0.0) / (16 * 512)
+    return {
+        "layer_fixed": fixed, "layer_per_row": per_row, "head_fixed": head_fixed,
+        "head_per_row": max(head_slope, 0.0), "layer_points": points, "head_points": head_points,
+        "attention_per_position": attention, "context": context,
+    }  # fmt: skip
 
 
 def calibrate(
@@ -573,9 +600,5 @@ def calibrate(
     from rlhf_fast.offload.generate import streaming_threads
 
     threads = threads or streaming_threads()
-    fixed, per_row, head_fixed, head_per_row, points, head_points = calibrate_compute(
-        config, dtype, compressions=compressions, threads=threads
-    )
-    return Calibration(
-        bandwidth, fixed, per_row, head_fixed, head_per_row, points, threads, head_points
-    )
+    fields = calibrate_compute(config, dtype, compressions=compressions, threads=threads)
+    return Calibration(bandwidth, threads=threads, **fields)

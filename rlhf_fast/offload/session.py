@@ -99,7 +99,9 @@ def _calibration(root: Path, config, dtype, compressions) -> Calibration:
     cache = root / "calibration.json"
     if cache.is_file():
         try:
-            return Calibration(**json.loads(cache.read_text()))
+            cached = Calibration(**json.loads(cache.read_text()))
+            if cached.head_points:  # else written before the piecewise head and attention terms
+                return cached
         except (TypeError, ValueError):
             pass
     root.mkdir(parents=True, exist_ok=True)
