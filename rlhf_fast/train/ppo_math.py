@@ -116,7 +116,9 @@ def token_logprobs(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = _at_least_fp32(logits) / temperature
+    logits = _at_least_fp32(logits)
+    if temperature != 1.0:  # skips a pass over [B, T, V] (and its autograd node) at 1
+        logits = logits / temperature
     picked = torch.gather(logits, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -364,11 +366,11 @@ def value_loss(
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over tokens of the entropy of softmax(logits) ([B, T, V] -> scalar):
-    H = logsumexp(z) - sum_v softmax(z)_v * z_v."""
+    H = -sum_v p_v log p_v, from one log_softmax."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got {tuple(logits.shape)}")
-    logits = _at_least_fp32(logits)
-    entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    logprobs = torch.log_softmax(_at_least_fp32(logits), -1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
     return masked_mean(entropy, _as_mask(mask, entropy, "logits[..., 0]"))
 
 

@@ -129,8 +129,14 @@ def response_logits(model, query, query_mask, response, response_mask) -> torch.
     sequences = torch.cat([query, response], dim=1)
     keywords = _position_keywords(model, _positions(mask))
     if "logits_to_keep" in _forward_parameters(model):
-        # the LM head (and its [rows, vocab] output) on the last R + 1 positions only
-        keywords["logits_to_keep"] = response.shape[1] + 1
+        # The LM head (and its [rows, vocab] output) on the last R + 1 positions only, named by
+        # an index tensor rather than a count: HF slices the hidden states with a count, and
+        # torch.matmul multiplies such a strided [B, R + 1, H] slice by the head through bmm
+        # on a [B, H, V] expanded copy of the weight (measured at B=8, H=768, V=8000: 1.6x
+        # the plain GEMM's time in fp32, 6x in bf16); an index gathers contiguous rows.
+        width = sequences.shape[1]
+        first = width - response.shape[1] - 1
+        keywords["logits_to_keep"] = torch.arange(first, width, device=sequences.device)
     output = model(input_ids=sequences, attention_mask=mask.long(), **keywords)
     return output.logits[:, -response.shape[1] - 1 : -1]
 
