@@ -113,9 +113,10 @@ def model_dirs(shape: str) -> tuple[Path, Path, list[str]]:
 # ---------------------------------------------------------------------------------- ours
 
 
-def ours(shape: str, rollout_quant: str = "none"):
+def ours(shape: str, rollout_quant: str = "none", dtype: str = "fp32"):
     """A callable running one PPO iteration with rlhf_fast, and its (rollout, train) clock;
-    rollout_quant: --rollout-quant (int8: tokens sampled from int8 weights of the policy)."""
+    rollout_quant: --rollout-quant (int8: tokens sampled from int8 weights of the policy);
+    dtype: --dtype (bf16: the frozen base and its activations in bf16, adapters in fp32)."""
     from rlhf_fast.models.load import LoraSettings
     from rlhf_fast.train.config import TrainConfig
     from rlhf_fast.train.data import PromptExample
@@ -128,9 +129,10 @@ def ours(shape: str, rollout_quant: str = "none"):
         stage="ppo", model=str(policy), data="-", reward_model=str(rm), device="cpu",
         batch_size=spec["prompts"], ppo_epochs=spec["epochs"], max_new_tokens=spec["new_tokens"],
         max_length=spec["prompt_len"] + spec["new_tokens"], lr=1e-5, temperature=1.0,
-        save_every=0, max_steps=1000, rollout_quant=rollout_quant,
+        save_every=0, max_steps=1000, rollout_quant=rollout_quant, dtype=dtype,
     )  # fmt: skip
-    models = build_ppo_models(policy, rm, LoraSettings(r=LORA_R, alpha=32, targets=TARGETS))
+    lora = LoraSettings(r=LORA_R, alpha=32, targets=TARGETS)
+    models = build_ppo_models(policy, rm, lora, dtype=dtype)
     examples = [PromptExample([{"role": "user", "content": p}]) for p in prompts]
     trainer = PPOTrainer(config, models, examples, tempfile.mkdtemp(prefix="bench_ppo_run_"))
     trainer.prompt_ids = [ids[-spec["prompt_len"] :] for ids in trainer.prompt_ids]
@@ -174,8 +176,9 @@ def _plain_whiten(values, mask):
     return (values - mean) * torch.rsqrt(var + 1e-8)
 
 
-def plain(shape: str):
-    """The same iteration on transformers + peft, four model copies, no fused pieces."""
+def plain(shape: str, dtype: str = "fp32"):
+    """The same iteration on transformers + peft, four model copies, no fused pieces; dtype
+    "bf16": the four models' weights in bf16 (peft keeps the adapters in fp32), heads in fp32."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -184,13 +187,16 @@ def plain(shape: str):
     policy_dir, rm_dir, prompts = model_dirs(shape)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     lora = LoraConfig(r=LORA_R, lora_alpha=32, target_modules=list(TARGETS))
-    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(policy_dir), lora)
-    reference = AutoModelForCausalLM.from_pretrained(policy_dir).eval().requires_grad_(False)
-    reward = PeftModel.from_pretrained(AutoModel.from_pretrained(policy_dir), rm_dir / "adapter")
+    weights = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    causal_lm = functools.partial(AutoModelForCausalLM.from_pretrained, policy_dir, dtype=weights)
+    backbone = functools.partial(AutoModel.from_pretrained, policy_dir, dtype=weights)
+    policy = get_peft_model(causal_lm(), lora)
+    reference = causal_lm().eval().requires_grad_(False)
+    reward = PeftModel.from_pretrained(backbone(), rm_dir / "adapter")
     reward.eval().requires_grad_(False)
     reward_head = torch.nn.Linear(spec["hidden_size"], 1)
     reward_head.load_state_dict(load_file(rm_dir / "value_head.safetensors"))
-    critic = get_peft_model(AutoModel.from_pretrained(policy_dir), lora)
+    critic = get_peft_model(backbone(), lora)
     critic_head = torch.nn.Linear(spec["hidden_size"], 1)
     critic_head.load_state_dict(reward_head.state_dict())
     params = [p for m in (policy, critic, critic_head) for p in m.parameters() if p.requires_grad]
@@ -201,7 +207,7 @@ def plain(shape: str):
     clock = {"rollout": 0.0, "train": 0.0, "generated": 0, "trained": 0}
 
     def logprobs_of(logits, tokens):
-        return torch.gather(F.log_softmax(logits, -1), 2, tokens[..., None]).squeeze(-1)
+        return torch.gather(F.log_softmax(logits.float(), -1), 2, tokens[..., None]).squeeze(-1)
 
     def iteration():
         start = time.perf_counter()
@@ -220,9 +226,9 @@ def plain(shape: str):
             old_logprobs = logprobs_of(policy(sequences).logits[:, q - 1 : -1], response)
             ref_logprobs = logprobs_of(reference(sequences).logits[:, q - 1 : -1], response)
             hidden = critic(sequences, attention_mask=attention).last_hidden_state
-            values = critic_head(hidden[:, q - 1 : -1]).squeeze(-1)
+            values = critic_head(hidden[:, q - 1 : -1].float()).squeeze(-1)
             last = reward(sequences, attention_mask=attention).last_hidden_state[:, -1]
-            scores = reward_head(last).squeeze(-1)
+            scores = reward_head(last.float()).squeeze(-1)
             rewards = -0.05 * (old_logprobs - ref_logprobs)
             rewards[:, -1] += scores
             advantages, returns = _plain_gae(rewards, values)
@@ -237,7 +243,7 @@ def plain(shape: str):
             new_logprobs = logprobs_of(logits, response)
             ratio = torch.exp(new_logprobs - old_logprobs)
             pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
-            new_values = critic_head(critic(sequences).last_hidden_state[:, q - 1 : -1])
+            new_values = critic_head(critic(sequences).last_hidden_state[:, q - 1 : -1].float())
             new_values = new_values.squeeze(-1)
             clipped = values + (new_values - values).clamp(-0.2, 0.2)
             vf = 0.5 * torch.max((new_values - returns) ** 2, (clipped - returns) ** 2).mean()
