@@ -13,12 +13,16 @@ Providers (group "ppo_iteration cpu <size>", throughput table; tokens = generate
   copies (policy + LoRA, a frozen reference copy, a reward model copy + LoRA + head, a critic
   copy + LoRA + head), `generate()` for sampling, old log-probs and values recomputed by
   full forwards, the Python reversed GAE loop, unfused losses;
+- "ours-bf16", "peer-bf16": ours and the plain baseline with the weights in bf16 (adapters
+  and heads fp32): on a CPU with AMX-BF16 (the dev machine) bf16 GEMMs run ~3.5x fp32's;
 - "trl", "trl-gcfreeze": trl 0.29.1's `trl.experimental.ppo.PPOTrainer` as shipped on the
   same policy and settings (see `trl_ppo`), and with `gc.freeze()` after setup; skipped with
   the reason when trl is not installed (not a dependency: `pip install trl==0.29.1`).
 
 Run (2 threads, as the issue's numbers): `python -m pytest -q bench/test_bench_ppo.py -k
 "ppo_iteration and h256"`; the throughput table's speedup column is relative to "ours".
+"h512-L6" (hidden 512, 6 layers, vocab 8000, 96-token answers) is a shape where matrix work
+dominates, as at real sizes: `-k "ppo_iteration and h512 and (ours or peer)"`.
 
 Peak RSS needs a process of its own per provider: `python bench/test_bench_ppo.py PROVIDER
 SIZE` runs two iterations and prints the peak; test_peak_rss_side_by_side runs both, and
@@ -50,6 +54,10 @@ SHAPES = {
     "h256-L4": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                     num_attention_heads=4, vocab_size=2000, prompts=8, prompt_len=16,
                     new_tokens=48, epochs=4),
+    # a shape where the matrix work dominates (as at real sizes), for the bf16 rows
+    "h512-L6": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                    num_attention_heads=8, vocab_size=8000, prompts=8, prompt_len=24,
+                    new_tokens=96, epochs=4),
 }  # fmt: skip
 SHAPE_PARAMS = [
     pytest.param(name, id=name, marks=pytest.mark.bench_full if name != "tiny" else ())
@@ -364,6 +372,8 @@ PROVIDERS = {
     "ours": ours,
     "ours-int8": functools.partial(ours, rollout_quant="int8"),
     "peer": plain,
+    "ours-bf16": functools.partial(ours, dtype="bf16"),
+    "peer-bf16": functools.partial(plain, dtype="bf16"),
     "trl": trl_ppo,
     "trl-gcfreeze": functools.partial(trl_ppo, freeze_gc=True),
 }
