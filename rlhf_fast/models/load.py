@@ -104,16 +104,35 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+QUANT_GROUP_SIZE = 32  # int4 groups: the project's default (README, quant.perplexity)
+
+
+def quantize_frozen_base(model: nn.Module, quant: str) -> nn.Module:
+    """--quant: `model`'s linear layers (not lm_head) to int8 / int4 in place, as QLoRA's frozen
+    base: LoRA adapters attached afterwards (attach_lora) train on top of the quantized
+    products. "none" returns `model` unchanged."""
+    if quant not in QUANT_BITS:
+        raise ModelLoadError(f"--quant must be one of {', '.join(QUANT_BITS)}, got {quant!r}")
+    if QUANT_BITS[quant] is not None:
+        from rlhf_fast.quant.model import quantize_model
+
+        quantize_model(model, bits=QUANT_BITS[quant], group_size=QUANT_GROUP_SIZE)
+    return model
+
+
 def load_causal_lm(
-    model_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu"
+    model_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu", quant: str = "none"
 ) -> nn.Module:
     """An AutoModelForCausalLM from a local directory (or an adapter dir: its base with the
-    adapter merged), in eval mode with every parameter frozen; the caller picks what trains."""
+    adapter merged), in eval mode with every parameter frozen; the caller picks what trains.
+    quant: "int8" / "int4" quantizes the loaded weights (quantize_frozen_base)."""
     path = check_model_dir(model_dir)
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     if not (path / "config.json").is_file():
-        return _load_adapter_merged(path, torch_dtype, device)
+        merged = _load_adapter_merged(path, torch_dtype, device)
+        return quantize_frozen_base(merged, quant)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
@@ -128,17 +147,18 @@ def load_causal_lm(
     except Exception as error:  # transformers raises many types: report each on one line
         raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return quantize_frozen_base(model.to(device).eval(), quant)
 
 
 def load_backbone(
-    model_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu"
+    model_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu", quant: str = "none"
 ) -> nn.Module:
     """The decoder of a causal LM directory without its LM head (AutoModel: LlamaModel,
-    GPT2Model, ...), frozen, in eval mode: what the reward model reads hidden states from."""
+    GPT2Model, ...), frozen, in eval mode: what the reward model reads hidden states from.
+    quant: as load_causal_lm's."""
     path = check_model_dir(model_dir)
     if not (path / "config.json").is_file():  # an adapter dir: merge, then drop the LM head
-        return load_causal_lm(path, dtype=dtype, device=device).base_model
+        return load_causal_lm(path, dtype=dtype, device=device, quant=quant).base_model
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     _quiet_transformers()
@@ -155,7 +175,7 @@ def load_backbone(
     except Exception as error:
         raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return quantize_frozen_base(model.to(device).eval(), quant)
 
 
 def _load_adapter_merged(adapter_dir: Path, dtype: torch.dtype, device: str) -> nn.Module:
@@ -200,7 +220,9 @@ def load_tokenizer(model_dir: str | os.PathLike):
 def _is_projection(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D))
+    from rlhf_fast.quant.linear import QuantLinear
+
+    return isinstance(module, (nn.Linear, Conv1D, QuantLinear))
 
 
 def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
@@ -228,6 +250,9 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
+    from rlhf_fast.lora.qlora import qlora_config
+    from rlhf_fast.quant.linear import QuantLinear
+
     if settings.r <= 0:
         raise ModelLoadError(f"--lora-r must be a positive integer, got {settings.r}")
     targets = settings.targets or default_lora_targets(model)
@@ -238,7 +263,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
             f"--lora-targets: {', '.join(missing)} not found in {type(model).__name__} "
             f"(its linear layers: {', '.join(sorted(found))})"
         )
-    transposed = any(isinstance(found[t], Conv1D) for t in targets)
+    transposed = any(isinstance(found[t], Conv1D) for t in targets)  # QuantLinear: row-major
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -247,6 +272,8 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         fan_in_fan_out=transposed,
         bias="none",
     )
+    if any(isinstance(found[t], QuantLinear) for t in targets):  # a --quant base (QLoRA)
+        config = qlora_config(config)
     wrapped = get_peft_model(model, config)
     if settings.fused:
         from rlhf_fast.lora import fuse

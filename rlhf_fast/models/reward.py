@@ -158,20 +158,28 @@ def load_reward_model(
     dtype: str = "fp32",
     device: str = "cpu",
     trainable: bool = False,
+    quant: str = "none",
 ) -> RewardModel:
     """A RewardModel from the directory format above (eval mode; the LoRA adapter and head
-    trainable only with trainable=True)."""
+    trainable only with trainable=True); quant "int8" / "int4": the backbone quantized on load
+    (models.load.quantize_frozen_base), the adapter applied on top as QLoRA's."""
     directory = Path(directory)
     config = read_reward_config(directory)
     if config["backbone"] == "merged":
-        backbone = load_backbone(directory, dtype=dtype, device=device)
+        backbone = load_backbone(directory, dtype=dtype, device=device, quant=quant)
     else:
-        from peft import PeftModel
+        from peft import LoraConfig, PeftModel
 
-        base = load_backbone(check_model_dir(config["base_model"]), dtype=dtype, device=device)
+        from rlhf_fast.lora.qlora import qlora_config
+
+        base_dir = check_model_dir(config["base_model"])
+        base = load_backbone(base_dir, dtype=dtype, device=device, quant=quant)
+        adapter_dir = directory / ADAPTER_DIR
         try:
+            # qlora_config lets the adapter's layers wrap QuantLinear (a no-op on a dense base)
+            lora_config = qlora_config(LoraConfig.from_pretrained(str(adapter_dir)))
             backbone = PeftModel.from_pretrained(
-                base, directory / ADAPTER_DIR, is_trainable=trainable
+                base, adapter_dir, is_trainable=trainable, config=lora_config
             )
         except Exception as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""

@@ -46,6 +46,11 @@ class TrainConfig:
     output: str | None = _help("run directory (default runs/<stage>-<timestamp>)", default=None)
     merge: bool = _help("also export a merged model directory", default=False)
     dtype: str = _help("fp32 | bf16 (weights and compute)", default="fp32")
+    quant: str = _help(
+        "none | int8 | int4: quantize the frozen base on load and train LoRA on it (QLoRA); "
+        "exports stay plain peft adapters (and dense merged models)",
+        default="none",
+    )
     device: str = _help("cpu | cuda | auto", default="auto")
     seed: int = _help("seed of the init, data order, dropout and held-out split", default=0)
     lr: float = _help("peak learning rate", default=2e-4)
@@ -122,6 +127,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
     "stage": STAGES,
     "dtype": ("fp32", "bf16"),
+    "quant": ("none", "int8", "int4"),
     "device": ("cpu", "cuda", "auto"),
     "schedule": ("cosine", "linear", "constant"),
     "rm_loss": ("auto", "rank", "mse"),
@@ -223,6 +229,13 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             "--stage all needs --sft-data FILE and --rm-data FILE (and --data PROMPTS)"
         )
+    if config.quant != "none" and config.full_finetune:
+        raise ConfigError(f"--quant {config.quant} freezes the base: drop --full-finetune")
+    if config.quant != "none" and config.rollout_quant != "none":
+        raise ConfigError(
+            f"--rollout-quant {config.rollout_quant}: the base is already {config.quant} "
+            "(--quant), and rollouts sample from it as it is"
+        )
     if config.offload is not None:
         config = _validate_offload(config)
     if config.gamma > 1 or config.lam > 1:
@@ -246,6 +259,10 @@ def _validate_offload(config: TrainConfig) -> TrainConfig:
         raise ConfigError("--offload streams to the CPU in this build: use --device cpu")
     if config.rollout_quant != "none":
         raise ConfigError("--rollout-quant needs the whole policy in memory: not with --offload")
+    if config.quant != "none":
+        raise ConfigError(
+            f"--quant {config.quant}: the streamed base is compressed by --offload compress=..."
+        )
     return dataclasses.replace(config, device="cpu")
 
 

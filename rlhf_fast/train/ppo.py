@@ -59,7 +59,7 @@ from rlhf_fast.train.ppo_math import (
 )
 from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models
 from rlhf_fast.train.rollout import choose_decoder, generate_rollouts, response_logits
-from rlhf_fast.train.sft import lora_settings, token_loss
+from rlhf_fast.train.sft import lora_settings, merge_for_export, token_loss
 
 SAMPLES_FILE = "samples.jsonl"
 SAMPLE_ROWS = 4
@@ -457,7 +457,7 @@ class PPOTrainer:
                 if name != POLICY:
                     model.delete_adapter(name)
             model.base_model.set_adapter(POLICY)
-            merged = model.merge_and_unload()
+            merged = merge_for_export(model, paths["adapter"], self.config.dtype)
             merged.save_pretrained(paths["merged"], safe_serialization=True)
             self.tokenizer.save_pretrained(paths["merged"])
         return paths
@@ -511,7 +511,7 @@ def run_ppo(config: TrainConfig, *, resume=None, stop_after: int | None = None):
     else:
         models = build_ppo_models(
             config.model, config.reward_model, lora_settings(config), dtype=config.dtype,
-            device=device, seed=config.seed,
+            device=device, quant=config.quant, seed=config.seed,
         )  # fmt: skip
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,7 @@ def build_ppo_models(
     *,
     dtype: str = "fp32",
     device: str = "cpu",
+    quant: str = "none",
     seed: int = 0,
     share_reward: bool = True,
     base: nn.Module | None = None,
@@ -265,12 +266,13 @@ def build_ppo_models(
 ) -> PPOModels:
     """Load the base once and set up the four roles (see the module docstring). `base`: an
     already loaded frozen causal LM to use instead, and `attach(base, lora)` its way to a peft
-    model (an offloaded base: rlhf_fast.offload.training)."""
+    model (an offloaded base: rlhf_fast.offload.training). quant: "int8" / "int4" quantizes
+    the shared base on load (QLoRA; a separate reward model too)."""
     rm_dir = Path(rm_dir)
     read_reward_config(rm_dir)  # a clear error before the (slow) base load
     tokenizer = load_tokenizer(model_dir)
     if base is None:
-        base = load_causal_lm(model_dir, dtype=dtype, device=device)
+        base = load_causal_lm(model_dir, dtype=dtype, device=device, quant=quant)
     torch.manual_seed(seed)
     peft_model = attach(base, lora)
     hidden = decoder_of(base).get_input_embeddings().embedding_dim
@@ -283,7 +285,7 @@ def build_ppo_models(
         _init_critic_from_reward(models, models.model.peft_config[REWARD])
         models.reward_source = RewardSource(True, rm_dir)
     else:
-        models.separate_reward = load_reward_model(rm_dir, dtype=dtype, device=device)
+        models.separate_reward = load_reward_model(rm_dir, dtype=dtype, device=device, quant=quant)
         models.reward_tokenizer = _reward_tokenizer(rm_dir)
         models.model.add_adapter(CRITIC, copy.deepcopy(models.model.peft_config[POLICY]))
         head = models.separate_reward.value_head

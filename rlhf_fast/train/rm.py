@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast.models.load import attach_lora, load_backbone
-from rlhf_fast.models.reward import RewardModel, save_reward_model
+from rlhf_fast.models.reward import RewardModel, load_reward_model, save_reward_model
 from rlhf_fast.ops import rank_loss
 from rlhf_fast.train.config import ConfigError, TrainConfig
 from rlhf_fast.train.data import (
@@ -92,7 +92,7 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
     encode = encode_scored if scored else encode_ranking
     encoded = [encode(tokenizer, example, config.max_length) for example in train]
     held_encoded = [encode(tokenizer, example, config.max_length) for example in held_out]
-    backbone = load_backbone(config.model, dtype=config.dtype, device=device)
+    backbone = load_backbone(config.model, dtype=config.dtype, device=device, quant=config.quant)
     torch.manual_seed(config.seed)
     if config.full_finetune:  # every weight trains; exported in merged form
         model = RewardModel(backbone.requires_grad_(True)).to(device)
@@ -150,6 +150,8 @@ def export(model: RewardModel, tokenizer, run_dir: Path, config: TrainConfig) ->
     save_reward_model(model, paths["reward_model"], base_model=config.model, tokenizer=tokenizer)
     if config.merge:
         paths["merged"] = run_dir / MERGED_DIR
+        if config.quant != "none":  # int4/int8 codes cannot absorb the adapter: a dense copy
+            model = load_reward_model(paths["reward_model"], dtype=config.dtype)
         save_reward_model(
             model, paths["merged"], base_model=config.model, tokenizer=tokenizer, merge=True
         )

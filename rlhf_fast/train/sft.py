@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast.models.load import LoraSettings, attach_lora, load_causal_lm
+from rlhf_fast.quant.linear import QuantLinear
 from rlhf_fast.train.config import ConfigError, TrainConfig
 from rlhf_fast.train.data import (
     IGNORE_INDEX,
@@ -66,7 +67,7 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
 
         base = open_for_training(config, rows=config.batch_size).model
     else:
-        base = load_causal_lm(config.model, dtype=config.dtype, device=device)
+        base = load_causal_lm(config.model, dtype=config.dtype, device=device, quant=config.quant)
     if config.pack and not packing_isolates(base):
         raise ConfigError(
             f"--pack: {type(base).__name__} would let packed examples attend to each other"
@@ -100,6 +101,15 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
     return Stage("sft", model, encoded, collate, loss, evaluate if held_encoded else None)
 
 
+def merge_for_export(model, adapter_dir: Path, dtype: str):
+    """The dense model with the adapter merged: peft's merge, or for a quantized (--quant)
+    base, whose int4/int8 codes cannot absorb it, the saved adapter merged into a fresh dense
+    copy of the base it names (an adapter trained with QLoRA applies to the dense model)."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        return load_causal_lm(adapter_dir, dtype=dtype)
+    return model.merge_and_unload()
+
+
 def lora_settings(config: TrainConfig) -> LoraSettings:
     targets = tuple(config.lora_targets) if config.lora_targets else None
     return LoraSettings(
@@ -122,7 +132,7 @@ def export(model, tokenizer, run_dir: Path, config: TrainConfig) -> dict[str, Pa
     tokenizer.save_pretrained(paths["adapter"])
     if config.merge:
         paths["merged"] = run_dir / MERGED_DIR
-        merged = model.merge_and_unload()
+        merged = merge_for_export(model, paths["adapter"], config.dtype)
         merged.save_pretrained(paths["merged"], safe_serialization=True)
         tokenizer.save_pretrained(paths["merged"])
     return paths
