@@ -15,6 +15,7 @@ Providers (group "ppo_iteration cpu <size>", throughput table; tokens = generate
   full forwards, the Python reversed GAE loop, unfused losses;
 - "ours-bf16", "peer-bf16": ours and the plain baseline with the weights in bf16 (adapters
   and heads fp32): on a CPU with AMX-BF16 (the dev machine) bf16 GEMMs run ~3.5x fp32's;
+- "ours-int4": --quant int4, the shared base itself int4 (QLoRA): the memory row;
 - "trl", "trl-gcfreeze": trl 0.29.1's `trl.experimental.ppo.PPOTrainer` as shipped on the
   same policy and settings (see `trl_ppo`), and with `gc.freeze()` after setup; skipped with
   the reason when trl is not installed (not a dependency: `pip install trl==0.29.1`).
@@ -121,10 +122,11 @@ def model_dirs(shape: str) -> tuple[Path, Path, list[str]]:
 # ---------------------------------------------------------------------------------- ours
 
 
-def ours(shape: str, rollout_quant: str = "none", dtype: str = "fp32"):
+def ours(shape: str, rollout_quant: str = "none", dtype: str = "fp32", quant: str = "none"):
     """A callable running one PPO iteration with rlhf_fast, and its (rollout, train) clock;
     rollout_quant: --rollout-quant (int8: tokens sampled from int8 weights of the policy);
-    dtype: --dtype (bf16: the frozen base and its activations in bf16, adapters in fp32)."""
+    dtype: --dtype (bf16: the frozen base and its activations in bf16, adapters in fp32);
+    quant: --quant (int4: the shared base itself int4, QLoRA)."""
     from rlhf_fast.models.load import LoraSettings
     from rlhf_fast.train.config import TrainConfig
     from rlhf_fast.train.data import PromptExample
@@ -137,10 +139,10 @@ def ours(shape: str, rollout_quant: str = "none", dtype: str = "fp32"):
         stage="ppo", model=str(policy), data="-", reward_model=str(rm), device="cpu",
         batch_size=spec["prompts"], ppo_epochs=spec["epochs"], max_new_tokens=spec["new_tokens"],
         max_length=spec["prompt_len"] + spec["new_tokens"], lr=1e-5, temperature=1.0,
-        save_every=0, max_steps=1000, rollout_quant=rollout_quant, dtype=dtype,
+        save_every=0, max_steps=1000, rollout_quant=rollout_quant, dtype=dtype, quant=quant,
     )  # fmt: skip
     lora = LoraSettings(r=LORA_R, alpha=32, targets=TARGETS)
-    models = build_ppo_models(policy, rm, lora, dtype=dtype)
+    models = build_ppo_models(policy, rm, lora, dtype=dtype, quant=quant)
     examples = [PromptExample([{"role": "user", "content": p}]) for p in prompts]
     trainer = PPOTrainer(config, models, examples, tempfile.mkdtemp(prefix="bench_ppo_run_"))
     trainer.prompt_ids = [ids[-spec["prompt_len"] :] for ids in trainer.prompt_ids]
@@ -374,11 +376,18 @@ PROVIDERS = {
     "peer": plain,
     "ours-bf16": functools.partial(ours, dtype="bf16"),
     "peer-bf16": functools.partial(plain, dtype="bf16"),
+    "ours-int4": functools.partial(ours, quant="int4"),
     "trl": trl_ppo,
     "trl-gcfreeze": functools.partial(trl_ppo, freeze_gc=True),
 }
 # sft: the memory yardstick, not timed; trl: skipped (a row saying why) when not installed
-MEMORY_PROVIDERS = {"ours": ours, "peer": plain, "trl": trl_ppo, "sft": sft_step}
+MEMORY_PROVIDERS = {
+    "ours": ours,
+    "ours-int4": functools.partial(ours, quant="int4"),
+    "peer": plain,
+    "trl": trl_ppo,
+    "sft": sft_step,
+}
 
 
 # quick mode: ours and the plain baseline only (trl's setup alone takes seconds)
@@ -414,10 +423,10 @@ def test_peak_rss_side_by_side(shape, capsys):
               "one warm-up, each provider in its own process):")  # fmt: skip
         for row in rows:
             if "skipped" in row:
-                print(f"  {row['provider']:5s} skipped: {row['skipped']}")
+                print(f"  {row['provider']:9s} skipped: {row['skipped']}")
                 continue
             rollout = row["rollout_tok_s"]  # None: the provider times no separate rollout
-            print("  {provider:5s} rollout {rollout} generated tok/s  train {train_tok_s:7.0f} "
+            print("  {provider:9s} rollout {rollout} generated tok/s  train {train_tok_s:7.0f} "
                   "tok/s  iteration {iteration_s:6.3f} s  peak RSS {peak_rss_mib:6.0f} MiB"
                   .format(**{**row, "rollout": "      -" if rollout is None else
                              f"{rollout:7.0f}"}))  # fmt: skip
