@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from tiny_families import FAMILIES, make_family_dir
-from train_helpers import ranked_records, sft_records, write_jsonl
+from train_helpers import SMALL_RUN_FLAGS, pipeline_data
 
 from rlhf_fast.cli import main
 
@@ -18,17 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_cli")
-    return {
-        "sft": write_jsonl(root / "sft.jsonl", sft_records(6)),
-        "ranked": write_jsonl(root / "ranked.jsonl", ranked_records(8)),
-        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Say {w}"} for w in "abcd"]),
-    }
+    return pipeline_data(tmp_path_factory.mktemp("ppo_cli"))
 
 
-SMALL = ["--device", "cpu", "--max-steps", "2", "--ppo-steps", "2", "--batch-size", "2",
-         "--max-new-tokens", "4", "--save-every", "0", "--eval-fraction", "0", "--lr", "1e-3",
-         "--max-length", "48"]  # fmt: skip
+SMALL = SMALL_RUN_FLAGS
 
 
 def _error(capsys) -> str:

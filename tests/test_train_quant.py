@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from tiny_families import make_family_dir
-from train_helpers import config, ranked_records, sft_records, write_jsonl
+from train_helpers import SMALL_RUN_FLAGS, config, pipeline_data
 
 from rlhf_fast.cli import main
 from rlhf_fast.models.load import LoraSettings, attach_lora, load_causal_lm
@@ -32,12 +32,7 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant_data")
-    return {
-        "sft": write_jsonl(root / "sft.jsonl", sft_records(8)),
-        "ranked": write_jsonl(root / "ranked.jsonl", ranked_records(8)),
-        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Say {w}"} for w in "abcd"]),
-    }
+    return pipeline_data(tmp_path_factory.mktemp("quant_data"))
 
 
 def _quant_layers(model) -> list[QuantLinear]:
@@ -123,9 +118,7 @@ def test_ppo_shares_one_int4_base_for_every_role(llama, data, tmp_path):
             torch.testing.assert_close(models.model(IDS).logits, expected, atol=1e-6, rtol=1e-6)
 
 
-SMALL = ["--device", "cpu", "--max-steps", "2", "--ppo-steps", "2", "--batch-size", "2",
-         "--max-new-tokens", "4", "--save-every", "0", "--eval-fraction", "0", "--lr", "1e-3",
-         "--max-length", "48"]  # fmt: skip
+SMALL = SMALL_RUN_FLAGS
 
 
 def test_stage_all_with_quant_int4_end_to_end(llama, data, tmp_path, capsys):

@@ -83,3 +83,18 @@ def assert_same_parameters(first: dict, second: dict, atol: float = 1e-6) -> Non
     assert first.keys() == second.keys()
     for name in first:
         torch.testing.assert_close(first[name], second[name], atol=atol, rtol=1e-6, msg=name)
+
+
+def pipeline_data(root: Path) -> dict[str, Path]:
+    """The three inputs of `--stage all` in `root`: SFT answers, rankings, and prompts."""
+    return {
+        "sft": write_jsonl(root / "sft.jsonl", sft_records(6)),
+        "ranked": write_jsonl(root / "ranked.jsonl", ranked_records(8)),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Say {w}"} for w in "abcd"]),
+    }
+
+
+# `rlhf-fast train` flags that keep a whole pipeline on a tiny model to a few seconds
+SMALL_RUN_FLAGS = ["--device", "cpu", "--max-steps", "2", "--ppo-steps", "2", "--batch-size",
+                   "2", "--max-new-tokens", "4", "--save-every", "0", "--eval-fraction", "0",
+                   "--lr", "1e-3", "--max-length", "48"]  # fmt: skip
