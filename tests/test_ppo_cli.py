@@ -21,9 +21,6 @@ def data(tmp_path_factory):
     return pipeline_data(tmp_path_factory.mktemp("ppo_cli"))
 
 
-SMALL = SMALL_RUN_FLAGS
-
-
 def _error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()[-1]
     return err
@@ -32,7 +29,7 @@ def _error(capsys) -> str:
 def _all_args(model, data, output) -> list[str]:
     return ["train", "--stage", "all", "--model", str(model), "--sft-data", str(data["sft"]),
             "--rm-data", str(data["ranked"]), "--data", str(data["prompts"]),
-            "--output", str(output), *SMALL]  # fmt: skip
+            "--output", str(output), *SMALL_RUN_FLAGS]  # fmt: skip
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -73,7 +70,7 @@ def test_ppo_missing_reward_model_dir_names_the_command(data, tmp_path, capsys):
     model = make_family_dir(tmp_path / "model", "llama", chat_template=True)
     args = ["train", "--stage", "ppo", "--model", str(model), "--data", str(data["prompts"]),
             "--reward-model", str(tmp_path / "rm"), "--output", str(tmp_path / "run"),
-            *SMALL]  # fmt: skip
+            *SMALL_RUN_FLAGS]  # fmt: skip
     assert main(args) == 2
     err = _error(capsys)
     assert f"--reward-model {tmp_path / 'rm'}: no such directory" in err

@@ -118,16 +118,13 @@ def test_ppo_shares_one_int4_base_for_every_role(llama, data, tmp_path):
             torch.testing.assert_close(models.model(IDS).logits, expected, atol=1e-6, rtol=1e-6)
 
 
-SMALL = SMALL_RUN_FLAGS
-
-
 def test_stage_all_with_quant_int4_end_to_end(llama, data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / "run"
     args = ["train", "--stage", "all", "--model", str(llama), "--sft-data", str(data["sft"]),
             "--rm-data", str(data["ranked"]), "--data", str(data["prompts"]), "--quant", "int4",
-            "--output", str(output), *SMALL]  # fmt: skip
+            "--output", str(output), *SMALL_RUN_FLAGS]  # fmt: skip
     assert main(args) == 0
     assert f"rlhf-fast chat {output / 'ppo' / 'merged'}" in capsys.readouterr().out
     assert "quant: int4" in (output / "ppo" / "config.yaml").read_text()
