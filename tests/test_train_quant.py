@@ -8,14 +8,16 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_families import make_family_dir
-from train_helpers import SMALL_RUN_FLAGS, config, pipeline_data
+from train_helpers import SMALL_RUN_FLAGS, assert_same_parameters, config, pipeline_data
 
 from rlhf_fast.cli import main
 from rlhf_fast.models.load import LoraSettings, attach_lora, load_causal_lm
 from rlhf_fast.models.reward import load_reward_model
 from rlhf_fast.quant import quantize_model
 from rlhf_fast.quant.linear import QuantLinear
+from rlhf_fast.train import checkpoint as ckpt
 from rlhf_fast.train.config import ConfigError, validate
 from rlhf_fast.train.ppo_models import POLICY, build_ppo_models
 from rlhf_fast.train.run import run_stage
@@ -157,3 +159,15 @@ def test_unknown_quant_is_a_cli_error(llama, data, tmp_path, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert "--quant: invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_resume_on_an_int4_base_repeats_the_uninterrupted_run(llama, data, tmp_path):
+    def final(run_dir):
+        return load_file(ckpt.find_checkpoint(run_dir) / ckpt.TRAINABLE_FILE)
+
+    settings = dict(quant="int4", lora_dropout=0.2, grad_accum=2, batch_size=3, save_every=2)
+    run_stage(config("sft", llama, data["sft"], tmp_path / "straight", **settings))
+    split = config("sft", llama, data["sft"], tmp_path / "split", **settings)
+    assert run_stage(split, stop_after=2).result.step == 2
+    assert run_stage(split, resume=tmp_path / "split").result.step == 4
+    assert_same_parameters(final(tmp_path / "split"), final(tmp_path / "straight"))
