@@ -25,7 +25,9 @@ QUICK_ENV = "RLHF_FAST_BENCH_QUICK"
 # A call slower than this is timed with a fixed, small number of rounds (the Python loops of
 # the peers at T=4096 or B=1024 take tenths of a second to seconds per call).
 SLOW_CALL_S = 0.05
-SLOW_ROUNDS = 3
+# RLHF_FAST_BENCH_SLOW_ROUNDS=N: more rounds for them, where run-to-run spread matters (PPO).
+SLOW_ROUNDS = int(os.environ.get("RLHF_FAST_BENCH_SLOW_ROUNDS", "3"))
+FEW_ROUNDS = 3  # a median of this many rounds or fewer is marked "~" (approximate)
 QUICK_ROUNDS = 5
 QUICK_ROUND_S = 0.002  # quick mode: iterations per round chosen to fill about this long
 # Above this share of the CPUs taken by other processes, the summary warns that its medians are
@@ -223,7 +225,7 @@ def _median_cell(group: _Group, provider: str | None) -> str:
         return "-"
     median, rounds = group.medians[provider]
     # "~": few rounds (a slow provider); read that median as approximate.
-    return _format_time(median) + (" ~" if rounds <= SLOW_ROUNDS else "")
+    return _format_time(median) + (" ~" if rounds <= FEW_ROUNDS else "")
 
 
 def _summary_rows(groups: dict[tuple[str, str, str], _Group]) -> list[list[str]]:
