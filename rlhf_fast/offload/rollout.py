@@ -44,7 +44,7 @@ def generate_offloaded_rollouts(
     `micro_batch`: rows per micro-batch of the block (default: the offload policy's). The
     lean decoder and its quantized copies need every weight in memory: `decoder` is ignored
     (the block schedule is the offloaded decoder) and `quant` must be "none"."""
-    from rlhf_fast.train.rollout import Rollout, left_pad, reference_logprobs
+    from rlhf_fast.train.rollout import left_pad, scored_rollout
 
     lm = model.rlhf_fast_offload
     if quant != "none":
@@ -69,17 +69,16 @@ def generate_offloaded_rollouts(
                 generator=generator, logprobs=steps, kv_bits=kv_bits,
             )  # fmt: skip
             response = sequences[:, query.shape[1] :]
-            is_eos = torch.isin(response, torch.tensor(eos_list))
+            eos = torch.tensor(eos_list)
+            is_eos = torch.isin(response, eos)
             ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
             response_mask = ~ended_before
             response = response.masked_fill(~response_mask, pad_token_id)
             logprobs = torch.where(response_mask, torch.stack(steps, 1), 0.0)
-            ended = (is_eos & response_mask).any(-1)
-            ref_logprobs = None
-            if score_reference:
-                ref_logprobs = reference_logprobs(
-                    model, reference, query, query_mask, response, response_mask, temperature
-                )
+            rollout = scored_rollout(
+                model, query, query_mask, response, response_mask, logprobs, eos, temperature,
+                reference=reference, score_reference=score_reference,
+            )  # fmt: skip
         finally:
             model.train(was_training)
-    return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)
+    return rollout

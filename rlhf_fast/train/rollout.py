@@ -237,14 +237,27 @@ def generate_rollouts(
             logprobs = response_logprobs(
                 model, query, query_mask, response, response_mask, temperature
             )
-        ended = (torch.isin(response, eos) & response_mask).any(-1)
-        ref_logprobs = None
-        if score_reference:
-            ref_logprobs = reference_logprobs(
-                model, reference, query, query_mask, response, response_mask, temperature
-            )
+        rollout = scored_rollout(
+            model, query, query_mask, response, response_mask, logprobs, eos, temperature,
+            reference=reference, score_reference=score_reference,
+        )  # fmt: skip
     finally:
         model.train(was_training)
+    return rollout
+
+
+def scored_rollout(
+    model, query, query_mask, response, response_mask, logprobs, eos, temperature, *,
+    reference, score_reference: bool,
+) -> Rollout:  # fmt: skip
+    """The Rollout of sampled answers: `ended` from the EOS tokens (a tensor of ids) inside the
+    mask, and with score_reference the reference's log-probs (reference_logprobs)."""
+    ended = (torch.isin(response, eos) & response_mask).any(-1)
+    ref_logprobs = None
+    if score_reference:
+        ref_logprobs = reference_logprobs(
+            model, reference, query, query_mask, response, response_mask, temperature
+        )
     return Rollout(query, query_mask, response, response_mask, ended, logprobs, ref_logprobs)
 
 
