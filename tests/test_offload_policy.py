@@ -254,3 +254,21 @@ def test_attention_cost_follows_the_context():
     assert 8 / long.predicted_tokens_per_s - 8 / short.predicted_tokens_per_s == pytest.approx(
         8 * 2 * 4 * 1024 * 1e-6
     )
+
+
+def test_a_cached_calibration_of_older_code_is_measured_again(tmp_path, monkeypatch):
+    import json
+    from dataclasses import asdict, replace
+
+    from rlhf_fast.offload import session
+    from rlhf_fast.offload.policy import CALIBRATION_VERSION
+
+    fresh = replace(CALIBRATION, version=CALIBRATION_VERSION, disk_bandwidth=2e9)
+    calls = []
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: calls.append(1) or fresh)
+    cache = tmp_path / "calibration.json"
+    cache.write_text(json.dumps(asdict(replace(CALIBRATION, version=CALIBRATION_VERSION - 1))))
+    assert session._calibration(tmp_path, None, torch.float32, (None,)) == fresh and calls
+    assert json.loads(cache.read_text())["version"] == CALIBRATION_VERSION  # rewritten
+    calls.clear()  # now current: read back, not measured
+    assert session._calibration(tmp_path, None, torch.float32, (None,)) == fresh and not calls

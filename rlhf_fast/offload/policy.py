@@ -95,7 +95,8 @@ class Calibration:
     lm_head's [rows, seconds], interpolated the same way (else its straight line).
     `attention_per_position`: the seconds a decoder layer's attention adds per row and cached
     position beyond `context` (the KV length the layer was timed at; HF's GQA attention
-    expands the cache to every query head, so long contexts cost memory traffic too)."""
+    expands the cache to every query head, so long contexts cost memory traffic too).
+    A cached calibration of another `version` is measured again (offload/session.py)."""
 
     disk_bandwidth: float
     layer_fixed: dict[str, float]
@@ -107,6 +108,7 @@ class Calibration:
     head_points: list[list[float]] = field(default_factory=list)
     attention_per_position: float = 0.0
     context: int = 64
+    version: int = 0  # CALIBRATION_VERSION of the code that measured it (0: older than that)
 
 
 def compression_name(bits: int | None) -> str:
@@ -471,6 +473,8 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+CALIBRATION_VERSION = 2  # 2: 9 repeats, attention over 1024 extra positions
+ATTENTION_EXTRA = 1024  # cached positions added to time the attention's cost per position
 CALIBRATION_ROWS = (1, 8, 16, 32, 64, 128)  # decode rows timed (the kernels change method
 # at 16, 32 and 64 rows; generate_batch's micro-batches are powers of two or the whole batch)
 
@@ -484,14 +488,17 @@ def calibrate_compute(
     group_size: int = 32,
     rows=CALIBRATION_ROWS,
     context: int = 64,
-    repeats: int = 3,
+    repeats: int = 9,
     threads: int | None = None,
     bf16_rows: int | None = BF16_ROWS,
 ) -> dict:
     """Times one decoder layer of `config` (random weights) per compression at `rows` decode
     rows with `context` cached positions, and the lm_head, with `threads` intra-op threads
     (default: one fewer than torch has, generate_batch's while streaming); then the dense
-    layer at 16 rows with 512 more cached positions, for the attention's cost per position.
+    layer at 16 rows with ATTENTION_EXTRA more cached positions, for the attention's cost per
+    position. 9 repeats (not 3): the setup, not the repeats, takes most of the time, and at 3
+    medians of int4 at 128 rows came out 40% high and the attention's coefficient (a
+    difference of two timings) 4x high on the dev machine, predictions 0.4-0.7x the measured.
     Returns Calibration's fields but the disk bandwidth and threads: the straight-line
     coefficients (first and last rows), the measured points (layer per compression, lm_head)
     and the attention's coefficient. int4 is timed again under the activation rule with
@@ -570,14 +577,14 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
         points[key] = [[float(r), t] for r, t in zip(counts, times, strict=True)]
     head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
     inputs = [torch.randn(count, config.hidden_size, dtype=dtype) for count in rows]
-    head_times = _monotone([_median_seconds(lambda x=x: head(x), 3) for x in inputs])
+    head_times = _monotone([_median_seconds(lambda x=x: head(x), repeats) for x in inputs])
     head_slope = (head_times[-1] - head_times[0]) / max(rows[-1] - rows[0], 1)
     head_fixed = max(head_times[0] - head_slope * rows[0], 1e-6)
     head_points = [[float(r), t] for r, t in zip(rows, head_times, strict=True)]
     attention = 0.0
     if None in compressions:  # attention runs fp32 whatever the layers' compression
         seconds = []
-        for cached in (context, context + 512):
+        for cached in (context, context + ATTENTION_EXTRA):
             cache = _filled_cache(small, 16, cached, dtype)
             ids = torch.randint(0, 256, (16, 1))
 
@@ -585,7 +592,7 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
                 base(input_ids=ids, cache=cache, use_cache=True)
 
             seconds.append(_median_seconds(step, repeats))
-        attention = max(seconds[1] - seconds[0], 0.0) / (16 * 512)
+        attention = max(seconds[1] - seconds[0], 0.0) / (16 * ATTENTION_EXTRA)
     return {
         "layer_fixed": fixed, "layer_per_row": per_row, "head_fixed": head_fixed,
         "head_per_row": max(head_slope, 0.0), "layer_points": points, "head_points": head_points,
@@ -601,4 +608,4 @@ def calibrate(
 
     threads = threads or streaming_threads()
     fields = calibrate_compute(config, dtype, compressions=compressions, threads=threads)
-    return Calibration(bandwidth, threads=threads, **fields)
+    return Calibration(bandwidth, threads=threads, version=CALIBRATION_VERSION, **fields)

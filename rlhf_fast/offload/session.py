@@ -24,6 +24,7 @@ import torch
 
 from rlhf_fast.offload.model import OffloadedLM, load_offloaded
 from rlhf_fast.offload.policy import (
+    CALIBRATION_VERSION,
     COMPRESSIONS,
     Calibration,
     Policy,
@@ -100,7 +101,7 @@ def _calibration(root: Path, config, dtype, compressions) -> Calibration:
     if cache.is_file():
         try:
             cached = Calibration(**json.loads(cache.read_text()))
-            if cached.head_points:  # else written before the piecewise head and attention terms
+            if cached.version == CALIBRATION_VERSION:  # else measured by older code: again
                 return cached
         except (TypeError, ValueError):
             pass
