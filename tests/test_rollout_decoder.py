@@ -146,24 +146,31 @@ def test_decoder_logits_equal_the_model(monkeypatch, fuse, native):
         decoder.step(tokens[:, 3])
 
 
-@pytest.mark.parametrize(("quant", "bound"), [("int8", 0.05), ("int4", 0.6)])
+# Mean |log-prob gap| of the quantized decoder on its own tokens, pooled over 6 seeds (single
+# seeds spread 0.03-0.07 for int8 and 0.37-1.33 for int4 on this tiny random model).
+@pytest.mark.parametrize(("quant", "bound"), [("int8", 0.1), ("int4", 1.2)])
 def test_quantized_rollouts(quant, bound):
     """Tokens from int8/int4 weights of the policy; the stored log-probs are the fp32 policy's
     (equal to a full forward), and the quantized decoder's own log-probs stay close to them."""
     from rlhf_fast.train.rollout import response_logprobs
 
     policy = with_lora(tiny_causal_lm("llama"))
-    out = rollouts(policy, "lean", quant=quant)
-    again = response_logprobs(policy, out.query, out.query_mask, out.response, out.response_mask)
-    torch.testing.assert_close(out.logprobs, again, atol=1e-5, rtol=0)
-    # the quantized decoder's distribution on the same tokens: mean |log-prob gap| bounded
-    decoder = RolloutDecoder(policy, quant)
-    logits = [decoder.start(out.query, out.query_mask, out.response.shape[1])]
-    for column in range(out.response.shape[1] - 1):
-        logits.append(decoder.step(out.response[:, column]))
-    quantized = torch.log_softmax(torch.stack(logits, 1).float(), -1)
-    quantized = quantized.gather(-1, out.response[..., None]).squeeze(-1)
-    gap = (quantized - out.logprobs)[out.response_mask].abs().mean()
+    gaps = []
+    for seed in range(6):
+        out = rollouts(policy, "lean", seed=seed, quant=quant)
+        again = response_logprobs(
+            policy, out.query, out.query_mask, out.response, out.response_mask
+        )
+        torch.testing.assert_close(out.logprobs, again, atol=1e-5, rtol=0)
+        # the quantized decoder's distribution on the same tokens
+        decoder = RolloutDecoder(policy, quant)
+        logits = [decoder.start(out.query, out.query_mask, out.response.shape[1])]
+        for column in range(out.response.shape[1] - 1):
+            logits.append(decoder.step(out.response[:, column]))
+        quantized = torch.log_softmax(torch.stack(logits, 1).float(), -1)
+        quantized = quantized.gather(-1, out.response[..., None]).squeeze(-1)
+        gaps.append((quantized - out.logprobs)[out.response_mask].abs())
+    gap = torch.cat(gaps).mean()
     assert 0 < gap < bound
     fp32 = rollouts(policy, "lean", temperature=0.0)
     greedy = rollouts(policy, "lean", temperature=0.0, quant=quant)

@@ -13,7 +13,7 @@ other model, or `decoder="hf"` / RLHF_FAST_DECODER=hf, runs the HF forward with 
 
 Sampling order, per step: repetition penalty on the raw logits, then greedy argmax when the
 temperature is 0, else divide by the temperature, keep the top-k, keep the top-p nucleus and
-draw from the softmax with a seeded `torch.Generator`.
+draw from the softmax with a seeded `torch.Generator` (models/sampling.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from rlhf_fast.models.sampling import sample_from_probs
 
 
 @dataclass
@@ -133,8 +135,7 @@ def sample_next_token(
         return int(torch.argmax(logits))
     logits = filter_top_k(logits / config.temperature, config.top_k)
     logits = filter_top_p(logits, config.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(sample_from_probs(torch.softmax(logits, dim=-1), generator))
 
 
 def _forward_keywords(model: torch.nn.Module) -> tuple[str, dict]:

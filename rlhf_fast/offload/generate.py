@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.models.sampling import sample_tokens
 from rlhf_fast.offload.kv_cache import compressed_cache
 from rlhf_fast.offload.model import OffloadedLM
 
@@ -129,16 +130,6 @@ def _intra_op_threads(count: int):
         torch.set_num_threads(before)
 
 
-def _choose(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
 @torch.no_grad()
 def generate_batch(
     lm: OffloadedLM,
@@ -225,7 +216,7 @@ def _generate(
     for _ in range(max_new_tokens):
         started = time.perf_counter()
         logits = torch.cat(forward(lm, batches, tokens))
-        chosen = _choose(logits, temperature, top_k, generator)
+        chosen = sample_tokens(logits, temperature, top_k, generator)
         if logprobs is not None:
             scaled = logits.float() / (temperature if temperature > 0 else 1.0)
             logprobs.append(scaled.log_softmax(-1).gather(-1, chosen[:, None])[:, 0])

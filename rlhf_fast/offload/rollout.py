@@ -5,9 +5,10 @@ and returns its Rollout, built the same way: left-padded prompts, answers drawn 
 softmax(logits / temperature) (top-k restricts the draw, not the log-probs), the response mask
 true up to and including the first EOS, and the reference's log-probs from one forward of the
 policy with its adapters disabled. The draw order of the seeded generator is the same (one
-multinomial over all rows per step), so a seed gives the answers the resident path gives. What
-differs is the schedule: each decode step streams each layer once for all the rows, the rows
-cut into the policy's micro-batches (FlexGen's block), instead of one HF forward per step.
+draw over all rows per step, models/sampling.py), so a seed gives the answers the resident
+path gives. What differs is the schedule: each decode step streams each layer once for all
+the rows, the rows cut into the policy's micro-batches (FlexGen's block), instead of one HF
+forward per step.
 
 Activations stay fp32 here whatever the model's int4 activation rule (quant/activations.py;
 chat and plain generation default to bf16 for many-row int4 products): the log-probs of the

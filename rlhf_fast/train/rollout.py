@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.models.sampling import sample_tokens
 from rlhf_fast.train.ppo_math import token_logprobs
 
 
@@ -86,24 +87,6 @@ def _returned_cache(output):
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row from logits [B, V]: greedy at temperature 0, else softmax of
-    logits / temperature restricted to the top_k (0: all)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    scaled = logits.float() / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, -1)
-    if generator is not None and generator.device != probs.device:
-        # The run's generator lives on the CPU, so a seed gives the same samples on any device.
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
