@@ -25,6 +25,9 @@ Run (2 threads, as the issue's numbers): `python -m pytest -q bench/test_bench_p
 "h512-L6" (hidden 512, 6 layers, vocab 8000, 96-token answers) is a shape where matrix work
 dominates, as at real sizes: `-k "ppo_iteration and h512 and (ours or peer)"`.
 
+`python bench/test_bench_ppo.py interleaved h256-L4 ours peer trl-gcfreeze 10` times the
+providers in turns (10 rounds) in one process, which a drifting machine cannot bias.
+
 Peak RSS needs a process of its own per provider: `python bench/test_bench_ppo.py PROVIDER
 SIZE` runs two iterations and prints the peak; test_peak_rss_side_by_side runs both, and
 "sft" (one LoRA SFT step of the same policy, the memory yardstick of the shared-base plan),
@@ -34,10 +37,12 @@ and prints rollout / train tokens/s and peak RSS side by side (numbers, never as
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -451,8 +456,42 @@ def _one_process(provider: str, shape: str) -> dict:
     }
 
 
+def interleaved(shape: str, providers: list[str], rounds: int) -> None:
+    """Times the providers in turns, one iteration each per round, in one process: on the dev
+    machine (a VM) speed drifts by +-30% over minutes, so a provider timed in a block of its
+    own can land in a slow or fast stretch; in turns each sees the same drift, and the medians'
+    ratios hold. Not for "trl" as shipped: its gc.collect() calls would also walk the other
+    providers' objects ("trl-gcfreeze" freezes them all)."""
+    if "trl" in providers:
+        raise SystemExit("interleaved: trl's gc.collect() walks every provider's objects")
+    calls = {}
+    for name in providers:
+        torch.manual_seed(0)
+        calls[name] = PROVIDERS[name](shape)[0]
+        calls[name]()  # warm-up
+    gc.collect()
+    gc.freeze()  # trl-gcfreeze's setting, for everyone
+    times = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    first = statistics.median(times[providers[0]])
+    print(f"PPO iteration, {shape}, {torch.get_num_threads()} threads, {rounds} rounds in turns:")
+    for name in providers:
+        median = statistics.median(times[name])
+        print(f"  {name:13s} median {median:6.3f} s  (min {min(times[name]):6.3f})  "
+              f"{first / median:5.2f}x the speed of {providers[0]}")  # fmt: skip
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if sys.argv[1] == "interleaved":  # interleaved SIZE PROVIDER... [ROUNDS]
+        names = [a for a in sys.argv[3:] if not a.isdigit()]
+        counts = [int(a) for a in sys.argv[3:] if a.isdigit()]
+        interleaved(sys.argv[2], names, counts[0] if counts else 10)
+        raise SystemExit(0)
     try:
         print(json.dumps(_one_process(sys.argv[1], sys.argv[2])))
     except pytest.skip.Exception as skipped:
