@@ -45,7 +45,7 @@ def generate_offloaded_rollouts(
     `micro_batch`: rows per micro-batch of the block (default: the offload policy's). The
     lean decoder and its quantized copies need every weight in memory: `decoder` is ignored
     (the block schedule is the offloaded decoder) and `quant` must be "none"."""
-    from rlhf_fast.train.rollout import left_pad, scored_rollout
+    from rlhf_fast.train.rollout import evaluating, left_pad, scored_rollout
 
     lm = model.rlhf_fast_offload
     if quant != "none":
@@ -53,33 +53,28 @@ def generate_offloaded_rollouts(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos_list = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-    was_training = model.training
-    model.eval()
     # fp32 activations while sampling and scoring: see the module docstring
-    with int4_activations(lm.model, None):
-        try:
-            query, query_mask = left_pad(prompts, pad_token_id)
-            kv_bits = lm.policy.kv_bits if lm.policy is not None else None
-            if micro_batch is None and lm.policy is not None:
-                micro_batch = lm.policy.micro_batch
-            steps: list[torch.Tensor] = []
-            sequences = generate_batch(
-                lm, query, query_mask.long(), max_new_tokens=max_new_tokens,
-                micro_batch=micro_batch, eos_token_id=eos_list[0] if len(eos_list) == 1 else None,
-                pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
-                generator=generator, logprobs=steps, kv_bits=kv_bits,
-            )  # fmt: skip
-            response = sequences[:, query.shape[1] :]
-            eos = torch.tensor(eos_list)
-            is_eos = torch.isin(response, eos)
-            ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-            response_mask = ~ended_before
-            response = response.masked_fill(~response_mask, pad_token_id)
-            logprobs = torch.where(response_mask, torch.stack(steps, 1), 0.0)
-            rollout = scored_rollout(
-                model, query, query_mask, response, response_mask, logprobs, eos, temperature,
-                reference=reference, score_reference=score_reference,
-            )  # fmt: skip
-        finally:
-            model.train(was_training)
+    with evaluating(model), int4_activations(lm.model, None):
+        query, query_mask = left_pad(prompts, pad_token_id)
+        kv_bits = lm.policy.kv_bits if lm.policy is not None else None
+        if micro_batch is None and lm.policy is not None:
+            micro_batch = lm.policy.micro_batch
+        steps: list[torch.Tensor] = []
+        sequences = generate_batch(
+            lm, query, query_mask.long(), max_new_tokens=max_new_tokens,
+            micro_batch=micro_batch, eos_token_id=eos_list[0] if len(eos_list) == 1 else None,
+            pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
+            generator=generator, logprobs=steps, kv_bits=kv_bits,
+        )  # fmt: skip
+        response = sequences[:, query.shape[1] :]
+        eos = torch.tensor(eos_list)
+        is_eos = torch.isin(response, eos)
+        ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        response_mask = ~ended_before
+        response = response.masked_fill(~response_mask, pad_token_id)
+        logprobs = torch.where(response_mask, torch.stack(steps, 1), 0.0)
+        rollout = scored_rollout(
+            model, query, query_mask, response, response_mask, logprobs, eos, temperature,
+            reference=reference, score_reference=score_reference,
+        )  # fmt: skip
     return rollout

@@ -206,9 +206,7 @@ def generate_rollouts(
         [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), device=device
     )
     path = choose_decoder(model, decoder, quant)
-    was_training = model.training
-    model.eval()  # no dropout while sampling, and the log-probs PPO stores must be exact
-    try:
+    with evaluating(model):
         query, query_mask = left_pad(prompts, pad_token_id, device)
         steps = _LeanSteps(model, quant) if path == "lean" else _HFSteps(model)
         response, response_mask, logprobs = _sample(
@@ -224,9 +222,19 @@ def generate_rollouts(
             model, query, query_mask, response, response_mask, logprobs, eos, temperature,
             reference=reference, score_reference=score_reference,
         )  # fmt: skip
+    return rollout
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """`model` in eval mode inside (no dropout while sampling: the log-probs PPO stores must
+    be exact), in the caller's mode again afterwards, even on an exception."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return rollout
 
 
 def scored_rollout(
