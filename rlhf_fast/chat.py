@@ -115,7 +115,12 @@ def answer(model, tokenizer, messages, config: SamplingConfig, seed: int | None)
     decoder = StreamDecoder(tokenizer)
     ids = prompt_ids(tokenizer, messages)
     eos = eos_ids(model, tokenizer)
-    tokens = generate_tokens(model, ids, config, eos_token_ids=eos, seed=seed, stats=stats)
+    # The lean decoder fuses every layer's weights up front, which streamed layers (--offload)
+    # cannot offer: they run the HF forward, through the streaming hooks.
+    path = "hf" if hasattr(model, "rlhf_fast_offload") else None
+    tokens = generate_tokens(
+        model, ids, config, eos_token_ids=eos, seed=seed, stats=stats, decoder=path
+    )
     try:
         for token in tokens:
             sys.stdout.write(decoder.push(token))
@@ -164,10 +169,15 @@ def run(args: argparse.Namespace) -> int:
         config = sampling_config(args)  # bad flags fail before the slow load
         model, tokenizer = load(args)
         system = [{"role": "system", "content": args.system}] if args.system else []
-        if args.prompt is None:
-            interactive(model, tokenizer, system, config, args.seed)
-        else:
-            answer(model, tokenizer, system + [user(args.prompt)], config, args.seed)
+        try:
+            if args.prompt is None:
+                interactive(model, tokenizer, system, config, args.seed)
+            else:
+                answer(model, tokenizer, system + [user(args.prompt)], config, args.seed)
+        finally:  # a streamed model (--offload): its reader thread and open shards
+            offloaded = getattr(model, "rlhf_fast_offload", None)
+            if offloaded is not None:
+                offloaded.close()
         return 0
     except ChatError as error:
         print(f"rlhf-fast chat: {error}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,12 @@ def _answer(capsys, argv) -> tuple[int, str, str]:
 )
 def test_offloaded_chat_answers_like_the_resident_model(model_dir, capsys, tmp_path, spec, budget):
     argv = ["chat", str(model_dir), *ARGS, "--offload", spec, "--max-memory", budget]
+    decoder_env = os.environ.get("RLHF_FAST_DECODER")
     code, offloaded, err = _answer(capsys, [*argv, "--offload-dir", str(tmp_path / "o")])
     assert code == 0, err
+    # the session closed its streamer (no reader thread left) and changed no global setting
+    assert not [t for t in threading.enumerate() if t.name.startswith("rlhf-fast-offload")]
+    assert os.environ.get("RLHF_FAST_DECODER") == decoder_env
     assert "[offload: compress=" in err and "predicted" in err
     if spec != "auto":
         assert "compress=none resident_layers=1 prefetch=0" in err

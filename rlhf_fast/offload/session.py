@@ -192,8 +192,5 @@ def open_for_chat(model_dir: str | os.PathLike, args) -> torch.nn.Module:
         model_dir, offload=spec, max_memory=args.max_memory, offload_root=args.offload_dir
     )
     print(f"[offload: {policy.describe()}]", file=sys.stderr, flush=True)
-    # The lean decoder fuses every layer's weights up front, which streaming layers cannot
-    # offer: the chat loop runs the HF forward, through the streaming hooks.
-    os.environ["RLHF_FAST_DECODER"] = "hf"
-    lm.model.rlhf_fast_offload = lm
+    lm.model.rlhf_fast_offload = lm  # chat runs it on the HF forward and closes it at the end
     return lm.model
