@@ -118,7 +118,26 @@ def quantize_frozen_base(model: nn.Module, quant: str) -> nn.Module:
         from rlhf_fast.quant.model import quantize_model
 
         quantize_model(model, bits=QUANT_BITS[quant], group_size=QUANT_GROUP_SIZE)
+        _copy_out_of_the_checkpoint(model)
     return model
+
+
+@torch.no_grad()
+def _copy_out_of_the_checkpoint(model: nn.Module) -> None:
+    """Copies the tensors quantization left dense (embeddings, norms, lm_head, biases) out of
+    the checkpoint's memory map. While any of them maps the file, every page of it that the
+    quantization read stays resident: measured on a 120 MB fp32 model, 73 MB of file pages
+    kept the int4 model's RSS above the dense one's through training."""
+    from rlhf_fast.quant.linear import QuantLinear
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear):  # its codes are fresh memory already
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.clone()  # tied parameters stay one object
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
 
 
 def load_causal_lm(
