@@ -58,7 +58,7 @@ from rlhf_fast.train.ppo_math import (
     value_loss,
 )
 from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models
-from rlhf_fast.train.rollout import choose_decoder, generate_rollouts, response_logits
+from rlhf_fast.train.rollout import choose_decoder, generate_rollouts
 from rlhf_fast.train.sft import lora_settings, merge_for_export, token_loss
 
 SAMPLES_FILE = "samples.jsonl"
@@ -306,8 +306,7 @@ class PPOTrainer:
         sequences = torch.cat([query, response], 1)
         mask = torch.cat([query_mask, response_mask], 1)
         q = query.shape[1]
-        self.models.use(POLICY)
-        logits = response_logits(self.models.model, query, query_mask, response, response_mask)
+        logits = self.models.policy_logits(sequences, mask, q)
         temperature = config.temperature if config.temperature > 0 else 1.0
         logprobs = token_logprobs(logits, response, temperature)
         pol = policy_loss(

@@ -48,6 +48,7 @@ from rlhf_fast.models.reward import (
     load_reward_model,
     read_reward_config,
 )
+from rlhf_fast.train.rollout import response_logits
 
 POLICY, CRITIC, REWARD = "default", "critic", "reward"
 
@@ -131,8 +132,17 @@ class PPOModels(nn.Module):
         takes = "position_ids" in inspect.signature(base.forward).parameters
         return {"position_ids": positions_of(mask)} if takes else {}
 
-    def policy_logits(self, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def policy_logits(
+        self, sequences: torch.Tensor, mask: torch.Tensor, query_width: int | None = None
+    ) -> torch.Tensor:
+        """The policy's logits [B, T, V]; with `query_width`, only those [B, R, V] that predict
+        the response tokens (the LM head runs on those positions only: rollout.response_logits),
+        as critic_values gives the values of the same positions."""
         self.use(POLICY)
+        if query_width is not None:
+            q = query_width
+            return response_logits(self.model, sequences[:, :q], mask[:, :q], sequences[:, q:],
+                                   mask[:, q:])  # fmt: skip
         output = self.model(input_ids=sequences, attention_mask=mask.long(),
                             **self._positions(self.model, mask))  # fmt: skip
         return output.logits
