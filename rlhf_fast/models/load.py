@@ -104,7 +104,6 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
 QUANT_GROUP_SIZE = 32  # int4 groups: the project's default (README, quant.perplexity)
 
 
@@ -112,12 +111,12 @@ def quantize_frozen_base(model: nn.Module, quant: str) -> nn.Module:
     """--quant: `model`'s linear layers (not lm_head) to int8 / int4 in place, as QLoRA's frozen
     base: LoRA adapters attached afterwards (attach_lora) train on top of the quantized
     products. "none" returns `model` unchanged."""
-    if quant not in QUANT_BITS:
-        raise ModelLoadError(f"--quant must be one of {', '.join(QUANT_BITS)}, got {quant!r}")
-    if QUANT_BITS[quant] is not None:
-        from rlhf_fast.quant.model import quantize_model
+    from rlhf_fast.quant.model import BITS_BY_NAME, quantize_model
 
-        quantize_model(model, bits=QUANT_BITS[quant], group_size=QUANT_GROUP_SIZE)
+    if quant not in BITS_BY_NAME:
+        raise ModelLoadError(f"--quant must be one of {', '.join(BITS_BY_NAME)}, got {quant!r}")
+    if BITS_BY_NAME[quant] is not None:
+        quantize_model(model, bits=BITS_BY_NAME[quant], group_size=QUANT_GROUP_SIZE)
         _copy_out_of_the_checkpoint(model)
     return model
 

@@ -37,9 +37,9 @@ from rlhf_fast.offload.policy import (
 from rlhf_fast.offload.prepare import prepare_offload
 from rlhf_fast.offload.shards import MANIFEST, ShardError, read_manifest
 from rlhf_fast.quant.activations import BF16_ROWS
+from rlhf_fast.quant.model import BITS_BY_NAME
 
 ROOT_NAME = ".rlhf_fast_offload"
-_BITS = {"none": None, "int8": 8, "int4": 4}
 
 
 def parse_offload(text: str, num_layers: int) -> dict:
@@ -58,7 +58,7 @@ def parse_offload(text: str, num_layers: int) -> dict:
                 raise ValueError
             if key == "compress":
                 if value != "auto":
-                    fixed["compress"] = _BITS[value]
+                    fixed["compress"] = BITS_BY_NAME[value]
             elif key == "resident":
                 if value.endswith("%"):
                     count = round(float(value[:-1]) / 100 * num_layers)

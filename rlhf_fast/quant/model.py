@@ -12,6 +12,8 @@ from rlhf_fast.quant.linear import QuantLinear, is_quantizable
 
 FORMAT = "rlhf_fast"
 DEFAULT_SKIP = ("lm_head",)
+# The compression names of the CLI flags (--quant, --rollout-quant, --offload compress=) -> bits
+BITS_BY_NAME = {"none": None, "int8": 8, "int4": 4}
 
 
 def is_skipped(name: str, skip: Iterable[str]) -> bool:

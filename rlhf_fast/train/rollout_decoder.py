@@ -39,9 +39,9 @@ from rlhf_fast.models.fast_decoder import _Projection as QuantProjection
 from rlhf_fast.models.fast_decoder import _sliding_windows, read_decoder_shape
 from rlhf_fast.models.fast_decoder import unsupported_reason as lean_unsupported_reason
 from rlhf_fast.quant.linear import QuantLinear
+from rlhf_fast.quant.model import BITS_BY_NAME
 
-QUANT_CHOICES = ("none", "int8", "int4")
-_QUANT_BITS = {"int8": 8, "int4": 4}
+QUANT_CHOICES = tuple(BITS_BY_NAME)
 _ATTENTION = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj")
 # Fuse q/k/v and gate/up of dense models up to this many bytes of those weights (the copies
@@ -256,7 +256,7 @@ class RolloutDecoder:
         lm = causal_lm_of(model)
         config, inner = lm.config, lm.model
         read_decoder_shape(self, config, inner)
-        bits = _QUANT_BITS.get(quant)
+        bits = BITS_BY_NAME.get(quant)
         windows = _sliding_windows(lm)
         # Small models: copy q/k/v and gate/up into one weight each (a decode step of a few
         # rows costs its calls, not its arithmetic); large ones read their weights in place.
