@@ -86,6 +86,29 @@ def test_strided_and_batched_inputs(backend, bits):
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_rows_across_weight_tiles(backend, threads):
+    # The many-row int4 path dequantizes ~1 MiB tiles of channels (128 at K = 4096 in bf16, 64
+    # in fp32) into a per-thread buffer reused across calls and writes each tile's GEMM into
+    # its column slice of the output: N = 300 is several tiles and a ragged last one, and each
+    # call follows one with other weights in the same buffers.
+    generator = torch.Generator().manual_seed(11)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype, m in ((torch.bfloat16, 40), (torch.float32, 70), (torch.float16, 65)):
+            for n in (300, 133):
+                qweight = make_weight(4, 64, n, 4096, generator)
+                x = torch.randn(m, 4096, generator=generator).to(dtype)
+                bias = torch.randn(n, generator=generator)
+                with using(backend) as name, torch.inference_mode():
+                    y = ops.quant_matmul(x, qweight, bias, backend=name)
+                assert_close_to_oracle(y, x, qweight, bias)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
 def test_pad_codes_are_never_used(backend):
     # K = 40 pads to 64 with g = 64: the pad's codes are arbitrary, and x has only 40 columns.
     generator = torch.Generator().manual_seed(3)

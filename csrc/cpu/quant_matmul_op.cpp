@@ -3,10 +3,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "cpu/op_checks.h"
@@ -68,28 +70,44 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks)
 // with torch's GEMM (oneDNN), whose bf16 and fp32 flop rates beat our register-dequantizing
 // kernel here once the weight is reused by enough rows. fp32 tiles hold exactly dequantize()'s
 // values (fp32 and fp16 x, computed in fp32); bf16 tiles round the weight to bf16, the
-// precision the bf16 activations already have (oneDNN sums the products in fp32).
+// precision the bf16 activations already have (oneDNN sums the products in fp32 and rounds
+// the result to bf16 once).
+//
+// Nothing here allocates per tile: each thread dequantizes into its own tile buffer, kept
+// across calls (a fresh 1 MiB block per call is an mmap and 256 page faults under glibc), and
+// each tile's GEMM writes straight into its column slice of the output (leading dimension N).
+void* thread_tile_buffer(size_t bytes) {
+  static thread_local std::vector<unsigned char> buffer;
+  constexpr size_t kAlign = 64;
+  if (buffer.size() < bytes + kAlign) buffer.resize(bytes + kAlign);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + (kAlign - address % kAlign) % kAlign;
+}
+
+// y = x @ dequantize(W).T (+ bias), in x's dtype (bf16 or fp32; x is already one of them).
 at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn dequantize,
                                     const at::Tensor& x, const at::Tensor& bias32, int64_t N) {
   const int64_t M = x.size(0), K = args.K;
   const int64_t tile = std::max<int64_t>(16, (int64_t(1) << 20) / (K * x.element_size()));
   const at::Tensor xc = x.contiguous();
-  at::Tensor y32 = new_output({M, N});
+  at::Tensor y = x.scalar_type() == at::kFloat ? new_output({M, N}) : at::empty({M, N}, x.options());
   // Worker threads do not inherit the caller's grad / inference mode: without this, a call
-  // under torch.inference_mode() fails in copy_ ("inplace update to inference tensor").
+  // under torch.inference_mode() fails in mm_out ("inplace update to inference tensor").
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t first, int64_t last) {
     at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor weight = at::empty({tile, K}, x.options());
+    void* buffer = thread_tile_buffer(static_cast<size_t>(tile * K * x.element_size()));
     for (int64_t t = first; t < last; ++t) {
       const int64_t n0 = t * tile, n1 = std::min(n0 + tile, N);
-      at::Tensor w = weight.narrow(0, 0, n1 - n0);
-      dequantize(args, n0, n1, w.data_ptr());
-      y32.narrow(1, n0, n1 - n0).copy_(at::mm(xc, w.t()));
+      dequantize(args, n0, n1, buffer);
+      const at::Tensor w = at::from_blob(buffer, {n1 - n0, K}, x.options());
+      at::Tensor out = y.narrow(1, n0, n1 - n0);
+      at::mm_out(out, xc, w.t());
     }
   });
-  if (bias32.defined()) y32.add_(bias32);
-  return y32;
+  // bf16 y: the sum is computed in fp32 and rounded once, as bf16 + fp32 promotes
+  if (bias32.defined()) y.add_(bias32);
+  return y;
 }
 
 at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
@@ -98,8 +116,7 @@ at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
   const KernelTable& kernels = active_kernels();
   if (format == kInt4 && args.K > 0 && N > 0) {
     if (x.scalar_type() == at::kBFloat16 && M >= 32 && kernels.dequantize_int4_bf16 != nullptr)
-      return dequantized_tiles_matmul(args, kernels.dequantize_int4_bf16, x, bias32, N)
-          .to(at::kBFloat16);
+      return dequantized_tiles_matmul(args, kernels.dequantize_int4_bf16, x, bias32, N);
     if (x.scalar_type() != at::kBFloat16 && M >= 64)
       return dequantized_tiles_matmul(args, kernels.dequantize_int4_f32, fp32_rows(x), bias32, N)
           .to(x.scalar_type());
