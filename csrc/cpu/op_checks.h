@@ -91,9 +91,9 @@ inline bool& poison_outputs() {
   return enabled;
 }
 
-// A new fp32 CPU output (pooled when large: see output_pool.h).
-inline at::Tensor new_output(at::IntArrayRef sizes) {
-  at::Tensor out = pooled_empty_float(sizes);
+// A new CPU output, fp32 unless said (pooled when large: see output_pool.h).
+inline at::Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat) {
+  at::Tensor out = pooled_empty(sizes, dtype);
   if (poison_outputs()) out.fill_(std::numeric_limits<float>::quiet_NaN());
   return out;
 }

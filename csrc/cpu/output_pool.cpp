@@ -65,11 +65,11 @@ OutputPool& pool() {
 
 }  // namespace
 
-at::Tensor pooled_empty_float(at::IntArrayRef sizes) {
-  const auto options = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
   int64_t numel = 1;
   for (int64_t size : sizes) numel *= size;
-  const size_t bytes = static_cast<size_t>(numel) * sizeof(float);
+  const size_t bytes = static_cast<size_t>(numel) * at::elementSize(dtype);
   if (!pool().enabled_for(bytes)) return at::empty(sizes, options);
   void* block = pool().take(bytes);
   return at::from_blob(block, sizes, [bytes](void* data) { pool().give(data, bytes); }, options);

@@ -12,7 +12,7 @@
 
 namespace rlhf_fast {
 
-// An uninitialized fp32 tensor of `sizes` on the CPU, from the pool when it is large.
-at::Tensor pooled_empty_float(at::IntArrayRef sizes);
+// An uninitialized CPU tensor of `sizes` and `dtype`, from the pool when it is large.
+at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat);
 
 }  // namespace rlhf_fast

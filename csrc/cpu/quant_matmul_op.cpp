@@ -90,7 +90,7 @@ at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn de
   const int64_t M = x.size(0), K = args.K;
   const int64_t tile = std::max<int64_t>(16, (int64_t(1) << 20) / (K * x.element_size()));
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = x.scalar_type() == at::kFloat ? new_output({M, N}) : at::empty({M, N}, x.options());
+  at::Tensor y = new_output({M, N}, x.scalar_type());
   // Worker threads do not inherit the caller's grad / inference mode: without this, a call
   // under torch.inference_mode() fails in mm_out ("inplace update to inference tensor").
   const at::ThreadLocalState caller_state;
