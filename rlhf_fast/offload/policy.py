@@ -473,7 +473,8 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-CALIBRATION_VERSION = 2  # 2: 9 repeats, attention over 1024 extra positions
+# 2: 9 repeats, attention over 1024 extra positions; 3: the int4 many-row kernel got faster
+CALIBRATION_VERSION = 3
 ATTENTION_EXTRA = 1024  # cached positions added to time the attention's cost per position
 CALIBRATION_ROWS = (1, 8, 16, 32, 64, 128)  # decode rows timed (the kernels change method
 # at 16, 32 and 64 rows; generate_batch's micro-batches are powers of two or the whole batch)
