@@ -7,7 +7,6 @@
 // in fp32, rounded once to the output dtype. The file is compiled without -mfma, so the
 // compiler cannot contract the multiply-add, and the results are bit-identical.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -15,6 +14,7 @@
 #include <cstdint>
 
 #include "cpu/lora_ops.h"
+#include "cpu/op_checks.h"
 
 namespace rlhf_fast {
 namespace {
@@ -96,7 +96,10 @@ at::Tensor lora_dequantize_rows_cpu(const at::Tensor& qdata, const at::Tensor& s
   TORCH_CHECK_VALUE(qdata.dim() == 2, "qdata must be 2-D, got shape ", qdata.sizes());
   TORCH_CHECK_VALUE(in_features > 0, "in_features must be positive, got ", in_features);
   const int64_t rows = qdata.size(0);
-  at::Tensor out = at::empty({rows, in_features}, qdata.options().dtype(dtype));
+  for_output_dtype(dtype, [](auto) {});  // a bad dtype fails here, before any allocation
+  // a block is used once and freed: from the output pool, since a fresh multi-MB block would
+  // be an mmap and a page fault per 4 KiB on every call (output_pool.h)
+  at::Tensor out = new_output({rows, in_features}, dtype);
   if (qdata.scalar_type() == at::kChar) {
     check_part(qdata, "qdata", at::kChar, rows, in_features);
     check_part(scales, "scales", at::kFloat, rows, -1);
