@@ -36,12 +36,14 @@ and prints rollout / train tokens/s and peak RSS side by side (numbers, never as
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +95,14 @@ def _tokenizer(vocab_size: int):
                                    eos_token="<eos>")  # fmt: skip
 
 
+def scratch_dir(prefix: str) -> str:
+    """A new temporary directory, removed when the process exits (the models, runs and trl
+    outputs of every iteration would otherwise pile up: gigabytes over a day of benchmarks)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 @functools.lru_cache(maxsize=2)
 def model_dirs(shape: str) -> tuple[Path, Path, list[str]]:
     """(policy dir, reward-model dir on it, prompts) in a temporary directory."""
@@ -102,7 +112,7 @@ def model_dirs(shape: str) -> tuple[Path, Path, list[str]]:
     from rlhf_fast.models.reward import RewardModel, save_reward_model
 
     spec = SHAPES[shape]
-    root = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
+    root = Path(scratch_dir("bench_ppo_"))
     tokenizer = _tokenizer(spec["vocab_size"])
     config = LlamaConfig(
         vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
@@ -149,7 +159,7 @@ def ours(shape: str, rollout_quant: str = "none", dtype: str = "fp32", quant: st
     lora = LoraSettings(r=LORA_R, alpha=32, targets=TARGETS)
     models = build_ppo_models(policy, rm, lora, dtype=dtype, quant=quant)
     examples = [PromptExample([{"role": "user", "content": p}]) for p in prompts]
-    trainer = PPOTrainer(config, models, examples, tempfile.mkdtemp(prefix="bench_ppo_run_"))
+    trainer = PPOTrainer(config, models, examples, scratch_dir("bench_ppo_run_"))
     trainer.prompt_ids = [ids[-spec["prompt_len"] :] for ids in trainer.prompt_ids]
     clock = {"rollout": 0.0, "train": 0.0, "generated": 0, "trained": 0}
     indices = list(range(len(examples)))
@@ -314,7 +324,7 @@ def trl_ppo(shape: str, freeze_gc: bool = False):
         return model
 
     config = PPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_ppo_trl_"), per_device_train_batch_size=
+        output_dir=scratch_dir("bench_ppo_trl_"), per_device_train_batch_size=
         spec["prompts"], gradient_accumulation_steps=1, num_mini_batches=1,
         num_ppo_epochs=spec["epochs"], response_length=spec["new_tokens"],
         local_rollout_forward_batch_size=spec["prompts"], total_episodes=spec["prompts"],
