@@ -23,4 +23,15 @@ at::Tensor quant_matmul_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
                                  int64_t group_size, int64_t in_features,
                                  const std::optional<at::Tensor>& bias);
 
+// HF's LlamaRMSNorm forward (y in out_dtype, and the per-row rstd it saves) and backward
+// (rms_norm_op.cpp); the weight comes widened to fp32.
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps, at::ScalarType out_dtype);
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_y,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& weight,
+                                                         const at::Tensor& rstd,
+                                                         bool weight_grad);
+
 }  // namespace rlhf_fast

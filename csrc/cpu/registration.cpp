@@ -33,6 +33,12 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values,"
       " int position, int heads, int kv_heads, int window, float scale) -> Tensor");
   m.def("decode_silu_mul(Tensor gate_up) -> Tensor");
+  m.def(
+      "rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype)"
+      " -> (Tensor y, Tensor rstd)");
+  m.def(
+      "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, bool weight_grad)"
+      " -> (Tensor grad_x, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
@@ -48,6 +54,8 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("decode_add_rms_norm", &rlhf_fast::decode_add_rms_norm_cpu);
   m.impl("decode_attention", &rlhf_fast::decode_attention_cpu);
   m.impl("decode_silu_mul", &rlhf_fast::decode_silu_mul_cpu);
+  m.impl("rms_norm", &rlhf_fast::rms_norm_cpu);
+  m.impl("rms_norm_backward", &rlhf_fast::rms_norm_backward_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

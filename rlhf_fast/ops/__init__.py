@@ -11,6 +11,7 @@ from rlhf_fast.ops.gae import gae, gae_reference
 from rlhf_fast.ops.lora_linear import lora_linear, lora_linear_reference
 from rlhf_fast.ops.quant_matmul import quant_matmul, quant_matmul_reference
 from rlhf_fast.ops.rank_loss import rank_loss, rank_loss_reference
+from rlhf_fast.ops.rms_norm import rms_norm, rms_norm_reference
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +25,6 @@ __all__ = [
     "quant_matmul_reference",
     "rank_loss",
     "rank_loss_reference",
+    "rms_norm",
+    "rms_norm_reference",
 ]

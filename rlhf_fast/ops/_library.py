@@ -75,3 +75,18 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "lora_pack_keep"):
     @torch.library.register_fake("rlhf_fast::lora_unpack_keep")
     def _lora_unpack_keep_fake(bits, numel, dtype):
         return bits.new_empty((numel,), dtype=dtype)
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "rms_norm"):
+
+    @torch.library.register_fake("rlhf_fast::rms_norm")
+    def _rms_norm_fake(x, weight, eps, out_dtype):
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(
+            (x.shape[0],), dtype=torch.float32
+        )
+
+    @torch.library.register_fake("rlhf_fast::rms_norm_backward")
+    def _rms_norm_backward_fake(grad_y, x, weight, rstd, weight_grad):
+        return x.new_empty(x.shape), x.new_empty(
+            (x.shape[1] if weight_grad else 0,), dtype=torch.float32
+        )
