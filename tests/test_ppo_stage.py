@@ -131,7 +131,10 @@ def test_separate_reward_model_reads_text(stages, tmp_path):
 def test_ppo_raises_a_learnable_reward(stages, tmp_path):
     # The tiny random model's logits are too small for adapters inside the decoder alone to
     # move them far (frozen, random 0.02-scale output weights): LoRA on lm_head can.
-    cfg = ppo_config(stages, tmp_path / "run", max_steps=12, batch_size=16, mini_batch_size=4,
+    # 16 steps, means of the first and last 4: over seeds 0-3 the gain was 0.18-0.47 (with
+    # HF's own norms and MLPs too), where sampling noise alone moves it ~0.03. (At 12 steps
+    # and 3-step means, 3 of 8 seed/backend runs gained less than 0.15.)
+    cfg = ppo_config(stages, tmp_path / "run", max_steps=16, batch_size=16, mini_batch_size=4,
                      ppo_epochs=4, lr=1e-2, max_new_tokens=8, kl_coef=0.0, sample_every=4,
                      missing_eos_penalty=0.0,
                      lora_targets=["q_proj", "v_proj", "lm_head"])  # fmt: skip
@@ -149,11 +152,11 @@ def test_ppo_raises_a_learnable_reward(stages, tmp_path):
                          reward_fn=share_of_wanted)  # fmt: skip
     trainer.train()
     rewards = [json.loads(line)["reward"] for line in (tmp_path / "run/metrics.jsonl").open()]
-    assert len(rewards) == 12
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert len(rewards) == 16
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.15, rewards
     samples = [json.loads(line) for line in (tmp_path / "run/samples.jsonl").open()]
-    assert {s["step"] for s in samples} == {4, 8, 12}
+    assert {s["step"] for s in samples} == {4, 8, 12, 16}
     assert set(samples[0]) == {"step", "prompt", "response", "score"}
 
 

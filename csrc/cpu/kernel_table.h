@@ -5,6 +5,7 @@
 #include "cpu/gae_kernel.h"
 #include "cpu/quant_matmul_kernel.h"
 #include "cpu/rank_loss_kernel.h"
+#include "cpu/silu_mul_kernel.h"
 
 namespace rlhf_fast {
 namespace RLHF_ISA_NS {
@@ -23,6 +24,8 @@ KernelTable make_kernel_table(const char* isa) {
   table.quant_matmul[kInt8] = &quant_matmul_channels<V, false>;
   table.quant_matmul[kInt4] = &quant_matmul_channels<V, true>;
   table.dequantize_int4_f32 = &dequantize_int4_f32<V>;
+  table.silu_mul_forward = &silu_mul_forward<V>;
+  table.silu_mul_backward = &silu_mul_backward<V>;
   return table;
 }
 

@@ -81,6 +81,18 @@ using QuantMatmulFn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t 
 using DequantizeFn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t n_end, void* out);
 enum QuantFormat : int { kInt8 = 0, kInt4 = 1, kNumQuantFormats = 2 };
 
+// silu_mul: elements [begin, end) of flat fp32 arrays. Forward reads gate, up and writes out;
+// backward reads grad, gate, up and writes grad_gate, grad_up.
+struct SiluMulArgs {
+  const float* gate;
+  const float* up;
+  const float* grad;
+  float* out;
+  float* grad_gate;
+  float* grad_up;
+};
+using SiluMulFn = void (*)(const SiluMulArgs&, int64_t begin, int64_t end);
+
 struct KernelTable {
   const char* isa;
   int width;  // fp32 lanes; row blocks are this many rows
@@ -93,6 +105,8 @@ struct KernelTable {
   // int4 -> fp32 / bf16 tiles for the large-M paths (bf16: nullptr below AVX-512).
   DequantizeFn dequantize_int4_f32;
   DequantizeFn dequantize_int4_bf16;
+  SiluMulFn silu_mul_forward;
+  SiluMulFn silu_mul_backward;
 };
 
 namespace scalar {

@@ -39,6 +39,10 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, bool weight_grad)"
       " -> (Tensor grad_x, Tensor grad_weight)");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def(
+      "silu_mul_backward(Tensor grad, Tensor gate, Tensor up)"
+      " -> (Tensor grad_gate, Tensor grad_up)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
@@ -56,6 +60,8 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("decode_silu_mul", &rlhf_fast::decode_silu_mul_cpu);
   m.impl("rms_norm", &rlhf_fast::rms_norm_cpu);
   m.impl("rms_norm_backward", &rlhf_fast::rms_norm_backward_cpu);
+  m.impl("silu_mul", &rlhf_fast::silu_mul_cpu);
+  m.impl("silu_mul_backward", &rlhf_fast::silu_mul_backward_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -108,12 +108,12 @@ QUANT_GROUP_SIZE = 32  # int4 groups: the project's default (README, quant.perpl
 
 
 def _ready(model: nn.Module, quant: str) -> nn.Module:
-    """A loaded model as training uses it: quantized per --quant, RMSNorms on ops.rms_norm
-    (models/fused_norms.py: one C++ pass each way on CPU instead of ~17 torch ops)."""
-    from rlhf_fast.models.fused_norms import fuse_rms_norms
+    """A loaded model as training uses it: quantized per --quant, RMSNorms and SwiGLU MLPs on
+    rlhf_fast's fused ops (models/fused_layers.py: one C++ pass each way on CPU)."""
+    from rlhf_fast.models.fused_layers import fuse_layers
 
     model = quantize_frozen_base(model, quant)
-    fuse_rms_norms(model)
+    fuse_layers(model)
     return model
 
 

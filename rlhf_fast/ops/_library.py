@@ -90,3 +90,14 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "rms_norm"):
         return x.new_empty(x.shape), x.new_empty(
             (x.shape[1] if weight_grad else 0,), dtype=torch.float32
         )
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "silu_mul"):
+
+    @torch.library.register_fake("rlhf_fast::silu_mul")
+    def _silu_mul_fake(gate, up):
+        return torch.empty_like(gate)
+
+    @torch.library.register_fake("rlhf_fast::silu_mul_backward")
+    def _silu_mul_backward_fake(grad, gate, up):
+        return torch.empty_like(gate), torch.empty_like(up)

@@ -1,0 +1,102 @@
+"""models/fused_layers.py: HF RMSNorm and SwiGLU MLP modules on rlhf_fast's fused ops give the
+same model, forward and backward, with LoRA adapters on the MLP too."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from tiny_families import FAMILIES, make_family_dir
+
+from rlhf_fast.models.fused_layers import (
+    FUSABLE_MLPS,
+    FUSABLE_NORMS,
+    fuse_layers,
+    is_fused,
+    unfuse_layers,
+)
+from rlhf_fast.models.load import LoraSettings, attach_lora, load_causal_lm
+
+LLAMA_LIKE = ("llama", "qwen2", "mistral")
+
+
+def test_fusable_classes_compute_llamas_formulas():
+    """The lists are only safe while these classes' forwards are Llama's line for line."""
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    for names, reference in ((FUSABLE_NORMS, llama.LlamaRMSNorm), (FUSABLE_MLPS, llama.LlamaMLP)):
+        suffix = reference.__name__[len("Llama") :]
+        classes = [getattr(m, prefix + suffix) for m, prefix in
+                   ((llama, "Llama"), (qwen2, "Qwen2"), (mistral, "Mistral"))]  # fmt: skip
+        assert {c.__name__ for c in classes} == names
+        for cls in classes:
+            assert inspect.getsource(cls.forward) == inspect.getsource(reference.forward)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {family: make_family_dir(root / family, family) for family in FAMILIES}
+
+
+def _logits_and_grads(model, ids):
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeddings).logits
+    weights = torch.linspace(-1, 1, logits.shape[-1])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((logits * weights).sum(), [embeddings, *trained])
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_loaded_model_equals_hf_forward_and_backward(family, lora, family_dirs):
+    model = load_causal_lm(family_dirs[family])  # the loader fuses
+    if lora:  # adapters on every projection, the MLP's included; B nonzero so they count
+        model = attach_lora(model, LoraSettings(r=4, alpha=8))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+    fused = [m for m in model.modules() if is_fused(m)]
+    layers = 2  # tiny_families: 2 decoder layers
+    expected_count = (2 * layers + 1) + layers if family in LLAMA_LIKE else 0
+    assert len(fused) == expected_count
+    keys = set(model.state_dict())
+    ids = torch.randint(3, 60, (3, 21), generator=torch.Generator().manual_seed(0))
+    logits, grads = _logits_and_grads(model, ids)
+    assert unfuse_layers(model) == expected_count
+    assert set(model.state_dict()) == keys
+    expected_logits, expected_grads = _logits_and_grads(model, ids)
+    torch.testing.assert_close(logits, expected_logits, atol=2e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_gelu_mlp_is_left_alone(family_dirs):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(family_dirs["llama"])
+    config.hidden_act = "gelu"
+    model = AutoModelForCausalLM.from_config(config)
+    assert fuse_layers(model) == 2 * 2 + 1  # the norms only
+    assert not any(is_fused(m) for m in model.modules() if type(m).__name__ in FUSABLE_MLPS)
+
+
+def test_fuse_is_idempotent_copyable_and_trains_the_norm_weight(family_dirs):
+    model = load_causal_lm(family_dirs["llama"])
+    assert fuse_layers(model) == 0  # already fused by the loader
+    clone = copy.deepcopy(model)
+    norm = clone.model.norm
+    assert norm.forward.__self__ is norm  # the copy's forward is bound to the copy
+    norm.weight.requires_grad_(True)
+    x = torch.randn(4, model.config.hidden_size, requires_grad=True)
+    position = torch.arange(x.shape[-1])
+    (grad_w,) = torch.autograd.grad((norm(x) * position).sum(), norm.weight)
+    x64 = x.detach().double()
+    normalized = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    torch.testing.assert_close(grad_w.double(), (normalized * position).sum(0),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
