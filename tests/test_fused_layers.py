@@ -63,7 +63,8 @@ def test_loaded_model_equals_hf_forward_and_backward(family, lora, family_dirs):
                 torch.nn.init.normal_(parameter, std=0.1)
     fused = [m for m in model.modules() if is_fused(m)]
     layers = 2  # tiny_families: 2 decoder layers
-    expected_count = (2 * layers + 1) + layers if family in LLAMA_LIKE else 0
+    # per layer 2 norms, the MLP and the attention; the final norm
+    expected_count = 4 * layers + 1 if family in LLAMA_LIKE else 0
     assert len(fused) == expected_count
     keys = set(model.state_dict())
     ids = torch.randint(3, 60, (3, 21), generator=torch.Generator().manual_seed(0))
@@ -82,7 +83,7 @@ def test_a_gelu_mlp_is_left_alone(family_dirs):
     config = AutoConfig.from_pretrained(family_dirs["llama"])
     config.hidden_act = "gelu"
     model = AutoModelForCausalLM.from_config(config)
-    assert fuse_layers(model) == 2 * 2 + 1  # the norms only
+    assert fuse_layers(model) == 2 * 2 + 1 + 2  # the norms and the attentions
     assert not any(is_fused(m) for m in model.modules() if type(m).__name__ in FUSABLE_MLPS)
 
 
@@ -100,3 +101,36 @@ def test_fuse_is_idempotent_copyable_and_trains_the_norm_weight(family_dirs):
     normalized = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     torch.testing.assert_close(grad_w.double(), (normalized * position).sum(0),
                                atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", LLAMA_LIKE)
+def test_cached_generation_with_left_padding_is_unchanged(family, family_dirs):
+    # the attention's cache update and padded masks through the fused forward: greedy tokens
+    # and every step's scores equal HF's own forward
+    model = load_causal_lm(family_dirs[family])
+    pad = model.config.pad_token_id
+    ids = torch.randint(3, 60, (3, 9), generator=torch.Generator().manual_seed(1))
+    ids[0, :4] = pad  # left padding, as rollouts batch prompts
+    mask = (ids != pad).long()
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=pad, output_scores=True,
+                    return_dict_in_generate=True)  # fmt: skip
+    fused = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    unfuse_layers(model)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(fused.sequences, plain.sequences)
+    for ours, theirs in zip(fused.scores, plain.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+
+
+def test_attention_is_fused_only_for_the_mirrored_source(family_dirs, monkeypatch):
+    from rlhf_fast.models import fused_layers
+
+    fused_layers._mirrored.cache_clear()
+    monkeypatch.setitem(fused_layers.ATTENTION_SOURCES, "LlamaAttention", ("0" * 16, None))
+    try:
+        model = load_causal_lm(family_dirs["llama"])  # as if transformers had changed it
+        attention = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
+        assert attention and not any(is_fused(m) for m in attention)
+        assert all(is_fused(m) for m in model.modules() if type(m).__name__ in FUSABLE_NORMS)
+    finally:
+        fused_layers._mirrored.cache_clear()

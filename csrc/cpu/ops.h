@@ -41,4 +41,9 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_backward_cpu(const at::Tensor& grad,
                                                          const at::Tensor& gate,
                                                          const at::Tensor& up);
 
+// Llama's rotary embedding of x [B, T, H, D] by cos, sin [B or 1, T, D]; transpose: its
+// backward (rotary_op.cpp).
+at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& cos,
+                                const at::Tensor& sin, bool transpose);
+
 }  // namespace rlhf_fast

@@ -43,6 +43,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "silu_mul_backward(Tensor grad, Tensor gate, Tensor up)"
       " -> (Tensor grad_gate, Tensor grad_up)");
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool transpose) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
@@ -62,6 +63,7 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("rms_norm_backward", &rlhf_fast::rms_norm_backward_cpu);
   m.impl("silu_mul", &rlhf_fast::silu_mul_cpu);
   m.impl("silu_mul_backward", &rlhf_fast::silu_mul_backward_cpu);
+  m.impl("rotary_embedding", &rlhf_fast::rotary_embedding_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

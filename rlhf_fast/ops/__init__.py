@@ -12,6 +12,7 @@ from rlhf_fast.ops.lora_linear import lora_linear, lora_linear_reference
 from rlhf_fast.ops.quant_matmul import quant_matmul, quant_matmul_reference
 from rlhf_fast.ops.rank_loss import rank_loss, rank_loss_reference
 from rlhf_fast.ops.rms_norm import rms_norm, rms_norm_reference
+from rlhf_fast.ops.rotary import rotary_embedding, rotary_embedding_reference
 from rlhf_fast.ops.silu_mul import silu_mul, silu_mul_reference
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "rank_loss_reference",
     "rms_norm",
     "rms_norm_reference",
+    "rotary_embedding",
+    "rotary_embedding_reference",
     "silu_mul",
     "silu_mul_reference",
 ]

@@ -101,3 +101,10 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "silu_mul"):
     @torch.library.register_fake("rlhf_fast::silu_mul_backward")
     def _silu_mul_backward_fake(grad, gate, up):
         return torch.empty_like(gate), torch.empty_like(up)
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "rotary_embedding"):
+
+    @torch.library.register_fake("rlhf_fast::rotary_embedding")
+    def _rotary_embedding_fake(x, cos, sin, transpose):
+        return x.new_empty(x.shape)

@@ -1,0 +1,103 @@
+"""ops.rotary_embedding (HF's apply_rotary_pos_emb on q or k) on both backends against float64
+and against HF's own function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backends_under_test import using
+
+from rlhf_fast import _native, ops
+
+BACKENDS = [
+    pytest.param(("reference", None), id="reference"),
+    pytest.param(
+        ("cpp", "native"),
+        id="cpp",
+        marks=pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded"),
+    ),
+]
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture
+def backend(request):
+    with using(request.param if request.param[0] == "reference" else
+               ("cpp", _native.cpp.cpu_isa())) as name:  # fmt: skip
+        yield name
+
+
+def oracle(x, cos, sin):
+    x64 = x.detach().double().requires_grad_(True)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x64[..., half:], x64[..., :half]), dim=-1)
+    return x64, x64 * cos.double().unsqueeze(2) + rotated * sin.double().unsqueeze(2)
+
+
+def tables(batch, steps, dim, dtype, generator):
+    # arbitrary tables (not only HF's duplicated halves), so every index pairing is checked
+    return (torch.randn(batch, steps, dim, generator=generator).to(dtype),
+            torch.randn(batch, steps, dim, generator=generator).to(dtype))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 5, 3, 8), (3, 17, 4, 64), (0, 4, 2, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shared_table", [False, True], ids=["per-row", "broadcast"])
+def test_matches_float64_oracle(backend, shape, dtype, shared_table):
+    generator = torch.Generator().manual_seed(sum(shape))
+    batch, steps, _, dim = shape
+    cos, sin = tables(1 if shared_table else batch, steps, dim, dtype, generator)
+    x = torch.randn(shape, generator=generator).to(dtype).requires_grad_(True)
+    y = ops.rotary_embedding(x, cos, sin, backend=backend)
+    x64, expected = oracle(x, cos, sin)
+    assert y.shape == x.shape and y.dtype == dtype
+    scale = TOLERANCE[dtype] * 8  # |y| <= 2 max|x| max|table|: an absolute scale of ~8
+    torch.testing.assert_close(y.double(), expected, atol=scale, rtol=TOLERANCE[dtype])
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    (grad_x,) = torch.autograd.grad(y, x, grad)
+    (expected_x,) = torch.autograd.grad(expected, x64, grad.double())
+    assert grad_x.dtype == dtype
+    torch.testing.assert_close(grad_x.double(), expected_x, atol=scale, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_equals_hf_and_takes_the_projection_layout(backend):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(4)
+    cos, sin = tables(2, 7, 16, torch.float32, generator)
+    fused = torch.randn(2, 7, 3 * 16 + 2 * 16, generator=generator)  # one [q | k] projection
+    q = fused[..., :48].view(2, 7, 3, 16)  # row stride 80: not contiguous
+    k = fused[..., 48:].view(2, 7, 2, 16)
+    expected_q, expected_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    ours_q = ops.rotary_embedding(q, cos, sin, backend=backend).transpose(1, 2)
+    ours_k = ops.rotary_embedding(k, cos, sin, backend=backend).transpose(1, 2)
+    torch.testing.assert_close(ours_q, expected_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours_k, expected_k, atol=1e-6, rtol=1e-6)
+
+
+def test_tables_that_require_grad_get_gradients():
+    generator = torch.Generator().manual_seed(5)
+    cos, sin = tables(1, 3, 4, torch.float32, generator)
+    cos.requires_grad_(True)
+    x = torch.randn(2, 3, 1, 4, generator=generator)
+    (grad_cos,) = torch.autograd.grad(ops.rotary_embedding(x, cos, sin).sum(), cos)
+    torch.testing.assert_close(grad_cos, x.sum((0, 2), keepdim=False)[None])
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(2, 3, 4, 8)
+    cos = sin = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        ops.rotary_embedding(x[0], cos, sin)
+    with pytest.raises(ValueError, match="must be even"):
+        ops.rotary_embedding(x[..., :7], cos[..., :7], sin[..., :7])
+    with pytest.raises(ValueError, match=r"cos must have shape \(2 or 1, 3, 8\)"):
+        ops.rotary_embedding(x, torch.randn(2, 4, 8), sin)
+    with pytest.raises(TypeError, match="sin must have x's dtype"):
+        ops.rotary_embedding(x, cos, sin.half())
+    if _native.cpp is not None:
+        with pytest.raises(ValueError, match="contiguous D"):
+            torch.ops.rlhf_fast.rotary_embedding(x.transpose(2, 3), cos[..., :4], sin[..., :4],
+                                                 False)  # fmt: skip
