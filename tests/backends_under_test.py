@@ -20,14 +20,24 @@ def cpu_backend_params():
     return params
 
 
+def single_isa_backend_params():
+    """reference and cpp, for ops whose C++ code has no per-ISA variants (compiled once, at the
+    baseline ISA): cpp runs under the active ISA."""
+    cpp_marks = pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded")
+    return [pytest.param(("reference", None), id="reference"),
+            pytest.param(("cpp", "active"), id="cpp", marks=cpp_marks)]  # fmt: skip
+
+
 @contextlib.contextmanager
 def using(backend_and_isa):
-    """Selects the C++ ISA (if any) and poisons outputs for the duration of a test."""
+    """Selects the C++ ISA (if any; "active": the one in use) and poisons outputs for the
+    duration of a test."""
     backend, isa = backend_and_isa
     if backend != "cpp":
         yield backend
         return
     previous = _native.cpp.cpu_isa()
+    isa = previous if isa == "active" else isa
     assert _native.cpp.set_cpu_isa(isa)
     _native.cpp.set_poison_outputs(True)
     try:

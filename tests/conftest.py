@@ -21,3 +21,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def op_backend(request):
+    """Indirect parameter (backends_under_test.single_isa_backend_params): the backend's name,
+    with its ISA selected and C++ outputs poisoned for the test."""
+    from backends_under_test import using
+
+    with using(request.param) as name:
+        yield name

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backends_under_test import using
+from backends_under_test import single_isa_backend_params
 
 from rlhf_fast import _native, ops
 
-BACKENDS = [
-    pytest.param(("reference", None), id="reference"),
-    pytest.param(
-        ("cpp", "native"),
-        id="cpp",
-        marks=pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded"),
-    ),
-]
+BACKENDS = single_isa_backend_params()
 # H = 1, 7, 33 and 257 are not multiples of the 8 partial sums; (0, 16) has no rows
 SHAPES = [(1, 1), (3, 7), (5, 33), (2, 3, 257), (64, 256), (0, 16)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # relative to the largest magnitude: fp32 sums and rsqrt; 16-bit outputs round once more
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-@pytest.fixture
-def backend(request):
-    with using(request.param if request.param[0] == "reference" else
-               ("cpp", _native.cpp.cpu_isa())) as name:  # fmt: skip
-        yield name
 
 
 def oracle(x, weight, eps):
@@ -49,18 +35,18 @@ def assert_close(actual, expected, dtype, scale=None):
     torch.testing.assert_close(actual.double(), expected, atol=tolerance * scale, rtol=tolerance)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weight_kind", ["same", "fp32"])
-def test_matches_float64_oracle(backend, shape, dtype, weight_kind):
+def test_matches_float64_oracle(op_backend, shape, dtype, weight_kind):
     generator = torch.Generator().manual_seed(sum(shape) * 31 + DTYPES.index(dtype))
     x = (torch.randn(shape, generator=generator) * 3).to(dtype).requires_grad_(True)
     weight_dtype = dtype if weight_kind == "same" else torch.float32
     weight = (torch.randn(shape[-1], generator=generator) + 1).to(weight_dtype)
     weight.requires_grad_(True)
     eps = 1e-5
-    y = ops.rms_norm(x, weight, eps, backend=backend)
+    y = ops.rms_norm(x, weight, eps, backend=op_backend)
     x64, w64, expected = oracle(x, weight, eps)
     assert y.dtype == torch.promote_types(weight_dtype, dtype) and y.shape == x.shape
     assert_close(y, expected, y.dtype)
@@ -75,15 +61,15 @@ def test_matches_float64_oracle(backend, shape, dtype, weight_kind):
     assert_close(grad_w, expected_w, weight_dtype if weight_dtype != torch.float32 else dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_strided_inputs_and_frozen_weight(backend):
+@pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
+def test_strided_inputs_and_frozen_weight(op_backend):
     generator = torch.Generator().manual_seed(5)
     wide = torch.randn(6, 50, generator=generator)
     weight = torch.randn(40, generator=generator)  # frozen: no gradient asked
     for x in (wide[:, 3:43], torch.randn(40, 6, generator=generator).T):
         assert not x.is_contiguous()
         x.requires_grad_(True)
-        y = ops.rms_norm(x, weight, 1e-6, backend=backend)
+        y = ops.rms_norm(x, weight, 1e-6, backend=op_backend)
         x64, _, expected = oracle(x, weight, 1e-6)
         assert_close(y, expected, torch.float32)
         (grad_x,) = torch.autograd.grad(y.sum(), x)

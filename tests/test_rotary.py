@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backends_under_test import using
+from backends_under_test import single_isa_backend_params
 
 from rlhf_fast import _native, ops
 
-BACKENDS = [
-    pytest.param(("reference", None), id="reference"),
-    pytest.param(
-        ("cpp", "native"),
-        id="cpp",
-        marks=pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded"),
-    ),
-]
+BACKENDS = single_isa_backend_params()
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-@pytest.fixture
-def backend(request):
-    with using(request.param if request.param[0] == "reference" else
-               ("cpp", _native.cpp.cpu_isa())) as name:  # fmt: skip
-        yield name
 
 
 def oracle(x, cos, sin):
@@ -40,16 +26,16 @@ def tables(batch, steps, dim, dtype, generator):
             torch.randn(batch, steps, dim, generator=generator).to(dtype))  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 5, 3, 8), (3, 17, 4, 64), (0, 4, 2, 6)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shared_table", [False, True], ids=["per-row", "broadcast"])
-def test_matches_float64_oracle(backend, shape, dtype, shared_table):
+def test_matches_float64_oracle(op_backend, shape, dtype, shared_table):
     generator = torch.Generator().manual_seed(sum(shape))
     batch, steps, _, dim = shape
     cos, sin = tables(1 if shared_table else batch, steps, dim, dtype, generator)
     x = torch.randn(shape, generator=generator).to(dtype).requires_grad_(True)
-    y = ops.rotary_embedding(x, cos, sin, backend=backend)
+    y = ops.rotary_embedding(x, cos, sin, backend=op_backend)
     x64, expected = oracle(x, cos, sin)
     assert y.shape == x.shape and y.dtype == dtype
     scale = TOLERANCE[dtype] * 8  # |y| <= 2 max|x| max|table|: an absolute scale of ~8
@@ -61,8 +47,8 @@ def test_matches_float64_oracle(backend, shape, dtype, shared_table):
     torch.testing.assert_close(grad_x.double(), expected_x, atol=scale, rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_equals_hf_and_takes_the_projection_layout(backend):
+@pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
+def test_equals_hf_and_takes_the_projection_layout(op_backend):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     generator = torch.Generator().manual_seed(4)
@@ -71,8 +57,8 @@ def test_equals_hf_and_takes_the_projection_layout(backend):
     q = fused[..., :48].view(2, 7, 3, 16)  # row stride 80: not contiguous
     k = fused[..., 48:].view(2, 7, 2, 16)
     expected_q, expected_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    ours_q = ops.rotary_embedding(q, cos, sin, backend=backend).transpose(1, 2)
-    ours_k = ops.rotary_embedding(k, cos, sin, backend=backend).transpose(1, 2)
+    ours_q = ops.rotary_embedding(q, cos, sin, backend=op_backend).transpose(1, 2)
+    ours_k = ops.rotary_embedding(k, cos, sin, backend=op_backend).transpose(1, 2)
     torch.testing.assert_close(ours_q, expected_q, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours_k, expected_k, atol=1e-6, rtol=1e-6)
 
