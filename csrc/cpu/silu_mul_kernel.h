@@ -2,7 +2,7 @@
 // (see simd.h), for the MLPs of Llama-family models (SwiGLU). Elementwise: the caller splits
 // the arrays among threads.
 //
-// silu(g) = g * sigmoid(g), sigmoid from one exp of -|g| (vmath.h: a few ulps).
+// silu(g) = g * sigmoid(g), vmath.h's sigmoid (one exp of -|g|: a few ulps).
 // Backward, with s = sigmoid(g):  d_up = dy * silu(g),  d_gate = dy * up * s * (1 + g (1 - s)).
 #pragma once
 
@@ -11,15 +11,6 @@
 
 namespace rlhf_fast {
 namespace RLHF_ISA_NS {
-
-template <class V>
-inline typename V::reg sigmoid(typename V::reg g) {
-  using reg = typename V::reg;
-  const reg e = exp_nonpositive<V>(V::sub(V::zero(), V::abs(g)));
-  const reg one = V::set1(1.0f);
-  const reg inv = V::div(one, V::add(one, e));
-  return V::select(V::ge(g, V::zero()), inv, V::mul(e, inv));
-}
 
 template <class V>
 void silu_mul_forward(const SiluMulArgs& args, int64_t begin, int64_t end) {

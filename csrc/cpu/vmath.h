@@ -59,17 +59,26 @@ inline typename V::reg log1p_unit(typename V::reg e) {
   return V::add(base, log1p_small<V>(f));
 }
 
+// sigmoid(x) from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below.
+template <class V>
+inline typename V::reg sigmoid_from_exp(typename V::reg x, typename V::reg e) {
+  const typename V::reg inv = V::div(V::set1(1.0f), V::add(V::set1(1.0f), e));
+  return V::select(V::ge(x, V::zero()), inv, V::mul(e, inv));
+}
+
+// sigmoid(x), stable for any |x|: only exp(-|x|) <= 1 is ever formed.
+template <class V>
+inline typename V::reg sigmoid(typename V::reg x) {
+  return sigmoid_from_exp<V>(x, exp_nonpositive<V>(V::sub(V::zero(), V::abs(x))));
+}
+
 // softplus(x) = log(1 + exp(x)) = -logsigmoid(-x), and sigmoid(x), sharing one exp.
-// Stable for any |x|: only exp(-|x|) <= 1 is ever formed.
 template <class V>
 inline void softplus_and_sigmoid(typename V::reg x, typename V::reg& softplus,
                                  typename V::reg& sigmoid) {
-  using reg = typename V::reg;
-  const reg e = exp_nonpositive<V>(V::sub(V::zero(), V::abs(x)));
+  const typename V::reg e = exp_nonpositive<V>(V::sub(V::zero(), V::abs(x)));
   softplus = V::add(V::max(V::zero(), x), log1p_unit<V>(e));
-  const reg one = V::set1(1.0f);
-  const reg inv = V::div(one, V::add(one, e));
-  sigmoid = V::select(V::ge(x, V::zero()), inv, V::mul(e, inv));
+  sigmoid = sigmoid_from_exp<V>(x, e);
 }
 
 }  // namespace RLHF_ISA_NS
