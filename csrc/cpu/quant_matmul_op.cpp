@@ -88,7 +88,11 @@ void* thread_tile_buffer(size_t bytes) {
 at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn dequantize,
                                     const at::Tensor& x, const at::Tensor& bias32, int64_t N) {
   const int64_t M = x.size(0), K = args.K;
-  const int64_t tile = std::max<int64_t>(16, (int64_t(1) << 20) / (K * x.element_size()));
+  // ~1 MiB tiles, but at least one per thread: a small layer (N = 688, K = 256) would
+  // otherwise be one tile, and one thread would do the whole product
+  const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t tile = std::max<int64_t>(
+      16, std::min((int64_t(1) << 20) / (K * x.element_size()), (per_thread + 15) / 16 * 16));
   const at::Tensor xc = x.contiguous();
   at::Tensor y = new_output({M, N}, x.scalar_type());
   // Worker threads do not inherit the caller's grad / inference mode: without this, a call
