@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_families import FAMILIES, make_family_dir
 
+from rlhf_fast.models import fused_layers
 from rlhf_fast.models.fused_layers import (
     FUSABLE_MLPS,
     FUSABLE_NORMS,
@@ -35,6 +36,20 @@ def test_fusable_classes_compute_llamas_formulas():
         assert {c.__name__ for c in classes} == names
         for cls in classes:
             assert inspect.getsource(cls.forward) == inspect.getsource(reference.forward)
+
+
+def test_attention_hashes_are_of_the_transformers_we_develop_on():
+    """ATTENTION_SOURCES hold 5.24's forwards: there they must match (else the hashes are
+    wrong); another version may differ, and its attention then stays HF's (checked below)."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.mistral.modeling_mistral import MistralAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    if not transformers.__version__.startswith("5.24."):
+        pytest.skip(f"hashes are of transformers 5.24, this is {transformers.__version__}")
+    for cls in (LlamaAttention, Qwen2Attention, MistralAttention):
+        assert fused_layers._mirrored(cls), cls.__name__
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +78,11 @@ def test_loaded_model_equals_hf_forward_and_backward(family, lora, family_dirs):
                 torch.nn.init.normal_(parameter, std=0.1)
     fused = [m for m in model.modules() if is_fused(m)]
     layers = 2  # tiny_families: 2 decoder layers
-    # per layer 2 norms, the MLP and the attention; the final norm
-    expected_count = 4 * layers + 1 if family in LLAMA_LIKE else 0
+    # per layer 2 norms, the MLP and (where its source is the mirrored one) the attention;
+    # the final norm
+    attention = [m for m in model.modules() if type(m).__name__ in fused_layers.ATTENTION_SOURCES]
+    mirrored = bool(attention) and fused_layers._mirrored(type(attention[0]))
+    expected_count = (3 + mirrored) * layers + 1 if family in LLAMA_LIKE else 0
     assert len(fused) == expected_count
     keys = set(model.state_dict())
     ids = torch.randint(3, 60, (3, 21), generator=torch.Generator().manual_seed(0))
@@ -83,7 +101,9 @@ def test_a_gelu_mlp_is_left_alone(family_dirs):
     config = AutoConfig.from_pretrained(family_dirs["llama"])
     config.hidden_act = "gelu"
     model = AutoModelForCausalLM.from_config(config)
-    assert fuse_layers(model) == 2 * 2 + 1 + 2  # the norms and the attentions
+    attention = model.model.layers[0].self_attn
+    expected = 2 * 2 + 1 + (2 if fused_layers._mirrored(type(attention)) else 0)
+    assert fuse_layers(model) == expected  # the norms and the attentions, not the MLPs
     assert not any(is_fused(m) for m in model.modules() if type(m).__name__ in FUSABLE_MLPS)
 
 
