@@ -53,9 +53,7 @@ void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
   TORCH_CHECK_VALUE(t.dim() == 2 && t.is_contiguous() && t.size(1) > 0, name,
                     " must be a contiguous [M, H] with H > 0, got ", t.sizes());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, name,
-                   " must be float32, bfloat16 or float16, got ", dtype);
+  float_dtype_index(t, name);
 }
 
 void check_weight(const at::Tensor& weight, int64_t H) {
@@ -124,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   at::Tensor grad_x = new_output({M, H}, x.scalar_type());
   // dweight: fixed blocks of rows, each summed into its own partial row, then the partials
   // in block order, so the result does not depend on the thread count.
-  const int64_t block_rows = std::max<int64_t>(row_grain(H), 1);
+  const int64_t block_rows = row_grain(H);
   const int64_t blocks = weight_grad ? (M + block_rows - 1) / block_rows : 0;
   std::vector<float> partials(static_cast<size_t>(blocks * H), 0.0f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd", [&] {

@@ -37,9 +37,8 @@ at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& cos,
                       t->sizes());
   }
   TORCH_CHECK_VALUE(cos.size(0) == sin.size(0), "cos and sin must have the same shape");
+  float_dtype_index(x, "x");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "x must be float32, bfloat16 or float16, got ", dtype);
   at::Tensor y = new_output({B, T, H, D}, dtype);
   const int64_t table_batch_stride = cos.size(0) == 1 ? 0 : T * D;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "rotary_embedding", [&] {
