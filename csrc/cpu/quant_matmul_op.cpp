@@ -2,7 +2,6 @@
 // and parallelism over output channels (each thread streams its own rows of the weight).
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 

@@ -10,7 +10,6 @@
 // Computed in fp32, rounded once to x's dtype (HF rounds each of its three ops in 16-bit).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 

@@ -5,7 +5,6 @@
 // multiplies: five passes over [tokens, intermediate] tensors (~2.2 ms fwd+bwd at [512, 688]
 // fp32 on the dev VM). fp32 only: 16-bit models keep torch's ops (the Python op routes them).
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 
