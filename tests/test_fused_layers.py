@@ -154,3 +154,53 @@ def test_attention_is_fused_only_for_the_mirrored_source(family_dirs, monkeypatc
         assert all(is_fused(m) for m in model.modules() if type(m).__name__ in FUSABLE_NORMS)
     finally:
         fused_layers._mirrored.cache_clear()
+
+
+@pytest.mark.parametrize("family", LLAMA_LIKE)
+def test_bf16_training_forward_with_padding_is_hfs_to_bf16_rounding(family, family_dirs):
+    # bf16 weights with LoRA and a padded mask: the fused forward (short attentions under
+    # autograd run through fp32) against HF's bf16 forward; both against the fp32 model
+    def run(dtype: str, fuse: bool):
+        torch.manual_seed(0)  # the same adapters each time
+        model = attach_lora(load_causal_lm(family_dirs[family], dtype=dtype), LoraSettings(r=4))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+        if not fuse:
+            unfuse_layers(model)
+        ids = torch.randint(3, 60, (3, 13), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[0, :5] = 0
+        mask[2, :2] = 0
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        lora_grads = torch.autograd.grad(
+            (logits * torch.linspace(-1, 1, logits.shape[-1])).sum(),
+            [p for p in model.parameters() if p.requires_grad],
+        )
+        keep = mask.bool()
+        return logits[keep].detach(), [g.float() for g in lora_grads]
+
+    fused_logits, fused_grads = run("bf16", fuse=True)
+    hf_logits, hf_grads = run("bf16", fuse=False)
+    exact_logits, exact_grads = run("fp32", fuse=False)
+    torch.testing.assert_close(fused_logits, hf_logits, atol=0.05, rtol=0.05)
+    fused_error = (fused_logits - exact_logits).abs().max()
+    assert fused_error <= 2 * (hf_logits - exact_logits).abs().max() + 1e-3
+    for fused, hf, exact in zip(fused_grads, hf_grads, exact_grads, strict=True):
+        scale = exact.abs().max()
+        assert (fused - exact).abs().max() <= 0.05 * scale + 2 * (hf - exact).abs().max()
+
+
+def test_only_short_16bit_cpu_attention_under_autograd_is_widened():
+    widen = fused_layers._widen_for_cpu_sdpa
+    keys = fused_layers.SHORT_KEYS_IN_FP32
+    q = torch.zeros(2, 4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    short, long = torch.zeros(2, 4, 8, 16, dtype=torch.bfloat16), torch.zeros(1, 1, keys, 16)
+    assert widen("sdpa", q, short)
+    assert widen("sdpa", q.half(), short.half())
+    assert not widen("eager", q, short)
+    assert not widen("sdpa", q, long.bfloat16())
+    assert not widen("sdpa", q.float(), short.float())
+    assert not widen("sdpa", q.detach(), short)  # no gradient: bf16's forward is the faster
+    with torch.no_grad():
+        assert not widen("sdpa", q, short)
