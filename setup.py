@@ -20,7 +20,11 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Python's own CFLAGS carry -g, which makes the .so ~10x larger; -g0 comes later and wins.
-COMMON_CXX = ["-O3", "-std=c++20", "-g0", "-fopenmp", "-fno-math-errno", "-Wall"]
+# -ffp-contract=off: GCC would otherwise fuse a product and a sum into an FMA (one rounding
+# fewer) wherever the ISA has one, so results would differ between the scalar, AVX2 and AVX-512
+# builds of a kernel; kernels that want an FMA ask for V::fma.
+COMMON_CXX = ["-O3", "-std=c++20", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off",
+              "-Wall"]  # fmt: skip
 
 
 def shared_libstdcxx_args() -> list[str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backends_under_test import single_isa_backend_params
+from backends_under_test import cpu_backend_params
 
 from rlhf_fast import _native, ops
 
-BACKENDS = single_isa_backend_params()
+BACKENDS = cpu_backend_params()  # the C++ kernel per SIMD level (rotary_kernel.h)
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -26,8 +26,12 @@ def tables(batch, steps, dim, dtype, generator):
             torch.randn(batch, steps, dim, generator=generator).to(dtype))  # fmt: skip
 
 
+# half widths of 1, 4, 32 and 19 (one full AVX-512 vector and a ragged tail), and no rows
+SHAPES = [(1, 1, 1, 2), (2, 5, 3, 8), (3, 17, 4, 64), (2, 3, 5, 38), (0, 4, 2, 6)]
+
+
 @pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 5, 3, 8), (3, 17, 4, 64), (0, 4, 2, 6)])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shared_table", [False, True], ids=["per-row", "broadcast"])
 def test_matches_float64_oracle(op_backend, shape, dtype, shared_table):
@@ -57,10 +61,40 @@ def test_equals_hf_and_takes_the_projection_layout(op_backend):
     q = fused[..., :48].view(2, 7, 3, 16)  # row stride 80: not contiguous
     k = fused[..., 48:].view(2, 7, 2, 16)
     expected_q, expected_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
     ours_q = ops.rotary_embedding(q, cos, sin, backend=op_backend).transpose(1, 2)
     ours_k = ops.rotary_embedding(k, cos, sin, backend=op_backend).transpose(1, 2)
-    torch.testing.assert_close(ours_q, expected_q, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(ours_k, expected_k, atol=1e-6, rtol=1e-6)
+    # bit for bit, forward and backward: the same fp32 products and sums, none fused
+    assert torch.equal(ours_q, expected_q) and torch.equal(ours_k, expected_k)
+    hf_q = q.detach().requires_grad_(True)
+    hf_k = k.detach().requires_grad_(True)
+    hf = apply_rotary_pos_emb(hf_q.transpose(1, 2), hf_k.transpose(1, 2), cos, sin)
+    grad_q, grad_k = torch.randn_like(expected_q), torch.randn_like(expected_k)
+    ours_grads = torch.autograd.grad((ours_q, ours_k), (q, k), (grad_q, grad_k))
+    hf_grads = torch.autograd.grad(hf, (hf_q, hf_k), (grad_q, grad_k))
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads, hf_grads, strict=True))
+
+
+@pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_outputs_round_to_nearest_even_as_torch(op_backend, dtype):
+    # with sin = 0, y = x * cos: exact in fp32 for 16-bit x and cos, so the output is one
+    # rounding of a known value, which must be torch's .to(dtype) bit for bit: ties to even,
+    # fp16 subnormals, overflow to inf, inf and NaN
+    generator = torch.Generator().manual_seed(6)
+    info = torch.finfo(dtype)
+    x = torch.randn(3, 64, 2, 38, generator=generator).to(dtype)
+    cos = torch.randn(3, 64, 38, generator=generator).to(dtype)
+    x[0, 0, 0, :6] = torch.tensor([float("inf"), float("nan"), info.max, info.tiny, 0.0, -0.0])
+    cos[0, 0, :6] = torch.tensor([1.0, 1.0, 2.0, 0.25, -1.0, 1.0])
+    x[1, :, :, :] *= 2.0**-10 if dtype == torch.float16 else 1.0  # fp16 subnormal products
+    cos[1] *= 2.0**-6 if dtype == torch.float16 else 1.0
+    sin = torch.zeros_like(cos)
+    y = ops.rotary_embedding(x, cos, sin, backend=op_backend)
+    # (the rotated half times 0 adds an exact 0, or NaN next to an inf, in either precision)
+    expected = ops.rotary_embedding_reference(x.float(), cos.float(), sin.float()).to(dtype)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
 
 
 def test_tables_that_require_grad_get_gradients():

@@ -5,6 +5,7 @@
 #include "cpu/gae_kernel.h"
 #include "cpu/quant_matmul_kernel.h"
 #include "cpu/rank_loss_kernel.h"
+#include "cpu/rotary_kernel.h"
 #include "cpu/silu_mul_kernel.h"
 
 namespace rlhf_fast {
@@ -24,8 +25,15 @@ KernelTable make_kernel_table(const char* isa) {
   table.quant_matmul[kInt8] = &quant_matmul_channels<V, false>;
   table.quant_matmul[kInt4] = &quant_matmul_channels<V, true>;
   table.dequantize_int4_f32 = &dequantize_int4_f32<V>;
-  table.silu_mul_forward = &silu_mul_forward<V>;
-  table.silu_mul_backward = &silu_mul_backward<V>;
+  table.silu_mul_forward[kF32] = &silu_mul_forward<V, float>;
+  table.silu_mul_forward[kBF16] = &silu_mul_forward<V, bf16_t>;
+  table.silu_mul_forward[kF16] = &silu_mul_forward<V, fp16_t>;
+  table.silu_mul_backward[kF32] = &silu_mul_backward<V, float>;
+  table.silu_mul_backward[kBF16] = &silu_mul_backward<V, bf16_t>;
+  table.silu_mul_backward[kF16] = &silu_mul_backward<V, fp16_t>;
+  table.rotary[kF32] = &rotary_rows<V, float>;
+  table.rotary[kBF16] = &rotary_rows<V, bf16_t>;
+  table.rotary[kF16] = &rotary_rows<V, fp16_t>;
   return table;
 }
 

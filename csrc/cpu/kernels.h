@@ -81,17 +81,33 @@ using QuantMatmulFn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t 
 using DequantizeFn = void (*)(const QuantMatmulArgs&, int64_t n_begin, int64_t n_end, void* out);
 enum QuantFormat : int { kInt8 = 0, kInt4 = 1, kNumQuantFormats = 2 };
 
-// silu_mul: elements [begin, end) of flat fp32 arrays. Forward reads gate, up and writes out;
-// backward reads grad, gate, up and writes grad_gate, grad_up.
+// silu_mul: elements [begin, end) of flat arrays, all of one dtype (the table's index).
+// Forward reads gate, up and writes out; backward reads grad, gate, up and writes grad_gate,
+// grad_up.
 struct SiluMulArgs {
-  const float* gate;
-  const float* up;
-  const float* grad;
-  float* out;
-  float* grad_gate;
-  float* grad_up;
+  const void* gate;
+  const void* up;
+  const void* grad;
+  void* out;
+  void* grad_gate;
+  void* grad_up;
 };
 using SiluMulFn = void (*)(const SiluMulArgs&, int64_t begin, int64_t end);
+
+// rotary: rows [row_begin, row_end) of the B * T (batch, position) rows of x [B, T, H, D]
+// (unit stride along D), by cos and sin rows of D; y is contiguous [B, T, H, D]; all of one
+// dtype (the table's index). transpose: the backward (see rotary_kernel.h).
+struct RotaryArgs {
+  const void* x;
+  const void* cos;
+  const void* sin;
+  void* y;
+  int64_t x_stride_b, x_stride_t, x_stride_h;
+  int64_t table_stride_b;  // 0: one table row per position for the whole batch
+  int64_t T, H, D;
+  bool transpose;
+};
+using RotaryFn = void (*)(const RotaryArgs&, int64_t row_begin, int64_t row_end);
 
 struct KernelTable {
   const char* isa;
@@ -105,8 +121,9 @@ struct KernelTable {
   // int4 -> fp32 / bf16 tiles for the large-M paths (bf16: nullptr below AVX-512).
   DequantizeFn dequantize_int4_f32;
   DequantizeFn dequantize_int4_bf16;
-  SiluMulFn silu_mul_forward;
-  SiluMulFn silu_mul_backward;
+  SiluMulFn silu_mul_forward[kNumDTypes];
+  SiluMulFn silu_mul_backward[kNumDTypes];
+  RotaryFn rotary[kNumDTypes];
 };
 
 namespace scalar {

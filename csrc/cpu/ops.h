@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& rstd,
                                                          bool weight_grad);
 
-// silu(gate) * up (SwiGLU) and its gradient, fp32 (silu_mul_op.cpp).
+// silu(gate) * up (SwiGLU) and its gradient, fp32 / bf16 / fp16 (silu_mul_op.cpp).
 at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up);
 
 std::tuple<at::Tensor, at::Tensor> silu_mul_backward_cpu(const at::Tensor& grad,

@@ -67,6 +67,38 @@ inline float fp16_to_float(fp16_t x) {
   return f;
 }
 
+// fp32 -> 16-bit, rounded to nearest even as torch's .to() rounds (bit-equal, NaN included).
+inline bf16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0};  // torch's quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // carries into the exponent when it should
+  return bf16_t{static_cast<uint16_t>(bits >> 16)};
+}
+
+inline fp16_t float_to_fp16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return fp16_t{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (x >= 0x47800000u) return fp16_t{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 2^16: inf
+  if (x < 0x38800000u) {
+    // under 2^-14 the half is subnormal, a multiple of 2^-24: adding 0.5 (whose float ulp is
+    // 2^-24) lets the float adder round to that grid, nearest even; the excess over 0.5 is
+    // the half's bits (2^-14 itself comes out as 0x400, the smallest normal)
+    float a;
+    std::memcpy(&a, &x, 4);
+    a += 0.5f;
+    std::memcpy(&x, &a, 4);
+    return fp16_t{static_cast<uint16_t>(sign | (x - 0x3f000000u))};
+  }
+  // normal: exponent bias 127 -> 15 (adding -112 << 23), then round the 13 dropped mantissa
+  // bits to nearest even; a carry moves into the exponent (up to inf) as it should
+  x += 0xc8000fffu + ((x >> 13) & 1u);
+  return fp16_t{static_cast<uint16_t>(sign | (x >> 13))};
+}
+
 inline float to_float(float x) { return x; }
 inline float to_float(bf16_t x) { return bf16_to_float(x); }
 inline float to_float(fp16_t x) { return fp16_to_float(x); }
@@ -86,6 +118,12 @@ struct VecScalar {
   static reg load_flag(const uint8_t* p, int n) { return (n > 0 && p[0]) ? 1.0f : 0.0f; }
   static void store(float* p, reg v, int n) {
     if (n > 0) p[0] = v;
+  }
+  static void store(bf16_t* p, reg v, int n) {
+    if (n > 0) p[0] = float_to_bf16(v);
+  }
+  static void store(fp16_t* p, reg v, int n) {
+    if (n > 0) p[0] = float_to_fp16(v);
   }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
@@ -157,6 +195,30 @@ struct VecAvx2 {
       _mm256_storeu_ps(p, v);
     else
       _mm256_maskstore_ps(p, lane_mask(n), v);
+  }
+  // 16-bit stores round to nearest even (float_to_bf16 / float_to_fp16, lane-wise); partial
+  // ones go through a stack copy, as the partial loads do.
+  static void store(bf16_t* p, reg v, int n) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), nan);
+    const __m256i high = _mm256_srli_epi32(rounded, 16);
+    store16(p, _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)),
+            n);
+  }
+  static void store(fp16_t* p, reg v, int n) {
+    store16(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), n);
+  }
+  static void store16(void* p, __m128i halves, int n) {
+    if (n == W) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), halves);
+    } else {
+      alignas(16) uint16_t lanes[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), halves);
+      std::memcpy(p, lanes, static_cast<size_t>(n) * 2);
+    }
   }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
@@ -235,6 +297,19 @@ struct VecAvx512 {
       _mm512_storeu_ps(p, v);
     else
       _mm512_mask_storeu_ps(p, lanes(n), v);
+  }
+  // 16-bit stores round to nearest even (float_to_bf16 / float_to_fp16, lane-wise).
+  static void store(bf16_t* p, reg v, int n) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
+    _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+  static void store(fp16_t* p, reg v, int n) {
+    _mm256_mask_storeu_epi16(p, lanes(n),
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }

@@ -2,8 +2,9 @@
 
 HF's MLP runs it as F.silu, then a multiply; autograd's backward is silu_backward and two
 multiplies: five passes over [tokens, intermediate] tensors, the largest activations of a layer.
-The C++ backend is one pass each way (csrc/cpu/silu_mul_kernel.h, per SIMD level) for fp32;
-16-bit inputs keep torch's ops (the reference), which already compute silu in fp32.
+The C++ backend is one pass each way (csrc/cpu/silu_mul_kernel.h, per SIMD level) for fp32,
+bf16 and fp16, computed in fp32 and rounded once to the inputs' dtype (torch's 16-bit ops round
+the silu and then the product).
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ class _FusedSiluMul(torch.autograd.Function):
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up, elementwise, for gate and up of one shape, float dtype and device;
-    differentiable in both. The "cpp" backend takes float32 (the automatic pick sends 16-bit
-    inputs to the reference)."""
+    differentiable in both."""
     gate, up = _checks.tensor(gate, "gate"), _checks.tensor(up, "up")
     if gate.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"gate must be float32, bfloat16 or float16, got {gate.dtype}")
@@ -46,14 +46,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None
         raise TypeError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
     _checks.same_shape(up, "up", gate, "gate")
     _checks.same_device(up, "up", gate, "gate")
-    requested = backend
     backend = _dispatch.choose("silu_mul", gate.device, backend)
-    if backend == "cpp" and gate.dtype != torch.float32:
-        if requested is not None:
-            raise _dispatch.BackendUnavailableError(
-                f"silu_mul: backend 'cpp' takes float32 inputs, got {gate.dtype}"
-            )
-        backend = "reference"
     if backend == "reference":
         return silu_mul_reference(gate, up)
     return _FusedSiluMul.apply(gate, up)
