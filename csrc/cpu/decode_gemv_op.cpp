@@ -1,6 +1,8 @@
 // rlhf_fast::decode_gemv_int4 / decode_gemv_int8: the few-row GEMVs of token generation,
 // with activations quantized per chunk (int8 / int16: decode_gemv.h). On a CPU without
 // AVX512_VNNI they are the exact quant_matmul kernels, so callers never need a second path.
+// rlhf_fast::decode_gemv_dense: the same products with dense fp32 / bf16 / fp16 weights and
+// fp32 activations and sums (dense_gemv_kernel.h, per SIMD level).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -126,6 +128,43 @@ at::Tensor decode_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
   parallel_channels(N, K, M, [&](int64_t n0, int64_t n1) {
     avx512vnni::decode_gemv_int8(args, n0, n1);
   });
+  return finish(y, x);
+}
+
+at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  check_2d_cpu(x, "x");
+  float_dtype_index(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(M <= kDenseGemvMaxRows, "x must have at most ", kDenseGemvMaxRows,
+                    " rows (a decode step's), got ", M);
+  check_2d_cpu(weight, "weight");
+  const DTypeIndex weight_dtype = float_dtype_index(weight, "weight");
+  TORCH_CHECK_VALUE(weight.size(1) == K, "weight must be [out_features, ", K,
+                    "] (x's in_features), got ", weight.sizes());
+  const at::Tensor w = (K <= 1 || weight.stride(1) == 1) ? weight : weight.contiguous();
+  const int64_t N = w.size(0);
+  const at::Tensor bias32 = bias_fp32(bias, N);
+  at::Tensor y = new_output({M, N});
+  if (M == 0 || N == 0 || K == 0) {  // nothing to sum: the bias, or zeros
+    if (bias32.defined())
+      y.copy_(bias32.expand({M, N}));
+    else
+      y.zero_();
+    return finish(y, x);
+  }
+  const at::Tensor x32 = fp32_contiguous(x);
+  DenseGemvArgs args{};
+  args.x = x32.const_data_ptr<float>();
+  args.w = w.const_data_ptr();
+  args.bias = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.M = M;
+  args.K = K;
+  args.N = N;
+  args.ldw = N > 1 ? w.stride(0) : K;
+  const DenseGemvFn kernel = active_kernels().dense_gemv[weight_dtype];
+  parallel_channels(N, K, M, [&](int64_t n0, int64_t n1) { kernel(args, n0, n1); });
   return finish(y, x);
 }
 

@@ -17,6 +17,11 @@ at::Tensor decode_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
 at::Tensor decode_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
                                 const at::Tensor& scales, const std::optional<at::Tensor>& bias);
 
+// y = x @ weight.T (+ bias) for x of at most 16 rows, weight dense fp32 / bf16 / fp16 with a
+// unit column stride; fp32 sums, y in x's dtype.
+at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias);
+
 // The per-layer steps of one decoded token (decode_layer_ops.cpp).
 at::Tensor decode_add_rms_norm_cpu(at::Tensor& x, const std::optional<at::Tensor>& delta,
                                    const at::Tensor& weight, double eps);

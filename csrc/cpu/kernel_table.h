@@ -2,6 +2,7 @@
 // isa_<name>.cpp, after it has set the target and RLHF_ISA_NS.
 #pragma once
 
+#include "cpu/dense_gemv_kernel.h"
 #include "cpu/gae_kernel.h"
 #include "cpu/quant_matmul_kernel.h"
 #include "cpu/rank_loss_kernel.h"
@@ -34,6 +35,9 @@ KernelTable make_kernel_table(const char* isa) {
   table.rotary[kF32] = &rotary_rows<V, float>;
   table.rotary[kBF16] = &rotary_rows<V, bf16_t>;
   table.rotary[kF16] = &rotary_rows<V, fp16_t>;
+  table.dense_gemv[kF32] = &dense_gemv_channels<V, float>;
+  table.dense_gemv[kBF16] = &dense_gemv_channels<V, bf16_t>;
+  table.dense_gemv[kF16] = &dense_gemv_channels<V, fp16_t>;
   return table;
 }
 

@@ -109,6 +109,18 @@ struct RotaryArgs {
 };
 using RotaryFn = void (*)(const RotaryArgs&, int64_t row_begin, int64_t row_end);
 
+// dense_gemv: y[M, N] = x @ W.T (+ bias) for output channels [n_begin, n_end), M <= 16 rows of
+// fp32 x, W rows of the table index's dtype (row stride ldw, unit column stride), fp32 sums.
+struct DenseGemvArgs {
+  const float* x;  // [M, K] contiguous
+  const void* w;   // [N, K] rows
+  const float* bias;  // nullptr or [N]
+  float* y;           // [M, N] contiguous
+  int64_t M, K, N, ldw;
+};
+using DenseGemvFn = void (*)(const DenseGemvArgs&, int64_t n_begin, int64_t n_end);
+constexpr int64_t kDenseGemvMaxRows = 16;
+
 struct KernelTable {
   const char* isa;
   int width;  // fp32 lanes; row blocks are this many rows
@@ -124,6 +136,7 @@ struct KernelTable {
   SiluMulFn silu_mul_forward[kNumDTypes];
   SiluMulFn silu_mul_backward[kNumDTypes];
   RotaryFn rotary[kNumDTypes];
+  DenseGemvFn dense_gemv[kNumDTypes];
 };
 
 namespace scalar {

@@ -28,6 +28,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "decode_gemv_int4(Tensor x, Tensor qdata, Tensor scales, Tensor offsets, int group_size,"
       " int in_features, Tensor? bias) -> Tensor");
   m.def("decode_gemv_int8(Tensor x, Tensor qdata, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("decode_gemv_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("decode_add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def(
       "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values,"
@@ -56,6 +57,7 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("lora_unpack_keep", &rlhf_fast::lora_unpack_keep_cpu);
   m.impl("decode_gemv_int4", &rlhf_fast::decode_gemv_int4_cpu);
   m.impl("decode_gemv_int8", &rlhf_fast::decode_gemv_int8_cpu);
+  m.impl("decode_gemv_dense", &rlhf_fast::decode_gemv_dense_cpu);
   m.impl("decode_add_rms_norm", &rlhf_fast::decode_add_rms_norm_cpu);
   m.impl("decode_attention", &rlhf_fast::decode_attention_cpu);
   m.impl("decode_silu_mul", &rlhf_fast::decode_silu_mul_cpu);

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_fast.models.decode_linear import decode_linear
 from rlhf_fast.quant.activations import BF16_ROWS, runs_on_bf16
 from rlhf_fast.quant.linear import QuantLinear
 from rlhf_fast.quant.weight import QuantizedWeight
@@ -156,8 +157,8 @@ class _Projection:
             return self._quantized(x)
         if self.dense:
             if len(self.dense) == 1:
-                return F.linear(x, *self.dense[0])
-            return torch.cat([F.linear(x, w, b) for w, b in self.dense], dim=-1)
+                return decode_linear(x, *self.dense[0])
+            return torch.cat([decode_linear(x, w, b) for w, b in self.dense], dim=-1)
         return torch.cat([m(x) for m in self.modules], dim=-1)
 
 

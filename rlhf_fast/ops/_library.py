@@ -49,6 +49,13 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_gemv_int4"):
         return x.new_empty((x.shape[0], qdata.shape[0]))
 
 
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_gemv_dense"):
+
+    @torch.library.register_fake("rlhf_fast::decode_gemv_dense")
+    def _decode_gemv_dense_fake(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_attention"):
 
     @torch.library.register_fake("rlhf_fast::decode_add_rms_norm")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_fast.models.decode_linear import decode_linear
 from rlhf_fast.models.fast_decoder import _Projection as QuantProjection
 from rlhf_fast.models.fast_decoder import _sliding_windows, read_decoder_shape
 from rlhf_fast.models.fast_decoder import unsupported_reason as lean_unsupported_reason
@@ -195,8 +196,8 @@ class _Group:
     def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.quantized is None:
             if len(self.dense) == 1:
-                return F.linear(x, *self.dense[0])
-            return [F.linear(x, w, b) for w, b in self.dense]
+                return decode_linear(x, *self.dense[0])
+            return [decode_linear(x, w, b) for w, b in self.dense]
         y = self.quantized(x)
         for offset, size, a, b, scale in self.low_rank:
             low = F.linear(x.to(a.dtype), a)
