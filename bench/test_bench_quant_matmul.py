@@ -1,5 +1,7 @@
 """quant_matmul: our int4 / int8 kernels beside torch's own CPU options for the same linear
-layer: fp32 and bf16 F.linear, and aten's weight-only int8 / int4 packed ops.
+layer: fp32 and bf16 F.linear, and aten's weight-only int8 / int4 packed ops; and, up to 16
+rows, our dense bf16 GEMV (rlhf_fast::decode_gemv_dense, what the lean decoders run for 1-4
+rows of 16-bit weights) beside torch's bf16 F.linear.
 
 Decode (M = 1) is a stream over the weights, so each provider's weights are rotated over
 several copies that together exceed the 32 MiB L3: every call reads its weights from DRAM, as
@@ -39,6 +41,7 @@ PROVIDERS = [
     "ours-int4-g128",
     "ours-int4-g128-bf16x",
     "ours-int4-g32",
+    "ours-dense-bf16",
 ]
 
 
@@ -72,6 +75,10 @@ def _build(provider: str, k: int, n: int, seed: int):
             x, packed, 128, scale_and_zero
         )
         return call, torch.bfloat16, packed.nbytes + scale_and_zero.nbytes
+    if provider == "ours-dense-bf16":
+        w16 = weight.bfloat16()
+        call = lambda x: torch.ops.rlhf_fast.decode_gemv_dense(x, w16, None)  # noqa: E731
+        return call, torch.bfloat16, w16.nbytes
     bits = 8 if "int8" in provider else 4
     group = 32 if provider.endswith("g32") else 128
     q = quantize_weight(weight, bits, group)
@@ -86,6 +93,8 @@ def test_quant_matmul(measure, request, size, provider):
     if provider.startswith("ours") and not (cpp and cpp.available):
         pytest.skip("the C++ quant_matmul kernels are not built")
     m, k, n = size
+    if provider == "ours-dense-bf16" and m > 16:
+        pytest.skip("decode_gemv_dense takes at most 16 rows")
     first_call, dtype, weight_bytes = _build(provider, k, n, seed=0)
     # Quick mode (a CI smoke run) skips the rotation: building the copies is its slowest part.
     copies = 1 if quick_mode(request.config) else _copies(weight_bytes)
