@@ -106,6 +106,35 @@ def test_rule_predicate_setter_and_context():
             set_int4_activations(model, bad)
 
 
+def test_the_dense_head_of_an_int4_model_follows_the_rule():
+    model = quantize_model(_tiny_llama(), 4, 32)
+    head = model.lm_head
+    assert type(head) is torch.nn.Linear  # quantize_model leaves it dense
+    x = torch.randn(BF16_ROWS, 64)
+    exact = torch.nn.functional.linear(x, head.weight)
+    set_int4_activations(model)
+    with torch.no_grad():
+        ruled = head(x)
+        bf16 = torch.nn.functional.linear(x.bfloat16(), head.weight.bfloat16()).float()
+        assert ruled.dtype == torch.float32 and torch.equal(ruled, bf16)
+        assert not torch.equal(ruled, exact)  # (else the next checks could not fail)
+        assert torch.equal(head(x[:-1]), exact[:-1])  # below the threshold: fp32
+        head.weight.mul_(2)  # a changed weight: the bf16 copy is made again
+        torch.testing.assert_close(head(x), 2 * bf16, atol=0.05, rtol=0.02)
+    assert torch.equal(head(x), 2 * exact)  # under autograd: fp32
+    with int4_activations(model, None):
+        with torch.no_grad():
+            assert torch.equal(head(x), 2 * exact)
+        assert "forward" not in head.__dict__  # nn.Linear's own forward, no copy held
+    with torch.no_grad():
+        assert not torch.equal(head(x), 2 * exact)  # the context put the rule back
+    set_int4_activations(model, None)
+    assert not [key for key in head.__dict__ if key == "forward" or "rlhf_fast" in key]
+    dense = _tiny_llama()  # no int4 layers: the rule does not touch the head
+    set_int4_activations(dense)
+    assert "forward" not in dense.lm_head.__dict__
+
+
 def test_same_side_of_the_threshold():
     assert same_side(8, 8, 32) and same_side(64, 64, 32) and same_side(1, 5, None)
     assert same_side(32, 64, 32) and same_side(32, 96, 32) and same_side(40, 72, 32)

@@ -186,6 +186,8 @@ def test_calibration_times_int4_with_and_without_bf16_activations():
     assert rows == {"none": [1.0, 32.0, 64.0], "int4": [1.0, 32.0, 64.0], "int4-bf16": [32.0, 64.0]}
     assert all(min(t for _, t in p) > 0 for p in points.values())
     assert [r for r, _ in head_points] == [1.0, 32.0, 64.0] and min(t for _, t in head_points) > 0
+    # the head as int4 models run it under the rule: bf16 from the threshold
+    assert [r for r, _ in fields["head_points_bf16"]] == [32.0, 64.0]
     assert head_fixed > 0 and torch.get_num_threads() == before
 
 
@@ -198,6 +200,28 @@ def test_head_time_interpolates_its_points():
     assert head_time(calibration, 1) == pytest.approx(0.002)
     assert head_time(calibration, 128) == pytest.approx(0.002 + 0.048 * 127 / 63)
     assert head_time(CALIBRATION, 8) == pytest.approx(0.001 + 0.0001 * 8)  # no points: the line
+
+
+def test_the_head_under_the_rule_has_its_own_time_and_copy():
+    from dataclasses import replace
+
+    from rlhf_fast.offload.policy import head_time
+
+    points = [[1.0, 0.002], [128.0, 0.100]]
+    calibration = replace(_bf16_calibration(), head_points=points,
+                          head_points_bf16=[[32.0, 0.005], [128.0, 0.020]])  # fmt: skip
+    assert head_time(calibration, 64) == pytest.approx(0.002 + 0.098 * 63 / 127)
+    assert head_time(calibration, 64, 32) == pytest.approx(0.005 + 0.015 * 32 / 96)
+    assert head_time(calibration, 8, 32) == pytest.approx(0.002 + 0.098 * 7 / 127)  # below it
+    settings = dict(resident_layers=8, prefetch=1, micro_batch=64, batch=64, context=16)
+    ruled = evaluate(SHAPES[4], calibration, compress=4, bf16_rows=32, **settings)
+    fp32 = evaluate(SHAPES[4], calibration, compress=4, bf16_rows=None, **settings)
+    layers = 64 / fp32.predicted_tokens_per_s - head_time(calibration, 64)  # the fp32 layers
+    layers += layer_time(calibration, 4, 64, 32) * 8 - layer_time(calibration, 4, 64) * 8
+    expected = layers + head_time(calibration, 64, 32)
+    assert 64 / ruled.predicted_tokens_per_s == pytest.approx(expected, rel=1e-6)
+    # its bf16 weight copy is charged to the budget
+    assert ruled.memory_bytes - fp32.memory_bytes == 32000 * 1024 * 2
 
 
 def _bf16_calibration() -> Calibration:

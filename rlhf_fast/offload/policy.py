@@ -6,13 +6,15 @@ The cost model of one decode step (one new token for each of B sequences):
     activation rule, quant/activations.py, from its threshold up), interpolated piecewise
     between them, plus the attention's cost per row and cached position beyond the timed
     context (64), times the number of micro-batches; plus the lm_head once over the batch
-    (timed at the same row counts);
+    (timed at the same row counts; for int4 models under the rule, whose dense head follows
+    it too, timed that way from the threshold up);
   * I/O: each streamed layer is read once per step (the block schedule), bytes / disk bandwidth;
   * overlap: an event simulation of the streamer (one reader thread; a read starts once a slot
     is free and the compute is within `prefetch` streamed layers of it; a layer's compute
     waits for its read), run for a few steps; the last step's duration is the prediction.
 Memory that must fit the CPU budget: non-layer weights, resident layers, prefetch + 1 slot
-buffers, the KV cache of the whole batch and one micro-batch's activations (logits included).
+buffers, the KV cache of the whole batch and one micro-batch's activations (logits included),
+and under the rule the head's bf16 weight copy once the batch reaches the threshold.
 The page cache is not counted (the streamer evicts what it reads in the true-disk regime).
 `choose_policy` searches a coarse grid exhaustively and returns the best predicted policy.
 
@@ -92,7 +94,8 @@ class Calibration:
     method with the row count: register-dequantizing GEMV-like up to 63 rows, dequantized
     tiles and a GEMM from 64). `threads`: torch's intra-op threads the compute was timed with
     (generate_batch's while layers stream: one fewer than the machine's). `head_points`: the
-    lm_head's [rows, seconds], interpolated the same way (else its straight line).
+    lm_head's [rows, seconds], interpolated the same way (else its straight line);
+    `head_points_bf16` the same under the int4 activation rule (its rows from the threshold).
     `attention_per_position`: the seconds a decoder layer's attention adds per row and cached
     position beyond `context` (the KV length the layer was timed at; HF's GQA attention
     expands the cache to every query head, so long contexts cost memory traffic too).
@@ -108,6 +111,7 @@ class Calibration:
     head_points: list[list[float]] = field(default_factory=list)
     attention_per_position: float = 0.0
     context: int = 64
+    head_points_bf16: list[list[float]] = field(default_factory=list)
     version: int = 0  # CALIBRATION_VERSION of the code that measured it (0: older than that)
 
 
@@ -224,8 +228,11 @@ def layer_time(
     return _interpolate(points, micro_batch)
 
 
-def head_time(calibration: Calibration, rows: int) -> float:
-    """Seconds of the lm_head on `rows` rows (see Calibration)."""
+def head_time(calibration: Calibration, rows: int, bf16_rows: int | None = None) -> float:
+    """Seconds of the lm_head on `rows` rows (see Calibration); with `bf16_rows` (an int4 model
+    under the activation rule) its bf16 timing from that many rows up."""
+    if bf16_rows and rows >= bf16_rows and len(calibration.head_points_bf16) >= 2:
+        return _interpolate(sorted(calibration.head_points_bf16), rows)
     if len(calibration.head_points) < 2:
         return calibration.head_fixed + calibration.head_per_row * rows
     return _interpolate(sorted(calibration.head_points), rows)
@@ -265,7 +272,8 @@ def evaluate(
     read_seconds = shape.layer_bytes / calibration.disk_bandwidth
     reads = [None if i in resident else read_seconds for i in range(shape.num_layers)]
     step = simulate_step([per_layer] * shape.num_layers, reads, prefetch)
-    step += head_time(calibration, batch)  # once over the batch
+    rule = bf16_rows if compress == 4 else None
+    step += head_time(calibration, batch, rule)  # once over the batch
     streamed = shape.num_layers - len(resident)
     slots = min(prefetch + 1, streamed)
     activations = micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate)
@@ -275,8 +283,10 @@ def evaluate(
         from rlhf_fast.offload.kv_cache import compressed_fraction
 
         kv_share = compressed_fraction(shape.kv_element_size)
+    head_copy = shape.vocab * shape.hidden * 2 if rule and batch >= rule else 0
     memory = (
         shape.other_bytes
+        + head_copy
         + (len(resident) + slots) * shape.layer_bytes
         + batch * context * shape.kv_bytes_per_token * kv_share
         + activations
@@ -286,7 +296,7 @@ def evaluate(
         compress, len(resident), prefetch, micro_batch, batch,
         predicted_tokens_per_s=batch / step, memory_bytes=int(memory),
         io_bound_tokens_per_s=batch / io_seconds if io_seconds else float("inf"),
-        kv_bits=kv_bits, bf16_rows=bf16_rows if compress == 4 else None,
+        kv_bits=kv_bits, bf16_rows=rule,
     )  # fmt: skip
 
 
@@ -473,8 +483,9 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-# 2: 9 repeats, attention over 1024 extra positions; 3: the int4 many-row kernel got faster
-CALIBRATION_VERSION = 3
+# 2: 9 repeats, attention over 1024 extra positions; 3: the int4 many-row kernel got faster;
+# 4: the lm_head of int4 models under the activation rule runs bf16 (head_points_bf16)
+CALIBRATION_VERSION = 4
 ATTENTION_EXTRA = 1024  # cached positions added to time the attention's cost per position
 CALIBRATION_ROWS = (1, 8, 16, 32, 64, 128)  # decode rows timed (the kernels change method
 # at 16, 32 and 64 rows; generate_batch's micro-batches are powers of two or the whole batch)
@@ -582,6 +593,15 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
     head_slope = (head_times[-1] - head_times[0]) / max(rows[-1] - rows[0], 1)
     head_fixed = max(head_times[0] - head_slope * rows[0], 1e-6)
     head_points = [[float(r), t] for r, t in zip(rows, head_times, strict=True)]
+    head_points_bf16 = []
+    if 4 in compressions and bf16_rows:  # the head as an int4 model under the rule runs it
+        from rlhf_fast.quant.activations import set_head_rule
+
+        set_head_rule(head, bf16_rows)
+        ruled = [x for x in inputs if x.shape[0] >= bf16_rows]
+        with torch.no_grad():
+            times = _monotone([_median_seconds(lambda x=x: head(x), repeats) for x in ruled])
+        head_points_bf16 = [[float(x.shape[0]), t] for x, t in zip(ruled, times, strict=True)]
     attention = 0.0
     if None in compressions:  # attention runs fp32 whatever the layers' compression
         seconds = []
@@ -598,6 +618,7 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
         "layer_fixed": fixed, "layer_per_row": per_row, "head_fixed": head_fixed,
         "head_per_row": max(head_slope, 0.0), "layer_points": points, "head_points": head_points,
         "attention_per_position": attention, "context": context,
+        "head_points_bf16": head_points_bf16,
     }  # fmt: skip
 
 
