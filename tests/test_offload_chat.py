@@ -64,6 +64,28 @@ def test_offloaded_chat_answers_like_the_resident_model(model_dir, capsys, tmp_p
     assert offloaded == resident
 
 
+def test_offloaded_chat_with_a_4_bit_kv_cache(model_dir, capsys, tmp_path, monkeypatch):
+    from rlhf_fast.offload import kv_cache
+
+    stored = []
+    update = kv_cache.Int4KVLayer.update
+
+    def counting(self, keys, values, *args, **kwargs):
+        stored.append(keys.shape[-2])
+        return update(self, keys, values, *args, **kwargs)
+
+    monkeypatch.setattr(kv_cache.Int4KVLayer, "update", counting)
+    spec = "compress=none,resident=1,prefetch=0,kv=int4"
+    argv = ["chat", str(model_dir), *ARGS, "--offload", spec, "--max-memory", "cpu=1MB"]
+    code, answer, err = _answer(capsys, [*argv, "--offload-dir", str(tmp_path / "o")])
+    assert code == 0, err
+    assert "kv=int4" in err and answer.strip()
+    # every layer stored the prompt, then one token a step, in the compressed cache
+    layers = 4
+    assert len(stored) >= layers * 2 and stored[0] > 1 and set(stored[layers:]) == {1}
+    assert not [t for t in threading.enumerate() if t.name.startswith("rlhf-fast-offload")]
+
+
 LONG = "Hello there, please tell me a long story about the sea and the ships on it today"
 
 

@@ -180,6 +180,11 @@ def _choose_decoder(model: torch.nn.Module, decoder: str | None) -> str:
     return "hf"
 
 
+# A model may carry a factory of the KV cache its HF forward should start from (a streamed model
+# under `--offload ...,kv=int4` sets one that holds the cache 4-bit, offload/kv_cache.py).
+CACHE_FACTORY = "rlhf_fast_new_cache"
+
+
 class _HFSteps:
     """The HF forward with its own KV cache: prefill(prompt) then step(token), logits [V]."""
 
@@ -187,7 +192,9 @@ class _HFSteps:
         self.model, self.keywords, self.cache = model, _forward_keywords(model), None
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        logits, self.cache = _forward(self.model, prompt.reshape(1, -1), None, self.keywords)
+        factory = getattr(self.model, CACHE_FACTORY, None)
+        cache = factory() if factory is not None else None
+        logits, self.cache = _forward(self.model, prompt.reshape(1, -1), cache, self.keywords)
         return logits
 
     def step(self, token_input: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Used by `rlhf-fast chat MODEL_DIR --offload auto --max-memory cpu=2GiB` and by b
 generation for PPO rollouts. `offload` is "auto" or explicit settings that override the
 policy's choice, comma-separated: `compress=none|int8|int4|auto`, `resident=N` (layers) or
 `resident=P%`, `prefetch=N`, `micro-batch=N`, `kv=none|int4` (the KV cache of batched
-generation, PPO rollouts, held 4-bit group-wise), `act=bf16|fp32` (int4 only: bf16, the
+generation, PPO rollouts and chat held 4-bit group-wise), `act=bf16|fp32` (int4 only: bf16, the
 default, is the project's int4 activation rule, quant/activations.py, under which the streamed
 model equals the resident int4 model of chat --int4; fp32 opts out: fp32 activations, equal to
 the fp32-activation quantized model; training always runs fp32). Offload directories are
@@ -14,6 +14,7 @@ reused; the calibration (disk bandwidth, per-layer compute time) is cached besid
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -183,7 +184,7 @@ def open_offloaded_model(
 def open_for_chat(model_dir: str | os.PathLike, args) -> torch.nn.Module:
     """The chat command's hook: opens the model under `--offload`, prints the chosen policy on
     stderr and returns the HF model (its streamer stays reachable as `model.rlhf_fast_offload`).
-    `--int4` / `--int8` pin the compression."""
+    `--int4` / `--int8` pin the compression; `kv=int4` holds the conversation's KV cache 4-bit."""
     spec = args.offload
     bits = 4 if getattr(args, "int4", False) else 8 if getattr(args, "int8", False) else None
     if bits is not None and "compress=" not in spec:
@@ -193,4 +194,9 @@ def open_for_chat(model_dir: str | os.PathLike, args) -> torch.nn.Module:
     )
     print(f"[offload: {policy.describe()}]", file=sys.stderr, flush=True)
     lm.model.rlhf_fast_offload = lm  # chat runs it on the HF forward and closes it at the end
+    if policy.kv_bits == 4:  # the conversation's KV cache held 4-bit (offload/kv_cache.py)
+        from rlhf_fast.models.generate import CACHE_FACTORY
+        from rlhf_fast.offload.kv_cache import compressed_cache
+
+        setattr(lm.model, CACHE_FACTORY, functools.partial(compressed_cache, lm.model.config))
     return lm.model
