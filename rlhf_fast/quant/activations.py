@@ -11,7 +11,8 @@ A model with int4 layers follows the rule in its dense lm_head too (quantize_mod
 head dense): at 32+ rows that is the largest product of a step (32000 x 2048 fp32: 143 ms at
 128 rows on 2 threads of the dev VM, ~4x a bf16 one on its AMX tiles), so it multiplies a bf16
 copy of its weight (made once, remade after the weight changes; half the fp32 head's bytes) by
-bf16 activations, with fp32 sums and fp32 logits; below the threshold it is nn.Linear's fp32.
+bf16 activations: fp32 sums, the logits rounded to bf16 as every int4 product's output is under
+the rule (returned as fp32); below the threshold it is nn.Linear's fp32.
 
 The rule is a property of the modules (`QuantLinear.bf16_rows`, None: off), set here:
   * `set_int4_activations(model, rows)` / `int4_activations(model, rows)` (a context that puts
@@ -89,7 +90,7 @@ def _bf16_weight(head: nn.Linear) -> torch.Tensor:
 
 def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear's forward under the rule: the int4 products' condition, then bf16 operands
-    (fp32 sums) and fp32 logits."""
+    (fp32 sums, bf16-rounded outputs, returned as fp32)."""
     if runs_on_bf16(x, 4, self.__dict__.get(_HEAD_ROWS)):
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), _bf16_weight(self), bias).float()
