@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backends_under_test import single_isa_backend_params
+from backends_under_test import cpu_backend_params
 
 from rlhf_fast import _native, ops
 
-BACKENDS = single_isa_backend_params()
-# H = 1, 7, 33 and 257 are not multiples of the 8 partial sums; (0, 16) has no rows
+BACKENDS = cpu_backend_params()  # the C++ kernel per SIMD level (rms_norm_kernel.h)
+# H = 1, 7, 33 and 257 are ragged against 8 and 16 lanes; (0, 16) has no rows
 SHAPES = [(1, 1), (3, 7), (5, 33), (2, 3, 257), (64, 256), (0, 16)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # relative to the largest magnitude: fp32 sums and rsqrt; 16-bit outputs round once more

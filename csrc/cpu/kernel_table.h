@@ -6,6 +6,7 @@
 #include "cpu/gae_kernel.h"
 #include "cpu/quant_matmul_kernel.h"
 #include "cpu/rank_loss_kernel.h"
+#include "cpu/rms_norm_kernel.h"
 #include "cpu/rotary_kernel.h"
 #include "cpu/silu_mul_kernel.h"
 
@@ -38,6 +39,17 @@ KernelTable make_kernel_table(const char* isa) {
   table.dense_gemv[kF32] = &dense_gemv_channels<V, float>;
   table.dense_gemv[kBF16] = &dense_gemv_channels<V, bf16_t>;
   table.dense_gemv[kF16] = &dense_gemv_channels<V, fp16_t>;
+  table.rms_norm[kF32][0] = table.rms_norm[kF32][1] = &rms_norm_rows<V, float, float>;
+  table.rms_norm[kBF16][0] = &rms_norm_rows<V, bf16_t, bf16_t>;
+  table.rms_norm[kBF16][1] = &rms_norm_rows<V, bf16_t, float>;
+  table.rms_norm[kF16][0] = &rms_norm_rows<V, fp16_t, fp16_t>;
+  table.rms_norm[kF16][1] = &rms_norm_rows<V, fp16_t, float>;
+  table.rms_norm_backward[kF32][0] = table.rms_norm_backward[kF32][1] =
+      &rms_norm_backward_rows<V, float, float>;
+  table.rms_norm_backward[kBF16][0] = &rms_norm_backward_rows<V, bf16_t, bf16_t>;
+  table.rms_norm_backward[kBF16][1] = &rms_norm_backward_rows<V, bf16_t, float>;
+  table.rms_norm_backward[kF16][0] = &rms_norm_backward_rows<V, fp16_t, fp16_t>;
+  table.rms_norm_backward[kF16][1] = &rms_norm_backward_rows<V, fp16_t, float>;
   return table;
 }
 

@@ -121,6 +121,23 @@ struct DenseGemvArgs {
 using DenseGemvFn = void (*)(const DenseGemvArgs&, int64_t n_begin, int64_t n_end);
 constexpr int64_t kDenseGemvMaxRows = 16;
 
+// rms_norm: rows [m_begin, m_end) of a contiguous x [M, H], weight fp32 [H]; the table's
+// first index is x's dtype, the second whether y (forward) or dy (backward) is fp32 (1) or x's
+// dtype (0). rstd: one fp32 per row, written by the forward, read by the backward.
+struct RmsNormArgs {
+  const void* x;
+  const float* weight;
+  const void* dy;
+  void* y;
+  void* dx;
+  float* rstd;
+  int64_t H;
+  float eps;
+};
+using RmsNormFn = void (*)(const RmsNormArgs&, int64_t m_begin, int64_t m_end);
+using RmsNormBackwardFn = void (*)(const RmsNormArgs&, int64_t m_begin, int64_t m_end,
+                                   float* dweight);
+
 struct KernelTable {
   const char* isa;
   int width;  // fp32 lanes; row blocks are this many rows
@@ -137,6 +154,8 @@ struct KernelTable {
   SiluMulFn silu_mul_backward[kNumDTypes];
   RotaryFn rotary[kNumDTypes];
   DenseGemvFn dense_gemv[kNumDTypes];
+  RmsNormFn rms_norm[kNumDTypes][2];
+  RmsNormBackwardFn rms_norm_backward[kNumDTypes][2];
 };
 
 namespace scalar {

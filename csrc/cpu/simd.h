@@ -125,6 +125,10 @@ struct VecScalar {
   static void store(fp16_t* p, reg v, int n) {
     if (n > 0) p[0] = float_to_fp16(v);
   }
+  // v rounded to a 16-bit type and back (a store and a load without the memory round trip)
+  static reg round_as(reg v, float) { return v; }
+  static reg round_as(reg v, bf16_t) { return bf16_to_float(float_to_bf16(v)); }
+  static reg round_as(reg v, fp16_t) { return fp16_to_float(float_to_fp16(v)); }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
   static reg mul(reg a, reg b) { return a * b; }
@@ -199,13 +203,25 @@ struct VecAvx2 {
   }
   // 16-bit stores round to nearest even (float_to_bf16 / float_to_fp16, lane-wise); partial
   // ones go through a stack copy, as the partial loads do.
-  static void store(bf16_t* p, reg v, int n) {
+  // fp32 bits rounded to nearest even at bit 16 (the bf16 in the high half), NaN quieted
+  static __m256i bf16_rounded_bits(reg v) {
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256i rounded =
+        _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), nan);
-    const __m256i high = _mm256_srli_epi32(rounded, 16);
+    return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), nan);
+  }
+  static reg round_as(reg v, float) { return v; }
+  static reg round_as(reg v, bf16_t) {
+    return _mm256_castsi256_ps(
+        _mm256_and_si256(bf16_rounded_bits(v), _mm256_set1_epi32(int(0xffff0000u))));
+  }
+  static reg round_as(reg v, fp16_t) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store(bf16_t* p, reg v, int n) {
+    const __m256i high = _mm256_srli_epi32(bf16_rounded_bits(v), 16);
     store16(p, _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)),
             n);
   }
@@ -307,13 +323,26 @@ struct VecAvx512 {
       _mm512_mask_storeu_ps(p, lanes(n), v);
   }
   // 16-bit stores round to nearest even (float_to_bf16 / float_to_fp16, lane-wise).
-  static void store(bf16_t* p, reg v, int n) {
+  // fp32 bits rounded to nearest even at bit 16 (the bf16 in the high half), NaN quieted
+  static __m512i bf16_rounded_bits(reg v) {
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    const __m512i rounded =
+        _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
-    _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
+  }
+  static reg round_as(reg v, float) { return v; }
+  static reg round_as(reg v, bf16_t) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(bf16_rounded_bits(v), _mm512_set1_epi32(int(0xffff0000u))));
+  }
+  static reg round_as(reg v, fp16_t) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store(bf16_t* p, reg v, int n) {
+    const __m512i high = _mm512_srli_epi32(bf16_rounded_bits(v), 16);
+    _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(high));
   }
   static void store(fp16_t* p, reg v, int n) {
     _mm256_mask_storeu_epi16(p, lanes(n),
