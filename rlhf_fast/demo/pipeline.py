@@ -53,9 +53,12 @@ class DemoPreset:
             schedule="linear", warmup_steps=20, eval_fraction=0.05,
         )
     )  # fmt: skip
+    # 1200 steps: at 800 the held-out accuracy moved between 90.5% and 96.9% with nothing but
+    # the kernels' rounding (summation order, SIMD level); at 1200 it was 97.0-97.5% (AVX-512
+    # and AVX2), for ~40 s more
     rm: dict = dataclasses.field(
         default_factory=lambda: dict(
-            lr=1e-3, batch_size=16, max_steps=800, full_finetune=True,
+            lr=1e-3, batch_size=16, max_steps=1200, full_finetune=True,
             schedule="cosine", warmup_steps=10, eval_fraction=0.1,
         )
     )  # fmt: skip
