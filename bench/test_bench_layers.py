@@ -54,11 +54,9 @@ def _rms_norm_bytes(elements: int, dtype: torch.dtype) -> int:
     return elements * (3 * dtype.itemsize + 2 * 4)
 
 
-def _memcpy(elements: int, op: str, dtype: torch.dtype):
-    moved = (
-        _rms_norm_bytes(elements, dtype) if op == "rms_norm" else _bytes_moved(elements, op, dtype)
-    )
-    copied = moved // 2  # a copy reads and writes each byte
+def _memcpy(moved: int):
+    """A copy that moves `moved` bytes (it reads and writes each byte)."""
+    copied = moved // 2
     source = torch.ones(copied, dtype=torch.uint8)
     target = torch.zeros_like(source)
     return lambda: target.copy_(source)
@@ -87,16 +85,16 @@ def test_rms_norm(measure, size, provider, dtype):
     weight = torch.randn(size[1], generator=generator)  # frozen, as under LoRA
     # HF's norm multiplies its fp32 weight by h in x's dtype: y (so dy) is fp32 for any x
     grad = torch.randn(size, generator=generator)
+    moved = _rms_norm_bytes(x.numel(), dtype)
     if provider == "memcpy":
-        call = _memcpy(x.numel(), "rms_norm", dtype)
-    elif provider == "peer":  # torch's norm takes the weight in x's dtype
+        call = _memcpy(moved)
+    elif provider == "peer":  # torch's norm takes the weight, and gives y, in x's dtype
         norm = functools.partial(F.rms_norm, normalized_shape=(size[1],), weight=weight.to(dtype))
-        call = _forward_backward(lambda t: norm(t, eps=1e-6), (x,), grad)
+        call = _forward_backward(lambda t: norm(t, eps=1e-6), (x,), grad.to(dtype))
     else:
         call = _forward_backward(lambda t: rms_norm(t, weight, 1e-6, backend=provider), (x,), grad)
     measure(call, op=f"rms_norm fwd+bwd {_name(dtype)}", device="cpu",
-            size=f"{size[0]}x{size[1]}", provider=provider,
-            bytes_moved=_rms_norm_bytes(x.numel(), dtype))  # fmt: skip
+            size=f"{size[0]}x{size[1]}", provider=provider, bytes_moved=moved)  # fmt: skip
 
 
 @pytest.mark.parametrize("provider", ["cpp", "reference", "memcpy"])
@@ -108,13 +106,13 @@ def test_silu_mul(measure, size, provider, dtype):
     gate = torch.randn(size, generator=generator).to(dtype).requires_grad_(True)
     up = torch.randn(size, generator=generator).to(dtype).requires_grad_(True)
     grad = torch.randn(size, generator=generator).to(dtype)
+    moved = _bytes_moved(gate.numel(), "silu_mul", dtype)
     if provider == "memcpy":
-        call = _memcpy(gate.numel(), "silu_mul", dtype)
+        call = _memcpy(moved)
     else:
         call = _forward_backward(lambda g, u: silu_mul(g, u, backend=provider), (gate, up), grad)
     measure(call, op=f"silu_mul fwd+bwd {_name(dtype)}", device="cpu",
-            size=f"{size[0]}x{size[1]}", provider=provider,
-            bytes_moved=_bytes_moved(gate.numel(), "silu_mul", dtype))  # fmt: skip
+            size=f"{size[0]}x{size[1]}", provider=provider, bytes_moved=moved)  # fmt: skip
 
 
 @pytest.mark.parametrize("provider", ["cpp", "reference", "memcpy"])
@@ -138,8 +136,9 @@ def test_rotary_embedding(measure, size, provider, dtype):
     k = randn(batch, steps, k_heads, dim).requires_grad_(True)
     cos, sin = randn(2, batch, steps, dim)
     grads = (randn(*q.shape), randn(*k.shape))
+    moved = _bytes_moved(q.numel() + k.numel(), "rotary_embedding", dtype)
     if provider == "memcpy":
-        call = _memcpy(q.numel() + k.numel(), "rotary_embedding", dtype)
+        call = _memcpy(moved)
     elif provider == "reference":  # HF's, on its [B, H, T, D] views, as its attention calls it
         call = lambda: torch.autograd.grad(  # noqa: E731
             apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin), (q, k),
@@ -148,7 +147,6 @@ def test_rotary_embedding(measure, size, provider, dtype):
         call = lambda: torch.autograd.grad(  # noqa: E731
             (rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)), (q, k), grads
         )
-    moved = _bytes_moved(q.numel() + k.numel(), "rotary_embedding", dtype)
     measure(call, op=f"rotary q+k fwd+bwd {_name(dtype)}", device="cpu",
             size="x".join(map(str, size)), provider=provider, bytes_moved=moved)  # fmt: skip
 

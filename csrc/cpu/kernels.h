@@ -123,14 +123,15 @@ constexpr int64_t kDenseGemvMaxRows = 16;
 
 // rms_norm: rows [m_begin, m_end) of a contiguous x [M, H], weight fp32 [H]; the table's
 // first index is x's dtype, the second whether y (forward) or dy (backward) is fp32 (1) or x's
-// dtype (0). rstd: one fp32 per row, written by the forward, read by the backward.
+// dtype (0). rstd: one fp32 per row, written by the forward (rstd_out), read by the backward.
 struct RmsNormArgs {
   const void* x;
   const float* weight;
   const void* dy;
   void* y;
   void* dx;
-  float* rstd;
+  float* rstd_out;     // forward: written
+  const float* rstd;   // backward: the forward's
   int64_t H;
   float eps;
 };

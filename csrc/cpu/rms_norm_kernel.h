@@ -27,7 +27,7 @@ void rms_norm_rows(const RmsNormArgs& a, int64_t m_begin, int64_t m_end) {
     const T* x = static_cast<const T*>(a.x) + m * H;
     Y* y = static_cast<Y*>(a.y) + m * H;
     const float r = 1.0f / __builtin_sqrtf(sum_of_squares<V>(x, H) / float(H) + a.eps);
-    a.rstd[m] = r;
+    a.rstd_out[m] = r;
     const reg rv = V::set1(r);
     for (int64_t k = 0; k < H; k += V::W) {
       const int lanes = static_cast<int>(H - k < V::W ? H - k : V::W);

@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::T
   args.x = x.const_data_ptr();
   args.weight = weight.const_data_ptr<float>();
   args.y = y.data_ptr();
-  args.rstd = rstd.data_ptr<float>();
+  args.rstd_out = rstd.data_ptr<float>();
   args.H = H;
   args.eps = static_cast<float>(eps);
   const RmsNormFn kernel =
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   args.weight = weight.const_data_ptr<float>();
   args.dy = grad_y.const_data_ptr();
   args.dx = grad_x.data_ptr();
-  args.rstd = const_cast<float*>(rstd.const_data_ptr<float>());  // read only here
+  args.rstd = rstd.const_data_ptr<float>();
   args.H = H;
   const RmsNormBackwardFn kernel =
       active_kernels()
