@@ -82,7 +82,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.rlhf_fast.decode_gemv_dense, (x, weight, torch.randn(6)))
 
 
-def test_decode_linear_routes_few_rows_of_16_bit_weights(monkeypatch):
+@pytest.mark.parametrize("dtype", list(GEMV_ROWS), ids=str)
+def test_decode_linear_routes_few_rows(monkeypatch, dtype):
     calls = []
     op = torch.ops.rlhf_fast.decode_gemv_dense
 
@@ -91,16 +92,17 @@ def test_decode_linear_routes_few_rows_of_16_bit_weights(monkeypatch):
         return op(x, weight, bias)
 
     monkeypatch.setattr(decode_linear_module.torch.ops.rlhf_fast, "decode_gemv_dense", counting)
-    weight, bias = torch.randn(9, 16).bfloat16(), torch.randn(9).bfloat16()
-    x = torch.randn(1, GEMV_ROWS, 16).bfloat16()  # leading dims are flattened
+    limit = GEMV_ROWS[dtype]
+    weight, bias = torch.randn(9, 16).to(dtype), torch.randn(9).to(dtype)
+    x = torch.randn(1, limit, 16).to(dtype)  # leading dims are flattened
     with torch.no_grad():
         y = decode_linear(x, weight, bias)
-        assert calls == [(GEMV_ROWS, 16)] and y.shape == (1, GEMV_ROWS, 9)
+        assert calls == [(limit, 16)] and y.shape == (1, limit, 9)
         torch.testing.assert_close(y, F.linear(x, weight, bias), atol=2e-2, rtol=1e-2)
-        decode_linear(torch.randn(GEMV_ROWS + 1, 16).bfloat16(), weight)  # many rows: torch's
-        decode_linear(torch.randn(2, 16), weight.float())  # fp32 weights: torch's
+        decode_linear(torch.randn(limit + 1, 16).to(dtype), weight)  # many rows: torch's
+        decode_linear(torch.randn(2, 16).double(), weight.double())  # a dtype it lacks: torch's
     assert len(calls) == 1
-    grad_x = torch.randn(2, 16).bfloat16().requires_grad_(True)
+    grad_x = torch.randn(2, 16).to(dtype).requires_grad_(True)
     assert not uses_gemv(grad_x, weight)  # under autograd: F.linear, which has a backward
     decode_linear(grad_x, weight).float().sum().backward()
     assert grad_x.grad is not None

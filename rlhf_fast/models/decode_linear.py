@@ -1,12 +1,16 @@
-"""decode_linear: F.linear for the few rows of a decode step, with 16-bit weights on the C++ GEMV.
+"""decode_linear: F.linear for the few rows of a decode step, on the C++ GEMV where it is faster.
 
-A decode step multiplies 1-4 rows by every weight of the model: a stream over the weights. With
-bf16 (or fp16) weights torch's CPU path reads them at ~16 GB/s on the dev VM, slower than its
-fp32 GEMV reads twice the bytes, so a bf16 model decoded slower than its fp32 copy.
-rlhf_fast::decode_gemv_dense (csrc/cpu/dense_gemv_kernel.h) streams them at 31-42 GB/s (1.4-1.6x
-torch's bf16 up to 4 rows on a 2048 x 5632 matrix); from ~6 rows torch's bf16 GEMM (AMX tiles
-on this CPU) is the faster, so larger products stay with F.linear. Sums are fp32 either way;
-the result has x's dtype, as F.linear's.
+A decode step multiplies a few rows by every weight of the model: a stream over the weights.
+rlhf_fast::decode_gemv_dense (csrc/cpu/dense_gemv_kernel.h) streams fp32, bf16 and fp16 weights
+with fp32 sums. Where it beats torch's CPU F.linear (dev VM, 2048 x 5632, weights beyond L3):
+- bf16, 1-4 rows: torch reads bf16 at ~16 GB/s, slower than its fp32 GEMV reads twice the
+  bytes; ours 1.1-1.6x torch. From ~6 rows torch's bf16 GEMM (AMX tiles) is the faster.
+- fp16, 1-16 rows: 1.5x torch at 4 rows, 1.25x at 8, even at 16 (this CPU has no AMX-FP16).
+- fp32, 1-16 rows: even at 1-2 rows (both read at the bandwidth), 1.9-2.2x torch at 4-12 rows,
+  where torch's small-M sgemm is far from either bound; 1.2x at 16. This is the PPO rollout's
+  shape (one row per prompt).
+Larger products, and anything under autograd, stay with F.linear. The result has x's dtype, as
+F.linear's.
 """
 
 from __future__ import annotations
@@ -16,21 +20,21 @@ import torch.nn.functional as F
 
 from rlhf_fast import _native
 
-GEMV_ROWS = 4  # up to this many rows the C++ GEMV beats torch's bf16 GEMM (see the docstring)
-_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+# up to this many rows (of x) the C++ GEMV beats torch's F.linear, by weight dtype (docstring)
+GEMV_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
 
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether decode_linear(x, weight) runs the C++ GEMV."""
     return (
         _native.cpp is not None
-        and weight.dtype in _SIXTEEN_BIT
+        and weight.dtype in GEMV_ROWS
         and weight.dim() == 2
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.is_floating_point()
         and x.dim() >= 1
-        and x.numel() <= GEMV_ROWS * x.shape[-1]
+        and x.numel() <= GEMV_ROWS[weight.dtype] * x.shape[-1]
         and x.shape[-1] > 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
