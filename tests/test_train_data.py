@@ -205,6 +205,16 @@ BAD_LINES = [
     ),
     (
         "sft",
+        {"messages": [{"role": ["user"], "content": "x"}, ASSISTANT]},
+        '"messages"[0] has unknown role ["user"] (expected system, user, assistant)',
+    ),
+    (
+        "prompts",
+        {"messages": [{"role": {"name": "user"}, "content": "x"}]},
+        '"messages"[0] has unknown role {"name": "user"} (expected system, user, assistant)',
+    ),
+    (
+        "sft",
         {"messages": [USER, SYSTEM, USER, ASSISTANT]},
         '"messages"[1] is a system turn; only the first message may be one',
     ),

@@ -238,7 +238,7 @@ def _messages(record: dict, final_role: str) -> Messages:
             if key not in message:
                 raise LineError(f'{name} has no "{key}"')
         role = message["role"]
-        if role not in FALLBACK_ROLES:
+        if not isinstance(role, str) or role not in FALLBACK_ROLES:  # a list or object: unhashable
             known = ", ".join(FALLBACK_ROLES)
             raise LineError(f"{name} has unknown role {json.dumps(role)} (expected {known})")
         if role == "system" and index > 0:
