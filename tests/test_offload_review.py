@@ -50,3 +50,13 @@ def test_valid_header_still_reads(tmp_path):
     )
     assert read_layout(path).data_bytes == 16
     assert torch.equal(load_file(path)["w"], values.view(2, 2))
+
+
+@pytest.mark.parametrize("spec", ["resident=inf%", "resident=1e999%", "resident=-inf%"])
+def test_infinite_resident_share_is_an_offload_error(spec):
+    from rlhf_fast.offload.session import parse_offload
+
+    # round(inf) raises OverflowError, which is no ValueError: `rlhf-fast train` (it catches
+    # ValueError) printed a traceback
+    with pytest.raises(ValueError, match="--offload: 'resident="):
+        parse_offload(spec, 8)

@@ -79,7 +79,7 @@ def parse_offload(text: str, num_layers: int) -> dict:
                 fixed[key.replace("-", "_")] = number
             else:
                 raise KeyError(key)
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OverflowError):  # OverflowError: resident=inf%
             raise ValueError(
                 f"--offload: {item!r} is not auto or one of compress=none|int8|int4, "
                 f"resident=N|P%, prefetch=N, micro-batch=N, kv=none|int4, act=bf16|fp32"
