@@ -60,3 +60,22 @@ def test_infinite_resident_share_is_an_offload_error(spec):
     # ValueError) printed a traceback
     with pytest.raises(ValueError, match="--offload: 'resident="):
         parse_offload(spec, 8)
+
+
+def test_failed_bandwidth_probe_leaves_no_temp_file(tmp_path, monkeypatch):
+    import os
+
+    from rlhf_fast.offload.policy import measure_disk_bandwidth
+
+    chunks = []
+
+    def disk_full(size):  # the probe file's write fails part-way (after its first chunk)
+        if chunks:
+            raise OSError(28, "No space left on device")
+        chunks.append(size)
+        return bytes(size)
+
+    monkeypatch.setattr(os, "urandom", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        measure_disk_bandwidth(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the partial 256 MiB probe was left behind

@@ -455,15 +455,15 @@ def measure_disk_bandwidth(directory: str | os.PathLike, files: list[str] | None
 
     buffer = aligned_buffer(64 << 20)
     created = None
-    if not files:
-        handle, created = tempfile.mkstemp(dir=directory, suffix=".bw")
-        with os.fdopen(handle, "wb") as out:
-            for _ in range(4):
-                out.write(os.urandom(buffer.numel()))
-            out.flush()
-            os.fsync(out.fileno())
-        files = [created]
     try:
+        if not files:
+            handle, created = tempfile.mkstemp(dir=directory, suffix=".bw")
+            with os.fdopen(handle, "wb") as out:  # a failed write (disk full) removes it too
+                for _ in range(4):
+                    out.write(os.urandom(buffer.numel()))
+                out.flush()
+                os.fsync(out.fileno())
+            files = [created]
         total, started = 0, time.perf_counter()
         for path in files:
             total += _read_cold(path, buffer)
