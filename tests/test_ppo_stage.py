@@ -199,3 +199,40 @@ def test_exports_load_in_plain_peft_and_transformers(stages, tmp_path):
                 "approx_kl", "entropy", "response_length", "rollout_s", "train_s",
                 "rollout_tok/s", "train_tok/s", "peak_rss_mib", "kl_coef"):  # fmt: skip
         assert key in record, key
+
+
+def test_grad_accum_gives_the_gradient_of_the_whole_minibatch(stages, tmp_path):
+    """Answers of different lengths: the losses are means over the minibatch's tokens, so
+    micro-batches must add up to exactly that mean (not a mean of per-micro-batch means)."""
+    from rlhf_fast.train.data import read_prompts
+
+    cfg = ppo_config(stages, tmp_path / "run", batch_size=8, mini_batch_size=0, ppo_epochs=1,
+                     max_grad_norm=0.0, max_new_tokens=8, lora_targets=["q_proj", "v_proj",
+                     "lm_head"])  # fmt: skip
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    _perturb(models, POLICY)
+    prompts = read_prompts(cfg.data)
+    gradients = {}
+    for accum in (1, 2, 3):
+        trainer = PPOTrainer(cfg.__class__(**{**vars(cfg), "grad_accum": accum}), models,
+                             prompts, tmp_path / "run")  # fmt: skip
+        if accum == 1:
+            experience, _, _ = trainer.rollout(list(range(8)), 0)
+            # as if rows had ended (EOS) after 1 to 8 tokens: the masks stay prefixes
+            lengths = torch.tensor([8, 1, 3, 8, 2, 5, 7, 4])
+            keep = torch.arange(experience.response.shape[1]) < lengths[:, None]
+            experience.response_mask &= keep
+        captured = []
+
+        def capture(params=trainer.params, captured=captured):
+            captured.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
+
+        trainer.optimizer.step = capture
+        trainer.optimize(experience, 0)
+        (gradients[accum],) = captured
+    for accum in (2, 3):
+        assert gradients[accum].keys() == gradients[1].keys()
+        for name, expected in gradients[1].items():
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(gradients[accum][name], expected, rtol=0,
+                                       atol=1e-5 * scale + 1e-9)  # fmt: skip

@@ -295,7 +295,10 @@ class PPOTrainer:
         self.models.use(POLICY)
         return token_loss(self.models.model, batch)
 
-    def _micro_losses(self, exp: Experience, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _micro_losses(
+        self, exp: Experience, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(PPO loss: token means over these rows, the ptx SFT loss or None, stats)."""
         config = self.config
         query_mask = exp.query_mask[rows]
         first = int(query_mask.any(0).nonzero()[0])  # drop columns of padding only
@@ -328,11 +331,11 @@ class PPOTrainer:
             "entropy": entropy_from_logits(logits.detach(), response_mask).item(),
             "tokens": int(mask.sum()),
         }
+        sft_loss = None
         if self.ptx is not None:
             sft_loss = self._ptx_loss(len(rows))
-            loss = ppo_ptx_loss(loss, sft_loss, config.ptx_coef)
             stats["ptx_loss"] = sft_loss.item()
-        return loss, stats
+        return loss, sft_loss, stats
 
     def optimize(self, exp: Experience, step: int) -> dict:
         config = self.config
@@ -346,9 +349,18 @@ class PPOTrainer:
             for start in range(0, batch, mini):
                 minibatch = order[start : start + mini]
                 self.optimizer.zero_grad(set_to_none=True)
+                # The PPO losses are means over tokens: each micro-batch counts by its share of
+                # the minibatch's tokens, so that the gradient is the minibatch's (whatever
+                # grad_accum is); the ptx loss is a mean over its own rows.
+                tokens = exp.response_mask[minibatch.to(self.device)].sum().clamp(min=1)
                 for rows in minibatch.split(micro):
-                    loss, stats = self._micro_losses(exp, rows.to(self.device))
-                    (loss * (len(rows) / len(minibatch))).backward()
+                    rows = rows.to(self.device)
+                    loss, sft_loss, stats = self._micro_losses(exp, rows)
+                    loss = loss * (exp.response_mask[rows].sum() / tokens)
+                    if sft_loss is not None:
+                        sft_loss = sft_loss * (len(rows) / len(minibatch))
+                        loss = ppo_ptx_loss(loss, sft_loss, config.ptx_coef)
+                    loss.backward()
                     parts.append(stats)
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm)
