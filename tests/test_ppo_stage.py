@@ -236,3 +236,30 @@ def test_grad_accum_gives_the_gradient_of_the_whole_minibatch(stages, tmp_path):
             scale = float(expected.abs().max())
             torch.testing.assert_close(gradients[accum][name], expected, rtol=0,
                                        atol=1e-5 * scale + 1e-9)  # fmt: skip
+
+
+def test_non_finite_reward_is_a_one_line_error_naming_the_prompt(stages, tmp_path, capsys):
+    """A reward model that scores NaN stops the run before the update (no NaN adapters, no
+    NaN checkpoint) with one line naming the prompt's FILE:LINE, not a traceback later."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from rlhf_fast.cli import main
+    from rlhf_fast.models.reward import HEAD_FILE
+
+    broken = tmp_path / "rm"
+    shutil.copytree(stages["rm"], broken)
+    head = load_file(broken / HEAD_FILE)
+    save_file({k: torch.full_like(v, float("nan")) for k, v in head.items()}, broken / HEAD_FILE)
+    output = tmp_path / "run"
+    args = ["train", "--stage", "ppo", "--model", str(stages["sft"]), "--reward-model",
+            str(broken), "--data", str(stages["prompts"]), "--output", str(output), "--device",
+            "cpu", "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "3",
+            "--save-every", "1"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"rlhf-fast train: error: {stages['prompts']}:"), err[-1]
+    assert "reward model scored" in err[-1] and "nan" in err[-1], err[-1]
+    assert not (output / "checkpoints").is_dir() or not any((output / "checkpoints").iterdir())

@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from rlhf_fast.models.load import ModelLoadError
     from rlhf_fast.train.checkpoint import CheckpointError
     from rlhf_fast.train.data import DataError, TemplateError
+    from rlhf_fast.train.ppo import RewardError
 
     try:
         config = resolve_config(args)
@@ -179,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
         from rlhf_fast.train.run import run_stage
 
         outcome = run_stage(config, resume=getattr(args, "resume", None))
-    except (ConfigError, ModelLoadError, CheckpointError, DataError, TemplateError) as error:
+    except (
+        ConfigError, ModelLoadError, CheckpointError, DataError, TemplateError, RewardError
+    ) as error:  # fmt: skip
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,6 +72,10 @@ MERGED_DIR = "merged"
 PAUSE_ENV = "RLHF_FAST_TEST_PPO_PAUSE"
 
 
+class RewardError(ValueError):
+    """A score that is not a finite number (one line naming the prompt's FILE:LINE)."""
+
+
 @dataclass
 class Experience:
     """One rollout batch with everything the PPO epochs need (all [B, ...], on the device)."""
@@ -246,6 +250,7 @@ class PPOTrainer:
         else:
             scores = models.scores(sequences, attention, texts).float()
         models.use(POLICY)
+        self._check_scores(scores, indices, step)
         kl = per_token_kl(out.logprobs, out.ref_logprobs, mask, config.kl_estimator)
         shaped = shaped_rewards(
             scores,
@@ -283,6 +288,21 @@ class PPOTrainer:
             returns,
         )  # fmt: skip
         return experience, metrics, samples
+
+    def _check_scores(self, scores: torch.Tensor, indices: list[int], step: int) -> None:
+        """A NaN or infinite score would turn every advantage, then the adapters, into NaN
+        (the failure only showing one step later, as unsampleable logits): stop here."""
+        bad = ~torch.isfinite(scores)
+        if not bool(bad.any()):
+            return
+        row = int(bad.nonzero()[0])
+        example = self.prompts[indices[row]]
+        where = example.source or f"prompt {indices[row]}"
+        scorer = "reward function" if self.reward_fn is not None else "reward model"
+        raise RewardError(
+            f"{where}: the {scorer} scored this prompt's answer {float(scores[row])} at PPO "
+            f"step {step + 1} ({int(bad.sum())} of {len(indices)} rows); scores must be finite"
+        )
 
     # ------------------------------------------------------------------ optimize
 
