@@ -79,3 +79,38 @@ def test_failed_bandwidth_probe_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         measure_disk_bandwidth(tmp_path)
     assert list(tmp_path.iterdir()) == []  # the partial 256 MiB probe was left behind
+
+
+def _family_model(name: str, **extra):
+    import transformers
+
+    torch.manual_seed(0)
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }[name]
+    config = config_class(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=None,
+        bos_token_id=None, initializer_range=0.3, **extra,
+    )  # fmt: skip
+    return model_class(config).eval()
+
+
+def test_a_module_with_a_non_persistent_buffer_keeps_its_loaded_weights(tmp_path):
+    """Gemma's embedding owns `embed_scale` (non-persistent, in no file) and its weight:
+    building the buffer re-initialized the module and replaced the loaded embedding with
+    random numbers (logits off by ~10)."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    model = _family_model("gemma", head_dim=16)
+    prepare_offload(model, tmp_path / "off")
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), load_offloaded(tmp_path / "off", resident_layers=1) as lm:
+        embedding = lm.model.model.embed_tokens
+        assert torch.equal(embedding.weight, model.model.embed_tokens.weight)
+        assert torch.equal(embedding.embed_scale, model.model.embed_tokens.embed_scale)
+        # still tied to the head (the same storage)
+        assert embedding.weight.data_ptr() == lm.model.lm_head.weight.data_ptr()
+        torch.testing.assert_close(lm.model(ids).logits, model(ids).logits)

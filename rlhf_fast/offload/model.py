@@ -81,12 +81,19 @@ def _install_quant_shells(layer: nn.Module, layout, where: str) -> None:
 
 def _materialize_remaining(model: nn.Module, streamed_names: set[str]) -> None:
     """Non-persistent buffers (rotary inv_freq) are in no file: build them with the model's
-    own initializer, except the streamed layers' tensors (they stay meta until bound)."""
+    own initializer, except the streamed layers' tensors (they stay meta until bound). The
+    initializer redoes the owner's loaded tensors too (Gemma's embedding owns `embed_scale`
+    and the embedding weight): those are put back."""
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta and name not in streamed_names:
             owner = model.get_submodule(name.rpartition(".")[0])
+            own = {**owner._parameters, **owner._buffers}
+            loaded = {k: t.detach() for k, t in own.items() if t is not None and not t.is_meta}
             owner.to_empty(device="cpu", recurse=False)
             model._init_weights(owner)
+            for key, tensor in loaded.items():
+                store = owner._parameters if key in owner._parameters else owner._buffers
+                store[key].data = tensor
 
 
 class OffloadedLM:
