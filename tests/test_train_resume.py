@@ -211,6 +211,50 @@ def test_atomic_write_ignores_and_prunes_leftovers(tmp_path):
     assert torch.equal(loaded.trainable["w"], torch.ones(2))
 
 
+def _save(run_dir, step, value):
+    param = torch.nn.Parameter(torch.full((2,), float(value)))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return ckpt.save_checkpoint(
+        run_dir, step=step, position={"epoch": 0, "index": step}, trainable={"w": param},
+        optimizer=optimizer, scheduler=scheduler, keep=0,
+    )  # fmt: skip
+
+
+def test_rewriting_a_step_never_leaves_a_broken_newest_checkpoint(tmp_path, monkeypatch):
+    """A resumed run writes a step that already exists again: a kill while the old copy is
+    being deleted, or a failed rename, must leave the newest step-N loadable."""
+    _save(tmp_path, 1, 1.0)
+    _save(tmp_path, 2, 2.0)
+    real_rmtree, real_rename = ckpt.shutil.rmtree, os.rename
+
+    def killed_while_deleting(path, ignore_errors=False):  # the kill lands mid-rmtree
+        (Path(path) / ckpt.TRAINABLE_FILE).unlink(missing_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, 3.0)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    loaded = ckpt.load_checkpoint(tmp_path)  # was: "trainable.safetensors: missing"
+    assert loaded.step == 2 and loaded.trainable["w"].tolist() in ([2.0, 2.0], [3.0, 3.0])
+
+    def failing_rename(source, target):
+        if Path(source).name.startswith(".tmp-step-"):
+            raise OSError("disk gone")
+        real_rename(source, target)
+
+    before = ckpt.load_checkpoint(tmp_path).trainable["w"].tolist()
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk gone"):
+        _save(tmp_path, 2, 4.0)
+    monkeypatch.setattr(os, "rename", real_rename)
+    loaded = ckpt.load_checkpoint(tmp_path)  # was: step 1, the step-2 checkpoint deleted
+    assert loaded.step == 2 and loaded.trainable["w"].tolist() == before
+    _save(tmp_path, 3, 5.0)  # and the next save cleans every leftover
+    assert not list((tmp_path / ckpt.CHECKPOINTS_DIR).glob(".tmp-*"))
+
+
 def test_corrupt_checkpoints_give_one_line_errors(setup, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_stage(config("sft", setup["llama"], setup["sft"], run_dir, max_steps=2, save_every=1))

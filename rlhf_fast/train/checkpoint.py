@@ -167,16 +167,29 @@ def save_checkpoint(
         "extra": extra or {},
     }
     files = {TRAINABLE_FILE: params, OPTIMIZER_FILE: optimizer_tensors, RNG_FILE: rng_tensors}
+    replaced = None
     try:
         _write_files(temporary, files, state)
         _fsync_path(temporary)
         if final.exists():  # the same step written again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.rename(temporary, final)
+            # Moved aside (one rename), not deleted in place: a kill in the middle of a
+            # deletion would leave a step directory that still has its state.json, which
+            # loading would take for the newest checkpoint and then reject as incomplete.
+            replaced = root / f".tmp-replaced-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, replaced)
+        try:
+            os.rename(temporary, final)
+        except BaseException:
+            if replaced is not None:  # put the old one back
+                os.rename(replaced, final)
+                replaced = None
+            raise
         _fsync_path(root)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     _prune(root, keep)
     return final
 
