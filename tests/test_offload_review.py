@@ -89,6 +89,7 @@ def _family_model(name: str, **extra):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
     }[name]
     config = config_class(
         vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -96,6 +97,44 @@ def _family_model(name: str, **extra):
         bos_token_id=None, initializer_range=0.3, **extra,
     )  # fmt: skip
     return model_class(config).eval()
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("mistral", {"sliding_window": 3}),
+        ("granite", {"embedding_multiplier": 3.0, "logits_scaling": 4.0}),
+        ("gemma", {"head_dim": 16}),
+        ("llama", {}),
+    ],
+)
+def test_generation_of_other_llama_shaped_families_equals_hf(tmp_path, name, extra):
+    """The block schedule re-implements LlamaModel.forward; a model merely laid out like it
+    (Granite scales its embeddings and logits, Mistral with a sliding window shorter than
+    the sequence masks differently) generated other tokens than HF."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+    from rlhf_fast.offload.generate import generate_batch
+
+    model = _family_model(name, **extra)
+    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    prepare_offload(model, tmp_path / "off")
+    with load_offloaded(tmp_path / "off", prefetch=1) as lm:
+        got = generate_batch(lm, ids, mask, max_new_tokens=6, micro_batch=2)
+    assert torch.equal(got, want)
+
+
+def test_the_schedule_still_runs_mistral_within_its_window():
+    from rlhf_fast.offload.generate import _scheduled
+
+    mistral = _family_model("mistral", sliding_window=16)
+    assert _scheduled(mistral, 16) and not _scheduled(mistral, 17)
+    assert _scheduled(_family_model("llama"), 10_000)
+    assert _scheduled(_family_model("gemma", head_dim=16), 10_000)
+    assert not _scheduled(_family_model("granite"), 10)
 
 
 def test_a_module_with_a_non_persistent_buffer_keeps_its_loaded_weights(tmp_path):

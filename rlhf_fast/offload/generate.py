@@ -7,9 +7,11 @@ and the streamer's read-ahead of layer i+1 has been overlapping that compute. On
 thus serves the whole batch, which is what makes throughput-oriented generation (PPO
 rollouts) fast under offloading; micro-batching bounds the activations and KV per call.
 
-Llama-family layouts (model.model.{embed_tokens, rotary_emb, layers, norm}, lm_head: Llama,
-Mistral, Qwen2 without sliding windows) run the schedule; other models fall back to one HF
-forward per micro-batch (each re-streams the layers). Prompts are left-padded
+Llama-family models (SCHEDULED_TYPES: Llama, Mistral, Qwen2, Qwen3, Gemma, whose forward the
+schedule repeats; with a sliding window only while the whole sequence fits in it) run the
+schedule; other models fall back to one HF forward per micro-batch (each re-streams the
+layers): a model merely laid out alike can differ (Granite scales its embeddings and logits).
+Prompts are left-padded
 (`attention_mask` 0 on the left); sampling is greedy at temperature 0, else softmax sampling
 with optional top-k from a seeded generator. Finished rows (EOS) are padded with `pad_token_id`.
 With `kv_bits=4` each micro-batch's KV cache is held 4-bit group-wise (offload/kv_cache.py).
@@ -52,10 +54,23 @@ class _MicroBatch:
     prefilled: bool = False
 
 
-def _scheduled(model) -> bool:
+# model types whose forward is exactly what _block_forward does: embed_tokens (Gemma's scales
+# itself), rotary_emb, the layers under a full causal mask, norm, lm_head
+SCHEDULED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
+
+
+def _scheduled(model, length: int) -> bool:
+    """Whether the block schedule reproduces `model`'s forward on sequences of `length`."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in SCHEDULED_TYPES:
+        return False
     inner = getattr(model, "model", None)
     names = ("embed_tokens", "rotary_emb", "layers", "norm")
-    return all(hasattr(inner, name) for name in names) and hasattr(model, "lm_head")
+    if not (all(hasattr(inner, name) for name in names) and hasattr(model, "lm_head")):
+        return False
+    # the schedule's mask is fully causal: equal to a sliding window's while nothing slides out
+    window = getattr(config, "sliding_window", None)
+    return window is None or length <= window
 
 
 def _block_forward(lm: OffloadedLM, batches: list[_MicroBatch], tokens: list[torch.Tensor]):
@@ -209,7 +224,8 @@ def _generate(
         )
         for start in range(0, size, micro_batch)
     ]
-    forward = _block_forward if _scheduled(lm.model) else _fallback_forward
+    length = input_ids.shape[1] + max_new_tokens
+    forward = _block_forward if _scheduled(lm.model, length) else _fallback_forward
     tokens = [input_ids[batch.rows] for batch in batches]
     generated = []
     finished = torch.zeros(size, dtype=torch.bool)
