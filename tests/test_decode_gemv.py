@@ -77,6 +77,21 @@ def test_16_bit_and_strided_activations(dtype):
     torch.testing.assert_close(y.double(), expected, atol=1e-2 * expected.abs().max(), rtol=1e-2)
 
 
+@pytest.mark.parametrize("bits, group_size", FORMATS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_activations_propagate(bits, group_size, dtype):
+    # NaN or inf has no int8 / int16 code: quantized, a NaN became a finite garbage output
+    generator = torch.Generator().manual_seed(bits + group_size)
+    qweight = quantize_weight(torch.randn(5, 300, generator=generator), bits, max(group_size, 32))
+    x = torch.randn(3, 300, generator=generator).to(dtype)
+    x[0, 7], x[1, 290] = float("nan"), float("-inf")
+    y = call(x, qweight, None)
+    expected = x.double() @ decode_float64(qweight).T
+    assert y[0].isnan().all()
+    torch.testing.assert_close(y[1].double(), expected[1], atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(y[2].double(), expected[2], atol=0.05, rtol=0.02)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_without_vnni_it_is_quant_matmul(bits):
     """Below AVX-512 the op runs the exact quant_matmul kernels of the ISA in use."""

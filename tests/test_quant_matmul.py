@@ -131,6 +131,24 @@ def test_empty_batch(backend):
     assert y.shape == (0, 5)
 
 
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_non_finite_activations_propagate(backend, dtype, group_size):
+    # A NaN or inf in x must give what x @ W.T gives (NaN, +-inf), on every path: the int16
+    # activation codes of the VNNI GEMV (16-bit x, M <= 16, g = 128) cannot hold them.
+    generator = torch.Generator().manual_seed(group_size)
+    qweight = make_weight(4, group_size, 6, 256, generator)
+    x = torch.randn(3, 256, generator=generator).to(dtype)
+    x[0, 5], x[1, 200] = float("nan"), float("inf")
+    with using(backend) as name:
+        y = ops.quant_matmul(x, qweight, backend=name)
+    expected = ops.quant_matmul_reference(x, qweight)
+    assert y[0].isnan().all()
+    torch.testing.assert_close(y[1], expected[1], atol=0, rtol=0, equal_nan=True)
+    assert_close_to_oracle(y[2:], x[2:], qweight, None)
+
+
 def raw_call(qweight, x, bias=None):
     return registered_quant_matmul(x, qweight, bias)
 

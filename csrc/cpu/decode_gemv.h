@@ -52,10 +52,11 @@ struct DecodeGemvArgs {
 };
 
 namespace avx512vnni {
-// Quantize rows of fp32 x ([M, K], row stride x_stride) into the layouts above.
-void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
+// Quantize rows of fp32 x ([M, K], row stride x_stride) into the layouts above. They return
+// false when x holds a NaN or an inf, which no code represents (the codes are then garbage).
+bool quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
                                int64_t chunks, int8_t* codes, float* scales, float* sums);
-void quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
+bool quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
                                int64_t chunks, int16_t* codes, float* scales);
 // Output channels [n_begin, n_end) of every row.
 void decode_gemv_int4(const DecodeGemvArgs& args, int64_t n_begin, int64_t n_end);

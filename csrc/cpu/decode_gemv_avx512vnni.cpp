@@ -33,11 +33,15 @@ inline int64_t int4_code_offset(int64_t block, int hi) {
   return 128 * (block / 4) + 64 * hi + 16 * (block % 4);
 }
 
+// Lanes holding a NaN or an inf (quiet NaN | +inf | -inf | signaling NaN).
+inline __mmask16 non_finite(__m512 v) { return _mm512_fpclass_ps_mask(v, 0x99); }
+
 }  // namespace
 
-void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
+bool quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
                                int64_t chunks, int8_t* codes, float* scales, float* sums) {
   const int64_t blocks = (K + 31) / 32;
+  __mmask16 bad = 0;
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * x_stride;
     int8_t* row_codes = codes + m * chunks * 32;
@@ -47,6 +51,7 @@ void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int6
       const int64_t k = 32 * b;
       const __m512 lo = _mm512_maskz_loadu_ps(first_lanes16(K - k), row + k);
       const __m512 hi = _mm512_maskz_loadu_ps(first_lanes16(K - k - 16), row + k + 16);
+      bad |= non_finite(lo) | non_finite(hi);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
       const __m512i code_lo = codes_of(lo, inverse), code_hi = codes_of(hi, inverse);
@@ -64,10 +69,12 @@ void quantize_int4_activations(const float* x, int64_t x_stride, int64_t M, int6
       row_scales[b] = row_sums[b] = 0.0f;
     }
   }
+  return bad == 0;
 }
 
-void quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
+bool quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int64_t K,
                                int64_t chunks, int16_t* codes, float* scales) {
+  __mmask16 bad = 0;
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * x_stride;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -77,6 +84,7 @@ void quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int6
         const int64_t k = 128 * c + 16 * i;
         v[i] = _mm512_maskz_loadu_ps(first_lanes16(K - k), row + k);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+        bad |= non_finite(v[i]);
       }
       const float max_abs = _mm512_reduce_max_ps(amax);
       const __m512 inverse = _mm512_set1_ps(inverse_of(max_abs));
@@ -87,6 +95,7 @@ void quantize_int8_activations(const float* x, int64_t x_stride, int64_t M, int6
       scales[m * chunks + c] = max_abs / 32767.0f;
     }
   }
+  return bad == 0;
 }
 
 namespace {

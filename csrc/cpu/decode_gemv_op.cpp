@@ -69,8 +69,10 @@ at::Tensor decode_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qdata,
   const int64_t chunks = (blocks + 15) / 16 * 16;
   std::vector<int8_t> codes(M * chunks * 32);
   std::vector<float> x_scales(M * chunks), x_sums(M * chunks);
-  avx512vnni::quantize_int4_activations(x32.const_data_ptr<float>(), K, M, K, chunks,
-                                        codes.data(), x_scales.data(), x_sums.data());
+  // NaN / inf: the exact kernels, which propagate them as x @ W.T does
+  if (!avx512vnni::quantize_int4_activations(x32.const_data_ptr<float>(), K, M, K, chunks,
+                                             codes.data(), x_scales.data(), x_sums.data()))
+    return quant_matmul_int4_cpu(x, qdata, scales, offsets, group_size, in_features, bias);
   std::vector<int32_t> group_index(chunks);
   for (int64_t b = 0; b < chunks; ++b)
     group_index[b] = static_cast<int32_t>(b * 32 / group_size - (b / 16) * 16 * 32 / group_size);
@@ -112,8 +114,9 @@ at::Tensor decode_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qdata,
   const int64_t chunks = (K + 127) / 128;
   std::vector<int16_t> codes(M * chunks * 128);
   std::vector<float> x_scales(M * chunks);
-  avx512vnni::quantize_int8_activations(x32.const_data_ptr<float>(), K, M, K, chunks,
-                                        codes.data(), x_scales.data());
+  if (!avx512vnni::quantize_int8_activations(x32.const_data_ptr<float>(), K, M, K, chunks,
+                                             codes.data(), x_scales.data()))
+    return quant_matmul_int8_cpu(x, qdata, scales, bias);  // NaN / inf: as for int4
   at::Tensor y = new_output({M, N});
   DecodeGemvArgs args{};
   args.x = {codes.data(), x_scales.data(), nullptr, chunks * 128, chunks};

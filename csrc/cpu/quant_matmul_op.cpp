@@ -31,10 +31,12 @@ void check_x(const at::Tensor& x) {
 // Activations of the VNNI GEMV (quant_gemv_vnni_avx512.h): per row and 128 columns, int16
 // codes round(x / scale) with scale = max |x| / 32767, in the order of the packed nibbles
 // (per 64 columns: the 32 of the low nibbles, then the 32 of the high ones); plus the scale and
-// the sum of the quantized x (scale * sum of codes).
+// the sum of the quantized x (scale * sum of codes). finite: false when x holds a NaN or an
+// inf, which have no code (the caller then runs the fp32 kernel, which propagates them).
 struct QuantizedActivations {
   std::vector<int16_t> codes;
   std::vector<float> scales, sums;
+  bool finite = true;
 };
 
 QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks) {
@@ -48,7 +50,10 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t begin = 128 * c, end = std::min(begin + 128, K);
       float amax = 0.0f;
-      for (int64_t k = begin; k < end; ++k) amax = std::max(amax, std::fabs(x[k]));
+      for (int64_t k = begin; k < end; ++k) {
+        amax = std::max(amax, std::fabs(x[k]));
+        q.finite = q.finite && std::isfinite(x[k]);
+      }
       const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
       int16_t* codes = q.codes.data() + (m * chunks + c) * 128;
       int64_t code_sum = 0;
@@ -134,10 +139,12 @@ at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
       args.group_size % 128 == 0 && kernels.quant_gemv_int4_vnni != nullptr) {
     args.x_chunks = (args.K + 127) / 128;
     quantized = quantize_activations(x32, args.x_chunks);
-    args.x_q = quantized.codes.data();
-    args.x_scales = quantized.scales.data();
-    args.x_sums = quantized.sums.data();
-    kernel = kernels.quant_gemv_int4_vnni;
+    if (quantized.finite) {
+      args.x_q = quantized.codes.data();
+      args.x_scales = quantized.scales.data();
+      args.x_sums = quantized.sums.data();
+      kernel = kernels.quant_gemv_int4_vnni;
+    }
   }
   at::Tensor y = new_output({M, N});
   if (M > 0 && N > 0) {
