@@ -230,12 +230,11 @@ def test_grad_accum_gives_the_gradient_of_the_whole_minibatch(stages, tmp_path):
         trainer.optimizer.step = capture
         trainer.optimize(experience, 0)
         (gradients[accum],) = captured
+    scale = max(float(g.abs().max()) for g in gradients[1].values())  # some entries are near 0
     for accum in (2, 3):
-        assert gradients[accum].keys() == gradients[1].keys()
+        assert gradients[accum].keys() == gradients[1].keys() and gradients[1]
         for name, expected in gradients[1].items():
-            scale = float(expected.abs().max())
-            torch.testing.assert_close(gradients[accum][name], expected, rtol=0,
-                                       atol=1e-5 * scale + 1e-9)  # fmt: skip
+            torch.testing.assert_close(gradients[accum][name], expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_non_finite_reward_is_a_one_line_error_naming_the_prompt(stages, tmp_path, capsys):

@@ -177,3 +177,35 @@ def test_pairwise_and_k_wise_lines_mix(models, tmp_path):
     data = write_jsonl(tmp_path / "mixed.jsonl", records)
     outcome = run_stage(config("rm", models["qwen2"], data, tmp_path / "rm", max_steps=3))
     assert outcome.result.step == 3 and 0.0 <= outcome.result.metrics["accuracy"] <= 1.0
+
+
+def test_grad_accum_gives_the_gradient_of_the_whole_batch(models, tmp_path, monkeypatch):
+    """Prompts with 2 and with 4 answers (1 and 6 pairs): batch 1 x grad_accum 4 must give the
+    gradient of batch 4's mean over all 14 pairs, not a mean of per-prompt means."""
+    from rlhf_fast.train.loop import train
+
+    records = ranked_records(2, responses=4, seed=3) + ranked_records(2, responses=2, seed=4)
+    data = write_jsonl(tmp_path / "mixed.jsonl", records)
+    tokenizer = load_tokenizer(models["llama"])
+    gradients = []
+
+    def capture(params, max_norm):
+        gradients[-1] = {i: p.grad.clone() for i, p in enumerate(params) if p.grad is not None}
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    for batch_size, grad_accum in ((4, 1), (1, 4), (2, 2)):
+        cfg = config("rm", models["llama"], data, tmp_path / f"run{grad_accum}",
+                     batch_size=batch_size, grad_accum=grad_accum)  # fmt: skip
+        cfg, train_examples, held_out = rm.read_data(cfg)
+        stage = rm.build(cfg, tokenizer, train_examples, held_out, "cpu")
+        _random_lora(stage.model)
+        gradients.append(None)
+        (tmp_path / f"run{grad_accum}").mkdir()
+        train(stage, cfg, cfg.output, device="cpu", stop_after=1)
+    whole = gradients[0]
+    scale = max(float(g.abs().max()) for g in whole.values())  # some entries are near 0
+    for other in gradients[1:]:
+        assert other.keys() == whole.keys() and whole
+        for index, expected in whole.items():
+            torch.testing.assert_close(other[index], expected, rtol=0, atol=1e-5 * scale)

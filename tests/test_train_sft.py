@@ -144,3 +144,38 @@ def test_fused_lora_trains_like_plain_peft(models, sft_data, tmp_path):
         runs[fused] = load_file(find_checkpoint(run_dir) / TRAINABLE_FILE)
     for name, value in runs[True].items():
         torch.testing.assert_close(value, runs[False][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_grad_accum_gives_the_gradient_of_the_whole_batch(models, tmp_path, monkeypatch):
+    """batch 2 x grad_accum 2 sees the same 4 examples as batch 4: with answers of different
+    lengths the step's gradient must still be that of the mean over all 4 examples' answer
+    tokens (a mean of the micro-batches' means weighs the short answers' tokens more)."""
+    from rlhf_fast.train import sft
+    from rlhf_fast.train.loop import train
+
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    records = [{"prompt": f"Count {i}", "response": " ".join(words[: 1 + 3 * i])} for i in range(4)]
+    data = write_jsonl(tmp_path / "uneven.jsonl", records)
+    tokenizer = load_tokenizer(models["llama"])
+    gradients = []
+
+    def capture(params, max_norm):
+        gradients[-1] = {i: p.grad.clone() for i, p in enumerate(params) if p.grad is not None}
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
+        cfg = config("sft", models["llama"], data, tmp_path / f"run{grad_accum}",
+                     batch_size=batch_size, grad_accum=grad_accum)  # fmt: skip
+        _, train_examples, held_out = sft.read_data(cfg)
+        torch.manual_seed(cfg.seed)
+        stage = sft.build(cfg, tokenizer, train_examples, held_out, "cpu")
+        gradients.append(None)
+        (tmp_path / f"run{grad_accum}").mkdir()
+        train(stage, cfg, cfg.output, device="cpu", stop_after=1)
+    whole = gradients[0]
+    scale = max(float(g.abs().max()) for g in whole.values())
+    for other in gradients[1:]:
+        assert other.keys() == whole.keys() and whole
+        for index, expected in whole.items():
+            torch.testing.assert_close(other[index], expected, rtol=0, atol=1e-5 * scale)

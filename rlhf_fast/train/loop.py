@@ -39,6 +39,10 @@ class Stage:
     collate: Callable[[list], dict[str, torch.Tensor]]
     loss: LossFn  # (loss, metrics of the micro-batch; "tokens" is summed, others averaged)
     evaluate: Callable[[], dict[str, float]] | None = None
+    # How many terms the loss of a micro-batch averages over (answer tokens, pairs, rows):
+    # micro-batches are weighted by it, so that grad_accum micro-batches give the gradient of
+    # the mean over all of the step's terms. None: every micro-batch counts the same.
+    count: Callable[[dict[str, torch.Tensor]], int] | None = None
 
 
 @dataclass
@@ -105,6 +109,16 @@ class EpochSampler:
         end = min(self.size, index + self.batch_size * self.world_size)
         indices = order[index:end].tolist()[self.rank :: self.world_size]
         return indices, {"epoch": epoch, "index": end}
+
+
+def micro_weights(stage: Stage, batches: list[dict]) -> list[float]:
+    """Each micro-batch's share of the step's loss terms (see Stage.count); equal shares
+    without a count, or when no micro-batch has a term."""
+    counts = [stage.count(batch) for batch in batches] if stage.count is not None else []
+    total = sum(counts)
+    if total <= 0:
+        return [1.0 / len(batches)] * len(batches)
+    return [count / total for count in counts]
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -179,12 +193,14 @@ def train(
             started = time.perf_counter()
             stage.model.train()
             optimizer.zero_grad(set_to_none=True)
-            parts = []
+            parts, batches = [], []
             for _ in range(config.grad_accum):
                 indices, position = sampler.next_batch(position)
-                batch = _to_device(stage.collate([stage.examples[i] for i in indices]), device)
+                batches.append(stage.collate([stage.examples[i] for i in indices]))
+            for batch, weight in zip(batches, micro_weights(stage, batches), strict=True):
+                batch = _to_device(batch, device)
                 loss, values = stage.loss(batch)
-                (loss / config.grad_accum).backward()
+                (loss * weight).backward()
                 parts.append({"loss": loss.item(), **values})
             grad_norm = None
             if config.max_grad_norm > 0:

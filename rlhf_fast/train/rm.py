@@ -114,7 +114,18 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
         collate,
         lambda batch: step_loss(model, batch),
         evaluate if held_encoded else None,
+        count=row_count if scored else pair_count,
     )
+
+
+def pair_count(batch: dict) -> int:
+    """The pairs rank_loss averages over: K(K-1)/2 per prompt of K answers."""
+    answers = batch["present"].sum(1)
+    return int((answers * (answers - 1) // 2).sum())
+
+
+def row_count(batch: dict) -> int:
+    return int(batch["scores"].numel())
 
 
 def _batches(collate, items: list, device: str):

@@ -98,7 +98,14 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
                 count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return {"loss": total / max(count, 1)}
 
-    return Stage("sft", model, encoded, collate, loss, evaluate if held_encoded else None)
+    return Stage(
+        "sft", model, encoded, collate, loss, evaluate if held_encoded else None, label_count
+    )
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens token_loss averages over: labels at the positions the model predicts."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def merge_for_export(model, adapter_dir: Path, dtype: str):
