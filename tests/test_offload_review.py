@@ -153,3 +153,18 @@ def test_a_module_with_a_non_persistent_buffer_keeps_its_loaded_weights(tmp_path
         # still tied to the head (the same storage)
         assert embedding.weight.data_ptr() == lm.model.lm_head.weight.data_ptr()
         torch.testing.assert_close(lm.model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cpu=2GiB,cpu=1KB", "cpu is given twice"),  # the last one silently won
+        ("cpu=lots", "--max-memory: cpu='lots' is not a size"),  # the flag went unnamed
+    ],
+)
+def test_bad_max_memory_strings_name_the_flag(text, message):
+    from rlhf_fast.offload.policy import parse_max_memory
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as error:
+        parse_max_memory(text)
+    assert str(error.value).startswith("--max-memory: ")

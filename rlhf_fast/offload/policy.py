@@ -62,9 +62,15 @@ def parse_max_memory(text: str) -> dict[str, int]:
     budgets = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         tier, sep, size = item.partition("=")
-        if not sep or tier.strip() not in ("cpu", "device"):
+        tier = tier.strip()
+        if not sep or tier not in ("cpu", "device"):
             raise ValueError(f"--max-memory: {item!r} is not cpu=SIZE or device=SIZE")
-        budgets[tier.strip()] = parse_size(size)
+        if tier in budgets:
+            raise ValueError(f"--max-memory: {tier} is given twice in {text!r}")
+        try:
+            budgets[tier] = parse_size(size)
+        except ValueError as error:
+            raise ValueError(f"--max-memory: {tier}={error}") from None
     if not budgets:
         raise ValueError("--max-memory: give at least cpu=SIZE")
     return budgets
