@@ -87,6 +87,10 @@ def test_config_validation_messages():
         validate(TrainConfig(model="m", data="d", dtype="fp16"))
     with pytest.raises(ValueError, match="x: 'merge' must be bool"):
         apply(TrainConfig(), {"merge": "yes"}, "x")
+    # a NaN passed "<= 0" and reached the KL controller, which raised a traceback mid-run
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="kl_horizon must be a finite number > 0"):
+            validate(apply(TrainConfig(model="m", data="d"), {"kl_horizon": value}, "x"))
 
 
 def test_sft_then_rm_through_the_cli(files, tmp_path, capsys):

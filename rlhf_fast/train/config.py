@@ -204,8 +204,11 @@ def validate(config: TrainConfig) -> TrainConfig:
                 f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}"
             )
     for name in _POSITIVE:
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+        value = getattr(config, name)
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+        if not math.isfinite(value):  # NaN passes "<= 0" (kl_horizon is a float)
+            raise ConfigError(f"{name} must be a finite number > 0, got {value}")
     for name in _NON_NEGATIVE:
         value = getattr(config, name)
         if value < 0 or not math.isfinite(value):
