@@ -168,3 +168,25 @@ def test_bad_max_memory_strings_name_the_flag(text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")) as error:
         parse_max_memory(text)
     assert str(error.value).startswith("--max-memory: ")
+
+
+def test_shards_of_a_model_directory_whose_weights_changed_are_prepared_again(tmp_path):
+    """The shards under MODEL_DIR/.rlhf_fast_offload were reused whenever their manifest named
+    the same directory: weights saved over it later (a merged fine-tune) streamed the old ones."""
+    from rlhf_fast.offload.session import _prepared
+    from rlhf_fast.offload.shards import load_file
+
+    model_dir, target = tmp_path / "model", tmp_path / "model" / ".rlhf_fast_offload" / "none"
+    _family_model("llama").save_pretrained(model_dir)
+    _prepared(model_dir, target, None)
+    first = load_file(target / "layer_000.safetensors")["mlp.down_proj.weight"].clone()
+    untouched = (target / "offload.json").stat().st_mtime_ns
+    _prepared(model_dir, target, None)  # unchanged: reused, not written again
+    assert (target / "offload.json").stat().st_mtime_ns == untouched
+    retrained = _family_model("llama")
+    with torch.no_grad():
+        retrained.model.layers[0].mlp.down_proj.weight.mul_(2)
+    retrained.save_pretrained(model_dir)
+    _prepared(model_dir, target, None)
+    second = load_file(target / "layer_000.safetensors")["mlp.down_proj.weight"]
+    assert torch.equal(second, first * 2)

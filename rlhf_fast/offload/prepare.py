@@ -52,6 +52,15 @@ def _source_tensors(model_dir: Path) -> tuple[list[str], Callable[[str], torch.T
     return list(where), lambda key: where[key].get_tensor(key)
 
 
+def source_files(model_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]} of a model directory's weights and config: recorded in the
+    manifest so that shards of weights saved over since are not reused (session._prepared)."""
+    model_dir = Path(model_dir)
+    files = [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"]
+    stats = {file.name: file.stat() for file in files if file.is_file()}
+    return {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
+
+
 def _skeleton(model_dir: Path) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -90,6 +99,7 @@ def prepare_offload(
 
     if compress not in (None, 4, 8):
         raise ValueError(f"compress must be None, 4 or 8, got {compress!r}")
+    fingerprint = None
     if isinstance(source, nn.Module):
         model = source
         state = model.state_dict()
@@ -101,6 +111,7 @@ def prepare_offload(
         model_dir = Path(source)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir / 'config.json'}: missing (not a model directory)")
+        fingerprint = source_files(model_dir)  # before reading: a later change shows
         keys, get = _source_tensors(model_dir)
         model, origin = _skeleton(model_dir), str(model_dir.resolve())
     prefix, layers = decoder_layers(model)
@@ -138,6 +149,7 @@ def prepare_offload(
         manifest = {
             "version": FORMAT_VERSION,
             "source": origin,
+            "source_files": fingerprint,  # None: prepared from a model in memory
             "layers_prefix": prefix,
             "num_layers": len(layers),
             "dtype": str(next(iter(float_dtypes), torch.float32)).removeprefix("torch."),

@@ -9,7 +9,8 @@ default, is the project's int4 activation rule, quant/activations.py, under whic
 model equals the resident int4 model of chat --int4; fp32 opts out: fp32 activations, equal to
 the fp32-activation quantized model; training always runs fp32). Offload directories are
 prepared once under `offload_root` (default MODEL_DIR/.rlhf_fast_offload/<compression>) and
-reused; the calibration (disk bandwidth, per-layer compute time) is cached beside them.
+reused while the model directory's weights are unchanged; the calibration (disk bandwidth,
+per-layer compute time) is cached beside them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from rlhf_fast.offload.policy import (
     model_shapes,
     parse_max_memory,
 )
-from rlhf_fast.offload.prepare import prepare_offload
+from rlhf_fast.offload.prepare import prepare_offload, source_files
 from rlhf_fast.offload.shards import MANIFEST, ShardError, read_manifest
 from rlhf_fast.quant.activations import BF16_ROWS
 from rlhf_fast.quant.model import BITS_BY_NAME
@@ -114,9 +115,11 @@ def _calibration(root: Path, config, dtype, compressions) -> Calibration:
 
 
 def _prepared(model_dir: Path, target: Path, compress: int | None) -> Path:
+    """`target` prepared from `model_dir`, reused while the directory's weights are unchanged."""
     try:
         manifest = read_manifest(target)
-        if manifest.get("source") == str(model_dir.resolve()):
+        same = manifest.get("source_files") == source_files(model_dir)
+        if manifest.get("source") == str(model_dir.resolve()) and same:
             return target
     except ShardError:
         pass
