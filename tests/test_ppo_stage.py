@@ -262,3 +262,21 @@ def test_non_finite_reward_is_a_one_line_error_naming_the_prompt(stages, tmp_pat
     assert err[-1].startswith(f"rlhf-fast train: error: {stages['prompts']}:"), err[-1]
     assert "reward model scored" in err[-1] and "nan" in err[-1], err[-1]
     assert not (output / "checkpoints").is_dir() or not any((output / "checkpoints").iterdir())
+
+
+def test_ratios_start_at_one_with_dropout_configured(stages, tmp_path):
+    """The rollout's log-probs and values come from the model without dropout; PPO's training
+    forward must see the same model, or ratio = exp(logp - old_logp) is noise from the very
+    first minibatch (spurious clipping and approx-KL before any update). lr 0: no update ever,
+    so every ratio must stay exactly 1."""
+    from rlhf_fast.train.data import read_prompts
+
+    cfg = ppo_config(stages, tmp_path / "run", lora_dropout=0.5, lr=0.0, ppo_epochs=2,
+                     max_new_tokens=6)  # fmt: skip
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    _perturb(models, POLICY)
+    trainer = PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "run")
+    experience, _, _ = trainer.rollout([0, 1, 2, 3], 0)
+    stats = trainer.optimize(experience, 0)
+    assert stats["approx_kl"] < 1e-7 and stats["clip_frac"] == 0.0, stats
+    assert stats["value_clip_frac"] == 0.0, stats

@@ -57,7 +57,7 @@ from rlhf_fast.train.ppo_math import (
     token_logprobs,
     value_loss,
 )
-from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models
+from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models, disable_dropout
 from rlhf_fast.train.rollout import choose_decoder, generate_rollouts
 from rlhf_fast.train.sft import lora_settings, merge_for_export, token_loss
 
@@ -172,6 +172,7 @@ class PPOTrainer:
             prompt_token_ids(self.tokenizer, example.messages)[-keep:] for example in prompts
         ]
         self.total = total_ppo_steps(config, len(prompts))
+        disable_dropout(models)  # the rollouts' log-probs and values had none
         self.params = models.trainable()
         # foreach: one fused update over the many small adapter tensors (not a Python loop)
         self.optimizer = torch.optim.AdamW(

@@ -63,6 +63,25 @@ def decoder_of(causal_lm: nn.Module) -> nn.Module:
     return getattr(causal_lm, causal_lm.base_model_prefix)
 
 
+def disable_dropout(module: nn.Module) -> int:
+    """Set every dropout inside `module` to 0 (nn.Dropout modules, LoRA's included, and the
+    float rates that HF attention and decoder layers pass to F.dropout); returns how many.
+
+    PPO compares log-probs and values of the training forward with those the rollout stored,
+    which were computed without dropout: with dropout on, the ratios start away from 1."""
+    changed = 0
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            changed += sub.p != 0
+            sub.p = 0.0
+            continue
+        for name, value in vars(sub).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                changed += value != 0
+                setattr(sub, name, 0.0)
+    return changed
+
+
 @dataclass
 class RewardSource:
     """How the reward model was set up (reported in the run summary)."""
