@@ -190,3 +190,37 @@ def test_shards_of_a_model_directory_whose_weights_changed_are_prepared_again(tm
     _prepared(model_dir, target, None)
     second = load_file(target / "layer_000.safetensors")["mlp.down_proj.weight"]
     assert torch.equal(second, first * 2)
+
+
+def _edit_layer_shard(offload_dir, edit) -> None:
+    from safetensors.torch import load_file as read_all
+    from safetensors.torch import save_file
+
+    path = offload_dir / "layer_001.safetensors"
+    tensors = read_all(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # a shard of another layout (modules renamed between transformers versions): it raised
+        # AttributeError "LlamaDecoderLayer has no attribute `feed_forward`" at the first token
+        (lambda t: t.update({"feed_forward.w1.weight": t.pop("mlp.up_proj.weight")}),
+         "feed_forward.w1.weight"),
+        # a tensor missing from a layer's shard was blamed on resident.safetensors
+        (lambda t: t.pop("mlp.up_proj.weight"), "missing tensor mlp.up_proj.weight"),
+        # a shard of another shape: failed in the middle of a matmul
+        (lambda t: t.update({"self_attn.o_proj.weight": torch.zeros(64, 32)}),
+         "self_attn.o_proj.weight"),
+    ],
+)  # fmt: skip
+def test_an_inconsistent_layer_shard_is_a_shard_error_naming_it(tmp_path, edit, message):
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off")
+    _edit_layer_shard(offload_dir, edit)
+    with pytest.raises(ShardError, match=message) as error:
+        load_offloaded(offload_dir, resident_layers=0)
+    assert str(error.value).startswith(str(offload_dir / "layer_001.safetensors") + ": ")

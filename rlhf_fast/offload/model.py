@@ -79,6 +79,30 @@ def _install_quant_shells(layer: nn.Module, layout, where: str) -> None:
         replace_module(layer, name, shell)
 
 
+def _check_layer_shard(layer: nn.Module, layout, where: str) -> None:
+    """Each tensor of a layer's shard is one of the layer's (a parameter: of its shape) and
+    each parameter is in the shard; else ShardError `FILE: what` (a shard prepared for another
+    model, or by a transformers version that named the modules otherwise)."""
+    parameters, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+    for entry in layout.tensors:
+        if entry.name in parameters:
+            shape = list(parameters[entry.name].shape)
+            if shape != list(entry.shape):
+                raise ShardError(
+                    f"{where}: {entry.name} has shape {list(entry.shape)}, the model's {shape} "
+                    "(prepared for another model? prepare again)"
+                )
+        elif entry.name not in buffers:
+            raise ShardError(
+                f"{where}: tensor {entry.name} is not in {type(layer).__name__} (prepared for "
+                "another model or transformers version? prepare again)"
+            )
+    stored = {entry.name for entry in layout.tensors}
+    missing = [name for name in parameters if name not in stored]
+    if missing:
+        raise ShardError(f"{where}: missing tensor {missing[0]}")
+
+
 def _materialize_remaining(model: nn.Module, streamed_names: set[str]) -> None:
     """Non-persistent buffers (rotary inv_freq) are in no file: build them with the model's
     own initializer, except the streamed layers' tensors (they stay meta until bound). The
@@ -167,6 +191,7 @@ def load_offloaded(
     prefix, layers = decoder_layers(model)
     for index, (layer, layout) in enumerate(zip(layers, layouts, strict=True)):
         _install_quant_shells(layer, layout, str(path / layer_file(index)))
+        _check_layer_shard(layer, layout, str(path / layer_file(index)))
     resident = load_file(path / RESIDENT_FILE)
     model.load_state_dict(resident, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
