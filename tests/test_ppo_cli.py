@@ -101,3 +101,28 @@ def test_bad_demo_scale_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("RLHF_FAST_DEMO_SCALE", "lots")
     assert main(["train"]) == 2
     assert "RLHF_FAST_DEMO_SCALE must be a number" in _error(capsys)
+
+
+def test_stage_all_resumes_after_a_kill_during_its_first_checkpoint(data, tmp_path, capsys,
+                                                                    monkeypatch):  # fmt: skip
+    """A kill -9 while the SFT stage writes its first checkpoint leaves only a .tmp-* leftover
+    in RUN/sft/checkpoints: `--resume RUN` (what the interrupted run tells the user to do)
+    must start that stage over, not fail on 'no complete checkpoint'."""
+    from rlhf_fast.train import checkpoint as ckpt
+
+    model = make_family_dir(tmp_path / "model", "llama", chat_template=True)
+    output = tmp_path / "run"
+
+    def killed(directory, tensor_files, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "_write_files", killed)
+    assert main(_all_args(model, data, output)) == 130
+    monkeypatch.undo()
+    leftover = output / "sft" / "checkpoints" / ".tmp-step-00000002-0badf00d"
+    leftover.mkdir(parents=True)  # what the kill leaves (an exception cleans it up)
+    (leftover / ckpt.TRAINABLE_FILE).write_bytes(b"\0" * 10)
+    capsys.readouterr()
+    assert main(["train", "--stage", "all", "--resume", str(output)]) == 0, _error(capsys)
+    assert (output / "ppo" / "merged").is_dir()
+    assert not leftover.exists()

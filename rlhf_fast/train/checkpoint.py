@@ -203,6 +203,12 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether RUN_DIR/checkpoints holds a complete checkpoint (a `.tmp-*` leftover of a
+    killed write is none: there is nothing to resume from it)."""
+    return bool(_complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR))
+
+
 def _prune(root: Path, keep: int) -> None:
     for path in root.iterdir():  # leftovers of writes that were killed
         if path.name.startswith(".tmp-") and path.is_dir():

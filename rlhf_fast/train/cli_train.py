@@ -195,16 +195,14 @@ def run(args: argparse.Namespace) -> int:
 def _refuse_to_overwrite(config: TrainConfig, resuming: bool) -> None:
     if resuming or not config.output:
         return
+    from rlhf_fast.train.checkpoint import has_checkpoint
+
     subdirs = ("sft", "rm", "ppo") if config.stage == "all" else ("",)
-    if any(_has_checkpoints(Path(config.output) / sub / "checkpoints") for sub in subdirs):
+    if any(has_checkpoint(Path(config.output) / sub) for sub in subdirs):
         raise ConfigError(
             f"--output {config.output} already holds a run: --resume {config.output} to "
             "continue it, or choose another --output"
         )
-
-
-def _has_checkpoints(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.iterdir())
 
 
 def _one_line(error: BaseException) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rlhf_fast.models.load import check_model_dir
 from rlhf_fast.train import config as config_module
-from rlhf_fast.train.checkpoint import CHECKPOINTS_DIR
+from rlhf_fast.train.checkpoint import has_checkpoint
 from rlhf_fast.train.config import ConfigError, TrainConfig
 from rlhf_fast.train.data import read_prompts, read_rm, read_sft
 
@@ -84,8 +84,7 @@ def run_all(config: TrainConfig, *, resume=None):
         if (stage_dir / _FINAL_EXPORT[name]).is_dir():
             outcomes[name] = None  # finished before the interruption
             continue
-        checkpoints = stage_dir / CHECKPOINTS_DIR
-        stage_resume = stage_dir if checkpoints.is_dir() and any(checkpoints.iterdir()) else None
+        stage_resume = stage_dir if has_checkpoint(stage_dir) else None
         outcomes[name] = run_stage(stage_config, resume=stage_resume)
     last = outcomes["ppo"]
     if last is None:
