@@ -53,14 +53,19 @@ def test_matches_float64_oracle(backend, shape, dtype):
 def test_extreme_and_non_finite_gates(backend):
     finite = torch.tensor([-200.0, -88.0, -30.0, 0.0, 30.0, 88.0, 200.0])
     non_finite = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    gate = torch.cat([finite, non_finite]).requires_grad_(True)
     up = torch.full((10,), 2.0)
     with using(backend) as name:
-        y = ops.silu_mul(torch.cat([finite, non_finite]), up, backend=name)
-    # below -87 the C++ exp stops at ~1e-38 (vmath.h): outputs ~1e-36 where torch has 0
-    expected = ops.silu_mul_reference(finite, up[:7])
-    torch.testing.assert_close(y[:7], expected, atol=1e-6, rtol=1e-6)
-    # non-finite in, non-finite out (torch: inf, nan, nan; C++: inf, -inf, nan)
-    assert not y[7:].isfinite().any()
+        y = ops.silu_mul(gate, up, backend=name)
+        (grad,) = torch.autograd.grad(y.sum(), gate)
+    reference_gate = gate.detach().requires_grad_(True)
+    expected = ops.silu_mul_reference(reference_gate, up)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), reference_gate)
+    torch.testing.assert_close(y[:7], expected[:7], atol=1e-6, rtol=1e-6)
+    # non-finite gates as torch: silu(-inf) = -inf * sigmoid(-inf) = -inf * 0 is NaN (an exp
+    # clamped at ~1e-38 instead of 0 made it -inf), and so is its gradient
+    torch.testing.assert_close(y[7:], expected[7:], atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())

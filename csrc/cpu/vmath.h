@@ -13,10 +13,13 @@ namespace RLHF_ISA_NS {
 
 // exp(x) for x <= 0. Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2, then a degree-7 Taylor
 // polynomial (truncation error < 1e-8 relative) and a scale by 2^n. Below -87 the result is
-// below the smallest normal float; we clamp there, which returns ~1e-38 instead of 0.
+// below the smallest normal float, which the scale cannot make: it is 0 there (torch's is a
+// denormal, or 0 below -103). Not ~1e-38: sigmoid(-inf) must be 0, so that silu(-inf) =
+// -inf * 0 is NaN as in torch.
 template <class V>
 inline typename V::reg exp_nonpositive(typename V::reg x) {
   using reg = typename V::reg;
+  const typename V::mask underflow = V::ge(V::set1(-87.0f), x);  // false for NaN
   x = V::max(V::set1(-87.0f), x);  // max(a, b) returns b when either is NaN: NaN propagates
   const reg n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
   reg f = V::fma(n, V::set1(-0.693145751953125f), x);  // ln2 split in a high part ...
@@ -29,7 +32,7 @@ inline typename V::reg exp_nonpositive(typename V::reg x) {
   p = V::fma(p, f, V::set1(0.5f));
   p = V::fma(p, f, V::set1(1.0f));
   p = V::fma(p, f, V::set1(1.0f));
-  return V::scale_pow2(p, n);
+  return V::select(underflow, V::zero(), V::scale_pow2(p, n));
 }
 
 // log(1 + f) for |f| <= sqrt(2) - 1 via s = f / (2 + f): log(1 + f) = 2 atanh(s)
