@@ -224,3 +224,21 @@ def test_an_inconsistent_layer_shard_is_a_shard_error_naming_it(tmp_path, edit, 
     with pytest.raises(ShardError, match=message) as error:
         load_offloaded(offload_dir, resident_layers=0)
     assert str(error.value).startswith(str(offload_dir / "layer_001.safetensors") + ": ")
+
+
+def test_micro_batch_zero_is_refused(tmp_path):
+    """`micro_batch=0` slipped past the >= 1 check (`0 or size`: the whole batch)."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+    from rlhf_fast.offload.generate import generate_batch
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off")
+    with load_offloaded(offload_dir) as lm:
+        with pytest.raises(ValueError, match="micro_batch must be >= 1, got 0"):
+            generate_batch(lm, torch.ones(2, 3, dtype=torch.long), max_new_tokens=1, micro_batch=0)
+        with pytest.raises(ValueError, match="input_ids must be"):  # an empty batch
+            generate_batch(lm, torch.ones(0, 3, dtype=torch.long), max_new_tokens=1)
+        # None is the whole batch; more than the batch is the whole batch too
+        for micro_batch in (None, 5):
+            out = generate_batch(lm, torch.ones(2, 3, dtype=torch.long), max_new_tokens=1,
+                                 micro_batch=micro_batch)  # fmt: skip
+            assert out.shape == (2, 4)

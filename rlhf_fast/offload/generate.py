@@ -190,8 +190,8 @@ def _generate(
 ) -> torch.Tensor:  # fmt: skip
     from transformers import DynamicCache
 
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be [batch>0, length>0], got {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
@@ -199,9 +199,9 @@ def _generate(
     if temperature < 0 or max_new_tokens < 0:
         raise ValueError("temperature and max_new_tokens must be >= 0")
     size = input_ids.shape[0]
-    micro_batch = min(micro_batch or size, size)
-    if micro_batch < 1:
+    if micro_batch is not None and micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    micro_batch = min(micro_batch or size, size)
     if seed is not None:
         if generator is not None:
             raise ValueError("give seed or generator, not both")
