@@ -126,3 +126,6 @@ def test_stage_all_resumes_after_a_kill_during_its_first_checkpoint(data, tmp_pa
     assert main(["train", "--stage", "all", "--resume", str(output)]) == 0, _error(capsys)
     assert (output / "ppo" / "merged").is_dir()
     assert not leftover.exists()
+    for stage in ("sft", "rm", "ppo"):  # one uninterrupted run's rows, the killed ones dropped
+        lines = (output / stage / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2], stage

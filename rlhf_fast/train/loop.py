@@ -185,7 +185,8 @@ def train(
         _restore(resume, stage.model, optimizer, scheduler)
         step, position = resume.step, dict(resume.position)
         ckpt.restore_rng(resume.rng["json"], resume.rng["tensors"])  # last: nothing draws after
-    metrics_log = MetricsLog(run_dir, resume_step=step if resume is not None else None)
+    # rows past `step` are a killed or earlier run's (a fresh start: all of them), dropped
+    metrics_log = MetricsLog(run_dir, resume_step=step)
     progress = Progress(total, initial=step, description=stage.name)
     result = TrainResult(step=step, total_steps=total)
     try:

@@ -423,7 +423,7 @@ class PPOTrainer:
             self.restore(resume)
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume_step = self.step if resume is not None else None
+        resume_step = self.step  # rows past it: a killed or earlier run's (fresh: all)
         metrics_log = MetricsLog(self.run_dir, resume_step=resume_step)
         samples_log = SamplesLog(self.run_dir, resume_step)
         progress = Progress(self.total, initial=self.step, description="ppo")
