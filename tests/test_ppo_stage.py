@@ -280,3 +280,16 @@ def test_ratios_start_at_one_with_dropout_configured(stages, tmp_path):
     stats = trainer.optimize(experience, 0)
     assert stats["approx_kl"] < 1e-7 and stats["clip_frac"] == 0.0, stats
     assert stats["value_clip_frac"] == 0.0, stats
+
+
+def test_resume_with_other_lora_shapes_is_a_checkpoint_error(stages, tmp_path):
+    """Same parameter names, other shapes (--lora-r changed on --resume): one line naming the
+    checkpoint and the parameter, not a RuntimeError from copy_."""
+    from rlhf_fast.train.checkpoint import CheckpointError
+
+    run_ppo(ppo_config(stages, tmp_path / "run", max_steps=1, batch_size=2, max_new_tokens=2))
+    other = ppo_config(stages, tmp_path / "run", max_steps=2, batch_size=2, max_new_tokens=2,
+                       lora_r=2)  # fmt: skip
+    with pytest.raises(CheckpointError, match="has shape") as caught:
+        run_ppo(other, resume=tmp_path / "run")
+    assert "\n" not in str(caught.value) and "step-00000001" in str(caught.value)

@@ -404,7 +404,13 @@ class PPOTrainer:
             )
         with torch.no_grad():
             for name, param in self.params.items():
-                param.copy_(checkpoint.trainable[name])
+                saved = checkpoint.trainable[name]
+                if saved.shape != param.shape:  # e.g. --lora-r changed on --resume
+                    raise ckpt.CheckpointError(
+                        f"{checkpoint.path}: {name} has shape {tuple(saved.shape)}, the "
+                        f"model's is {tuple(param.shape)}; same LoRA settings as that run?"
+                    )
+                param.copy_(saved)
         try:
             self.optimizer.load_state_dict(checkpoint.optimizer)
             self.scheduler.load_state_dict(checkpoint.scheduler)
