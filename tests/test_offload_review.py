@@ -3,6 +3,7 @@ strings, and temp files left behind by a failed calibration. Each failed before 
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 
@@ -242,3 +243,36 @@ def test_micro_batch_zero_is_refused(tmp_path):
             out = generate_batch(lm, torch.ones(2, 3, dtype=torch.long), max_new_tokens=1,
                                  micro_batch=micro_batch)  # fmt: skip
             assert out.shape == (2, 4)
+
+
+def test_rollouts_with_several_eos_ids_stop_when_every_row_has_ended(tmp_path):
+    """With more than one EOS id (Llama 3 has two) the offloaded rollout never stopped early:
+    every rollout ran max_new_tokens steps, each streaming every layer from disk, where the
+    resident path stops once all rows have ended."""
+    from rlhf_fast.models.load import LoraSettings, attach_lora
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+    from rlhf_fast.offload.lora import attach_offload_lora
+    from rlhf_fast.offload.rollout import generate_offloaded_rollouts
+    from rlhf_fast.train.rollout import generate_rollouts
+
+    settings = LoraSettings(r=4, alpha=8.0, fused=True)
+    base = _family_model("llama")
+    resident = attach_lora(copy.deepcopy(base), settings)
+    prompts = [[3, 7, 9], [11, 2], [4, 4, 8, 1, 6]]
+    eos = list(range(40, 97))  # most of the vocabulary: every row ends within a few tokens
+    common = dict(pad_token_id=0, eos_token_ids=eos, max_new_tokens=12, temperature=1.0)
+    seeded = torch.Generator().manual_seed(4)
+    want = generate_rollouts(resident, prompts, generator=seeded, **common)
+    assert want.response.shape[1] < 12 and bool(want.ended.all())
+    with load_offloaded(prepare_offload(base, tmp_path / "off"), prefetch=1) as lm:
+        offloaded = attach_offload_lora(lm, settings)
+        steps = []
+        hook = lm.layers[0].register_forward_hook(lambda *_: steps.append(1))
+        got = generate_offloaded_rollouts(
+            offloaded, prompts, generator=torch.Generator().manual_seed(4), **common
+        )
+        hook.remove()
+    assert got.response.shape == want.response.shape
+    assert torch.equal(got.response, want.response) and torch.equal(got.ended, want.ended)
+    # the generation's steps (one pass through layer 0 each) plus the scoring forwards
+    assert len(steps) <= want.response.shape[1] + 2

@@ -153,7 +153,7 @@ def generate_batch(
     *,
     max_new_tokens: int,
     micro_batch: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -171,6 +171,7 @@ def generate_batch(
     `logprobs` each step's [B] log-probabilities of the chosen tokens under the distribution
     they were drawn from, softmax(logits / temperature) before top-k (temperature 0: 1).
     `kv_bits=4`: the KV cache is held compressed, groups of `kv_group_size` (kv_cache.py).
+    `eos_token_id`: one id or several (a row ends at any of them).
     `compute_threads`: torch's intra-op threads meanwhile (default `streaming_threads()`)."""
     if compute_threads is not None and compute_threads < 1:
         raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
@@ -241,7 +242,7 @@ def _generate(
         if step_seconds is not None:
             step_seconds.append(time.perf_counter() - started)
         if eos_token_id is not None:
-            finished |= chosen == eos_token_id
+            finished |= torch.isin(chosen, torch.tensor(eos_token_id).reshape(-1))
             if bool(finished.all()):
                 break
         for batch in batches:

@@ -62,7 +62,7 @@ def generate_offloaded_rollouts(
         steps: list[torch.Tensor] = []
         sequences = generate_batch(
             lm, query, query_mask.long(), max_new_tokens=max_new_tokens,
-            micro_batch=micro_batch, eos_token_id=eos_list[0] if len(eos_list) == 1 else None,
+            micro_batch=micro_batch, eos_token_id=eos_list,
             pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
             generator=generator, logprobs=steps, kv_bits=kv_bits,
         )  # fmt: skip
