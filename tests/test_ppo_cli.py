@@ -129,3 +129,26 @@ def test_stage_all_resumes_after_a_kill_during_its_first_checkpoint(data, tmp_pa
     for stage in ("sft", "rm", "ppo"):  # one uninterrupted run's rows, the killed ones dropped
         lines = (output / stage / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == [1, 2], stage
+
+
+def test_stage_all_resume_redoes_an_export_a_kill_cut_short(data, tmp_path, capsys):
+    """A kill -9 while PPO writes RUN/ppo/merged leaves that directory half-written: --resume
+    must not report the stage done (with a chat model that does not load), it must export
+    again from the final checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_family_dir(tmp_path / "model", "llama", chat_template=True)
+    output = tmp_path / "run"
+    assert main(_all_args(model, data, output)) == 0
+    merged = output / "ppo" / "merged"
+    for file in merged.iterdir():  # as if killed while the files were being written
+        if file.name != "config.json":
+            file.unlink()
+    for marker in (output / "ppo").glob(".stage*"):
+        marker.unlink()  # what the kill leaves: the export started, the stage never ended
+    capsys.readouterr()
+    assert main(["train", "--stage", "all", "--resume", str(output)]) == 0, _error(capsys)
+    assert "ppo: done earlier" not in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+    lines = (output / "ppo" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # no step trained again

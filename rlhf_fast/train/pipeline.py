@@ -9,7 +9,7 @@
 Every input (model directory, the three data files, PPO-ptx data) is read and checked before
 the first stage starts. The flags apply to every stage, except `ppo_steps` / `ppo_lr`, which
 replace max_steps / lr for PPO when set. `--resume RUN` skips the stages that finished (their
-export exists) and resumes the one that was interrupted from its newest checkpoint.
+exports completed) and resumes the one that was interrupted from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def stage_configs(config: TrainConfig, root: Path) -> dict[str, TrainConfig]:
 
 
 _FINAL_EXPORT = {"sft": "merged", "rm": "reward_model", "ppo": "merged"}
+# Written into a stage's directory once its exports are complete: an export directory alone
+# may be one that a kill cut short (such a stage resumes from its final checkpoint and exports
+# again, training no step).
+DONE_FILE = ".stage_done"
 
 
 def run_all(config: TrainConfig, *, resume=None):
@@ -81,11 +85,13 @@ def run_all(config: TrainConfig, *, resume=None):
     outcomes = {}
     for name, stage_config in stage_configs(config, root).items():
         stage_dir = Path(stage_config.output)
-        if (stage_dir / _FINAL_EXPORT[name]).is_dir():
+        if (stage_dir / DONE_FILE).is_file() and (stage_dir / _FINAL_EXPORT[name]).is_dir():
             outcomes[name] = None  # finished before the interruption
             continue
         stage_resume = stage_dir if has_checkpoint(stage_dir) else None
         outcomes[name] = run_stage(stage_config, resume=stage_resume)
+        if outcomes[name].exports:
+            (stage_dir / DONE_FILE).write_text("exports complete\n")
     last = outcomes["ppo"]
     if last is None:
         from rlhf_fast.train.loop import TrainResult
