@@ -276,3 +276,29 @@ def test_rollouts_with_several_eos_ids_stop_when_every_row_has_ended(tmp_path):
     assert torch.equal(got.response, want.response) and torch.equal(got.ended, want.ended)
     # the generation's steps (one pass through layer 0 each) plus the scoring forwards
     assert len(steps) <= want.response.shape[1] + 2
+
+
+def test_a_cached_calibration_is_measured_again_for_another_model(tmp_path, monkeypatch):
+    """calibration.json sits in the offload root, which --offload-dir can share between models:
+    the first model's layer timings were reused for any other (and a compression it never
+    timed raised KeyError in layer_time)."""
+    from transformers import LlamaConfig
+
+    from rlhf_fast.offload import session
+    from rlhf_fast.offload.policy import CALIBRATION_VERSION, Calibration
+
+    measured = []
+
+    def calibrate(config, dtype, root, *, compressions):
+        measured.append((config.hidden_size, tuple(compressions)))
+        return Calibration(1e9, {"none": 1e-3}, {"none": 1e-4}, 1e-4, 1e-5,
+                           version=CALIBRATION_VERSION)  # fmt: skip
+
+    monkeypatch.setattr(session, "calibrate", calibrate)
+    small, large = LlamaConfig(hidden_size=64), LlamaConfig(hidden_size=128)
+    session._calibration(tmp_path, small, torch.float32, [None])
+    session._calibration(tmp_path, small, torch.float32, [None])  # the same model: reused
+    assert measured == [(64, (None,))]
+    session._calibration(tmp_path, large, torch.float32, [None])
+    session._calibration(tmp_path, large, torch.float32, [None, 4])
+    assert measured == [(64, (None,)), (128, (None,)), (128, (None, 4))]

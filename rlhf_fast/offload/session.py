@@ -16,6 +16,7 @@ per-layer compute time) is cached beside them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -98,19 +99,34 @@ def _available_memory() -> int:
     return 4 << 30
 
 
+def _measured_for(config, dtype, compressions) -> str:
+    """What a calibration timed: the model's config (but its depth: one layer is timed), dtype
+    and compressions. The offload root (--offload-dir) may be shared between models."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else {}
+    for volatile in ("_name_or_path", "transformers_version", "num_hidden_layers"):
+        fields.pop(volatile, None)
+    names = sorted(compression_name(c) for c in compressions)
+    text = json.dumps([fields, str(dtype), names], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _calibration(root: Path, config, dtype, compressions) -> Calibration:
     cache = root / "calibration.json"
+    measured_for = _measured_for(config, dtype, compressions)
     if cache.is_file():
         try:
-            cached = Calibration(**json.loads(cache.read_text()))
-            if cached.version == CALIBRATION_VERSION:  # else measured by older code: again
+            fields = json.loads(cache.read_text())
+            same_model = fields.pop("measured_for", None) == measured_for
+            cached = Calibration(**fields)
+            # else measured by older code, or for another model: again
+            if cached.version == CALIBRATION_VERSION and same_model:
                 return cached
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError):
             pass
     root.mkdir(parents=True, exist_ok=True)
     print("[offload: calibrating disk bandwidth and layer compute time]", file=sys.stderr)
     calibration = calibrate(config, dtype, root, compressions=compressions)
-    cache.write_text(json.dumps(asdict(calibration)))
+    cache.write_text(json.dumps({**asdict(calibration), "measured_for": measured_for}))
     return calibration
 
 
