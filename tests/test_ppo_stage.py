@@ -293,3 +293,20 @@ def test_resume_with_other_lora_shapes_is_a_checkpoint_error(stages, tmp_path):
     with pytest.raises(CheckpointError, match="has shape") as caught:
         run_ppo(other, resume=tmp_path / "run")
     assert "\n" not in str(caught.value) and "step-00000001" in str(caught.value)
+
+
+def test_prompt_the_chat_template_rejects_names_its_line(stages, tmp_path):
+    """As for SFT and RM data: a PPO prompt the chat template rejects is FILE:LINE: why."""
+    from rlhf_fast.train.data import DataError, read_prompts
+
+    system, user = {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}, {"messages": [system, user]}])
+    models = build(stages)
+    models.tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    cfg = ppo_config(stages, tmp_path / "run")
+    with pytest.raises(DataError) as caught:
+        PPOTrainer(cfg, models, read_prompts(path), tmp_path / "run")
+    assert str(caught.value) == f"{path}:2: the tokenizer's chat template failed: no system turns"

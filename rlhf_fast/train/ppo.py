@@ -38,11 +38,11 @@ import torch
 
 from rlhf_fast.lora import fuse, unfuse
 from rlhf_fast.models.load import check_model_dir, resolve_device
-from rlhf_fast.models.prompt_format import prompt_token_ids
+from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 from rlhf_fast.train import checkpoint as ckpt
 from rlhf_fast.train import config as config_module
 from rlhf_fast.train.config import ConfigError, TrainConfig
-from rlhf_fast.train.data import SFTCollator, encode_sft, read_prompts, read_sft
+from rlhf_fast.train.data import DataError, SFTCollator, encode_sft, read_prompts, read_sft
 from rlhf_fast.train.loop import EpochSampler, TrainResult, lr_factor
 from rlhf_fast.train.metrics import MetricsLog, Progress, is_main_process
 from rlhf_fast.train.ppo_math import (
@@ -139,6 +139,16 @@ def _pause_for_test(marker: Path) -> None:
     time.sleep(600)  # the test kills the process long before this ends
 
 
+def _prompt_ids(tokenizer, example) -> list[int]:
+    """The prompt's token ids; a conversation the chat template rejects is FILE:LINE: why."""
+    try:
+        return prompt_token_ids(tokenizer, example.messages)
+    except TemplateError as error:
+        if example.source:
+            raise DataError(example.source, str(error)) from None
+        raise
+
+
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))
@@ -168,9 +178,7 @@ class PPOTrainer:
         self.prompts = prompts
         self.reward_fn = reward_fn
         keep = max(1, config.max_length - config.max_new_tokens)
-        self.prompt_ids = [
-            prompt_token_ids(self.tokenizer, example.messages)[-keep:] for example in prompts
-        ]
+        self.prompt_ids = [_prompt_ids(self.tokenizer, example)[-keep:] for example in prompts]
         self.total = total_ppo_steps(config, len(prompts))
         disable_dropout(models)  # the rollouts' log-probs and values had none
         self.params = models.trainable()
