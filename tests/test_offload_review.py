@@ -302,3 +302,25 @@ def test_a_cached_calibration_is_measured_again_for_another_model(tmp_path, monk
     session._calibration(tmp_path, large, torch.float32, [None])
     session._calibration(tmp_path, large, torch.float32, [None, 4])
     assert measured == [(64, (None,)), (128, (None,)), (128, (None, 4))]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prepare_with_a_dtype_casts_only_the_dense_tensors(tmp_path, bits):
+    """prepare_offload(compress=..., dtype=bf16) cast the quantized formats' scales and
+    offsets too: the directory failed at the first token ("scales must be Half/Float")."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+    from rlhf_fast.offload.generate import generate_batch
+    from rlhf_fast.offload.shards import layer_file, read_layout
+    from rlhf_fast.quant import quantize_model
+
+    model = _family_model("llama")
+    offload_dir = prepare_offload(model, tmp_path / "off", compress=bits, dtype=torch.bfloat16)
+    dtypes = {e.name: e.dtype for e in read_layout(offload_dir / layer_file(0)).tensors}
+    assert dtypes["input_layernorm.weight"] == torch.bfloat16  # dense: cast
+    reference = quantize_model(copy.deepcopy(model).to(torch.bfloat16), bits, 32)
+    assert dtypes["mlp.up_proj.scales"] == reference.model.layers[0].mlp.up_proj.scales.dtype
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with load_offloaded(offload_dir, bf16_rows=None) as lm:
+        got = generate_batch(lm, ids, max_new_tokens=3)
+    want = reference.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)

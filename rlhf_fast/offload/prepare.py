@@ -120,8 +120,8 @@ def prepare_offload(
     staged = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     staged.mkdir()
 
-    def prepared(tensor: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and tensor.is_floating_point():
+    def prepared(tensor: torch.Tensor, dense: bool = True) -> torch.Tensor:
+        if dtype is not None and dense and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor.detach().to("cpu").contiguous()
 
@@ -142,7 +142,8 @@ def prepare_offload(
             for name in names:
                 full = f"{prefix}.{index}.{name}"
                 stored = _compressed(layers[index], name, get(full), compress, group_size)
-                tensors.update({key: prepared(value) for key, value in stored.items()})
+                dense = list(stored) == [name]  # else a quantized format: its own dtypes
+                tensors.update({key: prepared(value, dense) for key, value in stored.items()})
             save_file(tensors, staged / layer_file(index), metadata={"format": "pt"})
             layer_bytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
         float_dtypes = {t.dtype for t in resident.values() if t.is_floating_point()}
