@@ -324,3 +324,27 @@ def test_prepare_with_a_dtype_casts_only_the_dense_tensors(tmp_path, bits):
         got = generate_batch(lm, ids, max_new_tokens=3)
     want = reference.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_prepare_skips_source_tensors_the_model_does_not_have(tmp_path):
+    """Older Llama checkpoints (Llama 2's among them) store each layer's
+    `self_attn.rotary_emb.inv_freq`, which transformers ignores on load: prepare_offload
+    raised AttributeError ("LlamaAttention has no attribute `rotary_emb`")."""
+    from safetensors.torch import load_file as read_all
+    from safetensors.torch import save_file
+
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+    from rlhf_fast.offload.generate import generate_batch
+
+    model = _family_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    tensors = read_all(weights)
+    for index in range(2):
+        tensors[f"model.layers.{index}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    offload_dir = prepare_offload(tmp_path / "model", tmp_path / "off")
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with load_offloaded(offload_dir) as lm:
+        got = generate_batch(lm, ids, max_new_tokens=3)
+    assert torch.equal(got, model.generate(ids, max_new_tokens=3, do_sample=False))

@@ -69,6 +69,15 @@ def _skeleton(model_dir: Path) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
+def _has_module(layer: nn.Module, name: str) -> bool:
+    """Whether the module that `name` (relative to `layer`) belongs to exists."""
+    try:
+        layer.get_submodule(name.rpartition(".")[0])
+    except AttributeError:
+        return False
+    return True
+
+
 def _compressed(
     layer: nn.Module, name: str, tensor: torch.Tensor, bits: int | None, group_size: int
 ) -> dict[str, torch.Tensor]:
@@ -132,6 +141,8 @@ def prepare_offload(
             head, _, rest = key.partition(prefix + ".")
             index, _, name = rest.partition(".")
             if head == "" and index.isdigit() and int(index) < len(layers):
+                if not _has_module(layers[int(index)], name):
+                    continue  # a tensor the model has no module for (old rotary_emb.inv_freq)
                 per_layer[int(index)][name] = None  # filled one layer at a time below
             else:
                 resident[key] = prepared(get(key)).clone()
