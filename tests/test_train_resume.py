@@ -57,7 +57,7 @@ _HARD = dict(lora_dropout=0.2, grad_accum=2, batch_size=3, warmup_steps=1, save_
 
 
 @pytest.mark.parametrize(("stage", "data"), [("sft", "sft"), ("rm", "ranked")])
-def test_two_steps_resume_two_steps_equals_four(stage, data, setup, tmp_path):
+def test_two_steps_resume_two_steps_equals_four(stage, data, setup, tmp_path, monkeypatch):
     model = setup["gpt2"]
     straight = config(stage, model, setup[data], tmp_path / "straight", **_HARD)
     run_stage(straight)
@@ -69,12 +69,17 @@ def test_two_steps_resume_two_steps_equals_four(stage, data, setup, tmp_path):
     assert resumed.result.step == 4 and resumed.exports
     assert_same_parameters(_final(tmp_path / "split"), _final(tmp_path / "straight"))
     assert _steps(tmp_path / "split") == [1, 2, 3, 4]
-    # Without the restored state the runs part: the check above can fail.
-    fresh = run_stage(config(stage, model, setup[data], tmp_path / "fresh", **_HARD, seed=1))
-    assert not torch.equal(
-        next(iter(_final(tmp_path / "fresh").values())),
-        next(iter(_final(tmp_path / "straight").values())),
-    ), fresh
+    # Without the restored state the runs part, so the check above can fail: the same split
+    # run, resumed without its RNG states (dropout then draws other masks), ends elsewhere.
+    # (A run with another seed, which the check used to be, differs whatever resume does.)
+    forgetful = config(stage, model, setup[data], tmp_path / "no_rng", **_HARD)
+    run_stage(forgetful, stop_after=2)
+    monkeypatch.setattr(ckpt, "restore_rng", lambda json_part, tensors: None)
+    run_stage(forgetful, resume=tmp_path / "no_rng")
+    straight_final, forgetful_final = _final(tmp_path / "straight"), _final(tmp_path / "no_rng")
+    assert any(
+        (forgetful_final[name] - straight_final[name]).abs().max() > 1e-4 for name in straight_final
+    )
 
 
 # Runs the CLI with checkpoint writing made to hang when it reaches KILL_STEP (after creating the
