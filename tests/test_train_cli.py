@@ -78,6 +78,14 @@ def test_config_file_flags_override_and_unknown_keys(files, tmp_path, capsys):
     run_yaml.write_text("lr: fast\n")
     assert main(["train", "--config", str(run_yaml)]) == 2
     assert "'lr' must be float" in _error(capsys)
+    # PyYAML (YAML 1.1) reads 1e-5 without a dot as the string '1e-5': still a float here
+    run_yaml.write_text(f"model: {files['model']}\ndata: x.jsonl\nlr: 1e-5\nkl_horizon: 5E+3\n")
+    assert main(["train", "--config", str(run_yaml), "--dry-run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["lr"], resolved["kl_horizon"]) == (1e-5, 5000.0)
+    run_yaml.write_text("lr: 1e-5x\n")
+    assert main(["train", "--config", str(run_yaml)]) == 2
+    assert "'lr' must be float, got '1e-5x'" in _error(capsys)
 
 
 def test_config_validation_messages():

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ _NON_NEGATIVE = (
 )  # fmt: skip
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def field_type(name: str) -> tuple[type, bool]:
     """(base type, optional) of a field: list for list[str], else bool/int/float/str."""
     hint = typing.get_type_hints(TrainConfig)[name]
@@ -169,6 +173,8 @@ def _coerce(name: str, value, where: str):
     elif base is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif base is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-5, lacking a dot, as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif base is list:
