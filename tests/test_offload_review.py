@@ -348,3 +348,25 @@ def test_prepare_skips_source_tensors_the_model_does_not_have(tmp_path):
     with load_offloaded(offload_dir) as lm:
         got = generate_batch(lm, ids, max_new_tokens=3)
     assert torch.equal(got, model.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("num_layers"), "num_layers"),  # KeyError
+        (lambda m: m.update(dtype="float42"), "dtype"),  # AttributeError from getattr(torch)
+        (lambda m: m.update(num_layers=1), "num_layers"),  # zip(): argument 2 is shorter ...
+        (lambda m: m.pop("resident_bytes"), "resident_bytes"),  # KeyError on resident_bytes
+    ],
+)
+def test_an_inconsistent_manifest_is_a_shard_error_naming_it(tmp_path, edit, message):
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off")
+    manifest = json.loads((offload_dir / "offload.json").read_text())
+    edit(manifest)
+    (offload_dir / "offload.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=message) as error:
+        with load_offloaded(offload_dir) as lm:
+            lm.resident_bytes  # noqa: B018 (what the policy and benchmarks read)
+    assert str(error.value).startswith(str(offload_dir / "offload.json") + ": ")

@@ -35,6 +35,7 @@ from torch import nn
 
 from rlhf_fast.offload.prepare import decoder_layers
 from rlhf_fast.offload.shards import (
+    MANIFEST,
     RESIDENT_FILE,
     ShardError,
     layer_file,
@@ -189,6 +190,10 @@ def load_offloaded(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     prefix, layers = decoder_layers(model)
+    if len(layers) != len(layouts):
+        raise ShardError(
+            f"{path / MANIFEST}: num_layers {len(layouts)}, the model's config has {len(layers)}"
+        )
     for index, (layer, layout) in enumerate(zip(layers, layouts, strict=True)):
         _install_quant_shells(layer, layout, str(path / layer_file(index)))
         _check_layer_shard(layer, layout, str(path / layer_file(index)))

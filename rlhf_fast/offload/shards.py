@@ -238,4 +238,9 @@ def read_manifest(offload_dir: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
         raise ShardError(f"{path}: unknown offload format (expected version {FORMAT_VERSION})")
+    for key in ("num_layers", "resident_bytes"):
+        if type(manifest.get(key)) is not int or manifest[key] < 0:
+            raise ShardError(f"{path}: {key} is missing or not a whole number (prepare again)")
+    if not isinstance(getattr(torch, str(manifest.get("dtype")), None), torch.dtype):
+        raise ShardError(f"{path}: dtype {manifest.get('dtype')!r} is not a torch dtype")
     return manifest
