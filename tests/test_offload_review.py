@@ -370,3 +370,28 @@ def test_an_inconsistent_manifest_is_a_shard_error_naming_it(tmp_path, edit, mes
         with load_offloaded(offload_dir) as lm:
             lm.resident_bytes  # noqa: B018 (what the policy and benchmarks read)
     assert str(error.value).startswith(str(offload_dir / "offload.json") + ": ")
+
+
+def test_gradients_through_streamed_layers_in_eval_mode_are_refused(tmp_path):
+    """Only a training-mode forward checkpoints the streamed layers (offload/backward.py). In
+    eval mode with gradients on, autograd kept views of the slot buffers, which later layers
+    overwrote before the backward: 68 of 70 LoRA gradients came out silently wrong."""
+    from rlhf_fast.models.load import LoraSettings
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+    from rlhf_fast.offload.lora import attach_offload_lora
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off")
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with load_offloaded(offload_dir, resident_layers=0, prefetch=1) as lm:
+        frozen = lm.model(ids).logits  # no adapters, nothing requires a gradient: allowed
+        assert not frozen.requires_grad
+        model = attach_offload_lora(lm, LoraSettings(r=4, alpha=8.0))
+        model.eval()
+        with pytest.raises(RuntimeError, match=r"model\.train\(\)"):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        assert not lm.streamer._held
+        with torch.no_grad():  # inference in eval mode is unaffected
+            model(input_ids=ids, use_cache=False)
+        model.train()  # the supported way
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)

@@ -121,6 +121,22 @@ def _materialize_remaining(model: nn.Module, streamed_names: set[str]) -> None:
                 store[key].data = tensor
 
 
+def _refuse_graph(layer: nn.Module, args, index: int, *, held: bool) -> None:
+    """A streamed layer outside the training-mode checkpoint (offload/backward.py) must build
+    no autograd graph: the graph would keep views of its slot buffer, which the next layers
+    overwrite before the backward reads them (silently wrong gradients). `held`: inside the
+    backward's recompute, which holds the layer until its gradients are computed."""
+    if held:
+        return
+    inputs = any(torch.is_tensor(a) and a.requires_grad for a in args)
+    if inputs or any(p.requires_grad for p in layer.parameters()):
+        raise RuntimeError(
+            f"offload: gradients through streamed decoder layer {index} need training mode "
+            "(model.train()), where it is checkpointed and streamed again in the backward; "
+            "in eval mode use torch.no_grad()"
+        )
+
+
 class OffloadedLM:
     """`model` (an HF causal LM whose decoder layers stream) and the streamer behind it."""
 
@@ -221,6 +237,8 @@ def load_offloaded(
         # a training forward is followed by a backward that walks the layers in reverse
         checkpointed = getattr(layer, "gradient_checkpointing", False)
         training = layer.training and checkpointed and torch.is_grad_enabled()
+        if torch.is_grad_enabled() and not training and index in streamer.streamed:
+            _refuse_graph(layer, args, index, held=index in streamer._held)
         streamer.acquire(index, turn=training)
 
     hooks = []
