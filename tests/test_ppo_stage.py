@@ -310,3 +310,33 @@ def test_prompt_the_chat_template_rejects_names_its_line(stages, tmp_path):
     with pytest.raises(DataError) as caught:
         PPOTrainer(cfg, models, read_prompts(path), tmp_path / "run")
     assert str(caught.value) == f"{path}:2: the tokenizer's chat template failed: no system turns"
+
+
+def test_entropy_is_that_of_the_sampling_distribution(stages, tmp_path, monkeypatch):
+    """At temperature 0.5 the reported entropy must be of softmax(logits / 0.5), the
+    distribution the rollout drew from (whose log-probs PPO stores), not of softmax(logits)."""
+    from rlhf_fast.train import ppo
+    from rlhf_fast.train.data import read_prompts
+    from rlhf_fast.train.ppo_math import entropy_from_logits
+
+    cfg = ppo_config(stages, tmp_path / "run", lr=0.0, ppo_epochs=1, mini_batch_size=0,
+                     temperature=0.5)  # fmt: skip
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    trainer = PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "run")
+    experience, _, _ = trainer.rollout([0, 1, 2, 3], 0)
+    seen = []
+
+    def spy(logits, mask):
+        seen.append(logits)
+        return entropy_from_logits(logits, mask)
+
+    monkeypatch.setattr(ppo, "entropy_from_logits", spy)
+    stats = trainer.optimize(experience, 0)
+    (logits,) = seen
+    rows = torch.randperm(4, generator=trainer._generator(0, 1))  # the minibatch's row order
+    width = logits.shape[1]
+    response, mask = experience.response[rows, :width], experience.response_mask[rows, :width]
+    picked = torch.log_softmax(logits.float(), -1).gather(-1, response[..., None]).squeeze(-1)
+    stored = experience.logprobs[rows, :width]
+    torch.testing.assert_close(picked[mask], stored[mask], atol=1e-4, rtol=0)
+    assert stats["entropy"] > 0

@@ -357,7 +357,8 @@ class PPOTrainer:
             "clip_frac": pol.clip_fraction.item(),
             "value_clip_frac": val.clip_fraction.item(),
             "approx_kl": pol.approx_kl.item(),
-            "entropy": entropy_from_logits(logits.detach(), response_mask).item(),
+            # of the distribution that drew the tokens (the stored log-probs' temperature)
+            "entropy": entropy_from_logits(logits.detach() / temperature, response_mask).item(),
             "tokens": int(mask.sum()),
         }
         sft_loss = None
