@@ -340,3 +340,29 @@ def test_entropy_is_that_of_the_sampling_distribution(stages, tmp_path, monkeypa
     stored = experience.logprobs[rows, :width]
     torch.testing.assert_close(picked[mask], stored[mask], atol=1e-4, rtol=0)
     assert stats["entropy"] > 0
+
+
+def test_separate_reward_model_reads_what_it_was_trained_on(stages, tmp_path):
+    """A separate reward model with absolute positions (GPT-2, 256 of them) and a prompt longer
+    than that: the policy reads the prompt cut to max_length, and the reward model must read
+    it cut the same way (as its training data, encode_response), not the whole prompt, which
+    ran past its position table (an IndexError traceback in the middle of PPO)."""
+    from rlhf_fast.train.data_encode import encode_response
+
+    gpt2 = make_family_dir(tmp_path / "gpt2", "gpt2", chat_template=True)
+    ranked = write_jsonl(tmp_path / "ranked.jsonl", ranked_records(4))
+    rm_dir = run_stage(config("rm", gpt2, ranked, tmp_path / "rm", max_steps=1)).exports
+    cfg = ppo_config(stages, tmp_path / "run", max_length=64)
+    models = build_ppo_models(cfg.model, rm_dir["reward_model"], lora_settings(cfg), seed=0)
+    assert not models.reward_source.shared
+    messages = [{"role": "user", "content": "Say " + "sunny weather " * 200}]
+    texts = [(messages, "sunny sunny", True), (messages, "the dog", False)]
+    ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    scores = models.scores(ids, mask, texts, max_length=cfg.max_length)
+    rm = load_reward_model(rm_dir["reward_model"])
+    tokenizer = load_tokenizer(gpt2)
+    expected = torch.tensor(encode_response(tokenizer, messages, "sunny sunny", 64))[None]
+    assert expected.shape[1] == 64
+    torch.testing.assert_close(scores[0], rm(expected, torch.ones_like(expected))[0], atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    assert torch.isfinite(scores).all()

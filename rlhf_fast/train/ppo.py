@@ -257,7 +257,7 @@ class PPOTrainer:
         if self.reward_fn is not None:
             scores = self.reward_fn(out, texts).float()
         else:
-            scores = models.scores(sequences, attention, texts).float()
+            scores = models.scores(sequences, attention, texts, config.max_length).float()
         models.use(POLICY)
         self._check_scores(scores, indices, step)
         kl = per_token_kl(out.logprobs, out.ref_logprobs, mask, config.kl_estimator)

@@ -48,6 +48,7 @@ from rlhf_fast.models.reward import (
     load_reward_model,
     read_reward_config,
 )
+from rlhf_fast.train.data_encode import truncate
 from rlhf_fast.train.rollout import response_logits
 
 POLICY, CRITIC, REWARD = "default", "critic", "reward"
@@ -179,11 +180,15 @@ class PPOModels(nn.Module):
         return self.critic_head(hidden.float()).squeeze(-1)
 
     @torch.no_grad()
-    def scores(self, sequences: torch.Tensor, mask: torch.Tensor, texts=None) -> torch.Tensor:
+    def scores(
+        self, sequences: torch.Tensor, mask: torch.Tensor, texts=None, max_length: int | None = None
+    ) -> torch.Tensor:
         """Reward-model scores [B] of whole rows (prompt + answer): the shared reward adapter
-        on token ids, or the separate reward model on `texts` [(messages, answer)]."""
+        on token ids, or the separate reward model on `texts` [(messages, answer, ended)],
+        re-tokenized and, with `max_length`, cut as its training data was (the prompt from
+        the left first: data_encode.truncate)."""
         if self.separate_reward is not None:
-            return self._separate_scores(texts, sequences.device)
+            return self._separate_scores(texts, sequences.device, max_length)
         self.use(REWARD)
         try:
             hidden = self._hidden(sequences, mask)
@@ -193,12 +198,16 @@ class PPOModels(nn.Module):
         last = hidden[rows, last_token_index(mask.long())]
         return self.reward_head(last.float()).squeeze(-1)
 
-    def _separate_scores(self, texts, device) -> torch.Tensor:
+    def _separate_scores(self, texts, device, max_length: int | None = None) -> torch.Tensor:
         tokenizer = self.reward_tokenizer
         rows = []
         for messages, answer, ended in texts:
-            ids = prompt_token_ids(tokenizer, messages) + response_token_ids(tokenizer, answer)
-            rows.append(ids + ([tokenizer.eos_token_id] if ended else []))
+            prompt = prompt_token_ids(tokenizer, messages)
+            answer_ids = response_token_ids(tokenizer, answer)
+            answer_ids += [tokenizer.eos_token_id] if ended else []
+            if max_length is not None:
+                prompt, answer_ids = truncate(prompt, answer_ids, max_length)
+            rows.append(prompt + answer_ids)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
