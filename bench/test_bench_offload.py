@@ -66,7 +66,7 @@ SHAPES = {
     "llama-12l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                       num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
 }  # fmt: skip
-BUDGETS = {"tiny": 600 << 10, "llama-1.57b": 2 << 30, "llama-12l": 900 << 20}
+BUDGETS = {"tiny": 1126 << 10, "llama-1.57b": 2 << 30, "llama-12l": 900 << 20}
 NEW_TOKENS = {"tiny": 4, "llama-1.57b": 4, "llama-12l": 6}  # prefill + 3 (5) decode steps
 PROMPT_TOKENS = 8
 # up to where throughput stops rising (Accelerate still gained 2x from 32 to 64 on llama-12l)
@@ -289,23 +289,24 @@ def test_offload_generation_throughput(shape: str) -> None:
     for batch in batches:
         auto = choose_policy(
             {c: shapes[c] for c in prepared}, calibration, cpu_budget=budget, batch=batch,
-            context=context,
+            context=context, prompt=PROMPT_TOKENS,
         )  # fmt: skip
         none = choose_policy(
-            {None: shapes[None]}, calibration, cpu_budget=budget, batch=batch, context=context
-        )
+            {None: shapes[None]}, calibration, cpu_budget=budget, batch=batch, context=context,
+            prompt=PROMPT_TOKENS,
+        )  # fmt: skip
         pinned = dict(resident_layers=none.resident_layers, micro_batch=none.micro_batch)
         no_overlap = evaluate(
             shapes[None], calibration, compress=None, prefetch=0, batch=batch,
-            context=context, **pinned,
+            context=context, prompt=PROMPT_TOKENS, **pinned,
         )  # fmt: skip
         int4_streamed = choose_policy(
             {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
-            fixed={"resident_layers": 0},
+            prompt=PROMPT_TOKENS, fixed={"resident_layers": 0},
         )  # fmt: skip
         int4_fp32 = choose_policy(
             {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
-            fixed={"resident_layers": 0, "bf16_rows": None},
+            prompt=PROMPT_TOKENS, fixed={"resident_layers": 0, "bf16_rows": None},
         )  # fmt: skip
         cases = [
             ("ours-auto", auto),
@@ -367,7 +368,9 @@ def test_offload_policy_vs_grid(shape: str) -> None:
     shapes, calibration = setup["shapes"], setup["calibration"]
     context = PROMPT_TOKENS + new_tokens
     shapes = {c: shapes[c] for c in setup["prepared"]}
-    pick = choose_policy(shapes, calibration, cpu_budget=budget, batch=batch, context=context)
+    pick = choose_policy(
+        shapes, calibration, cpu_budget=budget, batch=batch, context=context, prompt=PROMPT_TOKENS
+    )
     grid = {}
     for compress in (None, 4):
         for prefetch in (0, 1, 2):
@@ -375,7 +378,7 @@ def test_offload_policy_vs_grid(shape: str) -> None:
                 try:
                     policy = choose_policy(
                         {compress: shapes[compress]}, calibration, cpu_budget=budget,
-                        batch=batch, context=context,
+                        batch=batch, context=context, prompt=PROMPT_TOKENS,
                         fixed={"prefetch": prefetch, "micro_batch": micro_batch},
                     )  # fmt: skip
                 except ValueError:  # does not fit the budget

@@ -4,7 +4,8 @@ In process: at every decoder layer's forward, only that layer (and the resident 
 tensors, and the bytes of all distinct storages behind the model's parameters and buffers stay
 within OffloadedLM.resident_bytes (non-layer weights + resident layers + prefetch slots).
 In a subprocess: the peak RSS growth of a streamed generation stays under what the placement
-needs plus a stated slack, far below the model's size (the model is ~8x that placement).
+needs plus a stated slack, far below the model's size (the model is ~8x that placement); with a
+long prompt, under the policy's charge for the prefill's activations and the KV cache.
 """
 
 from __future__ import annotations
@@ -108,3 +109,84 @@ def test_peak_rss_of_streamed_generation_stays_under_budget(tmp_path):
     assert growth <= RSS_SLACK, numbers
     assert numbers["held"] < layers_bytes / 4, numbers
     assert numbers["peak"] - numbers["before"] + numbers["held"] < layers_bytes / 2
+
+
+def test_peak_rss_of_a_long_prompt_stays_under_the_policys_prefill_charge(tmp_path):
+    from rlhf_fast.offload.policy import decode_activations, model_shapes, prefill_activations
+
+    model = _llama(256, 2, vocab=512)
+    shape = model_shapes(model.config, torch.float32)[None]
+    prepare_offload(model, tmp_path / "off")
+    del model
+    batch, prompt_tokens, micro_batch, new_tokens = 8, 512, 8, 2
+    script = textwrap.dedent(
+        f"""
+        import json, resource, threading, time, torch
+        from rlhf_fast.offload import load_offloaded
+        from rlhf_fast.offload.generate import generate_batch
+        torch.manual_seed(0)
+        lm = load_offloaded({str(tmp_path / "off")!r}, resident_layers=0, prefetch=1,
+                            drop_cache=True)
+        generate_batch(lm, torch.randint(0, 512, ({batch}, 4)), max_new_tokens=1,
+                       micro_batch={micro_batch})  # warm up the allocator, kernels
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * resource.getpagesize()
+        before = rss()
+        peak, done = [before], []
+        def sample():  # torch's ops release the GIL: the peak inside a layer call counts
+            while not done:
+                peak[0] = max(peak[0], rss())
+                time.sleep(0.0005)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        prompt = torch.randint(0, 512, ({batch}, {prompt_tokens}))
+        mask = torch.ones_like(prompt)
+        mask[0, :100] = 0  # left padding: a real mask, not the causal shortcut
+        generate_batch(lm, prompt, attention_mask=mask, max_new_tokens={new_tokens},
+                       micro_batch={micro_batch})
+        done.append(True)
+        sampler.join()
+        print(json.dumps({{"growth": peak[0] - before}}))
+        lm.close()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    growth = json.loads(result.stdout.strip().splitlines()[-1])["growth"]
+    kv = batch * (prompt_tokens + new_tokens) * shape.kv_bytes_per_token
+    charged = prefill_activations(shape, micro_batch, batch, prompt_tokens) + kv
+    assert growth <= charged + RSS_SLACK, (growth, charged)
+    # the prefill is what needs the charge: a decode step's activations are far below it
+    assert growth > 2 * (decode_activations(shape, micro_batch, batch) + kv), (growth, kv)
+
+
+def test_policy_charges_the_larger_of_the_prefill_and_a_decode_step():
+    from rlhf_fast.offload.policy import (
+        Calibration,
+        ModelShape,
+        decode_activations,
+        evaluate,
+        prefill_activations,
+    )
+
+    shape = ModelShape(4, 1_000_000, 500_000, 2048, 256, 1024, 1000)
+    assert decode_activations(shape, 2, 8) == 4 * (2 * (4 * 256 + 2 * 1024) + 8 * 1000)
+    by_hand = 4 * (8 * 8 * 100 * 256 + 8 * 100 * 100 + 2 * 100 * (10 * 256 + 6 * 1024) + 8000)
+    assert prefill_activations(shape, 2, 8, 100) == by_hand
+    calibration = Calibration(1e9, {"none": 0.01}, {"none": 0.001}, 0.001, 0.0001)
+
+    def memory(context):
+        policy = evaluate(
+            shape, calibration, compress=None, resident_layers=1, prefetch=1, micro_batch=2,
+            batch=8, context=context,
+        )  # fmt: skip
+        return policy.memory_bytes
+
+    weights = 500_000 + (1 + 2) * 1_000_000  # other, 1 resident layer, 2 slots (prefetch 1)
+    for context in (1, 100, 400):
+        activations = max(
+            decode_activations(shape, 2, 8), prefill_activations(shape, 2, 8, context)
+        )
+        assert memory(context) == weights + 8 * context * 2048 + activations

@@ -90,10 +90,11 @@ def test_search_respects_budget_and_prefers_more_resident_layers():
 
 
 def test_compression_is_chosen_when_it_is_faster_and_flags_override():
-    policy = choose_policy(SHAPES, CALIBRATION, cpu_budget=200_000_000, batch=1)
+    # 50 MB + 8 int4 layers of 15 MB + a 512-token prefill's 89 MB of activations
+    policy = choose_policy(SHAPES, CALIBRATION, cpu_budget=270_000_000, batch=1)
     assert policy.compress == 4 and policy.resident_layers == 8
     pinned = choose_policy(
-        SHAPES, CALIBRATION, cpu_budget=200_000_000, batch=8,
+        SHAPES, CALIBRATION, cpu_budget=300_000_000, batch=8, context=16,
         fixed={"compress": None, "prefetch": 0, "micro_batch": 2},
     )  # fmt: skip
     assert (pinned.compress, pinned.prefetch, pinned.micro_batch) == (None, 0, 2)
@@ -254,7 +255,7 @@ def test_int4_under_the_rule_is_a_normal_candidate_and_its_micro_batches_stay_ex
     small = choose_policy(shapes, calibration, cpu_budget=10**9, batch=8, context=16)
     assert small.micro_batch == 8
     # other compressions never carry the rule
-    dense = choose_policy({None: SHAPES[None]}, CALIBRATION, cpu_budget=10**9, batch=64)
+    dense = choose_policy({None: SHAPES[None]}, CALIBRATION, cpu_budget=10**9, batch=64, context=16)
     assert dense.bf16_rows is None
 
 

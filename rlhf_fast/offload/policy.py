@@ -13,7 +13,8 @@ The cost model of one decode step (one new token for each of B sequences):
     is free and the compute is within `prefetch` streamed layers of it; a layer's compute
     waits for its read), run for a few steps; the last step's duration is the prediction.
 Memory that must fit the CPU budget: non-layer weights, resident layers, prefetch + 1 slot
-buffers, the KV cache of the whole batch and one micro-batch's activations (logits included),
+buffers, the KV cache of the whole batch, the larger of a decode step's and the prefill's
+activations (`decode_activations`, `prefill_activations`: prompts are bounded by `context`),
 and under the rule the head's bf16 weight copy once the batch reaches the threshold.
 The page cache is not counted (the streamer evicts what it reads in the true-disk regime).
 `choose_policy` searches a coarse grid exhaustively and returns the best predicted policy.
@@ -253,6 +254,29 @@ def _interpolate(points: list[list[float]], rows: int) -> float:
     return max(t0 + (t1 - t0) * (rows - r0) / max(r1 - r0, 1e-9), 1e-6)
 
 
+def decode_activations(shape: ModelShape, micro_batch: int, batch: int) -> int:
+    """Bytes a decode step allocates besides weights and KV: one micro-batch's layer
+    intermediates for one row each, and the step's logits (all micro-batches at once)."""
+    return micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate) + batch * 4 * shape.vocab
+
+
+def prefill_activations(shape: ModelShape, micro_batch: int, batch: int, prompt: int) -> int:
+    """Bytes the prefill adds besides weights and KV, for prompts of up to `prompt` tokens: the
+    block schedule holds every micro-batch's hidden states and [prompt, prompt] attention mask
+    between layers, and one micro-batch's layer call holds its q/k/v/o (HF repeats GQA's k/v)
+    and MLP intermediates for all its positions. What RSS grows by is more than what is alive
+    at once (glibc keeps freed blocks under its mmap threshold for reuse), so the coefficients
+    per token, 8 hidden widths for each sequence and 10 hidden + 6 MLP widths for a micro-batch's
+    row, were fitted to the peak RSS growth of streamed prefills on the dev machine (hidden
+    256-512, MLP 2-6x, 256-512 tokens, batch 8-16, micro-batch 2-8): they bound all six with
+    11-97% to spare (tests/test_offload_budget.py checks one). At the 1.57B model's width they
+    charge 2-4x what was measured (128 prompts of 8 tokens: 276 MiB for 138, and 117 for 12
+    in micro-batches of 32; glibc maps and returns tensors that large), the safe side."""
+    states = 8 * batch * prompt * shape.hidden + batch * prompt * prompt
+    layer_call = micro_batch * prompt * (10 * shape.hidden + 6 * shape.intermediate)
+    return 4 * (states + layer_call + batch * shape.vocab)
+
+
 def evaluate(
     shape: ModelShape,
     calibration: Calibration,
@@ -265,8 +289,10 @@ def evaluate(
     context: int,
     kv_bits: int | None = None,
     bf16_rows: int | None = None,
+    prompt: int | None = None,
 ) -> Policy:
-    """The predicted throughput and memory of one policy (no budget check)."""
+    """The predicted throughput and memory of one policy (no budget check); `prompt`: the
+    longest prompt the prefill feeds at once (default `context`, what sequences grow to)."""
     from rlhf_fast.offload.model import spread
 
     blocks = -(-batch // micro_batch)
@@ -282,8 +308,10 @@ def evaluate(
     step += head_time(calibration, batch, rule)  # once over the batch
     streamed = shape.num_layers - len(resident)
     slots = min(prefetch + 1, streamed)
-    activations = micro_batch * 4 * (4 * shape.hidden + 2 * shape.intermediate)
-    activations += batch * 4 * shape.vocab  # the step's logits, all micro-batches at once
+    activations = max(
+        decode_activations(shape, micro_batch, batch),
+        prefill_activations(shape, micro_batch, batch, context if prompt is None else prompt),
+    )
     kv_share = 1.0
     if kv_bits == 4:
         from rlhf_fast.offload.kv_cache import compressed_fraction
@@ -324,10 +352,12 @@ def choose_policy(
     context: int = 512,
     prefetch_choices: tuple[int, ...] = (0, 1, 2, 4),
     fixed: dict | None = None,
+    prompt: int | None = None,
 ) -> Policy:
     """The best predicted policy that fits `cpu_budget`; `fixed` pins some fields (explicit
     flags: compress, resident_layers, prefetch, micro_batch, kv_bits, bf16_rows: None turns
-    the int4 activation rule off). ValueError when none fits."""
+    the int4 activation rule off); `prompt` bounds the prefill (evaluate). ValueError when
+    none fits."""
     fixed = fixed or {}
     best, smallest = None, None
     for compress, shape in shapes.items():
@@ -350,7 +380,7 @@ def choose_policy(
                     policy = evaluate(
                         shape, calibration, compress=compress, resident_layers=resident,
                         prefetch=prefetch, micro_batch=micro_batch, batch=batch, context=context,
-                        kv_bits=fixed.get("kv_bits"), bf16_rows=bf16_rows,
+                        kv_bits=fixed.get("kv_bits"), bf16_rows=bf16_rows, prompt=prompt,
                     )  # fmt: skip
                     if smallest is None or policy.memory_bytes < smallest.memory_bytes:
                         smallest = policy
