@@ -9,6 +9,7 @@ back to the reference backend and `rlhf-fast doctor` reports the reason.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from types import ModuleType
 
@@ -43,3 +44,28 @@ else:
     cuda, cuda_error = _try_import("rlhf_fast._cuda")
     if cuda_error is not None and "No module named" in cuda_error:
         cuda_error = "not built (install with a CUDA toolkit and a CUDA build of torch)"
+
+ISA_ENV = "RLHF_FAST_CPU_ISA"
+ISA_LEVELS = ("avx512", "avx2", "scalar")
+
+
+def _check_forced_isa() -> None:
+    """$RLHF_FAST_CPU_ISA names a SIMD level for the C++ kernels; a typo or a level this CPU
+    lacks falls back to the best one (the kernels must run), so say so instead of silently."""
+    forced = os.environ.get(ISA_ENV)
+    if cpp is None or forced is None:
+        return
+    if forced not in ISA_LEVELS:
+        problem = f"is not one of {', '.join(ISA_LEVELS)}"
+    elif not cpp.cpu_supports(forced):
+        problem = "is not supported by this CPU"
+    else:
+        return
+    warnings.warn(
+        f"rlhf_fast: ${ISA_ENV}={forced!r} {problem}; the C++ kernels use {cpp.cpu_isa()}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+_check_forced_isa()
