@@ -145,3 +145,18 @@ def test_broken_or_pickled_weights_are_one_line_errors(files, tmp_path, capsys):
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     assert main([*args, "--model", str(pickled), "--output", str(tmp_path / "b")]) == 2
     assert f"{pickled}: cannot load the model" in _error(capsys)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_max_length_beyond_a_learned_position_table(family, files, tmp_path, capsys):
+    from rlhf_fast.models.load import check_max_length
+
+    model = make_family_dir(tmp_path / family, family)  # 256 learned positions
+    capsys.readouterr()  # the save's progress bar
+    output = tmp_path / "run"
+    args = ["train", "--stage", "sft", "--model", str(model), "--data", str(files["sft"])]
+    assert main([*args, "--max-length", "300", "--output", str(output)]) == 2
+    assert f"--max-length 300 exceeds the 256 positions of {model}" in _error(capsys)
+    assert not output.exists()
+    check_max_length(model, 256)  # fits
+    check_max_length(files["model"], 10_000)  # rotary positions: no table to overflow

@@ -85,6 +85,32 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     return path.resolve()
 
 
+# Families whose positions are a learned table (the config key of its size): a sequence longer
+# than the table fails inside the embedding (IndexError), where rotary or ALiBi ones run on.
+_POSITION_TABLES = {"gpt2": "n_positions", "gpt_bigcode": "n_positions", "opt":
+                    "max_position_embeddings", "gpt_neo": "max_position_embeddings"}  # fmt: skip
+
+
+def check_max_length(model_dir: str | os.PathLike, max_length: int) -> None:
+    """ModelLoadError when sequences of `max_length` tokens do not fit the model's learned
+    position table (GPT-2, OPT, ...); other models, or a directory without config.json (an
+    adapter, checked where its base loads), pass."""
+    path = check_model_dir(model_dir)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path / 'config.json'}: {_one_line(error)}") from None
+    key = _POSITION_TABLES.get(config.get("model_type") if isinstance(config, dict) else None)
+    positions = config.get(key) if key else None
+    if isinstance(positions, int) and max_length > positions:
+        raise ModelLoadError(
+            f"--max-length {max_length} exceeds the {positions} positions of {path} "
+            f"({config['model_type']} learns a table of them): pass --max-length {positions}"
+        )
+
+
 def adapter_base(adapter_dir: Path) -> Path:
     """The base model directory an exported adapter names (base_model_name_or_path)."""
     try:

@@ -18,7 +18,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from rlhf_fast.models.load import check_model_dir
+from rlhf_fast.models.load import check_max_length
 from rlhf_fast.train import config as config_module
 from rlhf_fast.train.checkpoint import has_checkpoint
 from rlhf_fast.train.config import ConfigError, TrainConfig
@@ -27,7 +27,7 @@ from rlhf_fast.train.data import read_prompts, read_rm, read_sft
 
 def check_inputs(config: TrainConfig) -> None:
     """Every input of the three stages, or the first error (before anything trains)."""
-    check_model_dir(config.model)
+    check_max_length(config.model, config.max_length)
     for name in ("sft_data", "rm_data", "data"):
         if not getattr(config, name):
             raise ConfigError(f"--stage all needs --{name.replace('_', '-')} FILE")

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.lora import fuse, unfuse
-from rlhf_fast.models.load import check_model_dir, resolve_device
+from rlhf_fast.models.load import check_max_length, check_model_dir, resolve_device
 from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 from rlhf_fast.train import checkpoint as ckpt
 from rlhf_fast.train import config as config_module
@@ -520,7 +520,7 @@ def read_inputs(config: TrainConfig) -> tuple[list, list | None]:
     """(prompts, ptx SFT examples or None); every input checked before any model loads."""
     from rlhf_fast.models.reward import read_reward_config
 
-    check_model_dir(config.model)
+    check_max_length(config.model, config.max_length)
     if not config.reward_model:
         raise ConfigError("--stage ppo needs --reward-model DIR")
     if not Path(config.reward_model).is_dir():

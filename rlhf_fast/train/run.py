@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.models.load import check_model_dir, load_tokenizer, resolve_device
+from rlhf_fast.models.load import check_max_length, load_tokenizer, resolve_device
 from rlhf_fast.train import config as config_module
 from rlhf_fast.train.checkpoint import load_checkpoint
 from rlhf_fast.train.config import TrainConfig
@@ -64,7 +64,7 @@ def run_stage(
     run_dir = Path(config.output) if config.output else default_run_dir(config.stage)
     config = dataclasses.replace(config, output=str(run_dir))
     stage_module = _stage_module(config.stage)
-    check_model_dir(config.model)
+    check_max_length(config.model, config.max_length)
     config, train_examples, held_out = stage_module.read_data(config)
     checkpoint = load_checkpoint(resume) if resume is not None else None
     tokenizer = load_tokenizer(config.model)
