@@ -79,11 +79,12 @@ def test_strided_inputs_and_frozen_weight(op_backend):
 
 
 @pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded")
-def test_weight_gradient_does_not_depend_on_threads():
+@pytest.mark.parametrize("rows, hidden", [(300, 96), (5000, 512)])  # 5000: the blocks are capped
+def test_weight_gradient_does_not_depend_on_threads(rows, hidden):
     generator = torch.Generator().manual_seed(9)
-    x = torch.randn(300, 96, generator=generator)
-    weight = torch.randn(96, generator=generator, requires_grad=True)
-    grad = torch.randn(300, 96, generator=generator)
+    x = torch.randn(rows, hidden, generator=generator)
+    weight = torch.randn(hidden, generator=generator, requires_grad=True)
+    grad = torch.randn(rows, hidden, generator=generator)
     results = []
     before = torch.get_num_threads()
     try:
@@ -94,6 +95,10 @@ def test_weight_gradient_does_not_depend_on_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0], results[1])
+    x64, weight64 = x.double(), weight.detach().double().requires_grad_(True)
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * weight64
+    (expected,) = torch.autograd.grad(y64, weight64, grad.double())
+    torch.testing.assert_close(results[0].double(), expected, atol=1e-4 * rows**0.5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

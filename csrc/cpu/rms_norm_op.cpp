@@ -89,8 +89,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
                     rstd.sizes());
   at::Tensor grad_x = new_output({M, H}, x.scalar_type());
   // dweight: fixed blocks of rows, each summed into its own partial row, then the partials
-  // in block order, so the result does not depend on the thread count.
-  const int64_t block_rows = row_grain(H);
+  // in block order, so the result does not depend on the thread count. At most
+  // kMaxWeightBlocks blocks: at one per row_grain rows the partials took M * H^2 / 16384
+  // floats, as much as x in fp32 from H = 16384.
+  constexpr int64_t kMaxWeightBlocks = 64;
+  int64_t block_rows = row_grain(H);
+  if (weight_grad)
+    block_rows = std::max(block_rows, (M + kMaxWeightBlocks - 1) / kMaxWeightBlocks);
   const int64_t blocks = weight_grad ? (M + block_rows - 1) / block_rows : 0;
   std::vector<float> partials(static_cast<size_t>(blocks * H), 0.0f);
   RmsNormArgs args{};
