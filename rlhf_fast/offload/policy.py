@@ -261,20 +261,17 @@ def decode_activations(shape: ModelShape, micro_batch: int, batch: int) -> int:
 
 
 def prefill_activations(shape: ModelShape, micro_batch: int, batch: int, prompt: int) -> int:
-    """Bytes the prefill adds besides weights and KV, for prompts of up to `prompt` tokens: the
-    block schedule holds every micro-batch's hidden states and [prompt, prompt] attention mask
-    between layers, and one micro-batch's layer call holds its q/k/v/o (HF repeats GQA's k/v)
-    and MLP intermediates for all its positions. What RSS grows by is more than what is alive
-    at once (glibc keeps freed blocks under its mmap threshold for reuse), so the coefficients
-    per token, 8 hidden widths for each sequence and 10 hidden + 6 MLP widths for a micro-batch's
-    row, were fitted to the peak RSS growth of streamed prefills on the dev machine (hidden
-    256-512, MLP 2-6x, 256-512 tokens, batch 8-16, micro-batch 2-8): they bound all six with
-    11-97% to spare (tests/test_offload_budget.py checks one). At the 1.57B model's width they
-    charge 2-4x what was measured (128 prompts of 8 tokens: 276 MiB for 138, and 117 for 12
-    in micro-batches of 32; glibc maps and returns tensors that large), the safe side."""
-    states = 8 * batch * prompt * shape.hidden + batch * prompt * prompt
-    layer_call = micro_batch * prompt * (10 * shape.hidden + 6 * shape.intermediate)
-    return 4 * (states + layer_call + batch * shape.vocab)
+    """Bytes the prefill holds at once besides weights and KV, for prompts of up to `prompt`
+    tokens: every micro-batch's hidden states between layers (and a layer's output beside its
+    input) and [prompt, prompt] boolean attention mask, one micro-batch's q/k/v/o and MLP
+    intermediates (gate, up, their product) for all its positions, and the last positions'
+    logits. Like the page cache, glibc's retention of freed blocks is not counted: measured
+    here, the peak RSS growth of a streamed prefill (KV excluded) was 0.5-0.7x this at the
+    1.57B model's width (tensors that large are mapped and returned) and 1.2-2.2x at hidden
+    256-1024, where freed blocks stay in the heap (tests/test_offload_budget.py bounds one)."""
+    states = 2 * batch * prompt * shape.hidden
+    layer_call = micro_batch * prompt * (4 * shape.hidden + 3 * shape.intermediate)
+    return 4 * (states + layer_call + batch * shape.vocab) + batch * prompt * prompt
 
 
 def evaluate(
