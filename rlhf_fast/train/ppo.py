@@ -358,7 +358,10 @@ class PPOTrainer:
             "value_clip_frac": val.clip_fraction.item(),
             "approx_kl": pol.approx_kl.item(),
             # of the distribution that drew the tokens (the stored log-probs' temperature)
-            "entropy": entropy_from_logits(logits.detach() / temperature, response_mask).item(),
+            "entropy": entropy_from_logits(
+                logits.detach() / temperature if temperature != 1.0 else logits.detach(),
+                response_mask,
+            ).item(),
             "tokens": int(mask.sum()),
         }
         sft_loss = None
