@@ -9,7 +9,15 @@ import itertools
 import pytest
 import torch
 from tiny_families import FAMILIES, make_family_dir
-from train_helpers import config, ranked_records, scored_records, sft_records, write_jsonl
+from train_helpers import (
+    assert_same_step_gradients,
+    config,
+    ranked_records,
+    record_step_gradients,
+    scored_records,
+    sft_records,
+    write_jsonl,
+)
 
 from rlhf_fast.models.load import LoraSettings, attach_lora, load_backbone, load_tokenizer
 from rlhf_fast.models.reward import RewardModel, last_token_index, load_reward_model
@@ -187,25 +195,14 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch(models, tmp_path, monk
     records = ranked_records(2, responses=4, seed=3) + ranked_records(2, responses=2, seed=4)
     data = write_jsonl(tmp_path / "mixed.jsonl", records)
     tokenizer = load_tokenizer(models["llama"])
-    gradients = []
-
-    def capture(params, max_norm):
-        gradients[-1] = {i: p.grad.clone() for i, p in enumerate(params) if p.grad is not None}
-        return torch.tensor(0.0)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    gradients = record_step_gradients(monkeypatch)
     for batch_size, grad_accum in ((4, 1), (1, 4), (2, 2)):
         cfg = config("rm", models["llama"], data, tmp_path / f"run{grad_accum}",
                      batch_size=batch_size, grad_accum=grad_accum)  # fmt: skip
         cfg, train_examples, held_out = rm.read_data(cfg)
         stage = rm.build(cfg, tokenizer, train_examples, held_out, "cpu")
         _random_lora(stage.model)
-        gradients.append(None)
         (tmp_path / f"run{grad_accum}").mkdir()
         train(stage, cfg, cfg.output, device="cpu", stop_after=1)
-    whole = gradients[0]
-    scale = max(float(g.abs().max()) for g in whole.values())  # some entries are near 0
-    for other in gradients[1:]:
-        assert other.keys() == whole.keys() and whole
-        for index, expected in whole.items():
-            torch.testing.assert_close(other[index], expected, rtol=0, atol=1e-5 * scale)
+    assert len(gradients) == 3
+    assert_same_step_gradients(gradients)

@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_families import FAMILIES, make_family_dir
-from train_helpers import config, sft_records, write_jsonl
+from train_helpers import (
+    assert_same_step_gradients,
+    config,
+    record_step_gradients,
+    sft_records,
+    write_jsonl,
+)
 
 from rlhf_fast.models.load import LoraSettings, attach_lora, load_causal_lm, load_tokenizer
 from rlhf_fast.train.checkpoint import TRAINABLE_FILE, find_checkpoint
@@ -157,25 +163,14 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch(models, tmp_path, monk
     records = [{"prompt": f"Count {i}", "response": " ".join(words[: 1 + 3 * i])} for i in range(4)]
     data = write_jsonl(tmp_path / "uneven.jsonl", records)
     tokenizer = load_tokenizer(models["llama"])
-    gradients = []
-
-    def capture(params, max_norm):
-        gradients[-1] = {i: p.grad.clone() for i, p in enumerate(params) if p.grad is not None}
-        return torch.tensor(0.0)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    gradients = record_step_gradients(monkeypatch)
     for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
         cfg = config("sft", models["llama"], data, tmp_path / f"run{grad_accum}",
                      batch_size=batch_size, grad_accum=grad_accum)  # fmt: skip
         _, train_examples, held_out = sft.read_data(cfg)
         torch.manual_seed(cfg.seed)
         stage = sft.build(cfg, tokenizer, train_examples, held_out, "cpu")
-        gradients.append(None)
         (tmp_path / f"run{grad_accum}").mkdir()
         train(stage, cfg, cfg.output, device="cpu", stop_after=1)
-    whole = gradients[0]
-    scale = max(float(g.abs().max()) for g in whole.values())
-    for other in gradients[1:]:
-        assert other.keys() == whole.keys() and whole
-        for index, expected in whole.items():
-            torch.testing.assert_close(other[index], expected, rtol=0, atol=1e-5 * scale)
+    assert len(gradients) == 3
+    assert_same_step_gradients(gradients)

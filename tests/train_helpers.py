@@ -98,3 +98,26 @@ def pipeline_data(root: Path) -> dict[str, Path]:
 SMALL_RUN_FLAGS = ["--device", "cpu", "--max-steps", "2", "--ppo-steps", "2", "--batch-size",
                    "2", "--max-new-tokens", "4", "--save-every", "0", "--eval-fraction", "0",
                    "--lr", "1e-3", "--max-length", "48"]  # fmt: skip
+
+
+def record_step_gradients(monkeypatch) -> list[dict[int, torch.Tensor]]:
+    """A list that gets, at each optimizer step of the training loop, the gradients it clips
+    ({parameter index: gradient}); the clipping itself is skipped."""
+    steps = []
+
+    def capture(params, max_norm):
+        steps.append({i: p.grad.clone() for i, p in enumerate(params) if p.grad is not None})
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    return steps
+
+
+def assert_same_step_gradients(steps: list[dict[int, torch.Tensor]]) -> None:
+    """Every recorded step's gradients equal the first's (to 1e-5 of its largest entry)."""
+    whole = steps[0]
+    scale = max(float(g.abs().max()) for g in whole.values())  # some entries are near 0
+    for other in steps[1:]:
+        assert other.keys() == whole.keys() and whole
+        for index, expected in whole.items():
+            torch.testing.assert_close(other[index], expected, rtol=0, atol=1e-5 * scale)
