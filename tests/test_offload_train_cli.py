@@ -111,6 +111,7 @@ def test_sft_and_ppo_run_on_a_base_over_budget(setup, capsys):
         (["--merge"], "--merge needs the whole base"),
         (["--stage", "rm"], "supported for --stage sft and ppo"),
         (["--max-memory", "cpu=64KB"], "too small"),
+        (["--max-memory", "device=2GB"], "--max-memory: give cpu=SIZE"),
         (["--device", "cuda"], "use --device cpu"),
         (["--rollout-quant", "int4"], "not with --offload"),
         (["--offload", "compress=int3"], "--offload: 'compress=int3'"),

@@ -50,9 +50,11 @@ def open_for_training(train_config, *, rows: int, rollout: bool = False) -> Offl
         budget = parse_max_memory(train_config.max_memory) if train_config.max_memory else None
     except ValueError as error:
         raise ModelLoadError(str(error)) from None
-    if budget is not None and budget.get("cpu", 0) <= reserve:
+    if budget is not None and "cpu" not in budget:
+        raise ModelLoadError("--max-memory: give cpu=SIZE (this build runs on the CPU)")
+    if budget is not None and budget["cpu"] <= reserve:
         raise ModelLoadError(
-            f"--max-memory cpu={format_size(budget.get('cpu', 0))} is too small: a training "
+            f"--max-memory cpu={format_size(budget['cpu'])} is too small: a training "
             f"micro-batch alone needs about {format_size(reserve)}"
         )
     try:
