@@ -116,3 +116,34 @@ def test_hf_forward_exception_releases_the_layer(offload_dir):
         assert not lm.streamer._held  # the always-called hook released layer 1
         out = lm.model(torch.randint(0, 50, (1, 3))).logits  # and the model still works
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_o_direct_read_refused_after_a_short_read(offload_dir, tmp_path, monkeypatch, truncate):
+    """File systems that refuse an unaligned O_DIRECT read (EINVAL) instead of returning 0 at
+    the end of a file: after a short read, a one-line ShardError (truncated when it is)."""
+    import errno
+
+    from rlhf_fast.offload import shards
+
+    broken = _copy(offload_dir, tmp_path / "b")
+    path = broken / layer_file(1)
+    layout = shards.read_layout(path)
+    if truncate:
+        path.write_bytes(path.read_bytes()[:-100])
+    calls = []
+
+    def short_then_refused(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            return len(buffers[0]) // 2 + 1  # a short read: the next offset is unaligned
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(shards.os, "preadv", short_then_refused)
+    buffer = shards.aligned_buffer(shards.direct_bytes(layout))
+    if buffer.data_ptr() % shards.DIRECT_ALIGN or not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT read here")
+    message = "truncated" if truncate else "read failed: .*Invalid argument"
+    with pytest.raises(ShardError, match=message) as error:
+        shards.read_into(layout, buffer, drop_cache=True)
+    assert len(calls) == 2 and "\n" not in str(error.value) and str(path) in str(error.value)

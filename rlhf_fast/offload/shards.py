@@ -174,10 +174,14 @@ def _read_direct(layout: ShardLayout, buffer: torch.Tensor) -> torch.Tensor | No
         while done < head + layout.data_bytes:
             try:
                 got = os.preadv(fd, [target[done:]], offset + done)
-            except OSError:
-                if done:
-                    raise
-                return None  # refused at the first read: fall back to a buffered one
+            except OSError as error:
+                if not done:
+                    return None  # refused at the first read: fall back to a buffered one
+                # after a short read the next offset is unaligned, which O_DIRECT refuses
+                # (EINVAL) on file systems that do not return 0 at the end of a file
+                if os.fstat(fd).st_size >= layout.data_offset + layout.data_bytes:
+                    raise ShardError(f"{layout.path}: read failed: {error}") from None
+                got = 0
             if not got:
                 raise ShardError(
                     f"{layout.path}: truncated (read {max(done - head, 0)} of "
