@@ -147,3 +147,17 @@ def test_o_direct_read_refused_after_a_short_read(offload_dir, tmp_path, monkeyp
     with pytest.raises(ShardError, match=message) as error:
         shards.read_into(layout, buffer, drop_cache=True)
     assert len(calls) == 2 and "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_acquiring_more_layers_than_slots_is_a_clear_error(offload_dir):
+    with load_offloaded(offload_dir, resident_layers=0, prefetch=1) as lm:  # 2 slots
+        streamer = lm.streamer
+        streamer.acquire(0)
+        streamer.acquire(1)
+        with pytest.raises(RuntimeError, match=r"layer 2 needs a slot, but all 2 hold .*\[0, 1\]"):
+            streamer.acquire(2)
+        streamer.release(1)
+        streamer.acquire(2)  # a freed slot serves it
+        streamer.release(2)
+        streamer.release(0)
+    assert not _reader_threads()

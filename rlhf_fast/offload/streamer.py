@@ -203,7 +203,12 @@ class LayerStreamer:
                 return
             if index not in self._pending and not self._schedule(index):
                 self._evict_prefetched()
-                self._schedule(index)
+                if not self._schedule(index):  # every slot holds an acquired layer
+                    raise RuntimeError(
+                        f"offload: layer {index} needs a slot, but all {len(self._data)} hold "
+                        f"acquired layers {sorted(self._held)}: at most prefetch + 1 streamed "
+                        "layers can be acquired at once"
+                    )
             slot, read = self._pending.pop(index)
         started = time.perf_counter()
         try:
