@@ -161,3 +161,15 @@ def test_acquiring_more_layers_than_slots_is_a_clear_error(offload_dir):
         streamer.release(2)
         streamer.release(0)
     assert not _reader_threads()
+
+
+def test_close_frees_the_slot_buffers(offload_dir):
+    import weakref
+
+    lm = load_offloaded(offload_dir, resident_layers=1, prefetch=1)
+    generate_batch(lm, torch.randint(0, 50, (2, 3)), max_new_tokens=2)
+    slots = [weakref.ref(slot) for slot in lm.streamer.slots]
+    assert slots
+    lm.close()
+    assert all(slot() is None for slot in slots)  # no garbage collection needed
+    assert lm.streamer.held_bytes == sum(b.numel() for b in lm.streamer.resident_buffers.values())

@@ -264,7 +264,9 @@ class LayerStreamer:
                 self.bindings[index].unbind()
 
     def close(self) -> None:
-        """Waits for reads in flight, stops the thread, unbinds every streamed layer."""
+        """Waits for reads in flight, stops the thread, unbinds every streamed layer and frees
+        the slot buffers (the model and its OffloadedLM reference each other, so they would
+        otherwise live until a garbage collection finds the cycle)."""
         if self._closed:
             return
         self._closed = True
@@ -274,6 +276,7 @@ class LayerStreamer:
                 self.bindings[index].unbind()
             self._held.clear()
             self._pending.clear()
+            self.slots, self._data = [], []
 
     def __enter__(self) -> LayerStreamer:
         return self
