@@ -89,6 +89,24 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
         raise ChatError(str(error)) from None
 
 
+def fit_context(tokenizer, messages: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """The conversation without its oldest turns (system messages stay) so that its prompt is
+    at most `limit` tokens; ChatError when the last message alone does not fit."""
+    kept = list(messages)
+    while len(prompt_ids(tokenizer, kept)) > limit:
+        oldest = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
+        if oldest is None:
+            raise ChatError(
+                f"the prompt is {len(prompt_ids(tokenizer, kept))} tokens; under --offload at "
+                f"most {limit} fit the context its memory budget was planned for"
+            )
+        del kept[oldest]
+        # a whole exchange goes: a history must not start with an answer (templates refuse)
+        if oldest < len(kept) - 1 and kept[oldest]["role"] == "assistant":
+            del kept[oldest]
+    return kept
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -113,6 +131,15 @@ def answer(model, tokenizer, messages, config: SamplingConfig, seed: int | None)
     """Stream the model's answer to stdout (Ctrl-C stops it); the stats line goes to stderr."""
     stats = GenerationStats(model_bytes=model_bytes(model))
     decoder = StreamDecoder(tokenizer)
+    offloaded = getattr(model, "rlhf_fast_offload", None)
+    if offloaded is not None:  # its policy charged the prefill and KV of `context` tokens
+        limit = max(1, offloaded.context - config.max_new_tokens)
+        fitted = fit_context(tokenizer, messages, limit)
+        if len(fitted) < len(messages):
+            left_out = len(messages) - len(fitted)
+            print(f"[history: {left_out} oldest message(s) left out to fit the {limit}-token "
+                  "prompt the offload memory plan allows]", file=sys.stderr)  # fmt: skip
+        messages = fitted
     ids = prompt_ids(tokenizer, messages)
     eos = eos_ids(model, tokenizer)
     # The lean decoder fuses every layer's weights up front, which streamed layers (--offload)

@@ -143,3 +143,79 @@ def test_bad_offload_flags_are_one_line_errors(model_dir, capsys, tmp_path, extr
     errors = [line for line in err.splitlines() if line.startswith("rlhf-fast chat:")]
     assert len(errors) == 1 and message in errors[0], err
     assert err.strip().endswith(errors[0])
+
+
+def _conversation(turns: int, words: int) -> list[dict[str, str]]:
+    text = " ".join(["sea"] * words)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn in range(turns):
+        messages += [{"role": "user", "content": f"{turn}: {text}"},
+                     {"role": "assistant", "content": f"answer {turn}"}]  # fmt: skip
+    return messages + [{"role": "user", "content": "last question"}]
+
+
+def test_fit_context_leaves_out_the_oldest_exchanges(model_dir):
+    from rlhf_fast.chat import ChatError, fit_context, prompt_ids
+    from rlhf_fast.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    messages = _conversation(turns=4, words=30)
+    whole = len(prompt_ids(tokenizer, messages))
+    assert fit_context(tokenizer, messages, whole) == messages  # it fits: untouched
+    kept = fit_context(tokenizer, messages, whole - 1)
+    assert len(prompt_ids(tokenizer, kept)) <= whole - 1
+    # the system message stays, whole exchanges go from the start, the newest ones stay
+    assert kept[0] == messages[0] and kept[1]["role"] == "user" and kept == messages[:1] + kept[1:]
+    assert kept[1:] == messages[len(messages) - len(kept) + 1 :] and len(kept) % 2 == 0
+    only_last = fit_context(
+        tokenizer, messages, len(prompt_ids(tokenizer, messages[:1] + messages[-1:]))
+    )
+    assert only_last == messages[:1] + messages[-1:]
+    with pytest.raises(ChatError, match=r"the prompt is \d+ tokens; under --offload at most 3 "):
+        fit_context(tokenizer, messages, 3)
+
+
+def test_offloaded_chat_refuses_a_prompt_beyond_its_planned_context(model_dir, capsys, tmp_path):
+    from rlhf_fast.offload.session import CHAT_PROMPT_TOKENS
+
+    long = " ".join(["sea"] * (CHAT_PROMPT_TOKENS + 50))
+    argv = ["chat", str(model_dir), "--prompt", long, "--max-new-tokens", "4", "--offload",
+            "compress=none,resident=1", "--max-memory", "cpu=3MB", "--offload-dir",
+            str(tmp_path / "o")]  # fmt: skip
+    code, _, err = _answer(capsys, argv)
+    assert code == 2
+    assert f"under --offload at most {CHAT_PROMPT_TOKENS} fit" in err.strip().splitlines()[-1]
+    assert not [t for t in threading.enumerate() if t.name.startswith("rlhf-fast-offload")]
+
+
+def test_offloaded_chat_leaves_out_old_turns_beyond_its_planned_context(
+    model_dir, capsys, tmp_path
+):
+    from types import SimpleNamespace
+
+    from rlhf_fast.chat import answer, fit_context, prompt_ids
+    from rlhf_fast.models.generate import SamplingConfig
+    from rlhf_fast.models.load import load_tokenizer
+    from rlhf_fast.offload.session import CHAT_PROMPT_TOKENS, open_for_chat
+
+    tokenizer = load_tokenizer(model_dir)
+    messages = _conversation(turns=12, words=60)
+    assert len(prompt_ids(tokenizer, messages)) > CHAT_PROMPT_TOKENS
+    args = SimpleNamespace(
+        offload="compress=none,resident=1", max_memory="cpu=3MB", offload_dir=tmp_path / "o",
+        max_new_tokens=4, int4=False, int8=False,
+    )  # fmt: skip
+    model = open_for_chat(model_dir, args)
+    try:
+        capsys.readouterr()
+        config = SamplingConfig(temperature=0, max_new_tokens=4)
+        reply = answer(model, tokenizer, messages, config, seed=0)
+        kept = fit_context(tokenizer, messages, CHAT_PROMPT_TOKENS)
+        left_out = len(messages) - len(kept)
+        assert left_out > 0 and f"[history: {left_out} oldest message(s) left out" in (
+            capsys.readouterr().err
+        )
+        # the answer is the one to the kept conversation
+        assert reply == answer(model, tokenizer, kept, config, seed=0)
+    finally:
+        model.rlhf_fast_offload.close()

@@ -154,11 +154,13 @@ def open_offloaded_model(
     drop_cache: bool = True,
     reserve: int = 0,
     bf16_activations: bool = True,
+    prompt: int | None = None,
 ) -> tuple[OffloadedLM, Policy]:
     """Chooses a policy for `max_memory` (default: half the available RAM) less `reserve` bytes
     (training's activations), prepares the offload directory it needs and opens it. Prints
     nothing; returns (model, policy). `bf16_activations=False` (training) turns the int4
-    activation rule off whatever `offload` says."""
+    activation rule off whatever `offload` says. `context`: the sequence length (prompt +
+    answer) to plan the KV cache for; `prompt`: the longest prompt (default `context`)."""
     from transformers import AutoConfig
 
     from rlhf_fast.quant.io import read_quantization
@@ -186,7 +188,7 @@ def open_offloaded_model(
     calibration = _calibration(root, config, dtype, wanted)
     policy = choose_policy(
         shapes, calibration, cpu_budget=budgets["cpu"] - reserve, batch=batch, context=context,
-        fixed=fixed,
+        fixed=fixed, prompt=prompt,
     )  # fmt: skip
     target = root / compression_name(policy.compress)
     _prepared(model_dir, target, None if stored is not None else policy.compress)
@@ -197,20 +199,29 @@ def open_offloaded_model(
         drop_cache=drop_cache, bf16_rows=policy.bf16_rows,
     )  # fmt: skip
     lm.policy = policy
+    lm.context = context  # the sequence length (prompt + answer) its memory was planned for
     return lm, policy
+
+
+# The longest conversation prompt a chat under --offload plans its memory for; older turns of
+# a longer history are left out (chat.fit_context).
+CHAT_PROMPT_TOKENS = 512
 
 
 def open_for_chat(model_dir: str | os.PathLike, args) -> torch.nn.Module:
     """The chat command's hook: opens the model under `--offload`, prints the chosen policy on
     stderr and returns the HF model (its streamer stays reachable as `model.rlhf_fast_offload`).
-    `--int4` / `--int8` pin the compression; `kv=int4` holds the conversation's KV cache 4-bit."""
+    `--int4` / `--int8` pin the compression; `kv=int4` holds the conversation's KV cache 4-bit.
+    The policy is sized for prompts of CHAT_PROMPT_TOKENS plus --max-new-tokens answers."""
     spec = args.offload
     bits = 4 if getattr(args, "int4", False) else 8 if getattr(args, "int8", False) else None
     if bits is not None and "compress=" not in spec:
         spec = f"compress=int{bits}" if spec.strip() == "auto" else f"{spec},compress=int{bits}"
+    answer_tokens = getattr(args, "max_new_tokens", 256)
     lm, policy = open_offloaded_model(
-        model_dir, offload=spec, max_memory=args.max_memory, offload_root=args.offload_dir
-    )
+        model_dir, offload=spec, max_memory=args.max_memory, offload_root=args.offload_dir,
+        context=CHAT_PROMPT_TOKENS + answer_tokens, prompt=CHAT_PROMPT_TOKENS,
+    )  # fmt: skip
     print(f"[offload: {policy.describe()}]", file=sys.stderr, flush=True)
     lm.model.rlhf_fast_offload = lm  # chat runs it on the HF forward and closes it at the end
     if policy.kv_bits == 4:  # the conversation's KV cache held 4-bit (offload/kv_cache.py)
