@@ -15,8 +15,8 @@ The cost model of one decode step (one new token for each of B sequences):
 Memory that must fit the CPU budget: non-layer weights, resident layers, prefetch + 1 slot
 buffers, the KV cache of the whole batch, the larger of a decode step's and the prefill's
 activations (`decode_activations`, `prefill_activations`: prompts of up to `prompt` tokens,
-default `context`),
-and under the rule the head's bf16 weight copy once the batch reaches the threshold.
+default `context`), and under the rule the head's bf16 weight copy once the batch reaches the
+threshold.
 The page cache is not counted (the streamer evicts what it reads in the true-disk regime).
 `choose_policy` searches a coarse grid exhaustively and returns the best predicted policy.
 
