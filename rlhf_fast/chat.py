@@ -93,12 +93,12 @@ def fit_context(tokenizer, messages: list[dict[str, str]], limit: int) -> list[d
     """The conversation without its oldest turns (system messages stay) so that its prompt is
     at most `limit` tokens; ChatError when the last message alone does not fit."""
     kept = list(messages)
-    while len(prompt_ids(tokenizer, kept)) > limit:
+    while (length := len(prompt_ids(tokenizer, kept))) > limit:
         oldest = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
         if oldest is None:
             raise ChatError(
-                f"the prompt is {len(prompt_ids(tokenizer, kept))} tokens; under --offload at "
-                f"most {limit} fit the context its memory budget was planned for"
+                f"the prompt is {length} tokens; under --offload at most {limit} fit the "
+                "context its memory budget was planned for"
             )
         del kept[oldest]
         # a whole exchange goes: a history must not start with an answer (templates refuse)

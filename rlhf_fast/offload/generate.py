@@ -11,9 +11,9 @@ Llama-family models (SCHEDULED_TYPES: Llama, Mistral, Qwen2, Qwen3, Gemma, whose
 schedule repeats; with a sliding window only while the whole sequence fits in it) run the
 schedule; other models fall back to one HF forward per micro-batch (each re-streams the
 layers): a model merely laid out alike can differ (Granite scales its embeddings and logits).
-Prompts are left-padded
-(`attention_mask` 0 on the left); sampling is greedy at temperature 0, else softmax sampling
-with optional top-k from a seeded generator. Finished rows (EOS) are padded with `pad_token_id`.
+Prompts are left-padded (`attention_mask` 0 on the left); sampling is greedy at temperature 0,
+else softmax sampling with optional top-k from a seeded generator. Finished rows (EOS) are
+padded with `pad_token_id`.
 With `kv_bits=4` each micro-batch's KV cache is held 4-bit group-wise (offload/kv_cache.py).
 
 int4 layers follow the model's int4 activation rule (quant/activations.py; on by default in

@@ -121,13 +121,10 @@ def _materialize_remaining(model: nn.Module, streamed_names: set[str]) -> None:
                 store[key].data = tensor
 
 
-def _refuse_graph(layer: nn.Module, args, index: int, *, held: bool) -> None:
+def _refuse_graph(layer: nn.Module, args, index: int) -> None:
     """A streamed layer outside the training-mode checkpoint (offload/backward.py) must build
     no autograd graph: the graph would keep views of its slot buffer, which the next layers
-    overwrite before the backward reads them (silently wrong gradients). `held`: inside the
-    backward's recompute, which holds the layer until its gradients are computed."""
-    if held:
-        return
+    overwrite before the backward reads them (silently wrong gradients)."""
     inputs = any(torch.is_tensor(a) and a.requires_grad for a in args)
     if inputs or any(p.requires_grad for p in layer.parameters()):
         raise RuntimeError(
@@ -237,8 +234,10 @@ def load_offloaded(
         # a training forward is followed by a backward that walks the layers in reverse
         checkpointed = getattr(layer, "gradient_checkpointing", False)
         training = layer.training and checkpointed and torch.is_grad_enabled()
+        # the backward's recompute holds its layer until the gradients are computed: allowed
         if torch.is_grad_enabled() and not training and index in streamer.streamed:
-            _refuse_graph(layer, args, index, held=index in streamer._held)
+            if not streamer.holds(index):
+                _refuse_graph(layer, args, index)
         streamer.acquire(index, turn=training)
 
     hooks = []

@@ -224,6 +224,11 @@ class LayerStreamer:
             self.bindings[index].bind(self.layouts[index].views(self._data[slot]))
             self._prefetch_after(index)
 
+    def holds(self, index: int) -> bool:
+        """Whether layer `index` is acquired (bound, and not yet released)."""
+        with self._lock:
+            return index in self._held
+
     def _evict_prefetched(self) -> None:
         """Frees the slots of reads nobody asked for yet (an out-of-order acquire needs one)."""
         for index, (slot, read) in list(self._pending.items()):

@@ -77,7 +77,7 @@ def disable_dropout(module: nn.Module) -> int:
             sub.p = 0.0
             continue
         for name, value in vars(sub).items():
-            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+            if "dropout" in name and isinstance(value, float):
                 changed += value != 0
                 setattr(sub, name, 0.0)
     return changed

@@ -95,7 +95,7 @@ def build(config: TrainConfig, tokenizer, train: list, held_out: list, device: s
                 batch = eval_collate(held_encoded[start : start + EVAL_BATCH])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 total += token_loss(model, batch, reduction="sum").item()
-                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                count += label_count(batch)
         return {"loss": total / max(count, 1)}
 
     return Stage(
