@@ -178,6 +178,11 @@ BAD_LINES = [
         '"response" holds an unpaired surrogate escape (\\ud83d)',
     ),
     ("sft", "[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
+    (  # Python refuses to convert integers this long (a plain ValueError, not a JSON error)
+        "sft",
+        '{"prompt": "a", "response": "b", "id": ' + "7" * 5000 + "}",
+        f"invalid JSON: an integer of more than {sys.get_int_max_str_digits()} digits",
+    ),
     (
         "sft",
         {"prompt": "a", "messages": [USER, ASSISTANT]},

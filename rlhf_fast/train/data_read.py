@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -127,6 +128,9 @@ def _decode(raw: bytes) -> dict | None:
         raise LineError(f"invalid JSON: {error.msg} (column {error.colno})") from None
     except RecursionError:
         raise LineError("invalid JSON: nested too deeply") from None
+    except ValueError:  # not a JSONDecodeError: Python's cap on converting long integers
+        limit = sys.get_int_max_str_digits()
+        raise LineError(f"invalid JSON: an integer of more than {limit} digits") from None
     if not isinstance(record, dict):
         raise LineError(f"expected a JSON object, got {_json_type(record)}")
     return record
