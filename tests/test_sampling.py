@@ -107,3 +107,16 @@ def test_a_single_row_gives_a_scalar_and_agrees_with_the_one_level_search():
     uniform = torch.rand((1, 1), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     cdf = probs.double().cumsum(-1)
     assert int(torch.searchsorted(cdf, uniform[0] * cdf[-1], right=True)) == int(token)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [2, 300])  # the tail block alone, and a whole block + tail
+def test_low_precision_weights_keep_a_small_entry_beside_a_large_one(dtype, vocab):
+    """A block's sum rounded to bf16 (1 + 0.00176 -> 1.0) would leave its small entry no mass
+    at all; the sums must be taken in fp32 as the docstring says."""
+    weights = torch.zeros(vocab, dtype=dtype)
+    weights[0], weights[1] = 1.0, 0.00176
+    if vocab > 256:
+        weights[-1] = 1.0  # another block carries the rest
+    draws = sample_from_probs(weights.expand(DRAWS, -1), torch.Generator().manual_seed(11))
+    _frequencies_match(draws, weights.double())

@@ -24,16 +24,22 @@ def sample_from_probs(
     """One index per row of `probs` [..., V] (weights >= 0, as a softmax gives; normalized or
     not) -> [...]. Two levels, so that no [B, V] temporary is written: the uniform picks a
     block of BLOCK entries from the blocks' running sum, then an entry from the running sum
-    inside that block. Block sums are fp32 sums of fp32 weights (relative error ~1e-7, the
-    size of the softmax's own rounding); the running sums and the uniform are fp64."""
+    inside that block. Block sums are fp32 sums (fp64 for fp64 weights; relative error ~1e-7,
+    the size of the softmax's own rounding), whatever the weights' dtype; the running sums and
+    the uniform are fp64."""
     if probs.dim() == 0 or probs.shape[-1] == 0:
         raise ValueError(f"probabilities need a non-empty last dimension, got {tuple(probs.shape)}")
     *lead, vocab = probs.shape
     rows = probs.reshape(-1, vocab)
     whole = vocab - vocab % BLOCK
-    sums = [rows[:, :whole].reshape(len(rows), -1, BLOCK).sum(-1)] if whole else []
+    # fp32 (fp64 for fp64 weights): a bf16 block sum would round 1 + 0.00176 to 1, and the
+    # inverse CDF would never reach the small entry
+    accumulate = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    sums = (
+        [rows[:, :whole].reshape(len(rows), -1, BLOCK).sum(-1, dtype=accumulate)] if whole else []
+    )
     if whole < vocab:
-        sums.append(rows[:, whole:].sum(-1, keepdim=True))
+        sums.append(rows[:, whole:].sum(-1, keepdim=True, dtype=accumulate))
     block_cdf = torch.cat(sums, -1).double().cumsum(-1)
     total = block_cdf[:, -1:]
     if not bool((torch.isfinite(total) & (total > 0)).all()):
