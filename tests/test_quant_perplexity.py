@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
+
+import pytest
+import torch
+import torch.nn.functional as F
 
 from rlhf_fast.quant import perplexity
 
@@ -24,3 +29,30 @@ def test_table_covers_every_format_and_int8_costs_almost_nothing():
     assert abs(rises["int8"]) < 0.01
     # Coarser groups cannot be much better than finer ones on the same weights.
     assert rises["int4 g32"] < rises["int4 g128"] + 0.01
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss_when_chunks_are_uneven():
+    # 17 rows are scored in chunks of 16 and 1: the lone row must weigh 1/17, not 1/2.
+    model = _tiny_llama()
+    ids = torch.randint(0, 50, (17, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    assert perplexity.perplexity(model, ids) == pytest.approx(math.exp(token_losses), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (4, 1), (8,)])
+def test_perplexity_without_predicted_tokens_is_a_one_line_error(shape):
+    with pytest.raises(ValueError, match="held_out"):
+        perplexity.perplexity(_tiny_llama(), torch.zeros(shape, dtype=torch.long))

@@ -115,8 +115,19 @@ def train_small_model(
 
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, held_out: torch.Tensor) -> float:
-    losses = [model(input_ids=chunk, labels=chunk).loss for chunk in held_out.split(16)]
-    return math.exp(torch.stack(losses).mean().item())
+    """exp of the mean next-token loss over every predicted token of `held_out` [rows, seq]."""
+    if held_out.dim() != 2 or held_out.shape[0] == 0 or held_out.shape[1] < 2:
+        raise ValueError(
+            f"held_out must be [rows >= 1, seq >= 2] token ids, got {tuple(held_out.shape)}"
+        )
+    total, tokens = 0.0, 0
+    for chunk in held_out.split(16):
+        # Each chunk's loss is a mean over its own tokens: weigh it by their count, or a short
+        # last chunk would count as much as a full one.
+        count = chunk.shape[0] * (chunk.shape[1] - 1)
+        total += model(input_ids=chunk, labels=chunk).loss.double().item() * count
+        tokens += count
+    return math.exp(total / tokens)
 
 
 FORMATS = [
