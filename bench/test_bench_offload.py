@@ -20,7 +20,11 @@ and where a decode step's time went (MB read, seconds blocked on a read, the res
   * ours-int4-streamed: int4 layers, none resident (compressed streaming), the default rule;
   * ours-int4-fp32: the same with the rule off (`act=fp32`: fp32 activations, as PPO
     rollouts run).
-Decode tokens/s = batch / median decode-step time (prefill excluded). Each provider is compared
+Decode tokens/s = batch / median decode-step time (prefill excluded). "ours-auto" is measured
+twice at each batch, first and last of ours (the second as "ours-auto again"), and the grid twice,
+the second pass in reverse order: the VM's speed moves within a run (one int4 policy measured 213
+and 120 tok/s minutes apart), and that noise only ever slows a run, so the policy's prediction
+is checked against the better of the two measurements, with both printed. Each provider is compared
 with Accelerate at each one's best batch size ("best batch: X / accelerate"). Quick mode: a
 tiny shape. The full shape is the issue's 1.57B Llama (hidden 2048, MLP 5632, 32 layers, 16/4
 heads, vocab 32000; 6.3 GB fp32) with a 2 GiB budget; `llama-12l` is the same width with 12
@@ -285,6 +289,7 @@ def test_offload_generation_throughput(shape: str) -> None:
     head = ["provider", "batch", "policy", "predicted", "measured", "pred/meas", "x accel"]
     rows = [head + ["I/O bound", "% bound", "decode step (median)", "RAM"]]
     measured: dict[tuple[str, int], float] = {}
+    predicted: dict[int, float] = {}  # ours-auto's, by batch
     batches = BATCHES[shape]
     for batch in batches:
         auto = choose_policy(
@@ -308,6 +313,7 @@ def test_offload_generation_throughput(shape: str) -> None:
             {4: shapes[4]}, calibration, cpu_budget=budget, batch=batch, context=context,
             prompt=PROMPT_TOKENS, fixed={"resident_layers": 0, "bf16_rows": None},
         )  # fmt: skip
+        predicted[batch] = auto.predicted_tokens_per_s
         cases = [
             ("ours-auto", auto),
             ("ours-none", none),
@@ -316,6 +322,7 @@ def test_offload_generation_throughput(shape: str) -> None:
         ]
         if batch <= 8:  # the no-overlap baseline only where I/O is a large share of a step
             cases.insert(2, ("ours-none-noprefetch", no_overlap))
+        cases.append(("ours-auto again", auto))
         peer = _run_accelerate(source, work, budget, batch, new_tokens)
         peer_tokens = measured[("accelerate", batch)] = peer["tokens_per_s"]
         peer_bound = batch * bandwidth / peer["disk_bytes"] if peer["disk_bytes"] else 0
@@ -339,7 +346,7 @@ def test_offload_generation_throughput(shape: str) -> None:
                 f"{bound:.3g}", f"{100 * tokens / bound:.0f}%",
                 _breakdown(result), format_size(result["weights_in_ram"]),
             ])  # fmt: skip
-    names = {n for n, _ in measured}
+    names = {n for n, _ in measured} - {"ours-auto again"}
     best = {
         name: max((measured[(name, b)], b) for b in batches if (name, b) in measured)
         for name in names
@@ -357,12 +364,35 @@ def test_offload_generation_throughput(shape: str) -> None:
             f"best batch: {name} {tokens:.3g} tok/s (batch {at}) / accelerate {peer_best:.3g} "
             f"(batch {peer_batch}) = {tokens / peer_best:.2f}x"
         )
+    print(_prediction_summary(predicted, measured, batches))
+
+
+def _prediction_summary(predicted: dict[int, float], measured: dict, batches) -> str:
+    """ours-auto's predicted / measured at each batch: against each of its two runs and
+    against the better of them, and how many are within 25% (issue 7's tolerance)."""
+    lines, within = [], {"first": 0, "again": 0, "better": 0}
+    for batch in batches:
+        first, again = measured[("ours-auto", batch)], measured[("ours-auto again", batch)]
+        ratios = {
+            "first": predicted[batch] / first,
+            "again": predicted[batch] / again,
+            "better": predicted[batch] / max(first, again),
+        }
+        within.update({k: within[k] + (abs(r - 1) <= 0.25) for k, r in ratios.items()})
+        lines.append(
+            f"  batch {batch}: predicted {predicted[batch]:.3g}, measured {first:.3g} then "
+            f"{again:.3g} ({max(first, again) / min(first, again):.2f}x apart); predicted/better "
+            f"{ratios['better']:.2f}"
+        )
+    counts = ", ".join(f"{k} {v} of {len(batches)}" for k, v in within.items())
+    return "ours-auto predicted vs measured (within 25%: " + counts + "):\n" + "\n".join(lines)
 
 
 @pytest.mark.parametrize("shape", SHAPE_PARAMS)
 def test_offload_policy_vs_grid(shape: str) -> None:
     """At GRID_BATCH: the policy's pick, measured, beside every policy of a coarse grid
-    (compression x prefetch x micro-batch, each with the most resident layers that fit)."""
+    (compression x prefetch x micro-batch, each with the most resident layers that fit); the
+    grid runs twice, the second pass in reverse order, and each policy counts its better pass."""
     setup = _setup(shape)
     budget, new_tokens, batch = BUDGETS[shape], NEW_TOKENS[shape], GRID_BATCH[shape]
     shapes, calibration = setup["shapes"], setup["calibration"]
@@ -386,17 +416,25 @@ def test_offload_policy_vs_grid(shape: str) -> None:
                 streamed = policy.resident_layers < shapes[compress].num_layers
                 key = (compress, policy.resident_layers, prefetch if streamed else 0, micro_batch)
                 grid.setdefault(key, policy)
-    rows = [["policy", "predicted", "measured", "predicted/measured", "decode step (median)"]]
+    rows = [["policy", "predicted", "measured (pass 1, 2)", "predicted/better", "decode step"]]
+    policies = list(grid.values())
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(policies))}
+    for order in (range(len(policies)), reversed(range(len(policies)))):  # 2nd pass reversed
+        for i in order:
+            policy = policies[i]
+            runs[i].append(
+                _run_ours(
+                    setup["prepared"][policy.compress], policy, batch,
+                    setup["config"].vocab_size, new_tokens, bf16_rows=policy.bf16_rows,
+                )
+            )  # fmt: skip
     results = []
-    for policy in grid.values():
-        result = _run_ours(
-            setup["prepared"][policy.compress], policy, batch, setup["config"].vocab_size,
-            new_tokens, bf16_rows=policy.bf16_rows,
-        )  # fmt: skip
+    for i, policy in enumerate(policies):
+        result = max(runs[i], key=lambda r: r["tokens_per_s"])
         results.append((policy, result["tokens_per_s"]))
         rows.append([
             policy.describe().split(";")[0], f"{policy.predicted_tokens_per_s:.3g}",
-            f"{result['tokens_per_s']:.3g}",
+            ", ".join(f"{r['tokens_per_s']:.3g}" for r in runs[i]),
             f"{policy.predicted_tokens_per_s / result['tokens_per_s']:.2f}", _breakdown(result),
         ])  # fmt: skip
     best_policy, best = max(results, key=lambda item: item[1])
@@ -408,9 +446,11 @@ def test_offload_policy_vs_grid(shape: str) -> None:
             f"{pick.predicted_tokens_per_s:.3g} = {pick.predicted_tokens_per_s / picked[0]:.2f}x "
             f"the measured)"
         )
+    within = sum(abs(p.predicted_tokens_per_s / m - 1) <= 0.25 for p, m in results)
     print(
         f"\n[offload {shape} grid, batch {batch}, true disk, budget {format_size(budget)}]\n"
         + _table(rows)
         + f"\npolicy pick: {pick.describe()}\n  measured {picked_text} tokens/s; best of grid "
-        f"{best:.3g} ({best_policy.describe().split(';')[0]})"
+        f"{best:.3g} ({best_policy.describe().split(';')[0]})\n  predictions within 25% of "
+        f"the better pass: {within} of {len(results)}"
     )
