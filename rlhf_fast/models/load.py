@@ -175,6 +175,34 @@ def _copy_out_of_the_checkpoint(model: nn.Module) -> None:
                 module._buffers[name] = buffer.clone()
 
 
+def _from_pretrained(auto_class, path: Path, dtype: torch.dtype) -> nn.Module:
+    """auto_class.from_pretrained(path) from safetensors only, without remote code; a tensor the
+    model needs that the checkpoint lacks is an error. transformers would initialize it at
+    random and only log it (and _quiet_transformers hides that log): a truncated or mismatched
+    export would train or chat with random layers."""
+    try:
+        model, info = auto_class.from_pretrained(
+            path,
+            dtype=dtype,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+            output_loading_info=True,
+        )
+    except Exception as error:  # transformers raises many types: report each on one line
+        raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise ModelLoadError(
+            f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs ({shown}): "
+            "they would be random"
+        )
+    return model
+
+
 def load_causal_lm(
     model_dir: str | os.PathLike, *, dtype: str = "fp32", device: str = "cpu", quant: str = "none"
 ) -> nn.Module:
@@ -190,16 +218,7 @@ def load_causal_lm(
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch_dtype,
-            local_files_only=True,
-            trust_remote_code=False,
-            use_safetensors=True,
-        )
-    except Exception as error:  # transformers raises many types: report each on one line
-        raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
+    model = _from_pretrained(AutoModelForCausalLM, path, torch_dtype)
     model.requires_grad_(False)
     return _ready(model.to(device).eval(), quant)
 
@@ -218,16 +237,7 @@ def load_backbone(
     _quiet_transformers()
     from transformers import AutoModel
 
-    try:
-        model = AutoModel.from_pretrained(
-            path,
-            dtype=torch_dtype,
-            local_files_only=True,
-            trust_remote_code=False,
-            use_safetensors=True,
-        )
-    except Exception as error:
-        raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
+    model = _from_pretrained(AutoModel, path, torch_dtype)
     model.requires_grad_(False)
     return _ready(model.to(device).eval(), quant)
 

@@ -1,0 +1,50 @@
+"""models/load.py on broken checkpoints: every failure is a one-line ModelLoadError naming the
+directory, never a model with silently re-initialized (random) weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_families import make_family_dir
+
+from rlhf_fast.models.load import ModelLoadError, load_backbone, load_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return make_family_dir(tmp_path_factory.mktemp("load") / "llama", "llama")
+
+
+def _without(source, directory, name):
+    """A copy of the model directory whose checkpoint lacks the tensor `name`."""
+    shutil.copytree(source, directory)
+    tensors = load_file(directory / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("loader", [load_causal_lm, load_backbone])
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight"])
+def test_a_tensor_missing_from_the_checkpoint_is_an_error(llama_dir, tmp_path, loader, name):
+    broken = _without(llama_dir, tmp_path / "broken", name)
+    with pytest.raises(ModelLoadError) as error:
+        loader(broken)
+    message = str(error.value)
+    assert "\n" not in message and str(broken) in message
+    assert name.removeprefix("model.") in message  # the tensor is named
+
+
+def test_an_untied_lm_head_missing_is_an_error_and_a_complete_model_loads(llama_dir, tmp_path):
+    broken = _without(llama_dir, tmp_path / "broken", "lm_head.weight")
+    with pytest.raises(ModelLoadError, match="lm_head.weight"):
+        load_causal_lm(broken)
+    load_backbone(broken)  # the decoder alone does not need the head
+    model = load_causal_lm(llama_dir)
+    saved = load_file(llama_dir / "model.safetensors")
+    assert torch.equal(model.lm_head.weight, saved["lm_head.weight"])
