@@ -19,6 +19,7 @@ tokens/s, prefill time and effective GB/s (model bytes read per token times toke
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -115,6 +116,12 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    # SamplingConfig's range checks let NaN through (every comparison with it is false) and
+    # inf too; either failed in the middle of the first answer, as a traceback
+    for name, bound in (("temperature", ">= 0"), ("repetition_penalty", "> 0")):
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise ChatError(f"{name} must be a finite number {bound}, got {value}")
     try:
         return SamplingConfig(
             temperature=args.temperature,

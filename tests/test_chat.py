@@ -379,9 +379,25 @@ def test_missing_dir_subprocess_exit_code(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_bad_flag_value_exits_2(templated_dir, capsys):
-    assert main(["chat", str(templated_dir), "--prompt", "hi", "--top-p", "1.5"]) == 2
-    assert "top_p" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--top-p", "1.5"),
+        ("--top-p", "nan"),
+        ("--temperature", "nan"),  # passed `< 0`; sampling then raised a traceback
+        ("--temperature", "inf"),
+        ("--repetition-penalty", "nan"),
+        ("--repetition-penalty", "inf"),
+    ],
+)
+def test_bad_flag_value_exits_2(templated_dir, flag, value, capsys):
+    argv = ["chat", str(templated_dir), "--prompt", "hi", flag, value, "--max-new-tokens", "4"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    name = flag[2:].replace("-", "_")
+    assert captured.err.startswith(f"rlhf-fast chat: {name} must be") and value in captured.err
+    assert captured.err.count("\n") == 1
 
 
 def _has_quant_loader() -> bool:
