@@ -152,6 +152,17 @@ def test_bad_inputs_are_refused():
 # --------------------------------------------------------------------------- corrupt tensors
 
 
+def _groups_of(group_size: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Consistent qdata / scales / offsets shapes for a 200-wide row in groups of group_size
+    (0: more scales than codes)."""
+    if group_size == 0:
+        return {"w.scales": torch.zeros(8, 300).half(), "w.offsets": torch.zeros(8, 300).half()}
+    groups = -(-200 // group_size)
+    half = torch.zeros(8, groups).half()
+    data = torch.zeros(8, groups * group_size // 2, dtype=torch.uint8)
+    return {"w.qdata": data, "w.scales": half, "w.offsets": half.clone()}
+
+
 def corrupted(bits: int, change) -> dict[str, torch.Tensor]:
     tensors = dict(quantize_weight(gaussian(8, 200), bits, 32).state_dict("w"))
     change(tensors)
@@ -172,6 +183,15 @@ def corrupted(bits: int, change) -> dict[str, torch.Tensor]:
         (8, lambda t: t.update({"w.scales": t["w.scales"][:-1]}), "scales must have shape"),
         (8, lambda t: t.update({"w.qshape": torch.tensor([8, 199])}), "qdata must have shape"),
         (8, lambda t: t.update({"w.qdata": t["w.qdata"].T.contiguous()}), "qdata must have shape"),
+        # Dtypes are part of the format: the kernels read the bytes as these types.
+        (4, lambda t: t.update({"w.scales": t["w.scales"].float()}), "scales must be float16"),
+        (4, lambda t: t.update({"w.offsets": t["w.offsets"].float()}), "offsets must be float16"),
+        (8, lambda t: t.update({"w.scales": t["w.scales"].half()}), "scales must be float32"),
+        # Scales whose count gives a group size the kernels cannot walk (48, 0).
+        (4, lambda t: t.update(_groups_of(48, t)), "group size 48"),
+        (4, lambda t: t.update(_groups_of(0, t)), "group size 0|scales"),
+        (4, lambda t: t.update({"w.qshape": torch.tensor([8, 200, 1])}), "qshape must hold 2"),
+        (8, lambda t: t.update({"w.qshape": torch.tensor([8])}), "qshape must hold 2"),
     ],
 )
 def test_from_state_dict_rejects_corrupt_tensors(bits, change, message):

@@ -402,6 +402,10 @@ def test_truncated_or_garbage_weights(tmp_path):
             lambda t: t.update({"model.layers.0.self_attn.q_proj.qdata": torch.zeros(64, 32)}),
             "not int8/uint8",
         ),
+        (  # loaded fine before, then the first forward failed in the kernel, naming no file
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.scales": torch.zeros(64, 2)}),
+            "q_proj: scales must be float16 for int4, got float32",
+        ),
     ],
 )
 def test_inconsistent_tensors_are_named(tmp_path, change, message):

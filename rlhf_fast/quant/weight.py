@@ -90,16 +90,29 @@ class QuantizedWeight:
         """Rebuilds a weight saved by state_dict(); ValueError names what is inconsistent."""
         try:
             data, scales = tensors[f"{prefix}.qdata"], tensors[f"{prefix}.scales"]
-            out_features, in_features = (int(v) for v in tensors[f"{prefix}.qshape"].tolist())
+            qshape = tensors[f"{prefix}.qshape"]
         except KeyError as missing:
             raise ValueError(f"quantized weight {prefix!r}: missing tensor {missing}") from None
+        if qshape.shape != (2,):
+            raise ValueError(
+                f"quantized weight {prefix!r}: qshape must hold 2 values [out_features, "
+                f"in_features], got shape {tuple(qshape.shape)}"
+            )
+        out_features, in_features = (int(v) for v in qshape.tolist())
         if data.dtype == torch.int8:
             weight = cls(8, -1, (out_features, in_features), data, scales)
         elif data.dtype == torch.uint8:
             offsets = tensors.get(f"{prefix}.offsets")
-            if offsets is None or scales.dim() != 2 or scales.shape[1] == 0:
+            if offsets is None or scales.dim() != 2 or scales.shape[1] == 0 or data.dim() != 2:
                 raise ValueError(f"quantized weight {prefix!r}: int4 needs 2-D scales and offsets")
-            group_size = data.shape[1] * 2 // scales.shape[1]
+            codes, groups = data.shape[1] * 2, scales.shape[1]
+            if codes % groups:
+                raise ValueError(
+                    f"quantized weight {prefix!r}: qdata must have shape [N, groups * group_size "
+                    f"/ 2]; its {codes} codes per row do not split into the {groups} groups of "
+                    "scales"
+                )
+            group_size = codes // groups
             weight = cls(4, group_size, (out_features, in_features), data, scales, offsets)
         else:
             raise ValueError(f"quantized weight {prefix!r}: qdata has unknown dtype {data.dtype}")
@@ -107,15 +120,32 @@ class QuantizedWeight:
         return weight
 
     def validate(self, name: str = "qweight") -> None:
-        """Checks that the tensors agree with each other (a corrupt file fails here)."""
+        """Checks that the tensors agree with each other and have the format's dtypes (a
+        corrupt file fails here, not in the first product)."""
         n, k = self.shape
+        if n < 0 or k < 0:
+            raise ValueError(f"{name}: shape must be non-negative, got {self.shape}")
+        if self.bits == 4 and (self.group_size <= 0 or self.group_size % INT4_BLOCK):
+            raise ValueError(
+                f"{name}: group size {self.group_size} (from qdata and scales' shapes) is not a "
+                f"positive multiple of {INT4_BLOCK}"
+            )
+        dtypes = {"qdata": torch.int8, "scales": torch.float32}
+        if self.bits == 4:
+            dtypes = {"qdata": torch.uint8, "scales": torch.float16, "offsets": torch.float16}
+        actual = {"qdata": self.data, "scales": self.scales, "offsets": self.offsets}
+        for key, dtype in dtypes.items():
+            if actual[key] is not None and actual[key].dtype != dtype:
+                raise ValueError(
+                    f"{name}: {key} must be {str(dtype).removeprefix('torch.')} for "
+                    f"int{self.bits}, got {str(actual[key].dtype).removeprefix('torch.')}"
+                )
         if self.bits == 8:
             expected = {"qdata": (n, k), "scales": (n,)}
         else:
             padded = -(-k // self.group_size) * self.group_size
             groups = padded // self.group_size
             expected = {"qdata": (n, padded // 2), "scales": (n, groups), "offsets": (n, groups)}
-        actual = {"qdata": self.data, "scales": self.scales, "offsets": self.offsets}
         for key, shape in expected.items():
             if actual[key] is None or tuple(actual[key].shape) != shape:
                 got = None if actual[key] is None else tuple(actual[key].shape)
