@@ -263,3 +263,24 @@ def test_cuda_inputs_keep_peft_forward_unless_triton_is_asked_for(monkeypatch):
     assert not peft_is_faster_here(CudaLike())
     monkeypatch.setenv("RLHF_FAST_BACKEND", "cpp")
     assert peft_is_faster_here(CudaLike())
+
+
+def test_autocast_runs_peft_forward_instead_of_failing(counted_calls, monkeypatch):
+    """Under torch.autocast the op's GEMMs would get bf16 and fp32 operands (an internal
+    RuntimeError): the fused layer runs peft's forward there, with peft's result and gradients."""
+    monkeypatch.setattr(importlib.import_module("rlhf_fast.lora.fuse"), "_warned", set())
+    plain, fused = peft_pair("llama", dropout=0.0)
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
+    results = []
+    with pytest.warns(UserWarning, match="autocast"):
+        for model in (plain, fused):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+            results.append((loss.detach(), *grads))
+    for fused_t, plain_t in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fused_t, plain_t, atol=0, rtol=0)
+    assert counted_calls == []
+    fused(input_ids=ids)  # outside autocast: the fused op again
+    assert counted_calls

@@ -4,9 +4,10 @@ The layer stays peft's own module (same parameters, names, state_dict, adapter s
 `disable_adapter()`, save/load); only its forward is replaced, on the instance, by one that
 calls the fused op with the active adapter's A, B, scaling and dropout probability. Calls the
 fused op does not cover (several active adapters, DoRA and other LoRA variants, merged
-adapters, `adapter_names=` mixed batches, lora_bias, a trainable base weight, ...) run peft's
-own forward, and a warning says so once per reason. Adapters disabled: peft's forward too
-(the base layer alone), which is what a PPO reference model through disable_adapter() needs.
+adapters, `adapter_names=` mixed batches, lora_bias, a trainable base weight, a forward under
+torch.autocast, ...) run peft's own forward, and a warning says so once per reason. Adapters
+disabled: peft's forward too (the base layer alone), which is what a PPO reference model
+through disable_adapter() needs.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def peft_is_faster_here(x: torch.Tensor) -> bool:
 
 def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     reason = _uncovered(self, args, kwargs)
+    if reason is None and torch.is_autocast_enabled(x.device.type):
+        # autocast would hand the op's GEMMs operands of two dtypes (a RuntimeError)
+        reason = "torch.autocast is on"
     if reason is None and peft_is_faster_here(x):
         reason = ""  # silently: peft's forward is the better path there, not a limitation
     weight = bias = None
