@@ -33,6 +33,10 @@ from rlhf_fast.models.generate import (
 from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 
 PROMPT_MARKER = ">>> "
+# Files a tokenizer is saved as (fast, config, sentencepiece, BPE/WordPiece vocab, tiktoken).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken"
+)  # fmt: skip
 
 
 class ChatError(Exception):
@@ -45,6 +49,12 @@ def load(args: argparse.Namespace):
     if not (model_dir / "config.json").is_file():
         what = "no config.json in" if model_dir.is_dir() else "no such directory:"
         raise ChatError(f"cannot load model: {what} {model_dir}")
+    if not any(any(model_dir.glob(pattern)) for pattern in TOKENIZER_FILES):
+        # transformers' own error here is several lines whose first ends in "from one of:"
+        raise ChatError(
+            f"cannot load model: no tokenizer in {model_dir} (no tokenizer.json or "
+            "tokenizer_config.json; save the tokenizer beside the model)"
+        )
     import torch
     import transformers
     from transformers import AutoTokenizer

@@ -372,6 +372,21 @@ def test_bad_model_dir_exits_2_with_one_line(tmp_path, kind, capsys):
     assert captured.err.count("\n") == 1 and str(model_dir) in captured.err
 
 
+def test_model_dir_without_tokenizer_says_so(templated_dir, tmp_path, capsys):
+    """A directory saved without its tokenizer (model.save_pretrained alone) is common; the
+    error said "Couldn't instantiate the backend tokenizer from one of:" and stopped there."""
+    model_dir = tmp_path / "no-tokenizer"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((templated_dir / name).read_bytes())
+    assert main(["chat", str(model_dir), "--prompt", "hi"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(
+        f"rlhf-fast chat: cannot load model: no tokenizer in {model_dir}"
+    )
+
+
 def test_missing_dir_subprocess_exit_code(tmp_path):
     command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(tmp_path / "nope")]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
