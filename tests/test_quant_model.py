@@ -416,6 +416,26 @@ def test_inconsistent_tensors_are_named(tmp_path, change, message):
     assert "model.safetensors" in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"group_size": "32"}, "group_size"),  # was a TypeError from a comparison
+        ({"group_size": 0}, "group_size"),  # was an error naming neither file nor entry
+        ({"group_size": 48}, "group_size"),
+        ({"group_size": True}, "group_size"),
+        ({"bits": 8, "group_size": -1}, "says int8 but"),  # the file holds int4: was loaded
+    ],
+)
+def test_bad_quantization_entry_is_a_one_line_error_naming_the_config(tmp_path, entry, message):
+    directory = saved(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization"].update(entry)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message) as error:
+        load_quantized(directory)
+    assert "config.json" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_dense_directory_needs_safetensors(tmp_path):
     tiny_model("opt").save_pretrained(tmp_path / "dense")
     (tmp_path / "dense" / "model.safetensors").unlink()

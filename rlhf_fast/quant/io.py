@@ -25,6 +25,7 @@ from torch import nn
 
 from rlhf_fast.quant.linear import QuantLinear, dense_weight, is_quantizable
 from rlhf_fast.quant.model import DEFAULT_SKIP, FORMAT, quantize_model, replace_module
+from rlhf_fast.quant.weight import INT4_BLOCK
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -63,6 +64,18 @@ def read_quantization(model_dir: str | os.PathLike) -> dict | None:
     if not known or entry.get("bits") not in (4, 8):
         raise ValueError(
             f"{config_file}: 'quantization' entry {entry!r} is not an rlhf_fast int4/int8 format"
+        )
+    # The loader builds int4 layers with this group size (absent: 32, the default).
+    group_size = entry.get("group_size", 32 if entry["bits"] == 4 else -1)
+    if entry["bits"] == 4:
+        valid = type(group_size) is int and group_size > 0 and group_size % INT4_BLOCK == 0
+    else:
+        valid = type(group_size) is int and group_size == -1
+    if not valid:
+        wanted = f"a positive multiple of {INT4_BLOCK}" if entry["bits"] == 4 else "-1"
+        raise ValueError(
+            f"{config_file}: 'quantization' group_size must be {wanted} for "
+            f"int{entry['bits']}, got {group_size!r}"
         )
     return entry
 
@@ -176,6 +189,11 @@ def _install_shells(
         if bits is None:
             raise ValueError(
                 f"{weights_file}: {name}.qdata has dtype {qdata.dtype}, not int8/uint8"
+            )
+        if bits != entry["bits"]:
+            raise ValueError(
+                f"{weights_file.parent / CONFIG_FILE}: 'quantization' says int{entry['bits']} "
+                f"but {weights_file.name} stores {name} as int{bits}"
             )
         out_features, in_features = dense_weight(layer).shape
         bias = getattr(layer, "bias", None)
