@@ -204,3 +204,24 @@ def test_only_short_16bit_cpu_attention_under_autograd_is_widened():
     assert not widen("sdpa", q.detach(), short)  # no gradient: bf16's forward is the faster
     with torch.no_grad():
         assert not widen("sdpa", q, short)
+
+
+@pytest.mark.parametrize("family", LLAMA_LIKE)
+def test_autocast_forward_and_backward_equal_hfs(family, family_dirs):
+    """Under torch.autocast HF's rotary multiplies bf16 q/k by fp32 cos/sin (promoting them);
+    the fused rotary refused the mixed dtypes (TypeError): the attention runs HF's forward."""
+    model = load_causal_lm(family_dirs[family])
+    for name, parameter in model.named_parameters():  # norms and projections (not embeddings)
+        parameter.requires_grad_("embed" not in name)
+    ids = torch.randint(3, 60, (2, 13), generator=torch.Generator().manual_seed(4))
+    results = []
+    for fused in (True, False):
+        if not fused:
+            unfuse_layers(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_logits_and_grads(model, ids))
+    (logits, grads), (expected_logits, expected_grads) = results
+    torch.testing.assert_close(logits, expected_logits, atol=3e-2, rtol=1e-2)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(grad, expected, atol=3e-2 * scale + 1e-6, rtol=0)

@@ -81,8 +81,15 @@ def _attention_forward(
 ):
     """HF's Llama/Qwen2/Mistral attention forward (transformers 5.24) with the rotary step on
     ops.rotary_embedding, applied to q and k in the projections' [B, T, H, D] layout, and
-    short 16-bit CPU attentions under autograd computed in fp32 (`_widen_for_cpu_sdpa`)."""
+    short 16-bit CPU attentions under autograd computed in fp32 (`_widen_for_cpu_sdpa`); under
+    torch.autocast, HF's forward itself."""
     cache = cache if cache is not None else past_key_values
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        # HF's rotary multiplies autocast's bf16 q/k by fp32 cos/sin (promoting them to fp32);
+        # the fused op takes one dtype: HF's own forward gives HF's numbers
+        return type(self).forward(
+            self, hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs
+        )
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     cos, sin = position_embeddings
