@@ -46,6 +46,19 @@ def test_environment_variable_naming_a_missing_backend_is_an_error(monkeypatch):
         ops.rank_loss(torch.randn(2, 3))
 
 
+@pytest.mark.parametrize("value", ["nonsense", "CPP", " cpp", "cuda"])
+def test_errors_caused_by_the_environment_variable_name_it(monkeypatch, value):
+    # No backend argument was passed: an error that only says "backend" points nowhere.
+    monkeypatch.setenv(_dispatch.ENV_VAR, value)
+    with pytest.raises((ValueError, ops.BackendUnavailableError)) as error:
+        ops.gae(torch.randn(2, 3), torch.randn(2, 3))
+    assert _dispatch.ENV_VAR in str(error.value) and repr(value) in str(error.value)
+    # An explicit argument's error is about the argument.
+    with pytest.raises(ValueError) as error:
+        ops.gae(torch.randn(2, 3), torch.randn(2, 3), backend="nonsense")
+    assert _dispatch.ENV_VAR not in str(error.value)
+
+
 def test_backends_report():
     report = rlhf_fast.backends()
     assert set(report) >= {"gae", "rank_loss"}
@@ -87,7 +100,9 @@ def test_missing_extension_falls_back_to_reference_with_one_warning():
 
 def test_doctor_command_lists_backends():
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf_fast.cli", "doctor"], capture_output=True, text=True,
+        [sys.executable, "-m", "rlhf_fast.cli", "doctor"],
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -72,21 +72,28 @@ def candidates(op: str, device_type: str) -> tuple[str, ...]:
 def choose(op: str, device: torch.device, requested: str | None) -> str:
     """The backend that runs `op` on `device`: the requested one, or the fastest available."""
     implemented = IMPLEMENTED[op]
+    source = "backend"
     if requested is None:
         from_env = os.environ.get(ENV_VAR) or None
         # The variable is a global preference: ops without that backend pick automatically.
         if from_env is not None and (from_env not in BACKENDS or from_env in implemented):
-            requested = from_env
+            requested, source = from_env, ENV_VAR
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+            prefix = f"{ENV_VAR}: " if source == ENV_VAR else ""
+            raise ValueError(f"{prefix}backend must be one of {BACKENDS}, got {requested!r}")
         if requested not in implemented:
             raise BackendUnavailableError(
                 f"{op} has no {requested!r} backend (it has: {', '.join(implemented)})"
             )
         reason = unavailable_reason(requested, device)
         if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
+            # Without the variable's name, an error for a call that asked for no backend is
+            # a riddle.
+            via = f" (set by {ENV_VAR}={requested!r})" if source == ENV_VAR else ""
+            raise BackendUnavailableError(
+                f"{op}: backend {requested!r} is unavailable: {reason}{via}"
+            )
         return requested
     return _automatic_pick(op, device.type)
 
