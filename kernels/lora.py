@@ -36,7 +36,7 @@ def _matmul_low_rank_kernel(
     a_ptr, b_ptr, c_ptr, d_ptr, keep_ptr, bias_ptr, out_ptr,
     M, P, Q, R,
     stride_am, stride_aq, stride_bq, stride_bp, stride_cm, stride_cr, stride_dr, stride_dp,
-    stride_nm, stride_np, stride_om, stride_op,
+    stride_nm, stride_np, stride_om, stride_op, stride_bias,
     HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -88,8 +88,9 @@ def _matmul_low_rank_kernel(
         low = low * keep.to(tl.float32)
     acc += low
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cols < P, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        # By its stride: a bias may be a strided view (a slice of a fused qkv bias).
+        bias = tl.load(bias_ptr + cols64 * stride_bias, mask=col_ok, other=0.0)
+        acc += bias.to(tl.float32)
     tl.store(
         out_ptr + rows64 * stride_om + cols64 * stride_op,
         acc.to(out_ptr.dtype.element_ty),
@@ -106,7 +107,8 @@ def matmul_low_rank(
     keep: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """a @ b + (c @ d) * keep (+ bias), in a's dtype; any strides (views of transposes)."""
+    """a @ b + (c @ d) * keep (+ bias), in a's dtype; any strides (views of transposes, a
+    strided bias)."""
     (m, q), (q2, p), (m2, r), (r2, p2) = a.shape, b.shape, c.shape, d.shape
     assert q == q2 and m == m2 and r == r2 and p == p2, "inconsistent shapes"
     out = torch.empty((m, p), dtype=a.dtype, device=a.device)
@@ -120,7 +122,7 @@ def matmul_low_rank(
         a, b, c, d, keep_arg, bias_arg, out, m, p, q, r,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         d.stride(0), d.stride(1), keep_arg.stride(0), keep_arg.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), bias_arg.stride(0),
         HAS_KEEP=keep is not None, HAS_BIAS=bias is not None, UPCAST=_INTERPRETING,
         PRECISION=precision, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
         BLOCK_R=block_r,

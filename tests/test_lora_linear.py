@@ -123,6 +123,28 @@ def test_three_d_and_non_contiguous_x(backend):
         assert_close(actual, expected, torch.float32, what)
 
 
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t as every-other-element view of a buffer twice as long on the last axis."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t.detach()
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_weight_bias_and_adapters(backend):
+    # A bias sliced with a step (a fused qkv bias split by stride, say) was read as if it were
+    # contiguous by the Triton kernel: y was off by the neighbouring elements.
+    x, w, b, a, bb, dy = make_inputs(7, 40, 24, 4, torch.float32, torch.float32, 11)
+    views = [strided(t).requires_grad_(t.requires_grad) for t in (w, b, a, bb)]
+    assert not any(t.is_contiguous() for t in views)
+    y, (dx, da, db, dbias) = run(backend, x, *views, dy, 0.0, 11)
+    noise = dropout_noise_by_nn_dropout(x.shape, 0.0, torch.float32, 11)
+    ey, edx, eda, edb, edbias = oracle(x, w, b, a, bb, dy, noise)
+    for actual, expected, what in ((y, ey, "y"), (dx, edx, "dx"), (da, eda, "dA"), (db, edb, "dB")):
+        assert_close(actual, expected, torch.float32, what)
+    assert_close(dbias, edbias, torch.float32, "dbias")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits, group_size", [(8, -1), (4, 32), (4, 128)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
