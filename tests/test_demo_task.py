@@ -265,3 +265,16 @@ def test_judge_policy_reports_the_judges_scores(model_dir):
         for size in (3, 10)
     ]  # fmt: skip
     assert greedy[0] == greedy[1]
+
+
+@pytest.mark.parametrize("scale", [0.01, 1, 3, 10])
+def test_every_allowed_demo_scale_has_enough_evaluation_questions(scale):
+    """RLHF_FAST_DEMO_SCALE allows (0, 10]; the 'eval' split holds only 369 distinct questions,
+    so scaling the evaluation file with the rest failed from scale 2.9 on."""
+    from rlhf_fast.demo.pipeline import DemoPreset
+
+    preset = DemoPreset().scaled(scale)
+    questions = task.distinct_questions_of_split(
+        "eval", preset.sizes.eval_prompts, random.Random(0)
+    )
+    assert len(set(questions)) == preset.sizes.eval_prompts >= preset.eval_questions >= 16

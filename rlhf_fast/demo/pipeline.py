@@ -85,6 +85,11 @@ class DemoPreset:
 
         counts = dataclasses.astuple(self.sizes)
         sizes = task.DemoSizes(*(max(16, math.ceil(count * scale)) for count in counts))
+        # the evaluation asks eval_questions (128) different questions at most, and the eval
+        # split has only 369: more evaluation prompts would be unused, or impossible from 2.9x
+        sizes = dataclasses.replace(
+            sizes, eval_prompts=min(sizes.eval_prompts, self.sizes.eval_prompts)
+        )
         return dataclasses.replace(
             self, sizes=sizes, sft=steps(self.sft), rm=steps(self.rm), ppo=steps(self.ppo),
             eval_questions=min(self.eval_questions, sizes.eval_prompts),
