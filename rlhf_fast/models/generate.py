@@ -141,8 +141,13 @@ def sample_next_token(
 def _forward_keywords(model: torch.nn.Module) -> tuple[str, dict]:
     """The KV-cache argument's name (transformers >= 5.24 calls it `cache`, earlier versions
     `past_key_values`) and `logits_to_keep=1` where supported: a long prompt would otherwise
-    materialise [T, vocab] logits only to read the last row."""
-    parameters = inspect.signature(model.forward).parameters
+    materialise [T, vocab] logits only to read the last row. A peft model's forward takes
+    **kwargs and hands them to its base model: that model's signature decides (read off the
+    wrapper's, a deprecated `past_key_values` warned at every step, and transformers 5.40
+    drops it)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if get_base_model is not None else model
+    parameters = inspect.signature(inner.forward).parameters
     cache_keyword = "cache" if "cache" in parameters else "past_key_values"
     return cache_keyword, {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 

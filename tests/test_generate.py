@@ -1,0 +1,36 @@
+"""models/generate.py's HF loop on wrapped models: a peft LoRA model gets the KV cache under
+the name its inner model takes (`cache`, transformers >= 5.24), not the deprecated one."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from peft import LoraConfig, get_peft_model
+from test_fast_decoder import sequence, tiny_model
+
+from rlhf_fast import lora
+from rlhf_fast.models.generate import SamplingConfig, generate_tokens
+
+
+def test_a_peft_model_generates_as_its_merged_model_without_deprecated_keywords():
+    model = get_peft_model(
+        tiny_model("llama"),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    lora.fuse(model)
+    model.eval()
+    merged = copy.deepcopy(model).merge_and_unload()
+    config = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    prompt = sequence(9).tolist()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = list(generate_tokens(model, prompt, config))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert tokens == list(generate_tokens(merged, prompt, config, decoder="hf"))
+    assert len(set(tokens)) > 3
