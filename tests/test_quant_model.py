@@ -267,6 +267,20 @@ def test_loaded_float_parts_follow_dtype(tmp_path):
     assert torch.isfinite(logits(loaded, input_ids()).float()).all()
 
 
+def test_load_model_takes_a_dtype_name_for_dense_and_quantized_directories(tmp_path):
+    # A dense directory took "bfloat16" (transformers parses it); a quantized one raised
+    # "Invalid device string: 'bfloat16'" from tensor.to.
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    save_quantized(quantize_model(tiny_model("llama"), 4, 32), None, tmp_path / "q")
+    for directory in (tmp_path / "dense", tmp_path / "q"):
+        loaded = load_model(directory, dtype="bfloat16")
+        assert loaded.get_input_embeddings().weight.dtype == torch.bfloat16, directory
+        for bad in ("nonsense", "int8", 3):
+            with pytest.raises(ValueError, match="dtype") as error:
+                load_model(directory, dtype=bad)
+            assert "\n" not in str(error.value)
+
+
 def test_load_model_quantizes_a_dense_directory_on_load(tmp_path):
     dense = tiny_model("gpt2")
     dense.save_pretrained(tmp_path / "dense")

@@ -285,6 +285,20 @@ def load_quantized(
     return model.to(device).eval()
 
 
+def _float_dtype(dtype: object) -> torch.dtype | str | None:
+    """None, "auto" or a floating torch.dtype; a name ("bfloat16") becomes the dtype, so the
+    quantized path (tensor.to) accepts what transformers accepts for a dense one."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    parsed = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
+        raise ValueError(
+            "dtype must be None, 'auto', a floating torch.dtype or its name ('bfloat16'), "
+            f"got {dtype!r}"
+        )
+    return parsed
+
+
 def load_model(
     model_dir: str | os.PathLike,
     quantize: int | None = None,
@@ -304,6 +318,7 @@ def load_model(
     path = _model_dir(model_dir)
     if quantize not in (None, 4, 8):
         raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
+    dtype = _float_dtype(dtype)
     entry = read_quantization(path)
     if entry is not None:
         if quantize is not None and quantize != entry["bits"]:
