@@ -167,6 +167,17 @@ def test_bad_inputs_name_the_argument(bits):
         ops.quant_matmul(torch.randn(2, 64), qweight, torch.randn(5))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float64], ids=str)
+def test_non_float_bias_is_refused_on_every_backend(backend, dtype, monkeypatch):
+    # The reference added an int64 or bool bias silently; the C++ op refused it in its own
+    # words: every backend must give the wrapper's one answer.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    qweight = make_weight(4, 32, 6, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="bias must be float32, bfloat16 or float16"):
+        ops.quant_matmul(torch.randn(2, 64), qweight, torch.ones(6, dtype=dtype), backend=backend)
+
+
 @needs_cpp
 @pytest.mark.parametrize("bits", [8, 4])
 def test_raw_op_bad_inputs_name_the_argument(bits):

@@ -47,6 +47,8 @@ def _check(x, qweight, bias) -> None:
         raise ValueError(f"qweight is on {qweight.device} but x is on {x.device}")
     if bias is not None:
         bias = _checks.tensor(bias, "bias")
+        if bias.dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"bias must be float32, bfloat16 or float16, got {bias.dtype}")
         if bias.shape != (qweight.out_features,):
             raise ValueError(
                 f"bias must have shape ({qweight.out_features},) (out_features), "
