@@ -6,12 +6,15 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from test_fast_decoder import sequence, tiny_model
 
 from rlhf_fast import lora
-from rlhf_fast.models.generate import SamplingConfig, generate_tokens
+from rlhf_fast.models.generate import SamplingConfig, generate_tokens, sample_next_token
+
+NAN = float("nan")
 
 
 def test_a_peft_model_generates_as_its_merged_model_without_deprecated_keywords():
@@ -34,3 +37,18 @@ def test_a_peft_model_generates_as_its_merged_model_without_deprecated_keywords(
     assert not [w for w in caught if "past_key_values" in str(w.message)]
     assert tokens == list(generate_tokens(merged, prompt, config, decoder="hf"))
     assert len(set(tokens)) > 3
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_sampling_config_refuses_non_finite_values(field, value):
+    """NaN passed every range check (comparisons with it are false): a NaN repetition penalty
+    made greedy decoding pick a penalized token (argmax takes NaN as the largest)."""
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: value})
+
+
+def test_a_nan_penalty_cannot_reach_greedy_decoding():
+    logits = torch.tensor([5.0, 1.0, 0.5, 3.0])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        sample_next_token(logits, torch.tensor([2]), SamplingConfig(0, repetition_penalty=NAN))

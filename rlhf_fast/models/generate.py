@@ -19,6 +19,7 @@ draw from the softmax with a seeded `torch.Generator` (models/sampling.py).
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,10 @@ class SamplingConfig:
     max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
+        # NaN passes every range check below (comparisons with it are false): refuse it first
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
