@@ -149,6 +149,18 @@ def test_bad_inputs_are_refused():
         quantize_weight(torch.ones(4, 32), 4, group_size=48)
 
 
+def test_int4_refuses_weights_beyond_float16_range():
+    # int4 scales and offsets are float16: a weight past 65504 gave an inf offset, and so
+    # inf / NaN in dequantize() and in every product, with no error.
+    weight = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    weight[1, 3] = -7e4
+    with pytest.raises(ValueError, match="float16"):
+        quantize_weight(weight, 4, 32)
+    assert torch.isfinite(quantize_weight(weight, 8).dequantize()).all()  # fp32 scales
+    weight[1, 3] = -6e4  # within range: finite
+    assert torch.isfinite(quantize_weight(weight, 4, 32).dequantize()).all()
+
+
 # --------------------------------------------------------------------------- corrupt tensors
 
 

@@ -235,6 +235,12 @@ def quantize_weight(
         raise ValueError(
             f"group_size must be a multiple of {INT4_BLOCK} (32, 64, 128, ...), got {group_size}"
         )
+    largest = torch.finfo(torch.float16).max
+    if w.numel() and w.abs().max() > largest:
+        raise ValueError(
+            f"weight has values beyond +-{largest:g}, which int4's float16 scales and offsets "
+            "cannot hold (use bits=8)"
+        )
     padded = -(-k // group_size) * group_size
     # NaN marks the pad so it neither widens a group's range nor counts in its error.
     w = torch.nn.functional.pad(w, (0, padded - k), value=float("nan"))
