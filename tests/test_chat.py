@@ -450,3 +450,19 @@ def test_quantized_directory_loads_without_flags(templated_dir, tmp_path, capsys
     # Asking for other bits than the directory holds is a one-line error, exit code 2.
     assert main(argv + ["--int4"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_offload_help_names_every_setting_the_spec_accepts():
+    """`kv=int4` (the conversation's KV cache held 4-bit) works in chat but --help left it out."""
+    from rlhf_fast.cli import build_parser
+    from rlhf_fast.offload.session import parse_offload
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    (offload,) = [a for a in commands.choices["chat"]._actions if a.dest == "offload"]
+    help_text = offload.help.replace("%%", "%")
+    for setting in ("compress=none|int8|int4", "resident=N|P%", "prefetch=N", "micro-batch=N",
+                    "kv=none|int4", "act=bf16|fp32"):  # fmt: skip
+        assert setting in help_text, setting
+        key, values = setting.split("=")
+        example = values.split("|")[-1].replace("N", "1").replace("P%", "50%")
+        assert parse_offload(f"{key}={example}", num_layers=4)  # the setting exists
