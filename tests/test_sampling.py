@@ -120,3 +120,11 @@ def test_low_precision_weights_keep_a_small_entry_beside_a_large_one(dtype, voca
         weights[-1] = 1.0  # another block carries the rest
     draws = sample_from_probs(weights.expand(DRAWS, -1), torch.Generator().manual_seed(11))
     _frequencies_match(draws, weights.double())
+
+
+@pytest.mark.parametrize("vocab", [5, 256, 300])
+def test_zero_rows_give_zero_draws(vocab):
+    """An empty batch (reshape(0, -1, BLOCK) is ambiguous: it raised for vocab >= BLOCK)."""
+    assert sample_from_probs(torch.rand(0, vocab)).shape == (0,)
+    assert sample_from_probs(torch.rand(2, 0, vocab)).shape == (2, 0)
+    assert sample_tokens(torch.randn(0, vocab), 1.0, 3, None).shape == (0,)

@@ -36,7 +36,9 @@ def sample_from_probs(
     # inverse CDF would never reach the small entry
     accumulate = torch.float64 if rows.dtype == torch.float64 else torch.float32
     sums = (
-        [rows[:, :whole].reshape(len(rows), -1, BLOCK).sum(-1, dtype=accumulate)] if whole else []
+        [rows[:, :whole].reshape(len(rows), whole // BLOCK, BLOCK).sum(-1, dtype=accumulate)]
+        if whole
+        else []
     )
     if whole < vocab:
         sums.append(rows[:, whole:].sum(-1, keepdim=True, dtype=accumulate))
