@@ -211,6 +211,10 @@ def user(text: str) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     try:
         config = sampling_config(args)  # bad flags fail before the slow load
+        for name in ("max_memory", "offload_dir"):
+            if getattr(args, name, None) is not None and not getattr(args, "offload", None):
+                flag = "--" + name.replace("_", "-")
+                raise ChatError(f"{flag} applies to --offload (e.g. --offload auto)")
         model, tokenizer = load(args)
         system = [{"role": "system", "content": args.system}] if args.system else []
         try:

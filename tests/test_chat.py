@@ -387,6 +387,15 @@ def test_model_dir_without_tokenizer_says_so(templated_dir, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("flag, value", [("--max-memory", "cpu=1GiB"), ("--offload-dir", "off")])
+def test_offload_settings_without_offload_are_refused(templated_dir, flag, value, capsys):
+    """They were ignored: the whole model loaded, whatever RAM budget the user had set."""
+    assert main(["chat", str(templated_dir), "--prompt", "hi", flag, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err == f"rlhf-fast chat: {flag} applies to --offload (e.g. --offload auto)\n"
+
+
 def test_missing_dir_subprocess_exit_code(tmp_path):
     command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(tmp_path / "nope")]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
