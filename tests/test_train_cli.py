@@ -160,3 +160,30 @@ def test_max_length_beyond_a_learned_position_table(family, files, tmp_path, cap
     assert not output.exists()
     check_max_length(model, 256)  # fits
     check_max_length(files["model"], 10_000)  # rotary positions: no table to overflow
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_output_that_cannot_be_a_directory_is_one_line(files, tmp_path, where, capsys):
+    """--output naming a file (or a path under one) raised FileExistsError / NotADirectoryError
+    with a traceback from the run directory's mkdir."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory\n")
+    output = taken if where == "a file" else taken / "run"
+    args = ["train", "--stage", "sft", "--model", str(files["model"]), "--data", str(files["sft"])]
+    assert main([*args, "--output", str(output), "--max-steps", "1"]) == 2
+    error = _error(capsys)
+    assert error == f"rlhf-fast train: error: --output {output}: {taken} is a file, not a directory"
+
+
+def test_an_os_error_while_training_is_one_line(files, tmp_path, monkeypatch, capsys):
+    """A full or read-only disk while writing the run is the user's to fix, not a traceback."""
+    from rlhf_fast.train import run
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(run.config_module, "write", full)
+    args = ["train", "--stage", "sft", "--model", str(files["model"]), "--data", str(files["sft"])]
+    assert main([*args, "--output", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    expected = f"{tmp_path / 'run' / 'config.yaml'}: No space left on device"
+    assert _error(capsys) == f"rlhf-fast train: error: {expected}"

@@ -185,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
     ) as error:  # fmt: skip
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # the disk: full, read-only, permissions
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{PROG}: error: {where}{error.strerror or _one_line(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130
@@ -193,7 +197,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _refuse_to_overwrite(config: TrainConfig, resuming: bool) -> None:
-    if resuming or not config.output:
+    if not config.output:
+        return
+    # the run directory is made after the model is built (minutes for a large one): a path it
+    # can never be fails now, not then
+    for path in (Path(config.output), *Path(config.output).parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--output {config.output}: {path} is a file, not a directory")
+    if resuming:
         return
     from rlhf_fast.train.checkpoint import has_checkpoint
 
