@@ -1,5 +1,6 @@
-"""models/generate.py's HF loop on wrapped models: a peft LoRA model gets the KV cache under
-the name its inner model takes (`cache`, transformers >= 5.24), not the deprecated one."""
+"""models/generate.py: the HF loop on a peft LoRA model passes the KV cache under the name its
+inner model takes (`cache`, transformers >= 5.24), not the deprecated one; SamplingConfig
+refuses NaN and infinite values."""
 
 from __future__ import annotations
 
