@@ -187,3 +187,15 @@ def test_an_os_error_while_training_is_one_line(files, tmp_path, monkeypatch, ca
     assert main([*args, "--output", str(tmp_path / "run"), "--max-steps", "1"]) == 2
     expected = f"{tmp_path / 'run' / 'config.yaml'}: No space left on device"
     assert _error(capsys) == f"rlhf-fast train: error: {expected}"
+
+
+def test_demo_in_a_read_only_directory_is_one_line(monkeypatch, capsys):
+    """`rlhf-fast train` (the demo) writes runs/demo-<time>/ under the working directory."""
+    from rlhf_fast.demo import pipeline
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "runs")
+
+    monkeypatch.setattr(pipeline, "run_demo", read_only)
+    assert main(["train"]) == 2
+    assert _error(capsys) == "rlhf-fast train: error: runs: Permission denied"

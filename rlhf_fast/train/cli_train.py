@@ -155,6 +155,9 @@ def run_demo() -> int:
     except ValueError as error:  # a bad RLHF_FAST_DEMO_SCALE
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # runs/ not writable here, a full disk
+        print(f"{PROG}: error: {_os_error(error)}", file=sys.stderr)
+        return 2
     print(format_report(report))
     return 0
 
@@ -186,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # the disk: full, read-only, permissions
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"{PROG}: error: {where}{error.strerror or _one_line(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; continue with --resume", file=sys.stderr)
@@ -219,3 +221,8 @@ def _refuse_to_overwrite(config: TrainConfig, resuming: bool) -> None:
 def _one_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def _os_error(error: OSError) -> str:
+    where = f"{error.filename}: " if error.filename else ""
+    return where + (error.strerror or _one_line(error))
