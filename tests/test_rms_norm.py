@@ -134,3 +134,15 @@ def test_raw_ops_check_their_arguments():
         torch.ops.rlhf_fast.rms_norm_backward(y, x, weight, rstd[:3], False)
     with pytest.raises(TypeError, match="grad_y must be"):
         torch.ops.rlhf_fast.rms_norm_backward(y.half(), x.bfloat16(), weight, rstd, False)
+
+
+@pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded")
+def test_double_backward_is_refused_not_silently_zero():
+    # The C++ backward op has no autograd formula: with create_graph=True a second derivative
+    # through it came out as zeros (the reference's is not). The fused backward must refuse.
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    weight = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(
+            ops.rms_norm(x, weight, backend="cpp").square().sum(), x, create_graph=True
+        )

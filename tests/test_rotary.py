@@ -121,3 +121,17 @@ def test_bad_inputs_name_the_argument():
         with pytest.raises(ValueError, match="contiguous D"):
             torch.ops.rlhf_fast.rotary_embedding(x.transpose(2, 3), cos[..., :4], sin[..., :4],
                                                  False)  # fmt: skip
+
+
+@pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded")
+def test_double_backward_is_refused_not_silently_zero():
+    # The C++ backward op has no autograd formula: a second derivative through it came out
+    # as zeros (the reference's is not); under create_graph=True
+    # the fused backward must refuse.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 2, 4, generator=generator).requires_grad_()
+    cos, sin = torch.randn(1, 3, 4, generator=generator), torch.randn(1, 3, 4, generator=generator)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(
+            ops.rotary_embedding(x, cos, sin, backend="cpp").square().sum(), x, create_graph=True
+        )

@@ -112,3 +112,14 @@ def test_bad_inputs_name_the_argument():
             torch.ops.rlhf_fast.silu_mul(gate.double(), gate.double())
         with pytest.raises(TypeError, match="up must have gate's dtype"):
             torch.ops.rlhf_fast.silu_mul(gate, gate.bfloat16())
+
+
+@pytest.mark.skipif(_native.cpp is None, reason="C++ extension not loaded")
+def test_double_backward_is_refused_not_silently_missing():
+    # The C++ backward op has no autograd formula: a second derivative through it was
+    # silently absent (None, counted as zero); under create_graph=True
+    # the fused backward must refuse.
+    gate = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    up = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(ops.silu_mul(gate, up, backend="cpp").sum(), gate, create_graph=True)

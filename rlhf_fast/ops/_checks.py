@@ -55,3 +55,15 @@ def finite_float(value: object, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def first_order_backward(op: str) -> None:
+    """Called at the top of a fused backward whose C++ op has no autograd formula. Under
+    create_graph=True (grad mode is on inside backward only then) its result would carry no
+    dependence on the inputs, and a second derivative through it would silently be zero or
+    missing: refuse, and say how to get one."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: the fused backward is first-order only (create_graph=True / double "
+            "backward); use backend='reference'"
+        )

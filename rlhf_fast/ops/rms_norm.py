@@ -36,6 +36,7 @@ class _FusedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        _checks.first_order_backward("rms_norm")
         x2d, weight32, rstd = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
         grad = grad_y.reshape(x2d.shape).contiguous()

@@ -33,6 +33,7 @@ class _FusedRotary(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _checks.first_order_backward("rotary_embedding")
         cos, sin = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()

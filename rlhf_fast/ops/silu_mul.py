@@ -31,6 +31,7 @@ class _FusedSiluMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _checks.first_order_backward("silu_mul")
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = torch.ops.rlhf_fast.silu_mul_backward(grad.contiguous(), gate, up)
         return grad_gate, grad_up
