@@ -48,3 +48,20 @@ def test_an_untied_lm_head_missing_is_an_error_and_a_complete_model_loads(llama_
     model = load_causal_lm(llama_dir)
     saved = load_file(llama_dir / "model.safetensors")
     assert torch.equal(model.lm_head.weight, saved["lm_head.weight"])
+
+
+def test_a_config_that_does_not_fit_the_tensors_names_one_of_them(llama_dir, tmp_path):
+    """transformers' own error only pointed at a report that _quiet_transformers hides."""
+    import json
+
+    broken = tmp_path / "wider"
+    shutil.copytree(llama_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] *= 2
+    (broken / "config.json").write_text(json.dumps(config))
+    for loader in (load_causal_lm, load_backbone):
+        with pytest.raises(ModelLoadError) as error:
+            loader(broken)
+        message = str(error.value)
+        assert "\n" not in message and str(broken) in message
+        assert "do not fit config.json" in message and "weight has shape [" in message, message

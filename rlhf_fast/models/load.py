@@ -179,7 +179,8 @@ def _from_pretrained(auto_class, path: Path, dtype: torch.dtype) -> nn.Module:
     """auto_class.from_pretrained(path) from safetensors only, without remote code; a tensor the
     model needs that the checkpoint lacks is an error. transformers would initialize it at
     random and only log it (and _quiet_transformers hides that log): a truncated or mismatched
-    export would train or chat with random layers."""
+    export would train or chat with random layers. A tensor whose shape the config does not
+    give is an error naming it (transformers' own points at the hidden log)."""
     try:
         model, info = auto_class.from_pretrained(
             path,
@@ -188,9 +189,17 @@ def _from_pretrained(auto_class, path: Path, dtype: torch.dtype) -> nn.Module:
             trust_remote_code=False,
             use_safetensors=True,
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, by name
         )
     except Exception as error:  # transformers raises many types: report each on one line
         raise ModelLoadError(f"{path}: cannot load the model ({_one_line(error)})") from None
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda entry: str(entry[0]))
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise ModelLoadError(
+            f"{path}: {len(mismatched)} tensor(s) do not fit config.json, e.g. {name} has shape "
+            f"{list(stored)} where the config gives {list(expected)}"
+        )
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         shown = ", ".join(missing[:3]) + (
