@@ -315,3 +315,13 @@ def test_mask_ops_opcheck_and_errors():
         unpack(bits, 200, torch.float32)
     with pytest.raises(TypeError, match="keep"):
         torch.ops.rlhf_fast.lora_pack_keep(keep.double())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_backward_refuses_create_graph(backend):
+    # The fused backward uses detached copies of A and B: under create_graph=True a second
+    # derivative such as d(dx)/dB came out wrong (the reference's is right). It must refuse.
+    x, w, _, a, bb, _ = make_inputs(3, 8, 5, 2, torch.float32, torch.float32, 3, False)
+    y = ops.lora_linear(x, w, None, a, bb, SCALING, backend=backend)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)

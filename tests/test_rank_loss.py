@@ -153,3 +153,20 @@ def test_raw_op_rejects_bad_inputs():
         torch.ops.rlhf_fast.rank_loss(rewards, torch.ones(4, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="rewards must be 2-D"):
         torch.ops.rlhf_fast.rank_loss(rewards[0], None)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_backward_refuses_create_graph(backend, monkeypatch):
+    # The fused gradient is computed in the forward and only scaled in backward: under
+    # create_graph=True it had no dependence on the rewards, so a gradient penalty added to
+    # the loss was silently ignored (the reference differentiates it). It must refuse.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ops.backends()["rank_loss"][backend].available is False:
+        pytest.skip(f"rank_loss backend {backend} unavailable here")
+    rewards = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    loss = ops.rank_loss(rewards, backend=backend)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(loss, rewards, create_graph=True)
+    (grad,) = torch.autograd.grad(ops.rank_loss(rewards, backend=backend), rewards)
+    (expected,) = torch.autograd.grad(ops.rank_loss(rewards, backend="reference"), rewards)
+    torch.testing.assert_close(grad, expected)

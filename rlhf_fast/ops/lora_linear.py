@@ -323,6 +323,8 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        # a, b and scaled_t are detached: second derivatives through them would be wrong.
+        _checks.first_order_backward("lora_linear")
         x2d, scaled_t, a, b, packed_mask = ctx.saved_tensors
         keep = None
         if packed_mask is not None:

@@ -43,6 +43,8 @@ class _FusedRankLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # grad was computed in forward: it does not depend on rewards in the autograd graph.
+        _checks.first_order_backward("rank_loss")
         (grad,) = ctx.saved_tensors
         return (grad * grad_loss).to(ctx.rewards_dtype), None, None
 
