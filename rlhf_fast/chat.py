@@ -94,6 +94,15 @@ def load(args: argparse.Namespace):
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the whole conversation, ending where the assistant's answer starts."""
+    for message in messages:
+        # bytes of argv or stdin that are not UTF-8 arrive as lone surrogates (surrogateescape),
+        # which the tokenizer refuses with a TypeError
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as error:
+            byte = ord(message["content"][error.start]) - 0xDC00
+            where = f" (byte 0x{byte:02x})" if 0x80 <= byte <= 0xFF else ""
+            raise ChatError(f"the {message['role']} message is not UTF-8 text{where}") from None
     try:
         return prompt_token_ids(tokenizer, messages)
     except TemplateError as error:
@@ -185,6 +194,9 @@ def read_line() -> str | None:
     except (EOFError, KeyboardInterrupt):
         sys.stdout.write("\n")
         return None
+    except UnicodeDecodeError as error:  # stdin decoded strictly (not surrogateescape)
+        print(f"rlhf-fast chat: the line is not UTF-8 text ({error.reason})", file=sys.stderr)
+        return ""
 
 
 def interactive(model, tokenizer, system: list[dict], config: SamplingConfig, seed) -> None:

@@ -248,6 +248,37 @@ def test_interactive_over_piped_stdin(templated_dir, monkeypatch, capsys):
     assert captured.err.count("tok/s") == 3 and "[history cleared]" in captured.err
 
 
+def test_bytes_that_are_not_utf8_are_one_line_errors(templated_dir, monkeypatch, capsys):
+    """Python hands undecodable bytes of argv and stdin over as lone surrogates ("\udce9" for
+    0xe9, Latin-1's é); the tokenizer then raised a TypeError traceback."""
+    argv = ["chat", str(templated_dir), "--temperature", "0", "--max-new-tokens", "4"]
+    assert main([*argv, "--prompt", "caf\udce9"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "rlhf-fast chat: the user message is not UTF-8 text (byte 0xe9)\n"
+    assert main([*argv, "--prompt", "hi", "--system", "\udcff"]) == 2
+    assert "the system message is not UTF-8 text (byte 0xff)" in capsys.readouterr().err
+    # interactive: say so, keep nothing of it in the history, go on
+    monkeypatch.setattr(sys, "stdin", io.StringIO("caf\udce9\nhello\n"))
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "the user message is not UTF-8 text (byte 0xe9)" in captured.err
+    assert captured.err.count("tok/s") == 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(argv) == 0
+
+    def answers(out: str) -> list[str]:
+        return [a for a in out.split(">>> ") if a.strip()]
+
+    # the same answer as in a fresh session: the bad line left nothing in the history
+    assert answers(capsys.readouterr().out) == answers(captured.out) != []
+    # stdin decoded strictly (PYTHONIOENCODING=utf-8:strict) raises while reading the line
+    strict = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", strict)
+    assert main(argv) == 0
+    assert "rlhf-fast chat: the line is not UTF-8 text (" in capsys.readouterr().err
+
+
 def test_one_shot_subprocess(templated_dir, capsys):
     command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(templated_dir)]
     command += ["--prompt", "hi", "--temperature", "0", "--max-new-tokens", "8"]
