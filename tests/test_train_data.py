@@ -189,6 +189,11 @@ BAD_LINES = [
         'has both "messages" and "prompt"; give one',
     ),
     ("sft", {"messages": [USER]}, '"messages" must end with an assistant turn, not user'),
+    (  # which answer to learn? "response" was silently ignored
+        "sft",
+        {"messages": [USER, ASSISTANT], "response": "other"},
+        'has both "messages" and "response"; give "prompt" and "response", or "messages"',
+    ),
     (
         "sft",
         {"messages": [ASSISTANT]},

@@ -155,6 +155,10 @@ def _check_same_kind(example, number: int, first_kind):
 def _parse_sft(record: dict, source: str) -> SFTExample:
     if "messages" in record:
         _only_one_of(record, "messages", "prompt")
+        if "response" in record:  # two answers to learn: the last turn's and this one
+            raise LineError(
+                'has both "messages" and "response"; give "prompt" and "response", or "messages"'
+            )
         messages = _messages(record, final_role="assistant")
         if len(messages) < 2 or messages[-2]["role"] != "user":
             raise LineError('"messages" must end with a user turn, then the assistant answer')
