@@ -3,6 +3,9 @@ here from the packed bytes (independently of QuantizedWeight.dequantize)."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 from backends_under_test import cpu_backend_params, using
@@ -253,3 +256,17 @@ def test_gradients_reach_x_and_bias(backend, bits):
     (x64 @ dense.T + b64).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(bias.grad.double(), b64.grad, atol=1e-3, rtol=1e-4)
+
+
+@needs_cpp
+def test_cuda_backend_without_triton_runs_many_rows_on_the_gemv(monkeypatch):
+    # The "cuda" backend sends M > 1 to the Triton GEMM; where triton is not installed (CUDA
+    # torch on Windows ships without it) that was an ImportError on every prefill, though the
+    # CUDA GEMV handles any M. Exercised on CPU tensors: the same registered ops serve both.
+    quant_matmul_module = importlib.import_module("rlhf_fast.ops.quant_matmul")
+    monkeypatch.setattr(quant_matmul_module, "_triton_installed", lambda: False)
+    monkeypatch.setitem(sys.modules, "rlhf_fast.kernels.quant_matmul", None)  # import fails
+    qweight = make_weight(4, 32, 6, 64, torch.Generator().manual_seed(0))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    y = quant_matmul_module._quant_matmul_cuda(x, qweight, None)
+    assert_close_to_oracle(y, x, qweight, None)

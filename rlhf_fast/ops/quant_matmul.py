@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -134,10 +136,16 @@ def _quant_matmul_triton(x, qweight, bias):
 register_kernel("triton", _quant_matmul_triton)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return _dispatch._triton_missing() is None
+
+
 def _quant_matmul_cuda(x, qweight, bias):
     """Decode (one row) on the CUDA GEMV, which reads each weight byte once; larger M on the
-    Triton GEMM, which reuses each unpacked weight tile across rows."""
-    if x.shape[0] != 1:
+    Triton GEMM, which reuses each unpacked weight tile across rows, or, where triton is not
+    installed, on the GEMV too (correct for any M, each row re-reading the weight)."""
+    if x.shape[0] != 1 and _triton_installed():
         return _quant_matmul_triton(x, qweight, bias)
     return registered_quant_matmul(x, qweight, bias)  # the same torch ops, dispatched to CUDA
 
