@@ -69,13 +69,14 @@ def report() -> list[str]:
         lines.append(f"{_dispatch.ENV_VAR}={forced} overrides the automatic choice")
 
     lines.append("")
-    lines.append(f"{'op':<11} {'device':<7} {'uses':<10} other backends for that device")
+    width = max(len("op"), *(len(op) for op in _dispatch.IMPLEMENTED))
+    lines.append(f"{'op':<{width}} {'device':<7} {'uses':<10} other backends for that device")
     for op in _dispatch.IMPLEMENTED:
         for device in ("cpu", "cuda"):
             try:
                 chosen = _dispatch.choose(op, torch.device(device), None)
             except (_dispatch.BackendUnavailableError, ValueError) as error:
-                lines.append(f"{op:<11} {device:<7} ERROR: {error}")
+                lines.append(f"{op:<{width}} {device:<7} ERROR: {error}")
                 continue
             others = []
             for backend in _dispatch.candidates(op, device):
@@ -83,7 +84,7 @@ def report() -> list[str]:
                     continue
                 reason = _dispatch.unavailable_reason(backend, torch.device(device))
                 others.append(f"{backend}: " + ("available" if reason is None else reason))
-            lines.append(f"{op:<11} {device:<7} {chosen:<10} " + "; ".join(others))
+            lines.append(f"{op:<{width}} {device:<7} {chosen:<10} " + "; ".join(others))
     return lines
 
 

@@ -1,0 +1,24 @@
+"""`rlhf-fast doctor`: the op table's columns line up."""
+
+from __future__ import annotations
+
+from rlhf_fast import doctor
+from rlhf_fast.ops import _dispatch
+
+
+def _op_rows(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.split(" ", 1)[0] in _dispatch.IMPLEMENTED]
+
+
+def test_op_table_columns_line_up(monkeypatch):
+    """Op names longer than the column (quant_matmul, rotary_embedding) pushed their rows'
+    device and backend columns out of line with the header's."""
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    lines = doctor.report()
+    header = next(line for line in lines if line.startswith("op "))
+    rows = _op_rows(lines)
+    assert len(rows) == 2 * len(_dispatch.IMPLEMENTED)
+    device_column, uses_column = header.index("device"), header.index("uses")
+    for row in rows:
+        assert row[device_column - 1] == " " and row[device_column:].split()[0] in ("cpu", "cuda")
+        assert row[uses_column - 1] == " " and row[uses_column:].split()[0] in _dispatch.BACKENDS
