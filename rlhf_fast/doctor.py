@@ -65,7 +65,9 @@ def report() -> list[str]:
     else:
         lines.append("devices   cpu (no CUDA device)")
     forced = os.environ.get(_dispatch.ENV_VAR)
-    if forced:
+    if forced and forced not in _dispatch.BACKENDS:
+        lines.append(bad_backend_variable(forced))
+    elif forced:
         lines.append(f"{_dispatch.ENV_VAR}={forced} overrides the automatic choice")
 
     lines.append("")
@@ -88,6 +90,15 @@ def report() -> list[str]:
     return lines
 
 
+def bad_backend_variable(value: str) -> str:
+    return (
+        f"{_dispatch.ENV_VAR}={value} is not a backend ({', '.join(_dispatch.BACKENDS)}): "
+        "every op call raises ValueError"
+    )
+
+
 def run() -> int:
+    """Print the report; 1 when RLHF_FAST_BACKEND names no backend (every op call fails)."""
     print("\n".join(report()))
-    return 0
+    forced = os.environ.get(_dispatch.ENV_VAR)
+    return 1 if forced and forced not in _dispatch.BACKENDS else 0

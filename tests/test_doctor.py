@@ -1,8 +1,10 @@
-"""`rlhf-fast doctor`: the op table's columns line up."""
+"""`rlhf-fast doctor`: the op table's columns line up, and a bad RLHF_FAST_BACKEND is named as
+the problem (not as an override) with a non-zero exit."""
 
 from __future__ import annotations
 
 from rlhf_fast import doctor
+from rlhf_fast.cli import main
 from rlhf_fast.ops import _dispatch
 
 
@@ -22,3 +24,22 @@ def test_op_table_columns_line_up(monkeypatch):
     for row in rows:
         assert row[device_column - 1] == " " and row[device_column:].split()[0] in ("cpu", "cuda")
         assert row[uses_column - 1] == " " and row[uses_column:].split()[0] in _dispatch.BACKENDS
+
+
+def test_a_bad_backend_variable_is_the_reported_problem(monkeypatch, capsys):
+    monkeypatch.setenv(_dispatch.ENV_VAR, "bogus")
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "RLHF_FAST_BACKEND=bogus overrides" not in out
+    assert (
+        "RLHF_FAST_BACKEND=bogus is not a backend (reference, cpp, cuda, triton): every op "
+        "call raises ValueError" in out
+    )
+
+
+def test_good_backend_variable_is_an_override(monkeypatch, capsys):
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "RLHF_FAST_BACKEND=reference overrides the automatic choice" in out
+    assert all(row.split()[2] == "reference" for row in _op_rows(out.splitlines()))
