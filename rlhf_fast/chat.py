@@ -48,7 +48,7 @@ def load(args: argparse.Namespace):
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         what = "no config.json in" if model_dir.is_dir() else "no such directory:"
-        raise ChatError(f"cannot load model: {what} {model_dir}")
+        raise ChatError(f"cannot load model: {what} {model_dir}{_not_a_model_hint(model_dir)}")
     if not any(any(model_dir.glob(pattern)) for pattern in TOKENIZER_FILES):
         # transformers' own error here is several lines whose first ends in "from one of:"
         raise ChatError(
@@ -90,6 +90,18 @@ def load(args: argparse.Namespace):
             f"cannot load model from {model_dir}: {type(error).__name__}: {reason}"
         ) from None
     return model.eval(), tokenizer
+
+
+def _not_a_model_hint(directory: Path) -> str:
+    """Where the model is when `directory` is one of the trainer's other outputs."""
+    for merged in (directory / "merged", directory / "ppo" / "merged"):  # a run (--stage all)
+        if (merged / "config.json").is_file():
+            return f" (its chat-ready model is {merged})"
+    if (directory / "adapter_config.json").is_file():
+        return " (it holds a peft adapter: chat with a merged model, which --merge writes)"
+    if (directory / "reward_config.json").is_file():
+        return " (it holds a reward model, not a model to chat with)"
+    return ""
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -403,6 +403,31 @@ def test_bad_model_dir_exits_2_with_one_line(tmp_path, kind, capsys):
     assert captured.err.count("\n") == 1 and str(model_dir) in captured.err
 
 
+@pytest.mark.parametrize(
+    "marker, hint",
+    [
+        ("merged/config.json", "its chat-ready model is {dir}/merged"),
+        ("ppo/merged/config.json", "its chat-ready model is {dir}/ppo/merged"),
+        (
+            "adapter_config.json",
+            "it holds a peft adapter: chat with a merged model, which --merge writes",
+        ),
+        ("reward_config.json", "it holds a reward model, not a model to chat with"),
+    ],
+)
+def test_run_adapter_and_reward_dirs_point_to_the_chat_model(tmp_path, marker, hint, capsys):
+    """`rlhf-fast chat runs/sft` (or its adapter/, or an RM export) said only 'no config.json'."""
+    model_dir = tmp_path / "run"
+    (model_dir / marker).parent.mkdir(parents=True, exist_ok=True)
+    (model_dir / marker).write_text("{}")
+    assert main(["chat", str(model_dir), "--prompt", "hi"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"rlhf-fast chat: cannot load model: no config.json in {model_dir} "
+        f"({hint.format(dir=model_dir)})\n"
+    )
+
+
 def test_model_dir_without_tokenizer_says_so(templated_dir, tmp_path, capsys):
     """A directory saved without its tokenizer (model.save_pretrained alone) is common; the
     error said "Couldn't instantiate the backend tokenizer from one of:" and stopped there."""
