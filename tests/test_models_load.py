@@ -65,3 +65,19 @@ def test_a_config_that_does_not_fit_the_tensors_names_one_of_them(llama_dir, tmp
         message = str(error.value)
         assert "\n" not in message and str(broken) in message
         assert "do not fit config.json" in message and "weight has shape [" in message, message
+
+
+@pytest.mark.parametrize("loader", [load_causal_lm, load_backbone])
+def test_a_quantized_directory_is_refused_by_name(llama_dir, tmp_path, loader):
+    """`rlhf-fast quantize` output has codes where transformers looks for weights: it loaded
+    with every projection random (since then: 'lacks 14 tensors'); say what the directory is."""
+    from rlhf_fast.quant import quantize_model
+    from rlhf_fast.quant.io import save_quantized
+
+    model = quantize_model(load_causal_lm(llama_dir), bits=4, group_size=32)
+    quantized = save_quantized(model, None, tmp_path / "int4")
+    with pytest.raises(ModelLoadError) as error:
+        loader(quantized)
+    message = str(error.value)
+    assert "\n" not in message and str(quantized) in message
+    assert "quantized" in message and "--quant int4" in message, message

@@ -175,12 +175,30 @@ def _copy_out_of_the_checkpoint(model: nn.Module) -> None:
                 module._buffers[name] = buffer.clone()
 
 
+def _refuse_quantized_dir(path: Path) -> None:
+    """A `rlhf-fast quantize` directory holds int4/int8 codes where transformers looks for
+    weights (every projection would be missing): training reads a dense model and quantizes it
+    itself (--quant)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # from_pretrained reports it
+    entry = config.get("quantization") if isinstance(config, dict) else None
+    if entry is not None:
+        bits = entry.get("bits") if isinstance(entry, dict) else None
+        raise ModelLoadError(
+            f"{path}: a quantized model directory (int{bits}, rlhf-fast quantize): pass the dense "
+            f"model it was made from, with --quant int{bits if bits in (4, 8) else 4}"
+        )
+
+
 def _from_pretrained(auto_class, path: Path, dtype: torch.dtype) -> nn.Module:
     """auto_class.from_pretrained(path) from safetensors only, without remote code; a tensor the
     model needs that the checkpoint lacks is an error. transformers would initialize it at
     random and only log it (and _quiet_transformers hides that log): a truncated or mismatched
     export would train or chat with random layers. A tensor whose shape the config does not
     give is an error naming it (transformers' own points at the hidden log)."""
+    _refuse_quantized_dir(path)
     try:
         model, info = auto_class.from_pretrained(
             path,
