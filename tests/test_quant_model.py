@@ -529,3 +529,24 @@ def test_quantize_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", dense, "--bits", "3", "--output", str(tmp_path / "q3")])
     assert exit_info.value.code == 2
+
+
+def test_failed_replace_keeps_the_old_model_directory(tmp_path, monkeypatch):
+    # Saving over an existing model moves it aside, then moves the new one in: when that second
+    # move failed, the old model stayed under a hidden .q.old-* name and q was gone.
+    model = quantize_model(tiny_model("gpt2"), 8)
+    save_quantized(model, None, tmp_path / "q")
+    before = (tmp_path / "q" / "model.safetensors").read_bytes()
+    real_rename = type(tmp_path).rename
+
+    def rename(self, target):
+        if ".tmp-" in self.name:  # the staged directory's move into place
+            raise OSError("simulated failure")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(tmp_path), "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        save_quantized(quantize_model(tiny_model("gpt2"), 4), None, tmp_path / "q")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["q"]
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == before

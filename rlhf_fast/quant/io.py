@@ -111,7 +111,11 @@ def _replace_dir(staged: Path, out_dir: Path) -> None:
             raise FileExistsError(f"{out_dir}: exists, is not empty and is not a model directory")
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         out_dir.rename(old)
-        staged.rename(out_dir)
+        try:
+            staged.rename(out_dir)
+        except BaseException:
+            old.rename(out_dir)  # the old model back under its name, not a hidden one
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         staged.rename(out_dir)
