@@ -284,3 +284,12 @@ def test_autocast_runs_peft_forward_instead_of_failing(counted_calls, monkeypatc
     assert counted_calls == []
     fused(input_ids=ids)  # outside autocast: the fused op again
     assert counted_calls
+
+
+def test_qlora_all_linear_leaves_a_quantized_output_layer_alone():
+    """peft's "all-linear" never targets the output layer; quantized with the rest (skip=()),
+    lm_head got an adapter (vocab x r more weights, the head trained) under the default."""
+    model = lora.prepare_qlora(tiny_model("llama"), bits=4, group_size=32, skip=())
+    assert isinstance(model.get_base_model().lm_head, QuantLinear)  # quantized, not wrapped
+    targets = model.peft_config["default"].target_modules
+    assert "lm_head" not in targets and {"q_proj", "down_proj"} <= set(targets)

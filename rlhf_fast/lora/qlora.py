@@ -43,14 +43,24 @@ class QuantLoraLinear(LoraLinear):
 
 
 def _quant_linear_names(model: nn.Module) -> list[str]:
+    """Last name components of `model`'s QuantLinear layers, the output layer left out (as
+    peft's "all-linear" leaves it out: a quantize_model(skip=()) quantizes lm_head too)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if get_output is not None else None
     modules = model.named_modules()
-    return sorted({name.rpartition(".")[2] for name, m in modules if isinstance(m, QuantLinear)})
+    return sorted(
+        {
+            name.rpartition(".")[2]
+            for name, m in modules
+            if isinstance(m, QuantLinear) and m is not output
+        }
+    )
 
 
 def qlora_config(lora_config: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
     """A copy of `lora_config` whose LoRA layers can wrap QuantLinear. "all-linear" targets (or
-    None) become the names of `model`'s QuantLinear layers (peft's "all-linear" only sees
-    nn.Linear)."""
+    None) become the names of `model`'s QuantLinear layers but its output layer (peft's
+    "all-linear" only sees nn.Linear)."""
     targets = lora_config.target_modules
     if model is not None and (targets is None or targets == "all-linear"):
         names = _quant_linear_names(model)
