@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -56,3 +57,26 @@ def test_perplexity_is_exp_of_the_mean_token_loss_when_chunks_are_uneven():
 def test_perplexity_without_predicted_tokens_is_a_one_line_error(shape):
     with pytest.raises(ValueError, match="held_out"):
         perplexity.perplexity(_tiny_llama(), torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps"),  # was OneCycleLR's ValueError traceback
+        (["--hidden", "36"], "--hidden"),  # head size 9: RoPE's traceback after the corpus
+        (["--hidden", "0"], "--hidden"),  # ZeroDivisionError traceback
+    ],
+)
+def test_main_refuses_bad_sizes_in_one_line_before_any_work(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["perplexity", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        perplexity.main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("sizes", [dict(steps=0), dict(hidden=36), dict(layers=0), dict(seq=1)])
+def test_train_small_model_refuses_bad_sizes(sizes):
+    with pytest.raises(ValueError, match=next(iter(sizes))):
+        perplexity.train_small_model(**sizes)

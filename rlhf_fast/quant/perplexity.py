@@ -60,6 +60,19 @@ class Setup:
     held_out: torch.Tensor  # [batch, seq] token ids
 
 
+def check_sizes(*, steps: int, hidden: int, layers: int, seq: int) -> None:
+    """ValueError naming the first size the study cannot run with (before any work is done):
+    4 attention heads need hidden / 4 even for RoPE, and a row predicts seq - 1 tokens."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if hidden < 8 or hidden % 8:
+        raise ValueError(f"hidden must be a positive multiple of 8 (4 heads, RoPE), got {hidden}")
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    if seq < 2:
+        raise ValueError(f"seq must be >= 2 (one predicted token per row), got {seq}")
+
+
 def train_small_model(
     steps: int = 300,
     hidden: int = 192,
@@ -72,6 +85,7 @@ def train_small_model(
 
     task="grammar": held-out sentences of the grammar (generalization).
     task="facts": the memorized facts themselves (how much stored knowledge survives)."""
+    check_sizes(steps=steps, hidden=hidden, layers=layers, seq=seq)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -158,6 +172,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--task", choices=("grammar", "facts"), default="grammar")
     args = parser.parse_args()
+    try:
+        check_sizes(steps=args.steps, hidden=args.hidden, layers=4, seq=64)
+    except ValueError as error:
+        parser.error(f"--{error}")  # "--steps must be >= 1, got 0"
     start = time.perf_counter()
     setup = train_small_model(steps=args.steps, hidden=args.hidden, task=args.task)
     params = sum(p.numel() for p in setup.model.parameters())
