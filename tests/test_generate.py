@@ -53,3 +53,14 @@ def test_a_nan_penalty_cannot_reach_greedy_decoding():
     logits = torch.tensor([5.0, 1.0, 0.5, 3.0])
     with pytest.raises(ValueError, match="repetition_penalty"):
         sample_next_token(logits, torch.tensor([2]), SamplingConfig(0, repetition_penalty=NAN))
+
+
+def test_a_batch_of_prompts_is_refused_not_joined_into_one():
+    """input_ids [2, T] was flattened into one prompt of 2T tokens and answered silently."""
+    model = tiny_model("llama")
+    config = SamplingConfig(temperature=0.0, max_new_tokens=3)
+    for bad in (torch.ones(2, 4, dtype=torch.long), torch.ones(1, 1, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"input_ids must be one prompt"):
+            list(generate_tokens(model, bad, config))
+    assert len(list(generate_tokens(model, torch.ones(1, 4, dtype=torch.long), config))) == 3
+    assert len(list(generate_tokens(model, [1, 1, 1, 1], config))) == 3

@@ -249,7 +249,13 @@ def generate_tokens(
     ValueError.
     """
     device = next(model.parameters()).device
-    prompt = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
+    prompt = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    if prompt.dim() > 2 or (prompt.dim() == 2 and prompt.shape[0] != 1):
+        # reshape(1, -1) would join a batch's rows into one prompt
+        raise ValueError(
+            f"input_ids must be one prompt (1-D or [1, T]), got shape {tuple(prompt.shape)}"
+        )
+    prompt = prompt.reshape(1, -1)
     if prompt.shape[1] == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
     stop_ids = set(eos_token_ids)
