@@ -135,3 +135,16 @@ def test_double_backward_is_refused_not_silently_zero():
         torch.autograd.grad(
             ops.rotary_embedding(x, cos, sin, backend="cpp").square().sum(), x, create_graph=True
         )
+
+
+@pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
+def test_empty_inputs_forward_and_backward(op_backend):
+    # An empty x reports itself contiguous whatever its strides, so .contiguous() kept a
+    # strided last dimension (x[..., ::2]) or the all-zero strides of sum()'s gradient, and
+    # the C++ op refused them: T = 0 failed forward (strided) and backward (always).
+    cos, sin = torch.randn(1, 0, 4), torch.randn(1, 0, 4)
+    strided = torch.randn(1, 0, 3, 8)[..., ::2]
+    assert ops.rotary_embedding(strided, cos, sin, backend=op_backend).shape == (1, 0, 3, 4)
+    x = torch.randn(1, 0, 3, 4, requires_grad=True)
+    ops.rotary_embedding(x, cos, sin, backend=op_backend).sum().backward()
+    assert x.grad.shape == (1, 0, 3, 4)

@@ -60,7 +60,9 @@ def rotary_embedding(
         _checks.same_device(table, name, x, "x")
     _checks.same_shape(sin, "sin", cos, "cos")
     backend = _dispatch.choose("rotary_embedding", x.device, backend)
-    if backend == "reference" or cos.requires_grad or sin.requires_grad:
+    # Empty x: nothing to compute, and an empty tensor's strides (which .contiguous() keeps:
+    # it counts as contiguous) need not be the unit last stride the C++ op requires.
+    if backend == "reference" or cos.requires_grad or sin.requires_grad or x.numel() == 0:
         return rotary_embedding_reference(x, cos, sin)
     if x.stride(-1) != 1:
         x = x.contiguous()
