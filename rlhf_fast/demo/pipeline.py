@@ -30,12 +30,13 @@ import torch
 from rlhf_fast.demo import task
 from rlhf_fast.demo.model import DemoModelConfig, build_model_dir
 from rlhf_fast.models.prompt_format import prompt_token_ids
+from rlhf_fast.train import config as config_module
 from rlhf_fast.train.config import TrainConfig
 from rlhf_fast.train.data import read_prompts
 from rlhf_fast.train.ppo import PPOTrainer
 from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models
 from rlhf_fast.train.rollout import generate_rollouts
-from rlhf_fast.train.run import run_stage
+from rlhf_fast.train.run import CONFIG_FILE, run_stage
 from rlhf_fast.train.sft import lora_settings
 
 SCALE_ENV = "RLHF_FAST_DEMO_SCALE"
@@ -200,6 +201,11 @@ def run_demo(output: str | Path | None = None, preset: DemoPreset | None = None)
     ppo_config = _config("ppo", preset.ppo, model=str(sft_model), data=str(data.prompts),
                          reward_model=str(rm.exports["reward_model"]), output=str(root / "ppo"),
                          merge=True, seed=preset.seed)  # fmt: skip
+    # built here rather than by run_ppo (the SFT policy is judged before PPO trains), so this
+    # writes what run_ppo would: the validated config, which --resume RUN/ppo reads
+    ppo_config = config_module.validate(ppo_config)
+    (root / "ppo").mkdir(parents=True, exist_ok=True)
+    config_module.write(ppo_config, root / "ppo" / CONFIG_FILE)
     models = build_ppo_models(sft_model, ppo_config.reward_model, lora_settings(ppo_config),
                               seed=preset.seed)  # fmt: skip
     questions = [e.messages[-1]["content"] for e in read_prompts(data.eval_prompts)]
