@@ -52,10 +52,12 @@ def report() -> list[str]:
         f"features  {' '.join(cpu_flags()) or 'unknown'}",
     ]
     if _native.cpp is not None:
-        levels = [isa for isa in ("avx512", "avx2", "scalar") if _native.cpp.cpu_supports(isa)]
-        lines.append(
-            f"C++ kernels: loaded, using {_native.cpp.cpu_isa()} (runnable: {', '.join(levels)})"
-        )
+        levels = [isa for isa in _native.ISA_LEVELS if _native.cpp.cpu_supports(isa)]
+        using = _native.cpp.cpu_isa()
+        forced = os.environ.get(_native.ISA_ENV)
+        if forced is not None:  # why the level is not the best runnable one, or is despite it
+            using += f" ({_native.ISA_ENV}={forced}{'' if forced == using else ' ignored'})"
+        lines.append(f"C++ kernels: loaded, using {using} (runnable: {', '.join(levels)})")
     else:
         lines.append(f"C++ kernels: NOT loaded: {_native.cpp_error}")
     lines.append(f"CUDA kernels: {'loaded' if _native.cuda is not None else _native.cuda_error}")

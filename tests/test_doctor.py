@@ -43,3 +43,17 @@ def test_good_backend_variable_is_an_override(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "RLHF_FAST_BACKEND=reference overrides the automatic choice" in out
     assert all(row.split()[2] == "reference" for row in _op_rows(out.splitlines()))
+
+
+def test_a_forced_simd_level_says_who_forced_it(monkeypatch):
+    """With RLHF_FAST_CPU_ISA=avx2 on an AVX-512 CPU, doctor said 'using avx2' and not why."""
+    from rlhf_fast import _native
+
+    if _native.cpp is None:
+        return
+    monkeypatch.setenv(_native.ISA_ENV, _native.cpp.cpu_isa())
+    line = next(line for line in doctor.report() if line.startswith("C++ kernels"))
+    assert f"({_native.ISA_ENV}={_native.cpp.cpu_isa()})" in line
+    monkeypatch.delenv(_native.ISA_ENV)
+    line = next(line for line in doctor.report() if line.startswith("C++ kernels"))
+    assert _native.ISA_ENV not in line
