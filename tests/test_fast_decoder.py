@@ -246,3 +246,10 @@ def test_bad_calls():
         decoder.prefill([])
     with pytest.raises(ValueError, match="decoder must be one of"):
         list(generate_tokens(tiny_model("llama"), [1], SamplingConfig(), decoder="jit"))
+
+
+def test_prefill_refuses_a_batch_instead_of_joining_it():
+    decoder = FastDecoder(tiny_model("llama"))
+    with pytest.raises(ValueError, match="one sequence"):
+        decoder.prefill(torch.ones(2, 5, dtype=torch.long))
+    assert decoder.prefill(torch.ones(1, 5, dtype=torch.long)).shape == (VOCAB,)

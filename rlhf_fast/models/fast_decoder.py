@@ -443,8 +443,12 @@ class FastDecoder:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
-        """Starts a sequence with `ids` (1-D); the logits of its last position ([vocab])."""
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        """Starts a sequence with `ids` (1-D or [1, T]); the logits of its last position
+        ([vocab])."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+            raise ValueError(f"ids must be one sequence (1-D or [1, T]), got {tuple(ids.shape)}")
+        ids = ids.reshape(-1)
         if ids.numel() == 0:
             raise ValueError("ids is empty: prefill needs at least one token")
         self.length = 0
