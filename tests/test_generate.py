@@ -13,7 +13,12 @@ from peft import LoraConfig, get_peft_model
 from test_fast_decoder import sequence, tiny_model
 
 from rlhf_fast import lora
-from rlhf_fast.models.generate import SamplingConfig, generate_tokens, sample_next_token
+from rlhf_fast.models.generate import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    generate_tokens,
+    sample_next_token,
+)
 
 NAN = float("nan")
 
@@ -64,3 +69,15 @@ def test_a_batch_of_prompts_is_refused_not_joined_into_one():
             list(generate_tokens(model, bad, config))
     assert len(list(generate_tokens(model, torch.ones(1, 4, dtype=torch.long), config))) == 3
     assert len(list(generate_tokens(model, [1, 1, 1, 1], config))) == 3
+
+
+def test_logits_of_several_rows_are_refused_not_misread():
+    """sample_next_token and apply_repetition_penalty take one row [V]: [B, V] logits had their
+    rows indexed by token id (the penalty) and argmax taken over the flattened batch."""
+    logits = torch.randn(3, 8)
+    context = torch.tensor([1])
+    with pytest.raises(ValueError, match=r"logits must be \[V\]"):
+        sample_next_token(logits, context, SamplingConfig(temperature=0))
+    with pytest.raises(ValueError, match=r"logits must be \[V\]"):
+        apply_repetition_penalty(logits, context, 1.3)
+    assert 0 <= sample_next_token(logits[0], context, SamplingConfig(temperature=0)) < 8

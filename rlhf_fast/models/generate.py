@@ -91,12 +91,19 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _check_one_row(logits: torch.Tensor) -> None:
+    # [B, V] would have its rows indexed by token id and its argmax taken over the flat batch
+    if logits.dim() != 1:
+        raise ValueError(f"logits must be [V] (one position), got shape {tuple(logits.shape)}")
+
+
 def apply_repetition_penalty(
     logits: torch.Tensor, context_ids: torch.Tensor, penalty: float
 ) -> torch.Tensor:
     """CTRL's penalty: the logit of every token already in the context is divided by
     `penalty` when positive and multiplied by it when negative (penalty > 1 discourages
     repeats). `logits` is [V], `context_ids` 1-D; returns a new tensor."""
+    _check_one_row(logits)
     if penalty == 1.0 or context_ids.numel() == 0:
         return logits
     seen = torch.unique(context_ids.to(logits.device))
@@ -135,6 +142,7 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> int:
     """Pick the next token id from the last position's logits ([V])."""
+    _check_one_row(logits)
     logits = apply_repetition_penalty(logits.float(), context_ids, config.repetition_penalty)
     if config.temperature == 0:
         return int(torch.argmax(logits))
