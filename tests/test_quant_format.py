@@ -149,6 +149,15 @@ def test_bad_inputs_are_refused():
         quantize_weight(torch.ones(4, 32), 4, group_size=48)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(4, 0), (0, 32), (0, 0)])
+def test_empty_weight_is_a_one_line_error(bits, shape):
+    # Was a reshape RuntimeError ("dimension size -1 ... is ambiguous") or an amax IndexError,
+    # except int8 [0, K], which worked: every empty shape now gets the same answer.
+    with pytest.raises(ValueError, match=r"weight must not be empty"):
+        quantize_weight(torch.randn(*shape), bits, 32)
+
+
 def test_int4_refuses_weights_beyond_float16_range():
     # int4 scales and offsets are float16: a weight past 65504 gave an inf offset, and so
     # inf / NaN in dequantize() and in every product, with no error.

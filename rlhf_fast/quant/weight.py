@@ -210,6 +210,8 @@ def quantize_weight(
         )
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or inf")
     # Contiguous: elementwise ops keep a transposed input's strides (GPT-2's Conv1D stores
