@@ -550,3 +550,20 @@ def test_failed_replace_keeps_the_old_model_directory(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["q"]
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_load_model_refuses_a_checkpoint_missing_a_tensor(tmp_path, family):
+    # transformers initializes a tensor the checkpoint lacks at random and only logs it: chat
+    # and quantize would have answered with a random q_proj
+    tiny_model(family).save_pretrained(tmp_path / "dense")
+    weights = tmp_path / "dense" / "model.safetensors"
+    with safe_open(weights, "pt") as stored:
+        tensors = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118
+    dropped = next(name for name in tensors if name.endswith(("q_proj.weight", "c_attn.weight")))
+    del tensors[dropped]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    for quantize in (None, 4):
+        with pytest.raises(ValueError, match="lacks") as error:
+            load_model(tmp_path / "dense", quantize=quantize)
+        assert dropped in str(error.value) and "\n" not in str(error.value)

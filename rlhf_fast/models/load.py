@@ -192,7 +192,7 @@ def _refuse_quantized_dir(path: Path) -> None:
         )
 
 
-def _from_pretrained(auto_class, path: Path, dtype: torch.dtype) -> nn.Module:
+def from_pretrained_checked(auto_class, path: Path, dtype: torch.dtype) -> nn.Module:
     """auto_class.from_pretrained(path) from safetensors only, without remote code; a tensor the
     model needs that the checkpoint lacks is an error. transformers would initialize it at
     random and only log it (and _quiet_transformers hides that log): a truncated or mismatched
@@ -245,7 +245,7 @@ def load_causal_lm(
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, path, torch_dtype)
+    model = from_pretrained_checked(AutoModelForCausalLM, path, torch_dtype)
     model.requires_grad_(False)
     return _ready(model.to(device).eval(), quant)
 
@@ -264,7 +264,7 @@ def load_backbone(
     _quiet_transformers()
     from transformers import AutoModel
 
-    model = _from_pretrained(AutoModel, path, torch_dtype)
+    model = from_pretrained_checked(AutoModel, path, torch_dtype)
     model.requires_grad_(False)
     return _ready(model.to(device).eval(), quant)
 

@@ -336,9 +336,10 @@ def load_model(
         )
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
+    from rlhf_fast.models.load import from_pretrained_checked  # lazy: models imports quant
+
+    # a tensor the checkpoint lacks is an error (transformers would make it random, and log it)
+    model = from_pretrained_checked(AutoModelForCausalLM, path, dtype)
     if quantize is not None:
         quantize_model(model, quantize, group_size, skip=skip, clip_search=clip_search)
     return model.to(device).eval()
