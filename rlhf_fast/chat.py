@@ -14,11 +14,16 @@ Interactive mode keeps the history; `/reset` clears it (the system message stays
 end of input or Ctrl-C at the prompt quit, Ctrl-C during an answer stops that answer.
 `--prompt TEXT` answers once and exits. After each answer one line on stderr reports decode
 tokens/s, prefill time and effective GB/s (model bytes read per token times tokens/s).
+
+A model with a learned position table (GPT-2, OPT, ...) has no position past it: a history
+that would leave the answer too little of the table loses its oldest exchanges (said on
+stderr), and the answer stops at the table's end.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -30,6 +35,7 @@ from rlhf_fast.models.generate import (
     generate_tokens,
     model_bytes,
 )
+from rlhf_fast.models.load import _POSITION_TABLES  # the learned position tables' config keys
 from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 
 PROMPT_MARKER = ">>> "
@@ -121,22 +127,44 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
         raise ChatError(str(error)) from None
 
 
-def fit_context(tokenizer, messages: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+OFFLOAD_ROOM = "under --offload at most {limit} fit the context its memory budget was planned for"
+
+
+def fit_context(
+    tokenizer, messages: list[dict[str, str]], limit: int, room: str = OFFLOAD_ROOM
+) -> list[dict[str, str]]:
     """The conversation without its oldest turns (system messages stay) so that its prompt is
-    at most `limit` tokens; ChatError when the last message alone does not fit."""
+    at most `limit` tokens; ChatError when the last message alone does not fit (`room`, with
+    {limit}, says what bounds it)."""
     kept = list(messages)
     while (length := len(prompt_ids(tokenizer, kept))) > limit:
         oldest = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
         if oldest is None:
-            raise ChatError(
-                f"the prompt is {length} tokens; under --offload at most {limit} fit the "
-                "context its memory budget was planned for"
-            )
+            raise ChatError(f"the prompt is {length} tokens; " + room.format(limit=limit))
         del kept[oldest]
         # a whole exchange goes: a history must not start with an answer (templates refuse)
         if oldest < len(kept) - 1 and kept[oldest]["role"] == "assistant":
             del kept[oldest]
     return kept
+
+
+def _fitted(tokenizer, messages, limit: int, room: str, allowed_by: str) -> list[dict]:
+    """fit_context, saying on stderr how many messages it left out."""
+    fitted = fit_context(tokenizer, messages, limit, room)
+    if len(fitted) < len(messages):
+        left_out = len(messages) - len(fitted)
+        print(f"[history: {left_out} oldest message(s) left out to fit the {limit}-token "
+              f"prompt {allowed_by}]", file=sys.stderr)  # fmt: skip
+    return fitted
+
+
+def learned_positions(model) -> int | None:
+    """The size of the model's learned position table (GPT-2, OPT, ...): no token past it has
+    a position embedding. None for models without one (rotary, ALiBi)."""
+    config = getattr(model, "config", None)
+    key = _POSITION_TABLES.get(getattr(config, "model_type", None))
+    positions = getattr(config, key, None) if key else None
+    return positions if isinstance(positions, int) and positions > 0 else None
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -172,13 +200,19 @@ def answer(model, tokenizer, messages, config: SamplingConfig, seed: int | None)
     offloaded = getattr(model, "rlhf_fast_offload", None)
     if offloaded is not None:  # its policy charged the prefill and KV of `context` tokens
         limit = max(1, offloaded.context - config.max_new_tokens)
-        fitted = fit_context(tokenizer, messages, limit)
-        if len(fitted) < len(messages):
-            left_out = len(messages) - len(fitted)
-            print(f"[history: {left_out} oldest message(s) left out to fit the {limit}-token "
-                  "prompt the offload memory plan allows]", file=sys.stderr)  # fmt: skip
-        messages = fitted
+        messages = _fitted(tokenizer, messages, limit, OFFLOAD_ROOM,
+                           "the offload memory plan allows")  # fmt: skip
+    positions = learned_positions(model)
+    if positions is not None:  # past the table the embedding raises IndexError
+        limit = max(positions - config.max_new_tokens, positions // 2)
+        table = f"the model's {positions} positions"
+        room = f"at most {{limit}} fit beside the answer in {table}"
+        messages = _fitted(
+            tokenizer, messages, limit, room, f"that leaves the answer room in {table}"
+        )
     ids = prompt_ids(tokenizer, messages)
+    if positions is not None and len(ids) + config.max_new_tokens > positions:
+        config = dataclasses.replace(config, max_new_tokens=positions - len(ids))
     eos = eos_ids(model, tokenizer)
     # The lean decoder fuses every layer's weights up front, which streamed layers (--offload)
     # cannot offer: they run the HF forward, through the streaming hooks.

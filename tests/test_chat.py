@@ -279,6 +279,36 @@ def test_bytes_that_are_not_utf8_are_one_line_errors(templated_dir, monkeypatch,
     assert "rlhf-fast chat: the line is not UTF-8 text (" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A model with a learned table of 256 positions (GPT-2's is 1024): beyond it, no forward."""
+    from tiny_families import make_family_dir
+
+    return make_family_dir(tmp_path_factory.mktemp("gpt2"), "gpt2", chat_template=True)
+
+
+def test_learned_position_table_bounds_the_chat(gpt2_dir, monkeypatch, capsys):
+    """A prompt, an answer or a history past GPT-2's positions raised IndexError (a traceback,
+    and the end of an interactive session) from the position embedding."""
+    argv = ["chat", str(gpt2_dir), "--temperature", "0"]
+    long = " ".join(["sea"] * 300)
+    assert main([*argv, "--prompt", long, "--max-new-tokens", "8"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "fit beside the answer in the model's 256 positions" in captured.err
+    # the answer stops at the end of the table
+    assert main([*argv, "--prompt", "hi", "--max-new-tokens", "400"]) == 0
+    captured = capsys.readouterr()
+    new_tokens = int(captured.err.split("[", 1)[1].split(" tokens")[0])
+    assert 200 < new_tokens < 256 and "Traceback" not in captured.err
+    # a long conversation leaves out its oldest exchanges
+    medium = " ".join(["sea"] * 40)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{medium}\n" * 6))
+    assert main([*argv, "--max-new-tokens", "16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("tok/s") == 6 and "oldest message(s) left out" in captured.err
+
+
 def test_one_shot_subprocess(templated_dir, capsys):
     command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(templated_dir)]
     command += ["--prompt", "hi", "--temperature", "0", "--max-new-tokens", "8"]
