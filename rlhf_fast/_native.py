@@ -69,3 +69,25 @@ def _check_forced_isa() -> None:
 
 
 _check_forced_isa()
+
+OUTPUT_POOL_ENV = "RLHF_FAST_OUTPUT_POOL_MB"
+OUTPUT_POOL_MAX_MB = 1 << 20  # as csrc/cpu/output_pool.cpp: larger is a typo
+
+
+def _check_output_pool_size() -> None:
+    """$RLHF_FAST_OUTPUT_POOL_MB sizes the C++ ops' output pool in MiB; anything but a whole
+    number up to 1 TiB keeps the default (the C++ side applies the same rule), so say so."""
+    value = os.environ.get(OUTPUT_POOL_ENV)
+    if cpp is None or value is None:
+        return
+    if value.isascii() and value.isdigit() and int(value) <= OUTPUT_POOL_MAX_MB:
+        return
+    warnings.warn(
+        f"rlhf_fast: ${OUTPUT_POOL_ENV}={value!r} is not a whole number of MiB (0 turns the "
+        f"pool off, at most {OUTPUT_POOL_MAX_MB}); the C++ ops' output pool keeps its default 256",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+_check_output_pool_size()

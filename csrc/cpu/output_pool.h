@@ -4,7 +4,8 @@
 // on our VMs): 4 MiB of GAE outputs took 1.6 ms to fault in, six times the kernel itself, and
 // glibc returns such blocks to the OS on free, so every call pays again. PPO calls the same ops
 // with the same shapes every step, so we keep freed output blocks of those sizes and hand them
-// out again. The pool holds at most RLHF_FAST_OUTPUT_POOL_MB (default 256; 0 disables it);
+// out again. The pool holds at most RLHF_FAST_OUTPUT_POOL_MB (default 256; 0 disables it; a
+// value that is not a whole number of MiB keeps the default, and Python warns);
 // small outputs go through torch's allocator as usual.
 #pragma once
 
