@@ -269,6 +269,9 @@ def user(text: str) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     try:
         config = sampling_config(args)  # bad flags fail before the slow load
+        if args.seed is not None and not -(2**63) <= args.seed < 2**63:
+            # torch's generators take 64 bits; below 2**63 a turn's seed + messages still fits
+            raise ChatError(f"--seed must be in [-2**63, 2**63), got {args.seed}")
         for name in ("max_memory", "offload_dir"):
             if getattr(args, name, None) is not None and not getattr(args, "offload", None):
                 flag = "--" + name.replace("_", "-")

@@ -510,6 +510,16 @@ def test_bad_flag_value_exits_2(templated_dir, flag, value, capsys):
     assert captured.err.count("\n") == 1
 
 
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
+def test_seed_out_of_range_exits_2(templated_dir, seed, capsys):
+    """torch.Generator.manual_seed raised 'Overflow when unpacking long long' mid-answer."""
+    argv = ["chat", str(templated_dir), "--prompt", "hi", "--max-new-tokens", "2", "--seed", seed]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"rlhf-fast chat: --seed must be in [-2**63, 2**63), got {seed}\n"
+
+
 def _has_quant_loader() -> bool:
     try:
         from rlhf_fast.quant.io import load_model  # noqa: F401
