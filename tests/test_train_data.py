@@ -114,6 +114,17 @@ def test_byte_order_mark_crlf_and_unicode_line_separators(tmp_path):
     assert examples[0] == SFTExample([{"role": "user", "content": "a\u2028b"}], "c\u0085d")
 
 
+def test_byte_order_mark_of_a_concatenated_file(tmp_path):
+    """`cat a.jsonl b.jsonl` puts b's BOM at the start of a middle line; it said "invalid JSON:
+    Unexpected UTF-8 BOM (decode using utf-8-sig)", advice for Python, not for this command."""
+    path = tmp_path / "sft.jsonl"
+    line = json.dumps(GOOD["sft"]).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + line + b"\n" + b"\xef\xbb\xbf" + line + b"\r\n")
+    examples = read_sft(path)
+    assert [e.source for e in examples] == [f"{path}:1", f"{path}:2"]
+    assert examples[0] == examples[1]
+
+
 def test_read_rm_pairwise_and_kwise_mix(tmp_path):
     path = write_lines(
         tmp_path / "rm.jsonl",

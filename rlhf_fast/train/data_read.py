@@ -1,9 +1,9 @@
 """JSONL readers for the formats in DESIGN.md, and the held-out split.
 
-One JSON object a line (UTF-8, a leading byte-order mark allowed; lines end at \n, \r\n or \r
-only, so a U+2028 inside a string is not a line break); blank lines are skipped (they still
-count for line numbers). Every
-line is checked before anything is returned, so that nothing trains on a bad file: the first
+One JSON object a line (UTF-8, a byte-order mark allowed at the start of any line; lines end
+at \n, \r\n or \r only, so a U+2028 inside a string is not a line break); blank lines are
+skipped (they still count for line numbers). Every line is checked before anything is
+returned, so that nothing trains on a bad file: the first
 bad line is raised as `DataError("FILE:LINE: what is wrong (N more bad lines after this one)")`.
 
 Formats (a conversation may be given as `"prompt": str` or as `"messages"`, a list of
@@ -89,12 +89,12 @@ def _read_lines(path: str | Path, parse: Callable[[dict, str], object], same_kin
         raw_lines = Path(path).read_bytes().splitlines()
     except OSError as error:
         raise DataError(str(path), f"cannot read: {error.strerror or error}") from None
-    if raw_lines and raw_lines[0].startswith(UTF8_BOM):  # editors on Windows write one
-        raw_lines[0] = raw_lines[0][len(UTF8_BOM) :]
     examples, first_error, bad_lines = [], None, 0
     first_kind = None  # (type, line) of the first good line, when kinds must not mix
     for number, raw in enumerate(raw_lines, start=1):
         location = f"{path}:{number}"
+        # editors on Windows write a BOM; `cat a.jsonl b.jsonl` moves b's to a middle line
+        raw = raw[len(UTF8_BOM) :] if raw.startswith(UTF8_BOM) else raw
         try:
             record = _decode(raw)
             if record is None:
