@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from rlhf_fast.quant import cli_quantize
 from rlhf_fast.train import cli_train
@@ -77,6 +79,16 @@ def _add_chat_parser(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `rlhf-fast chat ... | head`: the reader left; so do we, quietly
+        # what Python would flush to the closed pipe at exit must go elsewhere, or it reports
+        # the same error again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "doctor":
         from rlhf_fast import doctor
 

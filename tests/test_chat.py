@@ -319,6 +319,21 @@ def test_one_shot_subprocess(templated_dir, capsys):
     assert "tok/s" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_reader_closing_the_pipe_is_not_a_traceback(templated_dir):
+    """`rlhf-fast chat DIR --prompt ... | head -c 1`: the answer's next write raised
+    BrokenPipeError with a traceback."""
+    command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(templated_dir)]
+    command += ["--prompt", "hi", "--temperature", "1", "--max-new-tokens", "400", "--seed", "0"]
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), bufsize=0
+    )
+    assert child.stdout.read(1)  # the first piece of the answer, then the reader goes away
+    child.stdout.close()
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141  # 128 + SIGPIPE, as a shell reports a piped command
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
 class _Terminal:
     """A child process on a pseudo-terminal: what a user typing at the chat would see."""
 
