@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `rlhf-fast chat ... | head`: the reader left; so do we, quietly
         # what Python would flush to the closed pipe at exit must go elsewhere, or it reports
         # the same error again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (captured, embedded): nothing to flush
+            pass
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 

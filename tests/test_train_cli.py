@@ -199,3 +199,18 @@ def test_demo_in_a_read_only_directory_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "run_demo", read_only)
     assert main(["train"]) == 2
     assert _error(capsys) == "rlhf-fast train: error: runs: Permission denied"
+
+
+def test_a_closed_output_pipe_is_not_a_disk_error(files, monkeypatch, capsys):
+    """`rlhf-fast train ... --dry-run | head -1`: BrokenPipeError is an OSError, but not one to
+    report as 'error: Broken pipe' (exit 2); cli.main exits quietly with 141."""
+    from rlhf_fast.train import config
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(config, "to_yaml", closed)
+    monkeypatch.setattr("os.dup2", lambda *args: None)  # keep pytest's stdout
+    args = ["train", "--stage", "sft", "--model", str(files["model"]), "--data", str(files["sft"])]
+    assert main([*args, "--dry-run"]) == 141
+    assert capsys.readouterr().err == ""

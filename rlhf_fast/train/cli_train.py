@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     ) as error:  # fmt: skip
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output left: cli.main exits quietly
+        raise
     except OSError as error:  # the disk: full, read-only, permissions
         print(f"{PROG}: error: {_os_error(error)}", file=sys.stderr)
         return 2
