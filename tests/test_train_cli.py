@@ -214,3 +214,28 @@ def test_a_closed_output_pipe_is_not_a_disk_error(files, monkeypatch, capsys):
     args = ["train", "--stage", "sft", "--model", str(files["model"]), "--data", str(files["sft"])]
     assert main([*args, "--dry-run"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_resume_keeps_the_runs_stage_model_and_data(files, tmp_path, capsys):
+    """`--resume RUN --data OTHER.jsonl` went on from the checkpoint's data position in another
+    file (and `--stage rm` read an SFT run's data as rankings): a resumed run is its own."""
+    run_dir = tmp_path / "run"
+    args = ["--model", str(files["model"]), "--data", str(files["sft"])]
+    common = ["--device", "cpu", "--max-steps", "1", "--max-length", "64"]
+    assert main(["train", "--stage", "sft", *args, "--output", str(run_dir), *common]) == 0
+    capsys.readouterr()
+    other = write_jsonl(tmp_path / "other.jsonl", sft_records(6))
+    for flag, value, stored in [
+        ("--data", str(other), str(files["sft"])),
+        ("--stage", "rm", "sft"),
+        ("--model", str(tmp_path), str(files["model"])),
+        ("--output", str(tmp_path / "elsewhere"), str(run_dir)),
+    ]:
+        assert main(["train", "--resume", str(run_dir), flag, value]) == 2
+        assert _error(capsys) == (
+            f"rlhf-fast train: error: --resume {run_dir}: {flag} {value} is not the run's "
+            f"({stored}); start another run for it (--output DIR)"
+        )
+    # the run's own values, and settings such as a longer run, are fine
+    assert main(["train", "--resume", str(run_dir), "--stage", "sft", "--max-steps", "2"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out

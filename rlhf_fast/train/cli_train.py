@@ -3,7 +3,8 @@
 
 The config is layered: defaults, then the run directory's config.yaml when resuming, then
 `--config run.yaml`, then the flags given on the command line (one flag per TrainConfig
-field, `lora_r` -> `--lora-r`). `--dry-run` prints the resolved config and stops. Every input
+field, `lora_r` -> `--lora-r`); a resumed run keeps its stage, model, data and directory (a
+flag that changes one is an error). `--dry-run` prints the resolved config and stops. Every input
 error (bad flag or config key, missing model directory, malformed data line, unreadable
 checkpoint) is one line on stderr and exit code 2, before any training.
 """
@@ -78,6 +79,11 @@ def _resume_run_dir(path: Path) -> Path:
     raise ConfigError(f"--resume {path}: no config.yaml here (not a run directory)")
 
 
+# What makes a run that run: a resumed run takes other settings (a longer --max-steps), but
+# another stage, model, data or directory would continue its checkpoint on something else.
+_RUN_IDENTITY = ("stage", "model", "data", "reward_model", "sft_data", "rm_data", "output")
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- the resumed run's config.yaml <- --config file <- flags."""
     config = TrainConfig()
@@ -86,10 +92,21 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         run_dir = _resume_run_dir(Path(resume))
         config = config_module.load(run_dir / "config.yaml", config)
         config.output = str(run_dir)
+    stored = config
     if getattr(args, "config", None) is not None:
         config = config_module.load(args.config, config)
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    return config_module.validate(config_module.apply(config, flags, "command line"))
+    config = config_module.apply(config, flags, "command line")
+    if resume is not None:
+        for name in _RUN_IDENTITY:
+            value, own = getattr(config, name), getattr(stored, name)
+            same_path = name != "stage" and Path(str(value)).resolve() == Path(str(own)).resolve()
+            if value != own and not same_path:
+                raise ConfigError(
+                    f"--resume {resume}: --{name.replace('_', '-')} {value} is not the run's "
+                    f"({own}); start another run for it (--output DIR)"
+                )
+    return config_module.validate(config)
 
 
 def _no_arguments(args: argparse.Namespace) -> bool:
