@@ -101,6 +101,21 @@ def test_config_validation_messages():
             validate(apply(TrainConfig(model="m", data="d"), {"kl_horizon": value}, "x"))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**23])
+def test_a_seed_out_of_range_is_a_config_error(seed):
+    # 10**23 crashed in torch.Generator.manual_seed ("Overflow when unpacking long long") after
+    # the model was built; PPO seeds a generator with seed * 1_000_003 + step * 7919
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+        validate(TrainConfig(model="m", data="d", seed=seed))
+
+
+@pytest.mark.parametrize("flag", [{"max_memory": "cpu=1GiB"}, {"offload_dir": "/tmp/x"}])
+def test_offload_settings_without_offload_are_refused(flag):
+    # they were silently ignored: the whole base loaded past the budget the user set
+    with pytest.raises(ValueError, match=f"--{next(iter(flag)).replace('_', '-')}.*--offload"):
+        validate(TrainConfig(model="m", data="d", **flag))
+
+
 def test_sft_then_rm_through_the_cli(files, tmp_path, capsys):
     sft_dir, rm_dir = tmp_path / "sft", tmp_path / "rm"
     common = ["--device", "cpu", "--max-steps", "3", "--save-every", "2", "--max-length", "64"]

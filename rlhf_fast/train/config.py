@@ -245,8 +245,17 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"--rollout-quant {config.rollout_quant}: the base is already {config.quant} "
             "(--quant), and rollouts sample from it as it is"
         )
+    if not 0 <= config.seed < 2**32:  # PPO's generators take seed * 1_000_003 + ... in 64 bits
+        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
     if config.offload is not None:
         config = _validate_offload(config)
+    else:  # without --offload they would be silently ignored, the whole base loaded
+        for name in ("max_memory", "offload_dir"):
+            if getattr(config, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} applies to --offload only: add --offload auto (or drop it)"
+                )
     if config.gamma > 1 or config.lam > 1:
         raise ConfigError(f"gamma and lam must be in [0, 1], got {config.gamma} and {config.lam}")
     return config
