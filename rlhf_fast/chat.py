@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from pathlib import Path
 
@@ -35,14 +34,13 @@ from rlhf_fast.models.generate import (
     generate_tokens,
     model_bytes,
 )
-from rlhf_fast.models.load import _POSITION_TABLES  # the learned position tables' config keys
+from rlhf_fast.models.load import (  # _POSITION_TABLES: learned position tables' keys
+    _POSITION_TABLES,
+    has_tokenizer_files,
+)
 from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 
 PROMPT_MARKER = ">>> "
-# Files a tokenizer is saved as (fast, config, sentencepiece, BPE/WordPiece vocab, tiktoken).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken"
-)  # fmt: skip
 
 
 class ChatError(Exception):
@@ -55,7 +53,7 @@ def load(args: argparse.Namespace):
     if not (model_dir / "config.json").is_file():
         what = "no config.json in" if model_dir.is_dir() else "no such directory:"
         raise ChatError(f"cannot load model: {what} {model_dir}{_not_a_model_hint(model_dir)}")
-    if not any(any(model_dir.glob(pattern)) for pattern in TOKENIZER_FILES):
+    if not has_tokenizer_files(model_dir):
         # transformers' own error here is several lines whose first ends in "from one of:"
         raise ChatError(
             f"cannot load model: no tokenizer in {model_dir} (no tokenizer.json or "
@@ -175,13 +173,7 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    # SamplingConfig's range checks let NaN through (every comparison with it is false) and
-    # inf too; either failed in the middle of the first answer, as a traceback
-    for name, bound in (("temperature", ">= 0"), ("repetition_penalty", "> 0")):
-        value = getattr(args, name)
-        if not math.isfinite(value):
-            raise ChatError(f"{name} must be a finite number {bound}, got {value}")
-    try:
+    try:  # SamplingConfig refuses NaN and inf too (each failed mid-answer, as a traceback)
         return SamplingConfig(
             temperature=args.temperature,
             top_k=args.top_k,

@@ -81,3 +81,18 @@ def test_a_quantized_directory_is_refused_by_name(llama_dir, tmp_path, loader):
     message = str(error.value)
     assert "\n" not in message and str(quantized) in message
     assert "quantized" in message and "--quant int4" in message, message
+
+
+def test_a_model_directory_without_a_tokenizer_is_one_line(llama_dir, tmp_path):
+    # transformers' error began "Couldn't instantiate the backend tokenizer from one of:" and
+    # its one-line cut ended there, naming nothing
+    from rlhf_fast.models.load import load_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(llama_dir / name, bare / name)
+    with pytest.raises(ModelLoadError, match="no tokenizer") as error:
+        load_tokenizer(bare)
+    assert str(bare) in str(error.value) and "\n" not in str(error.value)
+    assert load_tokenizer(llama_dir).eos_token_id is not None

@@ -284,6 +284,16 @@ def _load_adapter_merged(adapter_dir: Path, dtype: torch.dtype, device: str) -> 
     return model.eval()
 
 
+# Files a tokenizer is saved as (fast, config, sentencepiece, BPE/WordPiece vocab, tiktoken).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken"
+)  # fmt: skip
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any(any(directory.glob(pattern)) for pattern in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The directory's tokenizer (an adapter dir without one: its base's), with a pad token:
     the EOS token when it has none (the collators never treat a trained EOS as padding)."""
@@ -293,6 +303,12 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
     has_own = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
     source = path if has_own or (path / "config.json").is_file() else adapter_base(path)
+    if not has_tokenizer_files(source):
+        # transformers' own error here is several lines whose first ends in "from one of:"
+        raise ModelLoadError(
+            f"{source}: no tokenizer (no tokenizer.json or tokenizer_config.json; save the "
+            "tokenizer beside the model)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, local_files_only=True, trust_remote_code=False
