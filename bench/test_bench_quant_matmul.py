@@ -1,7 +1,8 @@
 """quant_matmul: our int4 / int8 kernels beside torch's own CPU options for the same linear
 layer: fp32 and bf16 F.linear, and aten's weight-only int8 / int4 packed ops; and, up to 16
 rows, our dense bf16 GEMV (rlhf_fast::decode_gemv_dense, what the lean decoders run for 1-4
-rows of 16-bit weights) beside torch's bf16 F.linear.
+rows of 16-bit weights) beside torch's bf16 F.linear, and the VNNI GEMVs the chat decoder runs on
+int4 / int8 weights (rlhf_fast::decode_gemv_int4 / int8: activations quantized to int8 / int16).
 
 Decode (M = 1) is a stream over the weights, so each provider's weights are rotated over
 several copies that together hold twice the largest CPU cache the OS reports (`ROTATE_BYTES`):
@@ -63,7 +64,10 @@ PROVIDERS = [
     "ours-int4-g128-bf16x",
     "ours-int4-g32",
     "ours-dense-bf16",
+    "ours-decode-int8",  # the chat decoder's VNNI GEMVs (int16 / int8 activations), M <= 16
+    "ours-decode-int4-g32",
 ]
+DECODE_MAX_ROWS = 16  # the decode GEMVs and decode_gemv_dense serve up to this many rows
 
 
 def _copies(weight_bytes: int) -> int:
@@ -116,6 +120,14 @@ def _build(provider: str, k: int, n: int, seed: int):
     bits = 8 if "int8" in provider else 4
     group = 32 if provider.endswith("g32") else 128
     q = quantize_weight(weight, bits, group)
+    if provider.startswith("ours-decode"):  # what `rlhf-fast chat --int4/--int8` decodes with
+        if bits == 8:
+            call = lambda x: torch.ops.rlhf_fast.decode_gemv_int8(x, q.data, q.scales, None)  # noqa: E731
+        else:
+            call = lambda x: torch.ops.rlhf_fast.decode_gemv_int4(  # noqa: E731
+                x, q.data, q.scales, q.offsets, q.group_size, q.in_features, None
+            )
+        return call, torch.float32, q.nbytes
     dtype = torch.bfloat16 if provider.endswith("bf16x") else torch.float32
     return (lambda x: ops.quant_matmul(x, q)), dtype, q.nbytes
 
@@ -127,8 +139,8 @@ def test_quant_matmul(measure, request, size, provider):
     if provider.startswith("ours") and not (cpp and cpp.available):
         pytest.skip("the C++ quant_matmul kernels are not built")
     m, k, n = size
-    if provider == "ours-dense-bf16" and m > 16:
-        pytest.skip("decode_gemv_dense takes at most 16 rows")
+    if provider in ("ours-dense-bf16", "ours-decode-int8", "ours-decode-int4-g32") and m > 16:
+        pytest.skip(f"the decode GEMVs take at most {DECODE_MAX_ROWS} rows")
     first_call, dtype, weight_bytes = _build_for_shape(provider, k, n, seed=0)
     # Quick mode (a CI smoke run) skips the rotation: building the copies is its slowest part.
     copies = 1 if quick_mode(request.config) else _copies(weight_bytes)
