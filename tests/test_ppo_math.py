@@ -320,6 +320,20 @@ def test_clipped_tokens_get_no_gradient_and_padding_none():
     close(values.grad, [[0.0, 0.0]])
 
 
+def test_whiten_nan_padding_reaches_neither_value_nor_gradient():
+    # Whitening runs on rollout tensors whose padding may be NaN; if masked_whiten read it,
+    # 0 * NaN in the backward of its mean and variance would poison every valid token's grad.
+    values = torch.tensor([[1.0, NAN, 3.0], [NAN, 2.0, 6.0]], requires_grad=True)
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    weights = torch.tensor([[1.0, 2.0, -1.0], [0.5, 3.0, 2.0]])
+    (pm.masked_whiten(values, mask) * weights).sum().backward()
+    assert torch.isfinite(values.grad).all(), values.grad
+    close(values.grad[~mask], [0.0, 0.0])
+    clean = torch.tensor([[1.0, 0.0, 3.0], [0.0, 2.0, 6.0]], requires_grad=True)
+    (pm.masked_whiten(clean, mask) * weights).sum().backward()
+    close(values.grad, clean.grad, atol=1e-6)
+
+
 # ---------------------------------------------------------------- KL controllers
 
 
