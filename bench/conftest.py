@@ -36,7 +36,8 @@ BUSY_WARNING_SHARE = 0.10
 _CPU_AT_START = pytest.StashKey[tuple]()
 
 FAST_PROVIDERS = ("cpp", "cuda", "triton")
-# Column order of the summary; the ratios are other / fast, except memcpy / fast.
+# Column order of the summary; the ratios are other / fast, except memcpy / fast. The "peer"
+# column is the fastest provider named "peer" or "peer-<variant>".
 OTHER_PROVIDERS = ("reference", "peer", "vectorized", "memcpy")
 # The group whose bytes_moved / median is the machine's read bandwidth (see test_bench_quant).
 READ_BANDWIDTH_OP = "read_bandwidth"
@@ -239,14 +240,28 @@ def _summary_rows(groups: dict[tuple[str, str, str], _Group]) -> list[list[str]]
         )
         fast = medians.get(fast_name)
         bandwidth = group.bytes_moved / fast / 1e9 if group.bytes_moved and fast else None
+        # "peer" stands for the strongest of the op's peers ("peer", "peer-<variant>"), named
+        # when it is a variant: the headline ratio is never the one against a weaker peer.
+        peer_name = min(
+            (p for p in medians if p == "peer" or p.startswith("peer-")),
+            key=medians.__getitem__,
+            default="peer",
+        )
+        shown = {provider: provider for provider in OTHER_PROVIDERS} | {"peer": peer_name}
+        peer_cell = _median_cell(group, peer_name)
+        if peer_name != "peer":
+            peer_cell += f" {peer_name}"
         rows.append(
             [
                 op,
                 device,
                 size,
                 f"{_median_cell(group, fast_name)} {fast_name}" if fast_name else "-",
-                *(_median_cell(group, provider) for provider in OTHER_PROVIDERS),
-                *(_format_ratio(medians.get(provider), fast) for provider in OTHER_PROVIDERS),
+                *(
+                    peer_cell if provider == "peer" else _median_cell(group, provider)
+                    for provider in OTHER_PROVIDERS
+                ),
+                *(_format_ratio(medians.get(shown[p]), fast) for p in OTHER_PROVIDERS),
                 "-" if bandwidth is None else f"{bandwidth:.1f}",
             ]
         )
