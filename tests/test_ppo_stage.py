@@ -237,6 +237,115 @@ def test_grad_accum_gives_the_gradient_of_the_whole_minibatch(stages, tmp_path):
             torch.testing.assert_close(gradients[accum][name], expected, rtol=0, atol=1e-5 * scale)
 
 
+def test_value_loss_enters_the_step_scaled_by_vf_coef(stages, tmp_path):
+    """loss = policy loss + vf_coef * value loss: tripling vf_coef triples the critic's
+    gradients (its adapter and value head) and leaves the policy's alone. A step that dropped
+    vf_coef (or weighted the policy loss instead) would pass every other test."""
+    from rlhf_fast.train.data import read_prompts
+
+    cfg = ppo_config(stages, tmp_path / "run", batch_size=4, mini_batch_size=0, ppo_epochs=1,
+                     max_grad_norm=0.0)  # fmt: skip
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    _perturb(models, POLICY)
+    _perturb(models, CRITIC)
+    prompts = read_prompts(cfg.data)
+    gradients = {}
+    experience = None
+    for vf_coef in (0.1, 0.3):
+        trainer = PPOTrainer(cfg.__class__(**{**vars(cfg), "vf_coef": vf_coef}), models,
+                             prompts, tmp_path / "run")  # fmt: skip
+        if experience is None:
+            experience, _, _ = trainer.rollout([0, 1, 2, 3], 0)
+        captured = []
+
+        def capture(params=trainer.params, captured=captured):
+            captured.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
+
+        trainer.optimizer.step = capture
+        trainer.optimize(experience, 0)
+        (gradients[vf_coef],) = captured
+    low, high = gradients[0.1], gradients[0.3]
+    assert low.keys() == high.keys()
+    scale = max(float(g.abs().max()) for g in low.values())
+    tripled, same = [], []
+    for name, grad in low.items():
+        if float(grad.abs().max()) < 1e-3 * scale:
+            continue  # too small to tell the two apart
+        if torch.allclose(high[name], grad, rtol=1e-4, atol=1e-6 * scale):
+            same.append(name)
+        else:
+            torch.testing.assert_close(high[name], 3 * grad, rtol=1e-4, atol=1e-6 * scale)
+            tripled.append(name)
+    assert same and tripled, (same, tripled)
+    assert all(CRITIC in name or "lora" not in name for name in tripled), tripled
+    assert all(POLICY in name for name in same), same
+
+
+def test_rollout_advantages_and_kl_controller_follow_the_config(stages, tmp_path, monkeypatch):
+    """A rollout's advantages and returns, recomputed here from its own log-probs, values and
+    scores with the config's kl_coef, score_clip, EOS penalty, gamma and lam (gamma != lam, so
+    swapping them shows), and the adaptive controller's update by the batch's rows and the
+    sequence KL (summed over tokens). The end-to-end tests compare runs with themselves
+    (resume) or look at the reward only, so a mis-wired argument would pass them."""
+    from rlhf_fast.train import ppo
+    from rlhf_fast.train.data import read_prompts
+
+    cfg = ppo_config(stages, tmp_path / "run", gamma=0.9, lam=0.7, kl_coef=0.3,
+                     score_clip=0.05, missing_eos_penalty=0.25, kl_target=0.01,
+                     kl_horizon=10.0)  # fmt: skip
+    models = build_ppo_models(cfg.model, cfg.reward_model, lora_settings(cfg), seed=0)
+    _perturb(models, POLICY)  # the policy leaves the reference: the KL is not 0
+    trainer = PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "run")
+    seen = {}
+    generate, score = ppo.generate_rollouts, models.scores
+
+    def spy_generate(*args, **kwargs):
+        seen["out"] = generate(*args, **kwargs)
+        return seen["out"]
+
+    def spy_scores(*args, **kwargs):
+        seen["scores"] = score(*args, **kwargs)
+        return seen["scores"]
+
+    monkeypatch.setattr(ppo, "generate_rollouts", spy_generate)
+    monkeypatch.setattr(models, "scores", spy_scores)
+    coef = trainer.kl_controller.coef
+    experience, metrics, _ = trainer.rollout([0, 1, 2, 3], 0)
+
+    out, scores = seen["out"], seen["scores"].float()
+    mask = out.response_mask
+    assert (scores.abs() > cfg.score_clip).any()  # the clip is exercised
+    kl = torch.where(mask, out.logprobs - out.ref_logprobs, 0.0)
+    assert kl.abs().sum() > 0
+    final = scores.clamp(-cfg.score_clip, cfg.score_clip) - 0.25 * (~out.ended).float()
+    rewards = -0.3 * kl
+    for row in range(4):
+        last = int(mask[row].nonzero().max())
+        rewards[row, last] += final[row]
+    values = experience.values
+    # GAE by hand, one row and one step at a time (masks are prefixes here)
+    advantages = torch.zeros_like(rewards)
+    for row in range(4):
+        next_value = next_advantage = 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if not mask[row, t]:
+                continue
+            delta = rewards[row, t] + 0.9 * next_value - values[row, t]
+            next_advantage = delta + 0.9 * 0.7 * next_advantage
+            advantages[row, t], next_value = next_advantage, values[row, t]
+    returns = torch.where(mask, advantages + values, 0.0)
+    torch.testing.assert_close(experience.returns, returns, atol=1e-5, rtol=1e-5)
+    valid = advantages[mask]
+    whitened = (advantages - valid.mean()) / torch.sqrt(valid.var() + 1e-8)
+    torch.testing.assert_close(
+        experience.advantages, torch.where(mask, whitened, 0.0), atol=1e-4, rtol=1e-4
+    )
+    sequence_kl = float(kl.sum(1).mean())
+    assert metrics["kl"] == pytest.approx(sequence_kl, rel=1e-5, abs=1e-7)
+    error = min(max(sequence_kl / 0.01 - 1.0, -0.2), 0.2)
+    assert trainer.kl_controller.coef == pytest.approx(coef * (1 + error * 4 / 10.0), rel=1e-9)
+
+
 def test_non_finite_reward_is_a_one_line_error_naming_the_prompt(stages, tmp_path, capsys):
     """A reward model that scores NaN stops the run before the update (no NaN adapters, no
     NaN checkpoint) with one line naming the prompt's FILE:LINE, not a traceback later."""
