@@ -26,17 +26,10 @@ void run_grid(const QuantGemvArgs& args, bool int4, bool vector_x, bool vector_w
   }
 }
 
-}  // namespace
-
-// bits: 4 or 8; dtype: 0 fp32, 1 bf16, 2 fp16 (DTypeIndex). Returns 0, or -1 for bad arguments.
-extern "C" int quant_gemv_emulated(const void* x, int64_t x_row_stride, int dtype,
-                                   const void* qdata, int64_t qdata_row_stride,
-                                   const void* scales, const void* offsets,
-                                   int64_t group_row_stride, int64_t group_size,
-                                   const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                                   int bits, int vector_x, int vector_w) {
-  if (bits != 4 && bits != 8) return -1;
-  if (bits == 4 && (group_size <= 0 || group_size % kBlockWeights != 0)) return -1;
+QuantGemvArgs make_args(const void* x, int64_t x_row_stride, const void* qdata,
+                        int64_t qdata_row_stride, const void* scales, const void* offsets,
+                        int64_t group_row_stride, int64_t group_size, const float* bias,
+                        float* y, int64_t M, int64_t N, int64_t K) {
   QuantGemvArgs args{};
   args.x = x;
   args.x_row_stride = x_row_stride;
@@ -52,20 +45,60 @@ extern "C" int quant_gemv_emulated(const void* x, int64_t x_row_stride, int dtyp
   args.M = M;
   args.N = N;
   args.K = K;
-  const bool int4 = bits == 4;
+  return args;
+}
+
+// Runs the grid; -2 if a lane made a 16-byte load from an address the GPU cannot load from.
+int run(const QuantGemvArgs& args, int dtype, bool int4, bool vector_x, bool vector_w) {
+  misaligned_vector_loads() = 0;
   switch (dtype) {
     case 0:
-      run_grid<F32>(args, int4, vector_x != 0, vector_w != 0, y);
-      return 0;
+      run_grid<F32>(args, int4, vector_x, vector_w, static_cast<float*>(args.y));
+      break;
     case 1:
-      run_grid<BF16>(args, int4, vector_x != 0, vector_w != 0, y);
-      return 0;
+      run_grid<BF16>(args, int4, vector_x, vector_w, static_cast<float*>(args.y));
+      break;
     case 2:
-      run_grid<F16>(args, int4, vector_x != 0, vector_w != 0, y);
-      return 0;
+      run_grid<F16>(args, int4, vector_x, vector_w, static_cast<float*>(args.y));
+      break;
     default:
       return -1;
   }
+  return misaligned_vector_loads() == 0 ? 0 : -2;
+}
+
+}  // namespace
+
+// bits: 4 or 8; dtype: 0 fp32, 1 bf16, 2 fp16 (DTypeIndex). The caller picks the load paths.
+// Returns 0, -1 for bad arguments, or -2 for a vector load from an address that is not
+// 16-byte aligned (which faults on a GPU).
+extern "C" int quant_gemv_emulated(const void* x, int64_t x_row_stride, int dtype,
+                                   const void* qdata, int64_t qdata_row_stride,
+                                   const void* scales, const void* offsets,
+                                   int64_t group_row_stride, int64_t group_size,
+                                   const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                                   int bits, int vector_x, int vector_w) {
+  if (bits != 4 && bits != 8) return -1;
+  if (bits == 4 && (group_size <= 0 || group_size % kBlockWeights != 0)) return -1;
+  const QuantGemvArgs args = make_args(x, x_row_stride, qdata, qdata_row_stride, scales, offsets,
+                                       group_row_stride, group_size, bias, y, M, N, K);
+  return run(args, dtype, bits == 4, vector_x != 0, vector_w != 0);
+}
+
+// As quant_gemv_emulated, with the load paths the launcher (quant_gemv.cu) picks for these
+// pointers and strides: -1 where it would refuse to launch.
+extern "C" int quant_gemv_emulated_as_launched(const void* x, int64_t x_row_stride, int dtype,
+                                               const void* qdata, int64_t qdata_row_stride,
+                                               const void* scales, const void* offsets,
+                                               int64_t group_row_stride, int64_t group_size,
+                                               const float* bias, float* y, int64_t M,
+                                               int64_t N, int64_t K, int bits) {
+  if ((bits != 4 && bits != 8) || dtype < 0 || dtype > 2) return -1;
+  const QuantGemvArgs args = make_args(x, x_row_stride, qdata, qdata_row_stride, scales, offsets,
+                                       group_row_stride, group_size, bias, y, M, N, K);
+  const LoadPaths paths = choose_load_paths(args, bits == 4, dtype == 0 ? 4 : 2);
+  if (!paths.ok) return -1;
+  return run(args, dtype, bits == 4, paths.vector_x, paths.vector_w);
 }
 
 #if defined(QUANT_GEMV_EMULATOR_SELF_TEST)
@@ -124,11 +157,11 @@ int check(int bits, int64_t M, int64_t N, int64_t K, int64_t group_size, bool wi
   std::vector<float> bias(static_cast<size_t>(N));
   for (auto& b : bias) b = static_cast<float>(next_random(state) % 2001) / 1000.0f - 1.0f;
   std::vector<float> y(static_cast<size_t>(M * N));
-  const int status = quant_gemv_emulated(
+  const int status = quant_gemv_emulated_as_launched(
       x.data(), K, std::is_same_v<D, F32> ? 0 : std::is_same_v<D, BF16> ? 1 : 2, qdata.data(),
       row_bytes, bits == 4 ? static_cast<const void*>(scales16.data()) : scales32.data(),
       bits == 4 ? offsets16.data() : nullptr, groups, group_size,
-      with_bias ? bias.data() : nullptr, y.data(), M, N, K, bits, 1, K % 16 == 0);
+      with_bias ? bias.data() : nullptr, y.data(), M, N, K, bits);
   if (status != 0) return 1;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {

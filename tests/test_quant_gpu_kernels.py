@@ -6,7 +6,8 @@
    int8, x fp32 / fp16 / bf16, with and without bias, strided x. Outputs are poisoned.
 2. The CUDA GEMV (csrc/cuda/quant_gemv.cu): it compiles for sm_80 and sm_90 without warnings,
    spills or local memory; the torch binding compiles against this torch's headers; and its
-   lane program (quant_gemv_lane.cuh) runs on the CPU in emulation against the same oracle.
+   lane program (quant_gemv_lane.cuh) runs on the CPU in emulation against the same oracle,
+   with the launcher's choice of 16-byte loads and a check of their alignment.
 3. On a GPU: the CUDA ops torch.ops.rlhf_fast.quant_matmul_int{4,8} against the oracle, and the
    Triton kernels compiled for real (in a subprocess, since this module interprets Triton).
 """
@@ -300,28 +301,53 @@ def emulator(tmp_path_factory):
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
         + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     )  # fmt: skip
+    lib.quant_gemv_emulated_as_launched.restype = ctypes.c_int
+    lib.quant_gemv_emulated_as_launched.argtypes = lib.quant_gemv_emulated.argtypes[:-2]
     return lib
 
 
-def gemv_emulated(lib, x, qweight, bias, *, vector_x=True, vector_w=True):
-    """The kernel's lane program on the CPU with the binding's arguments; fp32 [M, N], which
-    starts as NaN so an element it never writes fails the comparison."""
+# The emulator's status for a 16-byte load from an address the GPU cannot load from.
+MISALIGNED_VECTOR_LOAD = -2
+
+
+def gemv_emulated_status(lib, x, qweight, bias, *, data=None, paths=None):
+    """The kernel's lane program on the CPU with the binding's arguments: (status, fp32 [M, N]
+    that starts as NaN, so an element it never writes fails the comparison). paths: (vector_x,
+    vector_w) as given, or None for the launcher's own choice (choose_load_paths). data: the
+    codes as the kernel gets them (default: qweight's, contiguous)."""
     assert x.stride(1) == 1
     m, n, k = x.shape[0], qweight.out_features, qweight.in_features
     y = torch.full((m, n), math.nan)
-    data = qweight.data.contiguous()
+    data = qweight.data.contiguous() if data is None else data
     scales = qweight.scales.contiguous()
     offsets = None if qweight.offsets is None else qweight.offsets.contiguous()
     bias32 = None if bias is None else bias.float().contiguous()
-    status = lib.quant_gemv_emulated(
+    args = [
         x.data_ptr(), x.stride(0), DTYPE_INDEX[x.dtype], data.data_ptr(), data.stride(0),
         scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
         0 if offsets is None else offsets.stride(0), qweight.group_size,
-        None if bias32 is None else bias32.data_ptr(), y.data_ptr(), m, n, k,
-        qweight.bits, int(vector_x), int(vector_w),
-    )  # fmt: skip
+        None if bias32 is None else bias32.data_ptr(), y.data_ptr(), m, n, k, qweight.bits,
+    ]  # fmt: skip
+    if paths is None:
+        return lib.quant_gemv_emulated_as_launched(*args), y
+    return lib.quant_gemv_emulated(*args, *(int(p) for p in paths)), y
+
+
+def gemv_emulated(lib, x, qweight, bias, *, vector_x=True, vector_w=True):
+    status, y = gemv_emulated_status(lib, x, qweight, bias, paths=(vector_x, vector_w))
     assert status == 0
     return y
+
+
+def at_byte_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t whose data starts `offset` bytes past a 16-byte boundary."""
+    size = t.numel() * t.element_size()
+    buffer = torch.zeros(size + 16 + offset, dtype=torch.uint8)
+    start = (-buffer.data_ptr()) % 16 + offset
+    view = buffer[start : start + size].view(t.dtype).view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 == offset
+    return view
 
 
 @needs_gxx
@@ -366,6 +392,43 @@ def test_emulated_gemv_scalar_paths_and_row_strides(emulator, fmt):
     for vector_w in [True, False] if fmt == "int8" else [True]:
         y = gemv_emulated(emulator, x, qweight, bias, vector_x=False, vector_w=vector_w)
         assert_close_to_oracle(y, x, qweight, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_INDEX, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_emulated_launcher_picks_loads_the_layout_allows(emulator, fmt, dtype):
+    # The launcher, not the test, decides which loads may be 16 bytes wide: x at an odd
+    # offset, rows of x not 16-byte multiples apart, weight rows at an odd offset or with K not
+    # a multiple of 16 (int8) must take the narrow loads, and the results must not change.
+    # The emulation counts any 16-byte load from an address a GPU would fault on.
+    for seed, (k, m, x_offset, x_pad, w_offset) in enumerate(
+        [(4200, 1, 0, 0, 0), (4112, 1, 2 * (dtype != torch.float32) or 4, 0, 0),
+         (4112, 3, 0, 3, 0), (4112, 2, 0, 0, 1), (80, 2, 0, 1, 0), (4096, 2, 0, 8, 0)]
+    ):  # fmt: skip
+        qweight = make_weight(fmt, 5, k, seed)
+        x = make_x(m, k + x_pad, dtype, "contiguous", seed)[:, :k]
+        if x_offset:
+            x = at_byte_offset(x.contiguous(), x_offset)
+        data = qweight.data.contiguous()
+        if w_offset and qweight.bits == 8:  # the int4 binding copies such codes (aligned)
+            data = at_byte_offset(data, w_offset)
+        if k == 4200 and qweight.bits == 8:  # rows 16-byte aligned, K not a multiple of 16
+            data = torch.zeros(5, k + 8, dtype=torch.int8)[:, :k].copy_(data)
+        bias = torch.randn(5)
+        status, y = gemv_emulated_status(emulator, x, qweight, bias, data=data)
+        assert status == 0, (k, m, x_offset, x_pad, w_offset)
+        assert_close_to_oracle(y, x, qweight, bias, dtype=torch.float32)
+
+
+def test_emulation_reports_vector_loads_a_gpu_would_fault_on(emulator):
+    # The check above can fail: forced vector loads of x at a 2-byte offset are reported.
+    qweight = make_weight("int8", 3, 64, 0)
+    x = at_byte_offset(torch.randn(1, 64).bfloat16(), 2)
+    status, _ = gemv_emulated_status(emulator, x, qweight, None, paths=(True, True))
+    assert status == MISALIGNED_VECTOR_LOAD
+    codes = at_byte_offset(qweight.data.contiguous(), 1)
+    status, _ = gemv_emulated_status(emulator, x, qweight, None, data=codes, paths=(False, True))
+    assert status == MISALIGNED_VECTOR_LOAD
 
 
 # ---------------------------------------------------------------- 3. GPU

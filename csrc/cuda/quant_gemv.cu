@@ -83,24 +83,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <class D, bool kInt4>
 cudaError_t launch(const QuantGemvArgs& args, cudaStream_t stream) {
   if (args.M <= 0 || args.N <= 0) return cudaSuccess;
   const int64_t blocks = (args.N + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x's limit
-  const int64_t element = sizeof(typename D::raw);
-  // With one row of x its row stride is never used (a [1, K] view of a column may have any).
-  const bool vector_x =
-      aligned16(args.x) && (args.M == 1 || (args.x_row_stride * element) % 16 == 0);
-  bool vector_w = aligned16(args.qdata) && args.qdata_row_stride % 16 == 0;
-  if constexpr (kInt4) {
-    if (!vector_w || args.group_size <= 0 || args.group_size % kBlockWeights != 0)
-      return cudaErrorInvalidValue;
-  } else {
-    vector_w = vector_w && args.K % 16 == 0;
-  }
+  // The same choice as the CPU emulation makes (tests/quant_gemv_cuda_emulator.cpp).
+  const LoadPaths paths = choose_load_paths(args, kInt4, sizeof(typename D::raw));
+  if (!paths.ok) return cudaErrorInvalidValue;
+  const bool vector_x = paths.vector_x, vector_w = paths.vector_w;
   const dim3 grid(static_cast<unsigned>(blocks),
                   static_cast<unsigned>(args.M < kMaxGridY ? args.M : kMaxGridY));
   quant_gemv_kernel<D, kInt4><<<grid, kThreads, 0, stream>>>(args, vector_x, vector_w);

@@ -3,8 +3,9 @@
 // element y[m, n]; lane l calls *_lane_partial(args, m, n, l) and the warp sums the 32 partials
 // with an xor butterfly (warp_sum below mirrors the shuffles), then lane 0 applies finish_*.
 // The emulator runs the 32 lanes one after another, which checks every index, bound, nibble
-// and tail of the kernel on a CPU; only the vector loads, shuffles and the final conversion to
-// fp16 / bf16 need a GPU.
+// and tail of the kernel on a CPU, the launcher's choice of loads (choose_load_paths) and the
+// alignment of every 16-byte load; only the loads' speed, the shuffles and the final
+// conversion to fp16 / bf16 need a GPU.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +36,45 @@ struct Bytes16 {
   uint32_t word[4];
 };
 
+#if !defined(__CUDACC__)
+// The emulation's check of the vector loads' precondition: the GPU faults on a 16-byte load
+// from an address that is not a multiple of 16, where a CPU would quietly read. Each such load
+// the emulated lanes make is counted here (and read, then cleared, by the emulator).
+inline int64_t& misaligned_vector_loads() {
+  static int64_t count = 0;
+  return count;
+}
+inline void check_vector_address(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ++misaligned_vector_loads();
+}
+#endif
+
+// Which loads the kernel may use for these arguments (decided once per launch, on the host):
+// vector_x: 16-byte loads of x, which needs every row of x 16-byte aligned; vector_w: 16-byte
+// loads of the weight rows, which needs them 16-byte aligned and, for int8, K a multiple of 16
+// (the vector int8 loop reads whole runs of 16 and has no tail). ok is false where the int4
+// kernel cannot run (it has only the vector weight path, and needs groups of whole blocks).
+struct LoadPaths {
+  bool vector_x;
+  bool vector_w;
+  bool ok;
+};
+
+inline LoadPaths choose_load_paths(const QuantGemvArgs& a, bool int4, int64_t element_bytes) {
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  LoadPaths paths{};
+  // With one row of x its row stride is never used (a [1, K] view of a column may have any).
+  paths.vector_x = aligned16(a.x) && (a.M == 1 || (a.x_row_stride * element_bytes) % 16 == 0);
+  paths.vector_w = aligned16(a.qdata) && a.qdata_row_stride % 16 == 0;
+  if (int4) {
+    paths.ok = paths.vector_w && a.group_size > 0 && a.group_size % kBlockWeights == 0;
+  } else {
+    paths.vector_w = paths.vector_w && a.K % 16 == 0;
+    paths.ok = true;
+  }
+  return paths;
+}
+
 // 16 weight bytes; `p` is 16-byte aligned. Read-only path: the weights never change under a
 // kernel, and each byte is read once, so they should not displace x from L1.
 QG_FN Bytes16 load_bytes16(const uint8_t* p) {
@@ -46,6 +86,7 @@ QG_FN Bytes16 load_bytes16(const uint8_t* p) {
   bytes.word[2] = v.z;
   bytes.word[3] = v.w;
 #else
+  check_vector_address(p);
   std::memcpy(bytes.word, p, sizeof bytes.word);
 #endif
   return bytes;
@@ -75,7 +116,8 @@ QG_FN void load_x16(const typename D::raw* p, int64_t count, bool vector, float 
     return;
   }
 #else
-  (void)vector;
+  // The same values as the GPU's vector loads; only their address precondition is checked.
+  if (vector && count >= 16) check_vector_address(p);
 #endif
 #pragma unroll
   for (int i = 0; i < 16; ++i) out[i] = i < count ? D::to_float(p[i]) : 0.0f;
