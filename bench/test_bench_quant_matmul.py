@@ -173,3 +173,50 @@ def test_read_bandwidth(measure, gib):
         provider="torch.sum",
         bytes_moved=data.nbytes,
     )
+
+
+def _represented_weight(provider: str, weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight that `provider`'s format stores for `weight` (dequantized)."""
+    if provider == "fp32":
+        return weight
+    if provider in ("bf16", "ours-dense-bf16"):
+        return weight.bfloat16().float()
+    if provider == "torch-int8pack":
+        q = quantize_weight(weight, 8)
+        return q.data.float() * q.scales.bfloat16().float()[:, None]
+    if provider == "torch-int4pack-g128":  # aten's w = (code - 8) * scale + zero per group
+        codes, scale_and_zero = aten_int4_codes(weight, 128)
+        scale, zero = scale_and_zero.float().transpose(0, 1).repeat_interleave(128, 1).unbind(-1)
+        return (codes - 8) * scale + zero
+    bits = 8 if "int8" in provider else 4
+    return quantize_weight(weight, bits, 32 if provider.endswith("g32") else 128).dequantize()
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 32])
+def test_providers_compute_the_layer(m):
+    """A provider is only worth timing if it computes the layer: each one, built as the
+    benchmark builds it (aten's packed formats included), against fp32 F.linear on the weight
+    its format represents (relative error ~0.003 for bf16 activations, ~0.01 for the decode
+    GEMVs' int8 activations), and its weight bytes (the GB/s column) with scales counted."""
+    cpp = backends()["quant_matmul"].get("cpp")
+    k, n = 512, 384
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    for provider in PROVIDERS:
+        if provider.startswith("ours") and not (cpp and cpp.available):
+            continue
+        if provider in ("ours-dense-bf16", "ours-decode-int8", "ours-decode-int4-g32") and m > 16:
+            continue
+        call, dtype, weight_bytes = _build.__wrapped__(provider, k, n, seed=0)
+        got = call(x.to(dtype)).float()
+        expected = F.linear(x, _represented_weight(provider, weight))
+        assert got.shape == expected.shape, provider
+        error = float((got - expected).norm() / expected.norm())
+        assert error < 0.02, f"{provider}: relative error {error:.4f}"
+        # GB/s counts every byte read: the codes, and the scales (and offsets) of int8 / int4
+        data_bytes = {"fp32": 4 * n * k, "bf16": 2 * n * k, "int8": n * k, "int4": n * k // 2}
+        kind = next(kind for kind in ("int4", "int8", "bf16", "fp32") if kind in provider)
+        if kind in ("int8", "int4"):
+            assert weight_bytes > data_bytes[kind], f"{provider}: scales not counted"
+        else:
+            assert weight_bytes == data_bytes[kind], provider
