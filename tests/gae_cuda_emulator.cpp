@@ -10,16 +10,25 @@ using namespace rlhf_fast;
 using namespace rlhf_fast::cuda_gae;
 
 // The emulator's Warp policy: each phase runs for lanes 0..31 in turn, so a phase sees every
-// write of the phases before it, as __syncwarp() guarantees on the GPU.
+// write of the phases before it, as __syncwarp() guarantees on the GPU -- but only where the
+// program syncs: on a GPU two phases without a __syncwarp() between them overlap across lanes
+// (lane 0 may stage the next tile while lane 31 still stores this one), and running them in
+// turn here would hide that race. So a phase that follows another with no sync between them is
+// counted (the phases all share the tile), and gae_emulated reports it.
+int64_t unsynced_phases = 0;
+
 template <class D>
 struct EmulatedWarp {
   LaneState<D> lanes[kWarp];
+  bool synced = true;  // no phase has run since the last sync
 
   template <class Phase>
   void each(Phase&& phase) {
+    if (!synced) ++unsynced_phases;
+    synced = false;
     for (int lane = 0; lane < kWarp; ++lane) phase(lane, lanes[lane]);
   }
-  void sync() {}
+  void sync() { synced = true; }
 };
 
 template <class D, bool kHasMask>
@@ -41,7 +50,8 @@ void run_grid(const GaeArgs& args, int64_t rows) {
 
 }  // namespace
 
-// Returns 0, or -1 for an unknown dtype; does nothing when rows or T is 0 (as launch_gae).
+// Returns 0, -1 for an unknown dtype, or -2 if two phases of the warp program ran with no
+// sync between them (a race on the GPU); does nothing when rows or T is 0 (as launch_gae).
 extern "C" int gae_emulated(const void* rewards, const void* values, const uint8_t* mask,
                             int dtype, int64_t rows, int64_t steps, int64_t rewards_row_stride,
                             int64_t values_row_stride, int64_t mask_row_stride, float gamma,
@@ -59,19 +69,21 @@ extern "C" int gae_emulated(const void* rewards, const void* values, const uint8
   args.lam = lam;
   args.advantages = advantages;
   args.returns = returns;
+  unsynced_phases = 0;
   switch (dtype) {
     case kF32:
       run_grid<F32>(args, rows);
-      return 0;
+      break;
     case kBF16:
       run_grid<BF16>(args, rows);
-      return 0;
+      break;
     case kF16:
       run_grid<F16>(args, rows);
-      return 0;
+      break;
     default:
       return -1;
   }
+  return unsynced_phases == 0 ? 0 : -2;
 }
 
 #ifdef GAE_EMULATOR_SELF_TEST
@@ -108,10 +120,16 @@ bool check(int64_t rows, int64_t steps, bool masked, bool bf16, std::mt19937& rn
   }
   std::vector<float> advantages(rows * steps), returns(rows * steps);
   const float gamma = 0.99f, lam = 0.95f;
-  gae_emulated(bf16 ? static_cast<const void*>(rewards16.data()) : rewards.data(),
-               bf16 ? static_cast<const void*>(values16.data()) : values.data(),
-               masked ? mask.data() : nullptr, bf16 ? kBF16 : kF32, rows, steps, stride, stride,
-               stride, gamma, lam, advantages.data(), returns.data());
+  const int status =
+      gae_emulated(bf16 ? static_cast<const void*>(rewards16.data()) : rewards.data(),
+                   bf16 ? static_cast<const void*>(values16.data()) : values.data(),
+                   masked ? mask.data() : nullptr, bf16 ? kBF16 : kF32, rows, steps, stride,
+                   stride, stride, gamma, lam, advantages.data(), returns.data());
+  if (status != 0) {
+    std::printf("status %d: rows %ld steps %ld\n", status, static_cast<long>(rows),
+                static_cast<long>(steps));
+    return false;
+  }
   for (int64_t row = 0; row < rows; ++row) {
     double next_advantage = 0, next_value = 0;
     for (int64_t t = steps - 1; t >= 0; --t) {

@@ -5,7 +5,7 @@
    headers (the CPU build of torch ships the c10/cuda headers, just not the libraries).
 2. The gae kernel's warp program (csrc/cuda/gae_warp.cuh) built with g++ and run on the CPU,
    one lane after another (tests/gae_cuda_emulator.cpp), against gae_reference: every index,
-   bound and carry of the kernel, without a GPU.
+   bound and carry of the kernel, and a __syncwarp() between every two phases, without a GPU.
 3. On a GPU with the extension built: ops.gae(backend="cuda") against gae_reference, and
    bit for bit against the emulation of level 2 (which equals the C++ CPU kernel bit for bit).
 """
@@ -189,6 +189,42 @@ def test_emulated_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
          str(ROOT / "tests" / "gae_cuda_emulator.cpp")]
     )  # fmt: skip
     assert run([str(program)]).stdout.strip() == "ok"
+
+
+SYNC = "    warp.sync();"
+
+
+@pytest.mark.parametrize("dropped", range(3), ids=lambda i: f"sync{i}")
+def test_emulation_reports_a_dropped_warp_sync(tmp_path, dropped):
+    # On a GPU the lanes of two phases with no __syncwarp() between them overlap (a race on the
+    # shared tile), which the emulation, running each phase for all lanes in turn, would hide.
+    # It counts such phases instead: the warp program with any one of its syncs removed must
+    # make gae_emulated fail (status -2), not quietly compute the right answer.
+    if GXX is None:
+        pytest.skip("g++ is not on PATH")
+    source = (CSRC / "cuda" / "gae_warp.cuh").read_text()
+    positions = [i for i in range(len(source)) if source.startswith(SYNC, i)]
+    assert len(positions) == 3, "gae_warp.cuh's syncs moved: update this test"
+    start = positions[dropped]
+    (tmp_path / "cuda").mkdir()
+    mutant = source[:start] + source[start + len(SYNC) :]
+    (tmp_path / "cuda" / "gae_warp.cuh").write_text(mutant)
+    library = tmp_path / "libgae_mutant.so"
+    run(
+        [GXX, "-std=c++17", "-O0", "-shared", "-fPIC", "-I", str(tmp_path), "-I", str(CSRC),
+         "-o", str(library), str(ROOT / "tests" / "gae_cuda_emulator.cpp")]
+    )  # fmt: skip
+    lib = ctypes.CDLL(str(library))
+    lib.gae_emulated.restype = ctypes.c_int
+    rewards = torch.randn(3, 100)
+    out = torch.empty(2, 3, 100)
+    status = lib.gae_emulated(
+        ctypes.c_void_p(rewards.data_ptr()), ctypes.c_void_p(rewards.data_ptr()), None,
+        ctypes.c_int(0), ctypes.c_int64(3), ctypes.c_int64(100), ctypes.c_int64(100),
+        ctypes.c_int64(100), ctypes.c_int64(0), ctypes.c_float(1.0), ctypes.c_float(0.9),
+        ctypes.c_void_p(out[0].data_ptr()), ctypes.c_void_p(out[1].data_ptr()),
+    )  # fmt: skip
+    assert status == -2
 
 
 @pytest.mark.parametrize("dtype", DTYPE_INDEX, ids=str)

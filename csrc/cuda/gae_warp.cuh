@@ -6,7 +6,9 @@
 // lanes run: on the GPU each thread is one lane, `each` runs the phase for it and `sync` is
 // __syncwarp(); in the emulator one CPU thread runs a phase for the 32 lanes in turn, which is
 // what a correctly synchronized warp computes. The CPU tests thereby check every index, bound
-// and carry of the kernel; only the CUDA parts (launch, barriers, fp16 conversion) need a GPU.
+// and carry of the kernel, and that a sync separates every two phases (the emulator counts a
+// phase that follows another unsynced); only the CUDA parts (launch, fp16 conversion) need a
+// GPU.
 #pragma once
 
 #include <cstdint>
