@@ -60,9 +60,20 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cuda").manual_seed(seed)
 
 
+# Quick mode (--bench-quick) keeps the first shape at M=1 and M=16 (the decode GEMVs); the
+# bigger shape and the prefill-sized M are bench_full.
+QUANT_SIZES = [
+    pytest.param(
+        shape, m, id=f"K{shape[0]}-N{shape[1]}-M{m}",
+        marks=pytest.mark.bench_full if i or m > 16 else (),
+    )
+    for i, shape in enumerate(SHAPES)
+    for m in MS
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"K{s[0]}-N{s[1]}")
+@pytest.mark.parametrize(("shape", "m"), QUANT_SIZES)
 def test_quant_matmul_cuda(measure, shape, m, provider):
     if provider.startswith("ours") and not backends("cuda")["quant_matmul"]["triton"].available:
         pytest.skip("no Triton on this GPU")
@@ -105,6 +116,10 @@ def test_read_bandwidth_cuda(measure):
 
 
 LORA_SIZES = [(4096, 4096, 4096, 16), (8192, 4096, 11008, 64)]  # (M tokens, K, N, r)
+LORA_SIZE_PARAMS = [  # quick mode: the first size only
+    pytest.param(s, id="M{}-K{}-N{}-r{}".format(*s), marks=pytest.mark.bench_full if i else ())
+    for i, s in enumerate(LORA_SIZES)
+]
 
 
 def _peft_layer(weight, lora_a, lora_b, scaling):
@@ -125,7 +140,7 @@ def _peft_layer(weight, lora_a, lora_b, scaling):
 
 
 @pytest.mark.parametrize("provider", ["triton", "peer", "base-gemms"])
-@pytest.mark.parametrize("size", LORA_SIZES, ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
+@pytest.mark.parametrize("size", LORA_SIZE_PARAMS)
 def test_lora_linear_cuda(measure, size, provider):
     """Forward + backward of one LoRA layer, bf16, frozen W; base-gemms is the floor (the two
     GEMMs a frozen layer needs: x W^T forward and dY W backward)."""
