@@ -477,6 +477,22 @@ def test_cuda_gemv_unaligned_weight_view_and_empty_shapes():
     assert cuda_op(x[:0], shifted, None).shape == (0, 9)
 
 
+def check_more_rows_than_the_grid_holds(device):
+    # gridDim.y stops at 65535: the rows past it are the kernel's own loop (m += gridDim.y).
+    for seed, fmt in enumerate(["int8", "int4-g32"]):
+        qweight = make_weight(fmt, 5, 48, seed).to(device)
+        x = torch.randn(65535 + 70, 48, generator=torch.Generator().manual_seed(seed))
+        x = x.to(device)
+        if device == "cuda":
+            poison_allocator((x.shape[0], 5), x.dtype)
+        assert_close_to_oracle(cuda_op(x, qweight, None), x, qweight, None)
+
+
+@needs_gpu
+def test_cuda_gemv_more_rows_than_the_grid_holds():
+    check_more_rows_than_the_grid_holds("cuda")
+
+
 @needs_gpu
 def test_cuda_ops_reject_bad_arguments_naming_them():
     qweight = make_weight("int4-g32", 9, 64, 0).to("cuda")
