@@ -353,7 +353,9 @@ def _write_elementwise_table(write, rows: list[list[str]]) -> None:
     )
     write(
         "memcpy/fast: a copy of the op's bytes (read + written) over the fast time, 1.0 = "
-        "at the memory limit. '~': median of only a few rounds (slow provider)."
+        "at the copy's speed (the memory limit; the cache's where the op's tensors fit in it, "
+        "as every GAE size does in a 300 MiB L3). '~': median of only a few rounds (slow "
+        "provider)."
     )
     widths = [max(len(row[i]) for row in [_HEADER, *rows]) for i in range(len(_HEADER))]
     for row in [_HEADER, *rows]:
