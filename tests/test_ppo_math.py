@@ -163,6 +163,26 @@ def test_token_logprobs_by_hand():
     )
 
 
+def test_token_logprobs_gradient_and_half_precision_logits():
+    # The policy gradient flows through token_logprobs: the normaliser logsumexp is part of it
+    # (detaching it would still give the right values, and a wrong gradient).
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3), generator=g)
+    torch.autograd.gradcheck(lambda z: pm.token_logprobs(z, tokens), (logits,))
+    torch.autograd.gradcheck(lambda z: pm.token_logprobs(z, tokens, 0.7), (logits,))
+    # bf16 / fp16 logits: statistics in fp32, so the result is fp32 and as exact as the
+    # logits' own rounding allows (bf16 arithmetic would be ~1e-2 off at a vocabulary of 4096)
+    wide = 8 * torch.randn(3, 4, 4096, generator=g)
+    tokens = torch.randint(0, 4096, (3, 4), generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = wide.to(dtype)
+        out = pm.token_logprobs(rounded, tokens, temperature=0.9)
+        assert out.dtype == torch.float32
+        expected = pm.token_logprobs(rounded.double(), tokens, temperature=0.9)
+        close(out, expected, atol=1e-4)
+
+
 # ---------------------------------------------------------------- loop references
 
 
