@@ -110,6 +110,33 @@ def test_fp32_adapters_on_bf16_base(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_adapters_on_fp32_x_scale_dropout_in_the_adapters_dtype(backend):
+    """nn.Dropout (peft's) holds 1 / (1 - p) in the adapters' dtype: 1 / 0.7 is 1.4297 in
+    bf16, not 1.428571. With fp32 x the products are fp32, so the 8e-4 gap shows."""
+    x, w, b, a, bb, dy = make_inputs(20, 64, 48, 8, torch.float32, torch.bfloat16, 6)
+    y, (dx, da, db, _) = run(backend, x, w, b, a, bb, dy, 0.3, 6)
+    noise = dropout_noise_by_nn_dropout(x.shape, 0.3, torch.bfloat16, 6)
+    ey, edx, eda, edb, _ = oracle(x, w, b, a, bb, dy, noise)
+    assert da.dtype == torch.bfloat16 and db.dtype == torch.bfloat16
+    for actual, expected, what in ((y, ey, "y"), (dx, edx, "dx")):
+        assert_close(actual, expected, torch.float32, what)
+    for actual, expected, what in ((da, eda, "dA"), (db, edb, "dB")):
+        assert_close(actual, expected, torch.bfloat16, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows(backend):
+    """A batch with no tokens (x [2, 0, K]) gives y [2, 0, N] and zero gradients."""
+    x, w, b, a, bb, _ = make_inputs(0, 16, 12, 4, torch.float32, torch.float32, 7, leading=(2,))
+    y = ops.lora_linear(x, w, b, a, bb, SCALING, dropout=0.1, backend=backend)
+    assert y.shape == (2, 0, 12)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for grad in (a.grad, bb.grad, b.grad):
+        assert grad is not None and not grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_three_d_and_non_contiguous_x(backend):
     x, w, _, a, bb, dy = make_inputs(5, 40, 24, 4, torch.float32, torch.float32, 9, False, (3,))
     # a transposed view: x_t is [3, 5, 40] but not contiguous
