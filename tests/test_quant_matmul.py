@@ -258,6 +258,21 @@ def test_gradients_reach_x_and_bias(backend, bits):
     torch.testing.assert_close(bias.grad.double(), b64.grad, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gradient_reaches_a_trainable_bias_when_x_needs_none(backend):
+    """A trainable bias over frozen activations (x without requires_grad) must still get its
+    gradient: the fast path may only skip autograd when neither needs one."""
+    if backend == "cpp" and _native.cpp is None:
+        pytest.skip("no C++ quant_matmul")
+    generator = torch.Generator().manual_seed(11)
+    qweight = quantize_weight(torch.randn(37, 70, generator=generator), 4, 32)
+    x = torch.randn(3, 70, generator=generator)
+    bias = torch.randn(37, generator=generator, requires_grad=True)
+    grad_y = torch.randn(3, 37, generator=generator)
+    ops.quant_matmul(x, qweight, bias, backend=backend).backward(grad_y)
+    torch.testing.assert_close(bias.grad, grad_y.sum(0), atol=1e-5, rtol=1e-5)
+
+
 @needs_cpp
 def test_cuda_backend_without_triton_runs_many_rows_on_the_gemv(monkeypatch):
     # The "cuda" backend sends M > 1 to the Triton GEMM; where triton is not installed (CUDA
