@@ -27,6 +27,26 @@ def test_automatic_pick_never_fails_on_other_devices():
     assert _dispatch.choose("gae", torch.device("meta"), None) == "reference"
 
 
+def test_candidates_fastest_first_and_only_implemented_ones():
+    # On a GPU the hand-written CUDA kernels come before Triton; ops without a GPU backend
+    # must not list one (the pick would then try a backend the op does not have).
+    assert _dispatch.candidates("gae", "cuda") == ("cuda", "triton", "reference")
+    assert _dispatch.candidates("rank_loss", "cuda") == ("triton", "reference")
+    assert _dispatch.candidates("rms_norm", "cuda") == ("reference",)
+    assert _dispatch.candidates("gae", "cpu") == ("cpp", "reference")
+    assert _dispatch.candidates("gae", "meta") == ("reference",)
+
+
+def test_triton_on_cpu_only_when_interpreted(monkeypatch):
+    if _dispatch._triton_missing():
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = _dispatch.unavailable_reason("triton", torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.unavailable_reason("triton", torch.device("cpu")) is None
+
+
 def test_environment_variable_overrides_the_pick(monkeypatch):
     monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
     assert _dispatch.choose("gae", torch.device("cpu"), None) == "reference"
