@@ -163,6 +163,33 @@ def test_acquiring_more_layers_than_slots_is_a_clear_error(offload_dir):
     assert not _reader_threads()
 
 
+def test_reacquiring_a_layer_whose_slot_a_prefetch_overwrote_reads_it_again(offload_dir):
+    """A released layer's slot remembers the layer (acquiring it again costs no read) until a
+    read-ahead takes the slot. Layer 1 released, layer 2 read ahead into its slot, then layer 1
+    acquired again (which evicts that read-ahead): layer 1 must be read again, not bound to
+    the slot's bytes, which are layer 2's now (same shapes: nothing would fail, only compute
+    with the wrong weights)."""
+    with load_offloaded(offload_dir, resident_layers=4) as whole:
+        truth = [
+            {n: p.clone() for n, p in layer.named_parameters()} for layer in whole.streamer.layers
+        ]
+    with load_offloaded(offload_dir, resident_layers=0, prefetch=1) as lm:  # 2 slots
+        streamer = lm.streamer
+        streamer.acquire(0)
+        streamer.acquire(1)
+        streamer.release(1)  # its slot is free again; the read-ahead of layer 2 takes it
+        assert sorted(streamer._pending) == [2]
+        for _, read in list(streamer._pending.values()):
+            read.result()  # layer 2's bytes are in the slot (no race with the reader)
+        streamer.acquire(1)
+        for name, expected in truth[1].items():
+            actual = dict(streamer.layers[1].named_parameters())[name]
+            assert torch.equal(actual, expected), name
+        streamer.release(1)
+        streamer.release(0)
+    assert not _reader_threads()
+
+
 def test_close_frees_the_slot_buffers(offload_dir):
     import weakref
 
