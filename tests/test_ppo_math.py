@@ -340,6 +340,16 @@ def test_clipped_tokens_get_no_gradient_and_padding_none():
     close(values.grad, [[0.0, 0.0]])
 
 
+def test_whiten_adds_eps_to_the_variance_not_the_deviation():
+    # (v - mean) * rsqrt(var + eps), as documented (and as trl computes it): at a spread
+    # comparable to sqrt(eps) this differs from (v - mean) / (std + eps) by about 30%.
+    values = torch.tensor([[0.0, 1e-4, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]])
+    var = 0.5e-8  # unbiased variance of {0, 1e-4}
+    expected = [[-0.5e-4 / math.sqrt(var + 1e-8), 0.5e-4 / math.sqrt(var + 1e-8), 0.0]]
+    close(pm.masked_whiten(values, mask), expected, atol=1e-6)
+
+
 def test_whiten_nan_padding_reaches_neither_value_nor_gradient():
     # Whitening runs on rollout tensors whose padding may be NaN; if masked_whiten read it,
     # 0 * NaN in the backward of its mean and variance would poison every valid token's grad.
