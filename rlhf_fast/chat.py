@@ -34,10 +34,8 @@ from rlhf_fast.models.generate import (
     generate_tokens,
     model_bytes,
 )
-from rlhf_fast.models.load import (  # _POSITION_TABLES: learned position tables' keys
-    _POSITION_TABLES,
-    has_tokenizer_files,
-)
+from rlhf_fast.models.load import has_tokenizer_files
+from rlhf_fast.models.load import learned_positions as _positions_of_config
 from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 
 PROMPT_MARKER = ">>> "
@@ -160,9 +158,7 @@ def learned_positions(model) -> int | None:
     """The size of the model's learned position table (GPT-2, OPT, ...): no token past it has
     a position embedding. None for models without one (rotary, ALiBi)."""
     config = getattr(model, "config", None)
-    key = _POSITION_TABLES.get(getattr(config, "model_type", None))
-    positions = getattr(config, key, None) if key else None
-    return positions if isinstance(positions, int) and positions > 0 else None
+    return _positions_of_config(config) if config is not None else None
 
 
 def eos_ids(model, tokenizer) -> set[int]:

@@ -91,6 +91,16 @@ _POSITION_TABLES = {"gpt2": "n_positions", "gpt_bigcode": "n_positions", "opt":
                     "max_position_embeddings", "gpt_neo": "max_position_embeddings"}  # fmt: skip
 
 
+def learned_positions(config) -> int | None:
+    """The size of a learned position table (GPT-2, OPT, ...; `config` a PretrainedConfig or
+    config.json's dict): no token past it has a position embedding. None for models without
+    one (rotary, ALiBi)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    key = _POSITION_TABLES.get(get("model_type"))
+    positions = get(key) if key else None
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
 def check_max_length(model_dir: str | os.PathLike, max_length: int) -> None:
     """ModelLoadError when sequences of `max_length` tokens do not fit the model's learned
     position table (GPT-2, OPT, ...); other models, or a directory without config.json (an
@@ -102,9 +112,8 @@ def check_max_length(model_dir: str | os.PathLike, max_length: int) -> None:
         return
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{path / 'config.json'}: {_one_line(error)}") from None
-    key = _POSITION_TABLES.get(config.get("model_type") if isinstance(config, dict) else None)
-    positions = config.get(key) if key else None
-    if isinstance(positions, int) and max_length > positions:
+    positions = learned_positions(config) if isinstance(config, dict) else None
+    if positions is not None and max_length > positions:
         raise ModelLoadError(
             f"--max-length {max_length} exceeds the {positions} positions of {path} "
             f"({config['model_type']} learns a table of them): pass --max-length {positions}"
