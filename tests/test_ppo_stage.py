@@ -222,19 +222,27 @@ def test_grad_accum_gives_the_gradient_of_the_whole_minibatch(stages, tmp_path):
             lengths = torch.tensor([8, 1, 3, 8, 2, 5, 7, 4])
             keep = torch.arange(experience.response.shape[1]) < lengths[:, None]
             experience.response_mask &= keep
-        captured = []
-
-        def capture(params=trainer.params, captured=captured):
-            captured.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
-
-        trainer.optimizer.step = capture
-        trainer.optimize(experience, 0)
-        (gradients[accum],) = captured
+        gradients[accum] = _step_gradients(trainer, experience)
     scale = max(float(g.abs().max()) for g in gradients[1].values())  # some entries are near 0
     for accum in (2, 3):
         assert gradients[accum].keys() == gradients[1].keys() and gradients[1]
         for name, expected in gradients[1].items():
             torch.testing.assert_close(gradients[accum][name], expected, rtol=0, atol=1e-5 * scale)
+
+
+def _step_gradients(trainer, experience) -> dict[str, torch.Tensor]:
+    """The gradients of one optimize() on `experience`, read where the optimizer would step
+    (the step itself is skipped): one minibatch, one epoch."""
+    captured = []
+
+    def capture():
+        params = trainer.params.items()
+        captured.append({n: p.grad.clone() for n, p in params if p.grad is not None})
+
+    trainer.optimizer.step = capture
+    trainer.optimize(experience, 0)
+    (gradients,) = captured
+    return gradients
 
 
 def test_value_loss_enters_the_step_scaled_by_vf_coef(stages, tmp_path):
@@ -256,14 +264,7 @@ def test_value_loss_enters_the_step_scaled_by_vf_coef(stages, tmp_path):
                              prompts, tmp_path / "run")  # fmt: skip
         if experience is None:
             experience, _, _ = trainer.rollout([0, 1, 2, 3], 0)
-        captured = []
-
-        def capture(params=trainer.params, captured=captured):
-            captured.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
-
-        trainer.optimizer.step = capture
-        trainer.optimize(experience, 0)
-        (gradients[vf_coef],) = captured
+        gradients[vf_coef] = _step_gradients(trainer, experience)
     low, high = gradients[0.1], gradients[0.3]
     assert low.keys() == high.keys()
     scale = max(float(g.abs().max()) for g in low.values())
