@@ -64,7 +64,7 @@ def _import_with(value: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("value", ["0", "64", "256"])
+@pytest.mark.parametrize("value", ["0", "64", "256", "000000000064"])
 def test_a_whole_number_of_mib_is_taken_without_a_warning(value):
     assert _native.OUTPUT_POOL_ENV not in _import_with(value).stderr
 

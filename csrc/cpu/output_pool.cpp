@@ -5,7 +5,6 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 
@@ -22,13 +21,14 @@ constexpr size_t kMaxCapacityMb = size_t(1) << 20;  // 1 TiB: larger is a typo
 // alone read "abc" as 0, turning the pool off, and "-1" as an unlimited pool).
 size_t capacity_from_env() {
   const char* text = std::getenv("RLHF_FAST_OUTPUT_POOL_MB");
-  if (text == nullptr || *text == '\0' || std::strlen(text) > 7) return kDefaultCapacityMb << 20;
+  if (text == nullptr || *text == '\0') return kDefaultCapacityMb << 20;
   size_t mb = 0;
   for (const char* c = text; *c != '\0'; ++c) {
     if (*c < '0' || *c > '9') return kDefaultCapacityMb << 20;
     mb = mb * 10 + static_cast<size_t>(*c - '0');
+    if (mb > kMaxCapacityMb) return kDefaultCapacityMb << 20;  // before it could overflow
   }
-  return (mb <= kMaxCapacityMb ? mb : kDefaultCapacityMb) << 20;
+  return mb << 20;
 }
 
 class OutputPool {
