@@ -173,6 +173,13 @@ def _int4_groups(weight: torch.Tensor, group_size: int, clip_search: bool):
     real = ~torch.isnan(weight)
     low = torch.where(real, weight, torch.inf).amin(-1)
     high = torch.where(real, weight, -torch.inf).amax(-1)
+    # checked on the groups' ranges (no pass over the weight of its own)
+    largest = torch.finfo(torch.float16).max
+    if max(float(-low.amin()), float(high.amax())) > largest:
+        raise ValueError(
+            f"weight has values beyond +-{largest:g}, which int4's float16 scales and offsets "
+            "cannot hold (use bits=8)"
+        )
     filled = torch.where(real, weight, 0.0)
 
     def fit(fraction: float):
@@ -236,12 +243,6 @@ def quantize_weight(
     if group_size <= 0 or group_size % INT4_BLOCK:
         raise ValueError(
             f"group_size must be a multiple of {INT4_BLOCK} (32, 64, 128, ...), got {group_size}"
-        )
-    largest = torch.finfo(torch.float16).max
-    if w.numel() and w.abs().max() > largest:
-        raise ValueError(
-            f"weight has values beyond +-{largest:g}, which int4's float16 scales and offsets "
-            "cannot hold (use bits=8)"
         )
     padded = -(-k // group_size) * group_size
     # NaN marks the pad so it neither widens a group's range nor counts in its error.
