@@ -109,6 +109,19 @@ def test_a_seed_out_of_range_is_a_config_error(seed):
         validate(TrainConfig(model="m", data="d", seed=seed))
 
 
+@pytest.mark.parametrize("stage", ["ppo", "all"])
+def test_answers_as_long_as_max_length_are_a_config_error(stage):
+    # A rollout is prompt + answer within max_length: max_new_tokens >= max_length left the
+    # prompt one token and ran past a learned position table (GPT-2: an IndexError traceback
+    # from the embedding at the first rollout, after every model had loaded).
+    paths = dict(model="m", data="d", reward_model="r", sft_data="s", rm_data="k")
+    for new_tokens in (64, 65):
+        with pytest.raises(ValueError, match="max_new_tokens .* must be < max_length 64"):
+            validate(TrainConfig(stage=stage, max_length=64, max_new_tokens=new_tokens, **paths))
+    validate(TrainConfig(stage=stage, max_length=64, max_new_tokens=63, **paths))
+    validate(TrainConfig(stage="sft", max_length=64, max_new_tokens=64, **paths))  # unused there
+
+
 @pytest.mark.parametrize("flag", [{"max_memory": "cpu=1GiB"}, {"offload_dir": "/tmp/x"}])
 def test_offload_settings_without_offload_are_refused(flag):
     # they were silently ignored: the whole base loaded past the budget the user set

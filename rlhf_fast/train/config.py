@@ -238,6 +238,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             "--stage all needs --sft-data FILE and --rm-data FILE (and --data PROMPTS)"
         )
+    if config.stage in ("ppo", "all") and config.max_new_tokens >= config.max_length:
+        # a rollout (prompt + answer) must fit max_length, the prompt keeping one token at least
+        raise ConfigError(
+            f"max_new_tokens {config.max_new_tokens} must be < max_length {config.max_length} "
+            "(a rollout is prompt + answer, at most max_length tokens)"
+        )
     if config.quant != "none" and config.full_finetune:
         raise ConfigError(f"--quant {config.quant} freezes the base: drop --full-finetune")
     if config.quant != "none" and config.rollout_quant != "none":
