@@ -66,6 +66,16 @@ def test_stage_all_checks_every_input_first(data, tmp_path, capsys):
     assert not (tmp_path / "run" / "sft").exists()  # nothing trained
 
 
+def test_stage_all_checks_the_rm_loss_against_the_rm_data_first(data, tmp_path, capsys):
+    # ranked answers with --rm-loss mse were refused only when the RM stage started, after
+    # the whole SFT stage had trained
+    model = make_family_dir(tmp_path / "model", "llama", chat_template=True)
+    args = [*_all_args(model, data, tmp_path / "run"), "--rm-loss", "mse"]
+    assert main(args) == 2
+    assert "ranked answers train with --rm-loss rank, not mse" in _error(capsys)
+    assert not (tmp_path / "run" / "sft").exists()  # nothing trained
+
+
 def test_ppo_missing_reward_model_dir_names_the_command(data, tmp_path, capsys):
     model = make_family_dir(tmp_path / "model", "llama", chat_template=True)
     args = ["train", "--stage", "ppo", "--model", str(model), "--data", str(data["prompts"]),

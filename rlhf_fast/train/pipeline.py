@@ -22,7 +22,7 @@ from rlhf_fast.models.load import check_max_length
 from rlhf_fast.train import config as config_module
 from rlhf_fast.train.checkpoint import has_checkpoint
 from rlhf_fast.train.config import ConfigError, TrainConfig
-from rlhf_fast.train.data import read_prompts, read_rm, read_sft
+from rlhf_fast.train.data import read_prompts, read_sft
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -31,8 +31,10 @@ def check_inputs(config: TrainConfig) -> None:
     for name in ("sft_data", "rm_data", "data"):
         if not getattr(config, name):
             raise ConfigError(f"--stage all needs --{name.replace('_', '-')} FILE")
+    from rlhf_fast.train import rm
+
     read_sft(config.sft_data)
-    read_rm(config.rm_data)
+    rm.read_data(dataclasses.replace(config, data=config.rm_data))  # the kind fits --rm-loss
     read_prompts(config.data)
     if config.ptx_coef > 0 and config.ptx_data:
         read_sft(config.ptx_data)
