@@ -395,3 +395,57 @@ def test_gradients_through_streamed_layers_in_eval_mode_are_refused(tmp_path):
         model.train()  # the supported way
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_prepare_refuses_to_replace_a_directory_that_is_not_an_offload_directory(tmp_path):
+    """prepare_offload replaced an existing output directory with shutil.rmtree, whatever it
+    held: an --offload-dir or output path naming a directory of the user's (or the model
+    directory itself) was deleted. Only an earlier offload directory (or an empty one) is
+    replaced now; anything else is a one-line error naming it, and stays as it was."""
+    from rlhf_fast.offload import prepare_offload
+
+    model = _family_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for target in (mine, tmp_path / "model"):
+        before = sorted(p.name for p in target.iterdir())
+        with pytest.raises(FileExistsError, match="not an offload directory") as error:
+            prepare_offload(tmp_path / "model", target)
+        assert str(error.value).startswith(str(target)) and "\n" not in str(error.value)
+        assert sorted(p.name for p in target.iterdir()) == before
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".*.tmp-*"))  # no staged directory left behind
+    # an earlier offload directory and an empty directory are replaced
+    first = prepare_offload(model, tmp_path / "off")
+    assert prepare_offload(model, first) == first and (first / "offload.json").is_file()
+    (tmp_path / "empty").mkdir()
+    assert (prepare_offload(model, tmp_path / "empty") / "offload.json").is_file()
+
+
+def test_train_reports_an_offload_dir_it_will_not_replace_on_one_line(tmp_path, monkeypatch):
+    """open_for_training turned only ValueError into the trainer's one-line error: an OSError
+    while preparing (here the refusal above; a full disk, a read-only --offload-dir) was a
+    traceback."""
+    from types import SimpleNamespace
+
+    from rlhf_fast.models.load import ModelLoadError
+    from rlhf_fast.offload import session
+    from rlhf_fast.offload.policy import CALIBRATION_VERSION, Calibration
+    from rlhf_fast.offload.training import open_for_training
+
+    calibration = Calibration(1e9, {"none": 1e-3}, {"none": 1e-4}, 1e-4, 1e-5,
+                              version=CALIBRATION_VERSION)  # fmt: skip
+    monkeypatch.setattr(session, "calibrate", lambda *args, **kwargs: calibration)
+    _family_model("llama").save_pretrained(tmp_path / "model")
+    (tmp_path / "shards" / "none").mkdir(parents=True)
+    (tmp_path / "shards" / "none" / "notes.txt").write_text("keep me")
+    config = SimpleNamespace(
+        model=str(tmp_path / "model"), offload="compress=none", max_memory="cpu=64MiB",
+        offload_dir=str(tmp_path / "shards"), batch_size=1, max_length=8, dtype="fp32",
+    )  # fmt: skip
+    with pytest.raises(ModelLoadError, match="not an offload directory") as error:
+        open_for_training(config, rows=1)
+    assert "\n" not in str(error.value)
+    assert (tmp_path / "shards" / "none" / "notes.txt").read_text() == "keep me"

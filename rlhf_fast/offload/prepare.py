@@ -91,6 +91,21 @@ def _compressed(
     return quantize_weight(dense.float(), bits, group_size).state_dict(module_name)
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """prepare_offload replaces `out_dir` only if it is absent, empty or an offload directory
+    (it holds a manifest): never a directory of the user's, nor the model directory itself."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+    if (out_dir / MANIFEST).is_file() or not any(out_dir.iterdir()):
+        return
+    raise FileExistsError(
+        f"{out_dir}: exists and is not an offload directory (no {MANIFEST}); "
+        "choose another path or remove it"
+    )
+
+
 def prepare_offload(
     source: str | os.PathLike | nn.Module,
     offload_dir: str | os.PathLike,
@@ -99,7 +114,9 @@ def prepare_offload(
     group_size: int = 32,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Writes `offload_dir` (atomically: temp dir + rename) from a model dir or a model.
+    """Writes `offload_dir` (atomically: temp dir + rename) from a model dir or a model. An
+    existing `offload_dir` is replaced only if it is an offload directory or empty (else
+    FileExistsError, before any work).
 
     compress: None (as stored), 4 or 8 (decoder-layer linears quantized). dtype: cast float
     tensors that stay dense (None: keep them as stored). Returns the directory.
@@ -108,6 +125,7 @@ def prepare_offload(
 
     if compress not in (None, 4, 8):
         raise ValueError(f"compress must be None, 4 or 8, got {compress!r}")
+    _check_replaceable(Path(offload_dir))
     fingerprint = None
     if isinstance(source, nn.Module):
         model = source
@@ -172,6 +190,7 @@ def prepare_offload(
         model.config.save_pretrained(staged)
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
+            _check_replaceable(out_dir)  # again: it may have been written to meanwhile
             shutil.rmtree(out_dir)
         staged.rename(out_dir)
     except BaseException:

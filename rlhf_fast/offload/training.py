@@ -65,7 +65,9 @@ def open_for_training(train_config, *, rows: int, rollout: bool = False) -> Offl
             context=train_config.max_length if rollout else 1, reserve=reserve,
             bf16_activations=False,  # rollout log-probs must be the fp32 training forward's
         )  # fmt: skip
-    except ValueError as error:  # ShardError, a bad --offload / --max-memory, too small
+    # ValueError: ShardError, a bad --offload / --max-memory, too small; OSError: preparing
+    # the shards failed (a full disk, an --offload-dir prepare_offload will not replace)
+    except (ValueError, OSError) as error:
         raise ModelLoadError(str(error).strip().splitlines()[0]) from None
     lm.model.requires_grad_(False)
     stored = lm.manifest["dtype"]
