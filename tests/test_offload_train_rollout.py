@@ -91,3 +91,30 @@ def test_multiple_eos_ids_and_bad_arguments(models):
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_offloaded_rollouts(offloaded, PROMPTS, pad_token_id=0, eos_token_ids=EOS,
                                     max_new_tokens=0)  # fmt: skip
+
+
+def test_rollouts_with_the_4bit_kv_cache_store_the_policys_logprobs(models):
+    """With kv=int4 the answers are drawn from logits that read a lossy KV cache; those were
+    stored as PPO's old log-probs (up to ~1 nat off here), so epoch 1's ratio against the
+    training forward (no cache) started away from 1, clipped. As for quantized sampling on
+    the resident path, the stored log-probs are now the policy's own (one more forward)."""
+    from rlhf_fast.offload.policy import Policy
+    from rlhf_fast.train.rollout import response_logprobs
+
+    _, offloaded = models
+    lm = offloaded.rlhf_fast_offload
+    common = dict(pad_token_id=0, eos_token_ids=EOS, max_new_tokens=10, temperature=1.0,
+                  generator=torch.Generator().manual_seed(4))  # fmt: skip
+    lm.policy = Policy(None, 1, 1, micro_batch=2, batch=len(PROMPTS), kv_bits=4)
+    try:
+        got = generate_offloaded_rollouts(offloaded, PROMPTS, **common)
+    finally:
+        lm.policy = None
+    offloaded.eval()
+    with torch.no_grad():
+        exact = response_logprobs(
+            offloaded, got.query, got.query_mask, got.response, got.response_mask, 1.0
+        )
+    assert got.response_mask.sum() > 10  # answers long enough to read the compressed past
+    torch.testing.assert_close(got.logprobs, exact, atol=1e-4, rtol=1e-4)
+    assert (got.logprobs[~got.response_mask] == 0).all()

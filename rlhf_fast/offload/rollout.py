@@ -14,6 +14,10 @@ Activations stay fp32 here whatever the model's int4 activation rule (quant/acti
 chat and plain generation default to bf16 for many-row int4 products): the log-probs of the
 sampling forward are stored as PPO's old log-probs, and the training forward that PPO compares
 them with runs fp32 under autograd, so bf16 here would bias epoch 1's ratio away from 1.
+For the same reason, with the 4-bit KV cache (kv=int4: the answers are drawn from logits that
+read a lossy cache, off by up to several nats) the stored log-probs are the policy's own, from
+one more forward of query + answer without a cache (as the resident path does for answers
+sampled from quantized weights).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def generate_offloaded_rollouts(
     `micro_batch`: rows per micro-batch of the block (default: the offload policy's). The
     lean decoder and its quantized copies need every weight in memory: `decoder` is ignored
     (the block schedule is the offloaded decoder) and `quant` must be "none"."""
-    from rlhf_fast.train.rollout import evaluating, left_pad, scored_rollout
+    from rlhf_fast.train.rollout import evaluating, left_pad, response_logprobs, scored_rollout
 
     lm = model.rlhf_fast_offload
     if quant != "none":
@@ -73,6 +77,10 @@ def generate_offloaded_rollouts(
         response_mask = ~ended_before
         response = response.masked_fill(~response_mask, pad_token_id)
         logprobs = torch.where(response_mask, torch.stack(steps, 1), 0.0)
+        if kv_bits is not None:  # drawn from logits of a lossy cache: see the module docstring
+            logprobs = response_logprobs(
+                model, query, query_mask, response, response_mask, temperature
+            )
         rollout = scored_rollout(
             model, query, query_mask, response, response_mask, logprobs, eos, temperature,
             reference=reference, score_reference=score_reference,
