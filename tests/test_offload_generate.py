@@ -209,6 +209,37 @@ def test_compute_threads_are_capped_during_generation_and_restored(dense, monkey
     assert torch.equal(out, dense["expected"][:, : ids.shape[1] + 2])
 
 
+def test_generation_runs_on_the_thread_count_its_policy_chose(dense, monkeypatch):
+    from rlhf_fast.offload.generate import THREADS_ENV, candidate_threads
+    from rlhf_fast.offload.policy import Policy
+
+    ids, mask = dense["prompts"]
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+        assert candidate_threads() == (2, 3)
+        monkeypatch.setenv(THREADS_ENV, "1")
+        assert candidate_threads() == (1,)  # pinned: the policy has nothing to choose
+        monkeypatch.delenv(THREADS_ENV)
+        with load_offloaded(dense["from_model"], prefetch=1) as lm:
+            lm.layers[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+            lm.policy = Policy(None, 0, 1, ids.shape[0], ids.shape[0], threads=3)
+            out = generate_batch(lm, ids, mask, max_new_tokens=2)
+            assert set(seen) == {3}
+            seen.clear()
+            generate_batch(lm, ids, mask, max_new_tokens=1, compute_threads=1)  # overrides it
+            assert set(seen) == {1}
+            seen.clear()
+            lm.policy = None  # no policy: one fewer than torch has
+            generate_batch(lm, ids, mask, max_new_tokens=1)
+            assert set(seen) == {2} and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, dense["expected"][:, : ids.shape[1] + 2])
+
+
 def test_direct_reads_equal_buffered_reads_and_catch_truncation(dense, tmp_path):
     import shutil
 

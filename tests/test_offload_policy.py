@@ -297,3 +297,102 @@ def test_a_cached_calibration_of_older_code_is_measured_again(tmp_path, monkeypa
     assert json.loads(cache.read_text())["version"] == CALIBRATION_VERSION  # rewritten
     calls.clear()  # now current: read back, not measured
     assert session._calibration(tmp_path, None, torch.float32, (None,)) == fresh and not calls
+
+
+def _timed_with(threads: int, layer_scale: float, cores: int = 2, read_cpu: float = 0.0):
+    from dataclasses import replace
+
+    return replace(
+        CALIBRATION,
+        threads=threads,
+        cores=cores,
+        read_cpu_per_byte=read_cpu,
+        layer_fixed={k: v * layer_scale for k, v in CALIBRATION.layer_fixed.items()},
+        layer_per_row={k: v * layer_scale for k, v in CALIBRATION.layer_per_row.items()},
+    )
+
+
+def test_the_thread_count_is_one_more_dimension_of_the_search():
+    from dataclasses import replace
+
+    one, two = _timed_with(1, 1.0), _timed_with(2, 0.5)
+    both = replace(one, with_threads=[two])
+    assert both.per_thread_count() == [both, two]
+    resident = {None: SHAPES[None]}  # everything fits: compute alone decides
+    faster = choose_policy(resident, both, cpu_budget=10**10, batch=8)
+    assert faster.threads == 2 and "threads=2" in faster.describe()
+    assert faster.predicted_tokens_per_s == pytest.approx(
+        evaluate(SHAPES[None], two, compress=None, resident_layers=8, prefetch=0,
+                 micro_batch=faster.micro_batch, batch=8, context=512).predicted_tokens_per_s
+    )  # fmt: skip
+    pinned = choose_policy(resident, both, cpu_budget=10**10, batch=8, fixed={"threads": 1})
+    assert pinned.threads == 1 and pinned.predicted_tokens_per_s < faster.predicted_tokens_per_s
+    with pytest.raises(ValueError, match="threads=3: calibrated for 1, 2"):
+        choose_policy(resident, both, cpu_budget=10**10, batch=8, fixed={"threads": 3})
+    assert parse_offload("auto,threads=2", 32) == {"threads": 2}
+    with pytest.raises(ValueError, match="--offload"):
+        parse_offload("threads=0", 32)
+
+
+def test_compute_on_every_core_is_charged_the_readers_cpu():
+    """With as many compute threads as cores, each streamed layer's read stalls the compute by
+    the reader's CPU time; one thread fewer leaves the reader its core and is not charged."""
+    shape, kwargs = SHAPES[None], dict(compress=None, prefetch=1, micro_batch=1, batch=1)
+    stall = 0.05 / SHAPES[None].layer_bytes  # 50 ms of CPU per layer read
+    spare = evaluate(shape, _timed_with(1, 1.0, read_cpu=stall), resident_layers=0,
+                     context=16, **kwargs)  # fmt: skip
+    assert spare.predicted_tokens_per_s == pytest.approx(
+        evaluate(shape, _timed_with(1, 1.0), resident_layers=0, context=16, **kwargs)
+        .predicted_tokens_per_s
+    )  # fmt: skip
+    every = _timed_with(2, 1.0, read_cpu=stall)
+    streamed = evaluate(shape, every, resident_layers=0, context=16, **kwargs)
+    # compute bound or not, the step = max(compute + stall, read) per layer in steady state
+    per_layer = max(0.010 + 0.001 + 0.05, SHAPES[None].layer_bytes / 1e9)
+    assert 1 / streamed.predicted_tokens_per_s == pytest.approx(8 * per_layer + 0.0011, rel=1e-3)
+    resident = evaluate(shape, every, resident_layers=8, context=16, **kwargs)
+    assert 1 / resident.predicted_tokens_per_s == pytest.approx(8 * 0.011 + 0.0011, rel=1e-3)
+
+
+def test_calibrate_times_each_thread_count_and_the_cache_keeps_them(tmp_path, monkeypatch):
+    import json
+    from dataclasses import asdict
+
+    from transformers import LlamaConfig
+
+    from rlhf_fast.offload import policy as policy_module
+    from rlhf_fast.offload import session
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    seen, timed_for_real = [], policy_module.calibrate_compute
+
+    def compute(config, dtype, *, compressions, threads):
+        seen.append(threads)
+        return timed_for_real(
+            config, dtype, compressions=compressions, threads=threads, rows=(1, 8), repeats=1
+        )
+
+    monkeypatch.setattr(policy_module, "calibrate_compute", compute)
+    data = tmp_path / "layer.bin"
+    data.write_bytes(b"x" * 8192)
+    timed = policy_module.calibrate(
+        config, torch.float32, tmp_path, compressions=(None,), files=[str(data)], threads=(1, 2)
+    )
+    assert seen == [1, 2] and [c.threads for c in timed.per_thread_count()] == [1, 2]
+    other = timed.with_threads[0]
+    assert other.disk_bandwidth == timed.disk_bandwidth and timed.read_cpu_per_byte >= 0
+    assert timed.cores == torch.get_num_threads() and other.with_threads == []
+    assert [r for r, _ in other.layer_points["none"]] == [1.0, 8.0]
+    with pytest.raises(ValueError, match="thread counts"):
+        policy_module.calibrate(config, torch.float32, tmp_path, files=[str(data)], threads=0)
+    # calibration.json round-trips the nested timings
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: timed)
+    assert session._calibration(tmp_path, config, torch.float32, (None,)) == timed
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: pytest.fail("measured again"))
+    assert session._calibration(tmp_path, config, torch.float32, (None,)) == timed
+    assert json.loads((tmp_path / "calibration.json").read_text())["with_threads"] == [
+        asdict(other)
+    ]

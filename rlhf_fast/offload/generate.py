@@ -22,12 +22,14 @@ output equals the resident model's whole-batch forward under the same rule when 
 micro-batch is on the batch's side of the threshold (`activations.same_side`; the policy only
 proposes such micro-batches); otherwise it equals the resident model fed the same micro-batches.
 
-Torch's intra-op threads are capped at one fewer than it has (at least 1; `compute_threads`
-overrides) while generating: the reader thread copies each shard into its slot with a core's
-worth of work, and torch's parallel regions wait at a barrier for their slowest thread, so a
-reader (or another process) holding one of the cores stretched every op of the step. On the
-2-core machine this was measured at 2-4x per decoder layer (a 2-thread int4 GEMM of 8 rows
-took a 12 ms time slice, one thread 1-7 ms). The cap holds without prefetching too, so that the
+Torch's intra-op threads are set to the offload policy's count while generating (`compute_threads`
+overrides; without a policy, one fewer than torch has, at least 1). The policy times both one
+fewer and all of them (candidate_threads) and charges the second for the reader's CPU: the
+reader thread shares a core then, and torch's parallel regions wait at a barrier for their
+slowest thread, so a reader (or another process) holding one of the cores stretches every op
+of the step. With buffered reads (a copy per byte) that was measured at 2-4x per decoder layer
+on the 2-core machine; O_DIRECT reads need ~0.01 s of CPU each, and there both cores decoded
+int4 layers at batch 128 1.5x faster. The count holds without prefetching too, so that the
 policy's calibration (policy.calibrate, timed with the same count) describes every policy.
 """
 
@@ -135,6 +137,16 @@ def streaming_threads() -> int:
     return max(1, torch.get_num_threads() - 1)
 
 
+def candidate_threads() -> tuple[int, ...]:
+    """The intra-op thread counts the offload policy chooses between: $RLHF_FAST_OFFLOAD_THREADS
+    alone when set, else one fewer than torch has (the reader keeps a core) and all of them
+    (the O_DIRECT reader needs ~0.01 s of CPU per read; on a quiet 2-core machine both cores
+    decoded int4 layers at batch 128 1.5x faster, but a busy machine can turn that around)."""
+    if os.environ.get(THREADS_ENV, "").strip():
+        return (streaming_threads(),)
+    return tuple(sorted({streaming_threads(), torch.get_num_threads()}))
+
+
 @contextlib.contextmanager
 def _intra_op_threads(count: int):
     before = torch.get_num_threads()
@@ -172,10 +184,12 @@ def generate_batch(
     they were drawn from, softmax(logits / temperature) before top-k (temperature 0: 1).
     `kv_bits=4`: the KV cache is held compressed, groups of `kv_group_size` (kv_cache.py).
     `eos_token_id`: one id or several (a row ends at any of them).
-    `compute_threads`: torch's intra-op threads meanwhile (default `streaming_threads()`)."""
+    `compute_threads`: torch's intra-op threads meanwhile (default: the offload policy's that
+    chose `lm`'s placement, else `streaming_threads()`)."""
     if compute_threads is not None and compute_threads < 1:
         raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
-    threads = compute_threads or streaming_threads()
+    policy_threads = lm.policy.threads if getattr(lm, "policy", None) is not None else 0
+    threads = compute_threads or policy_threads or streaming_threads()
     with _intra_op_threads(threads):
         return _generate(
             lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, micro_batch=micro_batch,

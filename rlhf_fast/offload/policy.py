@@ -28,12 +28,13 @@ threshold (activations.same_side), so that the streamed outputs equal the reside
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -121,6 +122,25 @@ class Calibration:
     context: int = 64
     head_points_bf16: list[list[float]] = field(default_factory=list)
     version: int = 0  # CALIBRATION_VERSION of the code that measured it (0: older than that)
+    cores: int = 0  # torch's intra-op threads before the calibration capped them
+    read_cpu_per_byte: float = 0.0  # CPU seconds the reading thread spent per byte read
+    # the same model's compute timed with other thread counts (same disk figures): one more
+    # dimension of the policy search, choose_policy tries each
+    with_threads: list[Calibration] = field(default_factory=list)
+
+    def per_thread_count(self) -> list[Calibration]:
+        return [self, *self.with_threads]
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> Calibration:
+        """The inverse of dataclasses.asdict (a cached calibration.json)."""
+        nested = [cls.from_dict(other) for other in fields.get("with_threads", ())]
+        return cls(**{**fields, "with_threads": nested})
+
+    def shares_a_core_with_the_reader(self) -> bool:
+        """Compute on every core: the reading thread's CPU time then preempts a compute
+        thread, and torch's parallel regions wait for their slowest thread."""
+        return self.cores > 0 and self.threads >= self.cores
 
 
 def compression_name(bits: int | None) -> str:
@@ -140,13 +160,16 @@ class Policy:
     details: dict = field(default_factory=dict, compare=False)
     kv_bits: int | None = None  # 4: KV cache held 4-bit group-wise (offload/kv_cache.py)
     bf16_rows: int | None = None  # int4 activation rule: products of >= this many rows on bf16
+    threads: int = 0  # torch's intra-op threads for the compute (0: generate_batch's default)
 
     def describe(self) -> str:
         blocks = -(-self.batch // self.micro_batch)
         return (
             f"compress={compression_name(self.compress)} resident_layers={self.resident_layers} "
             f"prefetch={self.prefetch} micro_batch={self.micro_batch} x {blocks} per block "
-            f"(batch {self.batch}); memory {format_size(self.memory_bytes)}; predicted "
+            f"(batch {self.batch})"
+            + (f" threads={self.threads}" if self.threads else "")
+            + f"; memory {format_size(self.memory_bytes)}; predicted "
             f"{self.predicted_tokens_per_s:.2f} tokens/s (I/O bound "
             f"{self.io_bound_tokens_per_s:.2f})"
             + (" kv=int4" if self.kv_bits == 4 else "")
@@ -301,7 +324,11 @@ def evaluate(
     resident = spread(resident_layers, shape.num_layers)
     read_seconds = shape.layer_bytes / calibration.disk_bandwidth
     reads = [None if i in resident else read_seconds for i in range(shape.num_layers)]
-    step = simulate_step([per_layer] * shape.num_layers, reads, prefetch)
+    compute = [per_layer] * shape.num_layers
+    if calibration.shares_a_core_with_the_reader():  # each read stalls the compute it overlaps
+        stall = shape.layer_bytes * calibration.read_cpu_per_byte
+        compute = [per_layer + (0.0 if r is None else stall) for r in reads]
+    step = simulate_step(compute, reads, prefetch)
     rule = bf16_rows if compress == 4 else None
     step += head_time(calibration, batch, rule)  # once over the batch
     streamed = shape.num_layers - len(resident)
@@ -328,7 +355,7 @@ def evaluate(
         compress, len(resident), prefetch, micro_batch, batch,
         predicted_tokens_per_s=batch / step, memory_bytes=int(memory),
         io_bound_tokens_per_s=batch / io_seconds if io_seconds else float("inf"),
-        kv_bits=kv_bits, bf16_rows=rule,
+        kv_bits=kv_bits, bf16_rows=rule, threads=calibration.threads,
     )  # fmt: skip
 
 
@@ -352,13 +379,20 @@ def choose_policy(
     fixed: dict | None = None,
     prompt: int | None = None,
 ) -> Policy:
-    """The best predicted policy that fits `cpu_budget`; `fixed` pins some fields (explicit
-    flags: compress, resident_layers, prefetch, micro_batch, kv_bits, bf16_rows: None turns
-    the int4 activation rule off); `prompt` bounds the prefill (evaluate). ValueError when
-    none fits."""
+    """The best predicted policy that fits `cpu_budget`, over the compressions of `shapes`
+    and the thread counts `calibration` timed (Calibration.per_thread_count); `fixed` pins
+    some fields (explicit flags: compress, resident_layers, prefetch, micro_batch, kv_bits,
+    threads, bf16_rows: None turns the int4 activation rule off); `prompt` bounds the prefill
+    (evaluate). ValueError when none fits."""
     fixed = fixed or {}
+    timed = calibration.per_thread_count()
+    if "threads" in fixed:
+        timed = [c for c in timed if c.threads == fixed["threads"]]
+        if not timed:
+            counts = ", ".join(str(c.threads) for c in calibration.per_thread_count())
+            raise ValueError(f"--offload threads={fixed['threads']}: calibrated for {counts}")
     best, smallest = None, None
-    for compress, shape in shapes.items():
+    for (compress, shape), calibration in itertools.product(shapes.items(), timed):
         if "compress" in fixed and fixed["compress"] != compress:
             continue
         bf16_rows = fixed.get("bf16_rows", BF16_ROWS) if compress == 4 else None
@@ -485,6 +519,14 @@ def _read_cold(path: str, buffer: torch.Tensor) -> int:
 def measure_disk_bandwidth(directory: str | os.PathLike, files: list[str] | None = None) -> float:
     """Bytes/s of cold reads, made as the streamer makes them (`_read_cold`): of `files` when
     given, else of a 256 MiB temporary file written in `directory` and deleted."""
+    return measure_disk_read(directory, files)[0]
+
+
+def measure_disk_read(
+    directory: str | os.PathLike, files: list[str] | None = None
+) -> tuple[float, float]:
+    """(bytes/s, CPU seconds per byte) of measure_disk_bandwidth's reads: the CPU time of the
+    reading thread (O_DIRECT: ~0 s, the device copies; buffered: a copy per byte)."""
     from rlhf_fast.offload.shards import aligned_buffer
 
     buffer = aligned_buffer(64 << 20)
@@ -498,10 +540,11 @@ def measure_disk_bandwidth(directory: str | os.PathLike, files: list[str] | None
                 out.flush()
                 os.fsync(out.fileno())
             files = [created]
-        total, started = 0, time.perf_counter()
+        total, started, cpu_started = 0, time.perf_counter(), time.thread_time()
         for path in files:
             total += _read_cold(path, buffer)
-        return total / (time.perf_counter() - started)
+        cpu = time.thread_time() - cpu_started
+        return total / (time.perf_counter() - started), cpu / max(total, 1)
     finally:
         if created:
             os.remove(created)
@@ -518,8 +561,9 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 # 2: 9 repeats, attention over 1024 extra positions; 3: the int4 many-row kernel got faster;
-# 4: the lm_head of int4 models under the activation rule runs bf16 (head_points_bf16)
-CALIBRATION_VERSION = 4
+# 4: the lm_head of int4 models under the activation rule runs bf16 (head_points_bf16);
+# 5: timed at several thread counts (with_threads), the reader's CPU per byte
+CALIBRATION_VERSION = 5
 ATTENTION_EXTRA = 1024  # cached positions added to time the attention's cost per position
 CALIBRATION_ROWS = (1, 8, 16, 32, 64, 128)  # decode rows timed (the kernels change method
 # at 16, 32 and 64 rows; generate_batch's micro-batches are powers of two or the whole batch)
@@ -659,9 +703,26 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
 def calibrate(
     config, dtype, directory, *, compressions=COMPRESSIONS, files=None, threads=None
 ) -> Calibration:
-    bandwidth = measure_disk_bandwidth(directory, files)
-    from rlhf_fast.offload.generate import streaming_threads
+    """The disk read (bandwidth, the reader's CPU) and the compute timed at each thread count
+    of `threads` (an int or several; default generate.candidate_threads(): one fewer than torch
+    has, and all of them), the first count's Calibration holding the others' (with_threads)."""
+    from rlhf_fast.offload.generate import candidate_threads
 
-    threads = threads or streaming_threads()
-    fields = calibrate_compute(config, dtype, compressions=compressions, threads=threads)
-    return Calibration(bandwidth, threads=threads, version=CALIBRATION_VERSION, **fields)
+    counts = candidate_threads() if threads is None else threads
+    counts = [counts] if isinstance(counts, int) else list(dict.fromkeys(counts))
+    if not counts or min(counts) < 1:
+        raise ValueError(f"calibrate: thread counts must be >= 1, got {threads!r}")
+    bandwidth, read_cpu = measure_disk_read(directory, files)
+    cores = torch.get_num_threads()
+    timed = [
+        Calibration(
+            bandwidth,
+            threads=count,
+            version=CALIBRATION_VERSION,
+            cores=cores,
+            read_cpu_per_byte=read_cpu,
+            **calibrate_compute(config, dtype, compressions=compressions, threads=count),
+        )  # fmt: skip
+        for count in counts
+    ]
+    return replace(timed[0], with_threads=timed[1:])

@@ -3,14 +3,15 @@
 Used by `rlhf-fast chat MODEL_DIR --offload auto --max-memory cpu=2GiB` and by batched
 generation for PPO rollouts. `offload` is "auto" or explicit settings that override the
 policy's choice, comma-separated: `compress=none|int8|int4|auto`, `resident=N` (layers) or
-`resident=P%`, `prefetch=N`, `micro-batch=N`, `kv=none|int4` (the KV cache of batched
-generation, PPO rollouts and chat held 4-bit group-wise), `act=bf16|fp32` (int4 only: bf16, the
-default, is the project's int4 activation rule, quant/activations.py, under which the streamed
-model equals the resident int4 model of chat --int4; fp32 opts out: fp32 activations, equal to
-the fp32-activation quantized model; training always runs fp32). Offload directories are
-prepared once under `offload_root` (default MODEL_DIR/.rlhf_fast_offload/<compression>) and
-reused while the model directory's weights are unchanged; the calibration (disk bandwidth,
-per-layer compute time) is cached beside them.
+`resident=P%`, `prefetch=N`, `micro-batch=N`, `threads=N` (torch's intra-op threads for the
+streamed compute; the policy times one fewer than torch has and all), `kv=none|int4` (the KV
+cache of batched generation, PPO rollouts and chat held 4-bit group-wise), `act=bf16|fp32`
+(int4 only: bf16, the default, is the project's int4 activation rule, quant/activations.py,
+under which the streamed model equals the resident int4 model of chat --int4; fp32 opts out:
+fp32 activations, equal to the fp32-activation quantized model; training always runs fp32).
+Offload directories are prepared once under `offload_root` (default
+MODEL_DIR/.rlhf_fast_offload/<compression>) and reused while the model directory's weights are
+unchanged; the calibration (disk bandwidth, per-layer compute time) is cached beside them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast.offload.generate import candidate_threads
 from rlhf_fast.offload.model import OffloadedLM, load_offloaded
 from rlhf_fast.offload.policy import (
     CALIBRATION_VERSION,
@@ -74,7 +76,7 @@ def parse_offload(text: str, num_layers: int) -> dict:
                 fixed["kv_bits"] = {"none": None, "int4": 4}[value]
             elif key == "act":
                 fixed["bf16_rows"] = {"bf16": BF16_ROWS, "fp32": None}[value]
-            elif key in ("prefetch", "micro-batch"):
+            elif key in ("prefetch", "micro-batch", "threads"):
                 number = int(value)
                 if number < (0 if key == "prefetch" else 1):
                     raise ValueError
@@ -84,7 +86,8 @@ def parse_offload(text: str, num_layers: int) -> dict:
         except (KeyError, ValueError, OverflowError):  # OverflowError: resident=inf%
             raise ValueError(
                 f"--offload: {item!r} is not auto or one of compress=none|int8|int4, "
-                f"resident=N|P%, prefetch=N, micro-batch=N, kv=none|int4, act=bf16|fp32"
+                f"resident=N|P%, prefetch=N, micro-batch=N, threads=N, kv=none|int4, "
+                f"act=bf16|fp32"
             ) from None
     return fixed
 
@@ -100,13 +103,15 @@ def _available_memory() -> int:
 
 
 def _measured_for(config, dtype, compressions) -> str:
-    """What a calibration timed: the model's config (but its depth: one layer is timed), dtype
-    and compressions. The offload root (--offload-dir) may be shared between models."""
+    """What a calibration timed: the model's config (but its depth: one layer is timed), dtype,
+    compressions and thread counts. The offload root (--offload-dir) may be shared between
+    models."""
     fields = config.to_dict() if hasattr(config, "to_dict") else {}
     for volatile in ("_name_or_path", "transformers_version", "num_hidden_layers"):
         fields.pop(volatile, None)
     names = sorted(compression_name(c) for c in compressions)
-    text = json.dumps([fields, str(dtype), names], sort_keys=True, default=str)
+    threads = candidate_threads()  # RLHF_FAST_OFFLOAD_THREADS or torch's count changed: again
+    text = json.dumps([fields, str(dtype), names, threads], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -117,7 +122,7 @@ def _calibration(root: Path, config, dtype, compressions) -> Calibration:
         try:
             fields = json.loads(cache.read_text())
             same_model = fields.pop("measured_for", None) == measured_for
-            cached = Calibration(**fields)
+            cached = Calibration.from_dict(fields)
             # else measured by older code, or for another model: again
             if cached.version == CALIBRATION_VERSION and same_model:
                 return cached
@@ -223,6 +228,8 @@ def open_for_chat(model_dir: str | os.PathLike, args) -> torch.nn.Module:
         context=CHAT_PROMPT_TOKENS + answer_tokens, prompt=CHAT_PROMPT_TOKENS,
     )  # fmt: skip
     print(f"[offload: {policy.describe()}]", file=sys.stderr, flush=True)
+    if policy.threads:  # the count its prediction was timed with; chat computes nothing else
+        torch.set_num_threads(policy.threads)
     lm.model.rlhf_fast_offload = lm  # chat runs it on the HF forward and closes it at the end
     if policy.kv_bits == 4:  # the conversation's KV cache held 4-bit (offload/kv_cache.py)
         from rlhf_fast.models.generate import CACHE_FACTORY
