@@ -32,9 +32,10 @@ layers (2.7 GB fp32, budget 900 MiB) for quicker runs. Every file is written und
 and deleted (the full setup writes ~13 GB and takes ~5-7 minutes; the whole full run ~45-60
 minutes). The full benchmark, one command:
     python -m pytest -q -s bench/test_bench_offload.py -k "llama-1.57b"
-Our compute runs on one fewer intra-op thread than torch has (generate.streaming_threads; on
-2 cores: 1). On a quiet machine, RLHF_FAST_OFFLOAD_THREADS=2 in front of the command runs (and
-calibrates) ours on both cores: the O_DIRECT reader needs almost no CPU.
+Our compute's intra-op thread count is one more dimension of the policy: the calibration times
+one fewer than torch has (the reader keeps a core) and all of them (charged the reader's CPU per
+read), and each of ours runs the count its policy chose; the grid adds the pick at the other
+count. RLHF_FAST_OFFLOAD_THREADS=N in front of the command pins one count.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def _run_ours(
         generate_batch(
             lm, _prompt(batch, vocab), max_new_tokens=new_tokens,
             micro_batch=policy.micro_batch, step_seconds=steps,
+            compute_threads=policy.threads or None,
         )  # fmt: skip
         held = lm.resident_bytes
     decode = range(2, len(steps.marks))  # marks[k] - marks[k-1]: step k-1 (0: the prefill)
@@ -355,7 +357,7 @@ def test_offload_generation_throughput(shape: str) -> None:
         f"\n[offload {shape}: true-disk regime, budget {format_size(budget)}, disk "
         f"{bandwidth / 1e9:.2f} GB/s (cold reads as the streamer makes them), setup "
         f"{setup_s:.0f} s, {new_tokens - 1} decode steps per run, tokens/s; compute timed with "
-        f"{calibration.threads} intra-op thread(s)]\n" + _table(rows)
+        f"{_thread_counts(calibration)} intra-op threads]\n" + _table(rows)
     )
     peer_best, peer_batch = best["accelerate"]
     for name in sorted(names - {"accelerate"}):
@@ -365,6 +367,10 @@ def test_offload_generation_throughput(shape: str) -> None:
             f"(batch {peer_batch}) = {tokens / peer_best:.2f}x"
         )
     print(_prediction_summary(predicted, measured, batches))
+
+
+def _thread_counts(calibration) -> str:
+    return " and ".join(str(c.threads) for c in calibration.per_thread_count())
 
 
 def _prediction_summary(predicted: dict[int, float], measured: dict, batches) -> str:
@@ -415,7 +421,20 @@ def test_offload_policy_vs_grid(shape: str) -> None:
                     continue
                 streamed = policy.resident_layers < shapes[compress].num_layers
                 key = (compress, policy.resident_layers, prefetch if streamed else 0, micro_batch)
-                grid.setdefault(key, policy)
+                grid.setdefault(key + (policy.threads,), policy)
+    for other in calibration.per_thread_count():  # the pick at the other thread count(s)
+        same = dict(
+            compress=pick.compress,
+            resident_layers=pick.resident_layers,
+            prefetch=pick.prefetch,
+            micro_batch=pick.micro_batch,
+            threads=other.threads,
+        )
+        policy = choose_policy(shapes, calibration, cpu_budget=budget, batch=batch,
+                               context=context, prompt=PROMPT_TOKENS, fixed=same)  # fmt: skip
+        streamed = pick.resident_layers < shapes[pick.compress].num_layers
+        key = (pick.compress, pick.resident_layers, pick.prefetch if streamed else 0)
+        grid.setdefault(key + (pick.micro_batch, other.threads), policy)
     rows = [["policy", "predicted", "measured (pass 1, 2)", "predicted/better", "decode step"]]
     policies = list(grid.values())
     runs: dict[int, list[dict]] = {i: [] for i in range(len(policies))}
