@@ -5,9 +5,9 @@ int4/int8, rlhf_fast.lora.prepare_qlora with the quantizer the prepare step uses
 without checkpointing. The offloaded run streams every non-resident layer in forward and again
 in reverse in backward (offload/backward.py). Checked: the loss and every LoRA gradient, for
 Llama (dense, int4, int8) and GPT-2 (Conv1D, dense and int4, dropout active: the recompute
-must replay it); two adapters used in two forwards and one backward (PPO's policy + critic);
-the bytes bound while a training step runs; the reads a step costs; the peak RSS of a step; an
-exception in the middle of backward.
+must replay it) and BLOOM (its layer returns a tuple); two adapters used in two forwards and
+one backward (PPO's policy + critic); the bytes bound while a training step runs; the reads a
+step costs; the peak RSS of a step; an exception in the middle of backward.
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def _gpt2():
         eos_token_id=2, resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1,
     )  # fmt: skip
     return GPT2LMHeadModel(config).eval()
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=97, hidden_size=48, n_layer=4, n_head=4, hidden_dropout=0.1)
+    return BloomForCausalLM(config).eval()
 
 
 def _reference(model, bits, targets):
@@ -116,10 +124,14 @@ def _reader_threads():
         ("gpt2", None, 0, 1),
         ("gpt2", 4, 0, 1),
         ("gpt2", None, 1, 3),
+        # BLOOM's decoder layer returns a tuple (hidden states, attention weights or None):
+        # the streamed checkpoint refused it ("decoder layer returned tuple")
+        ("bloom", None, 0, 1),
+        ("bloom", 4, 1, 1),
     ],
 )
 def test_lora_gradients_equal_the_resident_model(tmp_path, family, bits, resident, prefetch):
-    model = _llama() if family == "llama" else _gpt2()
+    model = {"llama": _llama, "gpt2": _gpt2, "bloom": _bloom}[family]()
     prepare_offload(model, tmp_path / "off", compress=bits, group_size=32)
     with load_offloaded(tmp_path / "off", resident_layers=resident, prefetch=prefetch) as lm:
         offloaded = attach_offload_lora(lm, SETTINGS)

@@ -69,25 +69,37 @@ class _Recompute:
         devices = {a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"}
         self.cuda_rng = {d: torch.cuda.get_rng_state(d) for d in devices}
 
-    def call(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def call(self, tensors: list[torch.Tensor]) -> torch.Tensor | tuple:
+        """The layer's output: its hidden states, or a tuple whose first entry they are
+        (BLOOM's layer returns (hidden states, attention weights or None))."""
         remaining = list(tensors)
         output = self.run(*[remaining.pop(0) if a is _TENSOR else a for a in self.args])
-        if not torch.is_tensor(output):
+        hidden = output[0] if isinstance(output, tuple) and output else output
+        if not torch.is_tensor(hidden):
             raise TypeError(f"offload training: decoder layer returned {type(output).__name__}")
         return output
 
 
+def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 class _StreamedLayer(torch.autograd.Function):
-    """Inputs: the layer's positional tensors (`num_args` of them), then its trainable ones."""
+    """Inputs: the layer's positional tensors (`num_args` of them), then its trainable ones.
+    Output: the layer's; of a tuple, only the first entry (the hidden states) is
+    differentiable (the others, attention weights, carry no gradient)."""
 
     @staticmethod
     def forward(ctx, recompute: _Recompute, num_args: int, *tensors):
         ctx.recompute, ctx.num_args = recompute, num_args
         ctx.save_for_backward(*tensors)
-        return recompute.call(list(tensors[:num_args]))  # no graph: forward runs without grad
+        output = recompute.call(list(tensors[:num_args]))  # no graph: forward runs without grad
+        if isinstance(output, tuple):
+            ctx.mark_non_differentiable(*[t for t in output[1:] if torch.is_tensor(t)])
+        return output
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_):
         recompute = ctx.recompute
         saved = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in saved[: ctx.num_args]]
@@ -103,7 +115,7 @@ class _StreamedLayer(torch.autograd.Function):
                 _set_adapter_state(recompute.adapters)
                 try:
                     with torch.enable_grad():
-                        output = recompute.call(inputs)
+                        output = _hidden(recompute.call(inputs))
                 finally:
                     _set_adapter_state(current)
             wanted = [t for t in inputs if t.requires_grad] + params
