@@ -88,6 +88,40 @@ def test_logprobs_equal_a_full_forward(models):
         assert (out.logprobs[out.response_mask] < 0).all()
 
 
+def _fresh_adapters(base):
+    """base with peft's default LoRA init (B = 0): a policy equal to its reference."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_fast.lora.qlora import qlora_config
+
+    config = qlora_config(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    return get_peft_model(base, config).eval()
+
+
+@pytest.mark.parametrize("decoder", ["lean", "hf"])
+@pytest.mark.parametrize("base", ["bf16", "int4"])
+def test_logprobs_are_the_full_forwards_where_sampling_rounds_otherwise(decoder, base):
+    """A 16-bit policy samples through the KV cache (and the lean decoder through merged
+    16-bit weights, or int8-quantized activations over an int4 base): those logits round
+    otherwise than the full forward that scores the reference and that PPO trains with. The
+    stored log-probs were the sampling ones: with B = 0 (policy == reference) the KL was noise
+    of either sign (per-token |k1| up to ~1e-2 on a 256-wide Llama in bf16), and the ratios
+    were off 1 before any update. They must be the full forward's, so that the KL is exactly 0."""
+    from rlhf_fast.quant import quantize_model
+
+    if base == "int4" and decoder == "hf":
+        pytest.skip("the HF loop runs the training forward's code on a quantized base")
+    model = tiny_llama(3)
+    model = model.to(torch.bfloat16) if base == "bf16" else quantize_model(model, bits=4)
+    policy = _fresh_adapters(model)
+    for seed in range(3):
+        out = rollout(policy, seed, decoder=decoder, max_new_tokens=16)
+        again = response_logprobs(policy, out.query, out.query_mask, out.response,
+                                  out.response_mask)  # fmt: skip
+        assert torch.equal(out.logprobs, again)
+        assert torch.equal(out.logprobs, out.ref_logprobs)  # KL(policy || itself) = 0
+
+
 def test_reference_is_the_base_model(models):
     policy, base = models
     out = rollout(policy, 2)

@@ -8,7 +8,9 @@ reproducible (and resumable) without touching torch's global RNG.
 Log-probs are those of the distribution that drew the tokens, logits / temperature (before
 top-k, which only restricts what may be drawn; trl and OpenRLHF do the same), so that the
 KL and ratios that PPO later computes compare like with like. The policy's come from the
-sampling logits themselves (no second forward); the reference's from one full forward of the
+sampling logits themselves in fp32 (no second forward), and from one full forward where
+sampling rounds otherwise (16-bit or quantized weights: sampling_logprobs_exact); the
+reference's from one full forward of the
 policy with its LoRA adapters disabled (peft's `disable_adapter()`): one base model serves
 both roles, and the reference is exactly the model the adapters were added to.
 
@@ -214,7 +216,7 @@ def generate_rollouts(
             generator,
         )  # fmt: skip
         del steps  # the KV cache
-        if quant != "none":  # sampled from quantized weights: PPO's ratios need the policy's
+        if not sampling_logprobs_exact(model, path, quant):
             logprobs = response_logprobs(
                 model, query, query_mask, response, response_mask, temperature
             )
@@ -223,6 +225,22 @@ def generate_rollouts(
             reference=reference, score_reference=score_reference,
         )  # fmt: skip
     return rollout
+
+
+def sampling_logprobs_exact(model: torch.nn.Module, path: str, quant: str) -> bool:
+    """Whether the sampling logits give the log-probs of the full forward (to fp32 rounding):
+    that forward scores the reference and is the one PPO trains, so the KL and the ratios
+    compare like with like only then. Not so for 16-bit weights (the KV-cache steps, and the
+    lean decoder's merged weights, round otherwise: log-probs 0.03-0.06 apart on a tiny bf16
+    Llama), quantized sampling weights (quant), or the lean decoder over a quantized (QLoRA)
+    base, whose int4 kernels quantize the activations; those rollouts pay one more forward."""
+    from rlhf_fast.quant.linear import QuantLinear
+
+    if quant != "none":
+        return False
+    if model.get_input_embeddings().weight.dtype in (torch.float16, torch.bfloat16):
+        return False
+    return path != "lean" or not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
 @contextlib.contextmanager
