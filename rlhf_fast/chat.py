@@ -23,6 +23,7 @@ stderr), and the answer stops at the table's end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -254,6 +255,17 @@ def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
 
+def _offload_threads(model):
+    """Under --offload, torch's intra-op threads at the count the offload policy chose and
+    timed (one fewer than the machine's leaves the reader thread a core), restored after."""
+    policy = getattr(getattr(model, "rlhf_fast_offload", None), "policy", None)
+    if policy is None or not policy.threads:
+        return contextlib.nullcontext()
+    from rlhf_fast.offload.generate import intra_op_threads
+
+    return intra_op_threads(policy.threads)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = sampling_config(args)  # bad flags fail before the slow load
@@ -267,10 +279,11 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load(args)
         system = [{"role": "system", "content": args.system}] if args.system else []
         try:
-            if args.prompt is None:
-                interactive(model, tokenizer, system, config, args.seed)
-            else:
-                answer(model, tokenizer, system + [user(args.prompt)], config, args.seed)
+            with _offload_threads(model):
+                if args.prompt is None:
+                    interactive(model, tokenizer, system, config, args.seed)
+                else:
+                    answer(model, tokenizer, system + [user(args.prompt)], config, args.seed)
         finally:  # a streamed model (--offload): its reader thread and open shards
             offloaded = getattr(model, "rlhf_fast_offload", None)
             if offloaded is not None:

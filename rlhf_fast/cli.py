@@ -65,7 +65,8 @@ def _add_chat_parser(commands) -> None:
         "--offload",
         metavar="SPEC",
         help="stream decoder layers from disk: auto, or compress=none|int8|int4,resident=N|P%%,"
-        "prefetch=N,micro-batch=N,kv=none|int4,act=bf16|fp32 (overrides the policy's choice; "
+        "prefetch=N,micro-batch=N,threads=N,kv=none|int4,act=bf16|fp32 (overrides the policy's "
+        "choice; threads: torch's intra-op threads for the streamed compute; "
         "kv=int4: the conversation's KV cache held 4-bit; act=fp32: int4 products on fp32 "
         "activations instead of bf16 from 32 rows)",
     )

@@ -581,8 +581,32 @@ def test_offload_help_names_every_setting_the_spec_accepts():
     (offload,) = [a for a in commands.choices["chat"]._actions if a.dest == "offload"]
     help_text = offload.help.replace("%%", "%")
     for setting in ("compress=none|int8|int4", "resident=N|P%", "prefetch=N", "micro-batch=N",
-                    "kv=none|int4", "act=bf16|fp32"):  # fmt: skip
+                    "threads=N", "kv=none|int4", "act=bf16|fp32"):  # fmt: skip
         assert setting in help_text, setting
         key, values = setting.split("=")
         example = values.split("|")[-1].replace("N", "1").replace("P%", "50%")
         assert parse_offload(f"{key}={example}", num_layers=4)  # the setting exists
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_offloaded_chat_computes_on_the_policys_thread_count(plain_dir, tmp_path, capsys,
+                                                             monkeypatch, threads):  # fmt: skip
+    """The offload policy times the compute at one fewer thread than torch has and at all of
+    them; chat must run the count it chose (the prediction's), and leave torch's as it was."""
+    from rlhf_fast import chat
+
+    seen, answer = [], chat.answer
+    monkeypatch.setattr(
+        chat, "answer", lambda *a: seen.append(torch.get_num_threads()) or answer(*a)
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the policy chooses between 1 and 2
+        argv = ["chat", str(plain_dir), "--prompt", "hi", "--max-new-tokens", "2",
+                "--temperature", "0", "--offload", f"auto,threads={threads}",
+                "--max-memory", "cpu=64MB", "--offload-dir", str(tmp_path / "o")]  # fmt: skip
+        assert main(argv) == 0
+        assert f"threads={threads}" in capsys.readouterr().err
+        assert seen == [threads] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -148,7 +148,8 @@ def candidate_threads() -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def _intra_op_threads(count: int):
+def intra_op_threads(count: int):
+    """torch's intra-op threads set to `count` meanwhile, restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -190,7 +191,7 @@ def generate_batch(
         raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
     policy_threads = lm.policy.threads if getattr(lm, "policy", None) is not None else 0
     threads = compute_threads or policy_threads or streaming_threads()
-    with _intra_op_threads(threads):
+    with intra_op_threads(threads):
         return _generate(
             lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, micro_batch=micro_batch,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature,

@@ -228,8 +228,6 @@ def open_for_chat(model_dir: str | os.PathLike, args) -> torch.nn.Module:
         context=CHAT_PROMPT_TOKENS + answer_tokens, prompt=CHAT_PROMPT_TOKENS,
     )  # fmt: skip
     print(f"[offload: {policy.describe()}]", file=sys.stderr, flush=True)
-    if policy.threads:  # the count its prediction was timed with; chat computes nothing else
-        torch.set_num_threads(policy.threads)
     lm.model.rlhf_fast_offload = lm  # chat runs it on the HF forward and closes it at the end
     if policy.kv_bits == 4:  # the conversation's KV cache held 4-bit (offload/kv_cache.py)
         from rlhf_fast.models.generate import CACHE_FACTORY
