@@ -357,6 +357,8 @@ def test_prepare_skips_source_tensors_the_model_does_not_have(tmp_path):
         (lambda m: m.update(dtype="float42"), "dtype"),  # AttributeError from getattr(torch)
         (lambda m: m.update(num_layers=1), "num_layers"),  # zip(): argument 2 is shorter ...
         (lambda m: m.pop("resident_bytes"), "resident_bytes"),  # KeyError on resident_bytes
+        # transformers' "cannot be instantiated under `dtype=torch.int8`", naming no file
+        (lambda m: m.update(dtype="int8"), "dtype 'int8' is not a floating-point"),
     ],
 )
 def test_an_inconsistent_manifest_is_a_shard_error_naming_it(tmp_path, edit, message):
@@ -449,3 +451,16 @@ def test_train_reports_an_offload_dir_it_will_not_replace_on_one_line(tmp_path, 
         open_for_training(config, rows=1)
     assert "\n" not in str(error.value)
     assert (tmp_path / "shards" / "none" / "notes.txt").read_text() == "keep me"
+
+
+def test_an_offload_directory_without_its_config_is_a_shard_error_naming_it(tmp_path):
+    """A missing config.json surfaced as transformers' "Unrecognized model in DIR. Should have
+    a `model_type` key in its config.json" (a ValueError, not the ShardError of every other
+    missing offload file)."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off")
+    (offload_dir / "config.json").unlink()
+    with pytest.raises(ShardError, match="missing") as error:
+        load_offloaded(offload_dir)
+    assert str(error.value).startswith(str(offload_dir / "config.json") + ": ")

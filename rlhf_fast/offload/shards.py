@@ -245,6 +245,10 @@ def read_manifest(offload_dir: str | os.PathLike) -> dict:
     for key in ("num_layers", "resident_bytes"):
         if type(manifest.get(key)) is not int or manifest[key] < 0:
             raise ShardError(f"{path}: {key} is missing or not a whole number (prepare again)")
-    if not isinstance(getattr(torch, str(manifest.get("dtype")), None), torch.dtype):
-        raise ShardError(f"{path}: dtype {manifest.get('dtype')!r} is not a torch dtype")
+    dtype = getattr(torch, str(manifest.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ShardError(f"{path}: dtype {manifest.get('dtype')!r} is not a floating-point dtype")
+    config = Path(offload_dir) / "config.json"
+    if not config.is_file():
+        raise ShardError(f"{config}: missing (the model's config; run the prepare step again)")
     return manifest
