@@ -125,3 +125,32 @@ def test_loop_logs_the_scheduled_lr_and_clips_the_gradient(tmp_path, monkeypatch
     # the loss is scaled up so that every pre-clip norm exceeds max_grad_norm: each is clipped
     assert all(r["grad_norm"] > 0.5 for r in records)
     assert norms_after_clip == pytest.approx([0.5] * 4, rel=1e-4)
+
+
+def test_logged_metrics_weight_each_micro_batch_as_the_gradient_does(tmp_path):
+    """With grad_accum, the step's loss is the mean over all of its terms (micro-batches
+    weighted by Stage.count); the logged loss and accuracy must be that mean, not the plain
+    mean of the micro-batches' values (which overweights a micro-batch of few tokens)."""
+    model = nn.Linear(1, 1)
+    examples = [{"n": n, "v": float(v)} for n, v in [(1, 9.0), (9, 1.0), (3, 2.0), (5, 4.0)]]
+    seen = []
+
+    def collate(items):
+        (item,) = items
+        return {"n": torch.tensor(item["n"]), "v": torch.tensor(item["v"])}
+
+    def loss(batch):
+        seen.append((int(batch["n"]), float(batch["v"])))
+        value = model.weight.sum() * 0 + batch["v"]
+        return value, {"accuracy": float(batch["v"]) / 10, "tokens": int(batch["n"])}
+
+    stage = loop.Stage("t", model, examples, collate, loss, count=lambda b: int(b["n"]))
+    config = TrainConfig(batch_size=1, grad_accum=2, max_steps=2, save_every=0, lr=0.0)
+    loop.train(stage, config, tmp_path, device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for step, record in enumerate(records):
+        (n1, v1), (n2, v2) = seen[2 * step : 2 * step + 2]
+        expected = (n1 * v1 + n2 * v2) / (n1 + n2)
+        assert record["loss"] == pytest.approx(expected)
+        assert record["accuracy"] == pytest.approx(expected / 10)
+        assert record["tokens"] == n1 + n2

@@ -152,11 +152,21 @@ def _restore(checkpoint: ckpt.Checkpoint, model: nn.Module, optimizer, scheduler
         raise ckpt.CheckpointError(f"{checkpoint.path}: bad optimizer state ({error})") from None
 
 
-def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+def _mean_metrics(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    """The step's metrics: "tokens" summed; the others (means over a micro-batch's terms)
+    averaged with the micro-batches' weights, as the gradient is (over the micro-batches that
+    report the key: a micro-batch without pairs has no accuracy)."""
     merged: dict[str, float] = {}
     for key in {k for part in parts for k in part}:
-        values = [part[key] for part in parts if key in part]
-        merged[key] = sum(values) if key == "tokens" else sum(values) / len(values)
+        pairs = [(p[key], w) for p, w in zip(parts, weights, strict=True) if key in p]
+        if key == "tokens":
+            merged[key] = sum(value for value, _ in pairs)
+            continue
+        total = sum(weight for _, weight in pairs)
+        if total > 0:
+            merged[key] = sum(value * weight for value, weight in pairs) / total
+        else:
+            merged[key] = sum(value for value, _ in pairs) / len(pairs)
     return merged
 
 
@@ -198,7 +208,8 @@ def train(
             for _ in range(config.grad_accum):
                 indices, position = sampler.next_batch(position)
                 batches.append(stage.collate([stage.examples[i] for i in indices]))
-            for batch, weight in zip(batches, micro_weights(stage, batches), strict=True):
+            weights = micro_weights(stage, batches)
+            for batch, weight in zip(batches, weights, strict=True):
                 batch = _to_device(batch, device)
                 loss, values = stage.loss(batch)
                 (loss * weight).backward()
@@ -212,7 +223,7 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
-            values = _mean_metrics(parts)
+            values = _mean_metrics(parts, weights)
             seconds = time.perf_counter() - started
             values["tok/s"] = values.get("tokens", 0) / max(seconds, 1e-9)
             record = {"step": step, "epoch": position["epoch"], "lr": lr, **values}
