@@ -215,6 +215,10 @@ def _edit_layer_shard(offload_dir, edit) -> None:
         # a shard of another shape: failed in the middle of a matmul
         (lambda t: t.update({"self_attn.o_proj.weight": torch.zeros(64, 32)}),
          "self_attn.o_proj.weight"),
+        # integers where the model has floats (a corrupt header's dtype): bound and computed
+        # with, silently (int32 * fp32 promotes: the float bits read as huge integers)
+        (lambda t: t.update({"input_layernorm.weight": t["input_layernorm.weight"].view(
+            torch.int32)}), "input_layernorm.weight has dtype torch.int32"),
     ],
 )  # fmt: skip
 def test_an_inconsistent_layer_shard_is_a_shard_error_naming_it(tmp_path, edit, message):
@@ -464,3 +468,29 @@ def test_an_offload_directory_without_its_config_is_a_shard_error_naming_it(tmp_
     with pytest.raises(ShardError, match="missing") as error:
         load_offloaded(offload_dir)
     assert str(error.value).startswith(str(offload_dir / "config.json") + ": ")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.update({"lm_head.weight": torch.zeros(96, 64)}), "lm_head.weight has shape"),
+        (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].view(torch.int32)}),
+         "model.norm.weight has dtype torch.int32"),
+    ],
+)  # fmt: skip
+def test_an_inconsistent_resident_file_is_a_shard_error_naming_it(tmp_path, edit, message):
+    """resident.safetensors of another shape or an integer dtype failed in load_state_dict
+    with a multi-line RuntimeError naming no file."""
+    from safetensors.torch import load_file as read_all
+    from safetensors.torch import save_file
+
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off")
+    path = offload_dir / "resident.safetensors"
+    tensors = read_all(path)
+    edit(tensors)
+    save_file(tensors, path)
+    with pytest.raises(ShardError, match=message) as error:
+        load_offloaded(offload_dir)
+    assert str(error.value).startswith(str(path) + ": ") and "\n" not in str(error.value)

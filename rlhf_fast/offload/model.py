@@ -80,20 +80,34 @@ def _install_quant_shells(layer: nn.Module, layout, where: str) -> None:
         replace_module(layer, name, shell)
 
 
+def _check_stored(where: str, name: str, stored, expected: torch.Tensor, shape: bool) -> None:
+    """A stored tensor (`stored`: dtype and shape) fits the model's `expected` one: floats for
+    floats and integers for integers (a file's integers bound as float weights would compute
+    silently), and with `shape` the same shape; else ShardError `FILE: what`."""
+    if shape and list(stored.shape) != list(expected.shape):
+        raise ShardError(
+            f"{where}: {name} has shape {list(stored.shape)}, the model's "
+            f"{list(expected.shape)} (prepared for another model? prepare again)"
+        )
+    if stored.dtype.is_floating_point != expected.is_floating_point():
+        raise ShardError(
+            f"{where}: {name} has dtype {stored.dtype}, the model's {expected.dtype} "
+            "(a corrupt or foreign file? prepare again)"
+        )
+
+
 def _check_layer_shard(layer: nn.Module, layout, where: str) -> None:
-    """Each tensor of a layer's shard is one of the layer's (a parameter: of its shape) and
-    each parameter is in the shard; else ShardError `FILE: what` (a shard prepared for another
-    model, or by a transformers version that named the modules otherwise)."""
+    """Each tensor of a layer's shard is one of the layer's (a parameter: of its shape; any:
+    of its kind of dtype) and each parameter is in the shard; else ShardError `FILE: what` (a
+    shard prepared for another model, or by a transformers version that named the modules
+    otherwise)."""
     parameters, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
     for entry in layout.tensors:
         if entry.name in parameters:
-            shape = list(parameters[entry.name].shape)
-            if shape != list(entry.shape):
-                raise ShardError(
-                    f"{where}: {entry.name} has shape {list(entry.shape)}, the model's {shape} "
-                    "(prepared for another model? prepare again)"
-                )
-        elif entry.name not in buffers:
+            _check_stored(where, entry.name, entry, parameters[entry.name], shape=True)
+        elif entry.name in buffers:
+            _check_stored(where, entry.name, entry, buffers[entry.name], shape=False)
+        else:
             raise ShardError(
                 f"{where}: tensor {entry.name} is not in {type(layer).__name__} (prepared for "
                 "another model or transformers version? prepare again)"
@@ -211,6 +225,10 @@ def load_offloaded(
         _install_quant_shells(layer, layout, str(path / layer_file(index)))
         _check_layer_shard(layer, layout, str(path / layer_file(index)))
     resident = load_file(path / RESIDENT_FILE)
+    expected = model.state_dict()
+    for name, tensor in resident.items():
+        if name in expected:
+            _check_stored(str(path / RESIDENT_FILE), name, tensor, expected[name], shape=True)
     model.load_state_dict(resident, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
