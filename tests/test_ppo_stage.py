@@ -14,6 +14,7 @@ from train_helpers import assert_same_parameters, config, ranked_records, sft_re
 from rlhf_fast.models.load import load_causal_lm, load_tokenizer
 from rlhf_fast.models.reward import load_reward_model
 from rlhf_fast.train.checkpoint import load_checkpoint
+from rlhf_fast.train.data import read_sft
 from rlhf_fast.train.ppo import PPOTrainer, run_ppo
 from rlhf_fast.train.ppo_models import CRITIC, POLICY, build_ppo_models
 from rlhf_fast.train.run import run_stage
@@ -228,6 +229,43 @@ def test_grad_accum_gives_the_gradient_of_the_whole_minibatch(stages, tmp_path):
         assert gradients[accum].keys() == gradients[1].keys() and gradients[1]
         for name, expected in gradients[1].items():
             torch.testing.assert_close(gradients[accum][name], expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_logged_losses_are_means_over_the_trained_tokens(stages, tmp_path):
+    """The step's losses weight each micro-batch by its answer tokens (grad_accum splits a
+    minibatch into token shares); the logged policy/value losses, clip fractions, approx-KL and
+    entropy must be the same token-weighted means (ptx: by rows), not the plain mean of the
+    micro-batches' values, which overweights a micro-batch of short answers."""
+    from rlhf_fast.train.data import read_prompts
+
+    cfg = ppo_config(stages, tmp_path / "run", batch_size=4, mini_batch_size=0, ppo_epochs=2,
+                     grad_accum=4, max_new_tokens=8, ptx_coef=0.5,
+                     ptx_data=str(stages["sft_data"]))  # fmt: skip
+    models = build(stages)
+    _perturb(models, POLICY)
+    trainer = PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "run",
+                         ptx_examples=read_sft(cfg.ptx_data))  # fmt: skip
+    experience, _, _ = trainer.rollout([0, 1, 2, 3], 0)
+    lengths = torch.tensor([8, 1, 2, 6])  # as if rows had ended after 1 to 8 tokens
+    experience.response_mask &= torch.arange(experience.response.shape[1]) < lengths[:, None]
+    calls, micro_losses = [], trainer._micro_losses
+
+    def spy(exp, rows):
+        loss, sft_loss, stats = micro_losses(exp, rows)
+        calls.append((int(exp.response_mask[rows].sum()), len(rows), stats))
+        return loss, sft_loss, stats
+
+    trainer._micro_losses = spy
+    logged = trainer.optimize(experience, 0)
+    assert len(calls) == 8 and len({tokens for tokens, _, _ in calls}) > 1
+    tokens = sum(t for t, _, _ in calls)
+    for key in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl",
+                "entropy"):  # fmt: skip
+        expected = sum(t * stats[key] for t, _, stats in calls) / tokens
+        assert logged[key] == pytest.approx(expected, rel=1e-6), key
+    rows = sum(r for _, r, _ in calls)
+    expected = sum(r * stats["ptx_loss"] for _, r, stats in calls) / rows
+    assert logged["ptx_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def _step_gradients(trainer, experience) -> dict[str, torch.Tensor]:

@@ -389,21 +389,20 @@ class PPOTrainer:
                 for rows in minibatch.split(micro):
                     rows = rows.to(self.device)
                     loss, sft_loss, stats = self._micro_losses(exp, rows)
-                    loss = loss * (exp.response_mask[rows].sum() / tokens)
+                    answer_tokens = exp.response_mask[rows].sum()
+                    loss = loss * (answer_tokens / tokens)
                     if sft_loss is not None:
                         sft_loss = sft_loss * (len(rows) / len(minibatch))
                         loss = ppo_ptx_loss(loss, sft_loss, config.ptx_coef)
                     loss.backward()
-                    parts.append(stats)
+                    parts.append((stats, int(answer_tokens), len(rows)))
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm)
                 self.optimizer.step()
                 if self._pause is not None and self._pause[0] == step + 1:
                     _pause_for_test(self._pause[1])
         self.models.eval()
-        merged = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "tokens"}
-        merged["train_tokens"] = sum(p["tokens"] for p in parts)
-        return merged
+        return _merged_stats(parts)
 
     # ------------------------------------------------------------------ loop
 
@@ -511,6 +510,23 @@ class PPOTrainer:
             merged.save_pretrained(paths["merged"], safe_serialization=True)
             self.tokenizer.save_pretrained(paths["merged"])
         return paths
+
+
+def _merged_stats(parts: list[tuple[dict, int, int]]) -> dict:
+    """The step's stats from its micro-batches' (stats, answer tokens, rows): token means as
+    the losses are (each micro-batch weighted by its answer tokens; ptx_loss, a mean over its
+    own rows, by rows), and "train_tokens" summed."""
+    merged = {}
+    for key in parts[0][0]:
+        if key == "tokens":
+            continue
+        weights = [rows if key == "ptx_loss" else tokens for _, tokens, rows in parts]
+        total = sum(weights)
+        if total == 0:  # no answer token anywhere: a plain mean
+            weights, total = [1] * len(parts), len(parts)
+        merged[key] = sum(s[key] * w for (s, _, _), w in zip(parts, weights, strict=True)) / total
+    merged["train_tokens"] = sum(stats["tokens"] for stats, _, _ in parts)
+    return merged
 
 
 _SHOWN = ("reward", "kl", "policy_loss", "value_loss", "response_length", "rollout_tok/s")
