@@ -267,3 +267,21 @@ def test_resume_keeps_the_runs_stage_model_and_data(files, tmp_path, capsys):
     # the run's own values, and settings such as a longer run, are fine
     assert main(["train", "--resume", str(run_dir), "--stage", "sft", "--max-steps", "2"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
+
+
+def test_default_run_directories_of_one_second_do_not_collide(tmp_path, monkeypatch):
+    # Without --output a run goes to runs/<stage>-<timestamp to the second>: a second run
+    # started in the same second (tiny models finish in one) took the first's directory,
+    # dropped its metrics.jsonl rows and replaced its checkpoints and exports.
+    from rlhf_fast.train import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run.time, "strftime", lambda _: "20260101-000000")
+    first = run.default_run_dir("sft")
+    assert first == run.Path("runs/sft-20260101-000000")
+    first.mkdir(parents=True)
+    second = run.default_run_dir("sft")
+    assert second != first and not second.exists()
+    second.mkdir()
+    assert run.default_run_dir("sft") not in (first, second)
+    assert run.default_run_dir("rm") == run.Path("runs/rm-20260101-000000")

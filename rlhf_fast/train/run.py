@@ -34,7 +34,13 @@ class StageOutcome:
 
 
 def default_run_dir(stage: str) -> Path:
-    return Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<stage>-<timestamp>, or with -2, -3, ... when a run of the same second has it."""
+    path = Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
 
 
 def _stage_module(stage: str):
