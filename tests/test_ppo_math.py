@@ -422,5 +422,8 @@ def test_bad_input_names_the_argument():
         pm.shaped_rewards(torch.zeros(2), x, mask, kl_coef=float("nan"))
     with pytest.raises(ValueError, match="target"):
         pm.AdaptiveKLController(0.1, target=0.0, horizon=10)
+    # the update multiplies the coefficient: from 0 it could never move, whatever the KL
+    with pytest.raises(ValueError, match="init_coef must be > 0"):
+        pm.AdaptiveKLController(0.0, target=6.0, horizon=10)
     with pytest.raises(ValueError, match="temperature"):
         pm.token_logprobs(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), 0.0)

@@ -95,6 +95,9 @@ def test_config_validation_messages():
         validate(TrainConfig(model="m", data="d", dtype="fp16"))
     with pytest.raises(ValueError, match="x: 'merge' must be bool"):
         apply(TrainConfig(), {"merge": "yes"}, "x")
+    # an adaptive controller starting at 0 stays at 0 (it multiplies): no KL penalty ever
+    with pytest.raises(ValueError, match="kl_target > 0 .* needs kl_coef > 0"):
+        validate(TrainConfig(model="m", data="d", kl_target=6.0, kl_coef=0.0))
     # a NaN passed "<= 0" and reached the KL controller, which raised a traceback mid-run
     for value in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="kl_horizon must be a finite number > 0"):

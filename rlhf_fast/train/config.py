@@ -244,6 +244,11 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"max_new_tokens {config.max_new_tokens} must be < max_length {config.max_length} "
             "(a rollout is prompt + answer, at most max_length tokens)"
         )
+    if config.kl_target > 0 and config.kl_coef == 0:
+        raise ConfigError(
+            "kl_target > 0 (the adaptive KL controller) needs kl_coef > 0: the controller "
+            "scales the coefficient, and from 0 it never moves"
+        )
     if config.quant != "none" and config.full_finetune:
         raise ConfigError(f"--quant {config.quant} freezes the base: drop --full-finetune")
     if config.quant != "none" and config.rollout_quant != "none":

@@ -249,6 +249,8 @@ class AdaptiveKLController:
         self.horizon = _non_negative(horizon, "horizon")
         if self.target == 0 or self.horizon == 0:
             raise ValueError(f"target and horizon must be > 0, got {target} and {horizon}")
+        if self.coef == 0:  # the update multiplies it: from 0 it would never move
+            raise ValueError(f"init_coef must be > 0 for the adaptive controller, got {init_coef}")
 
     def update(self, current_kl: float, n_steps: int) -> float:
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
