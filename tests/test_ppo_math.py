@@ -378,6 +378,17 @@ def test_adaptive_controller_trajectory_by_hand():
     close(expected, [0.204, 0.204, 0.19992, 0.1979208], atol=1e-12)
 
 
+def test_adaptive_controller_never_turns_the_penalty_into_a_bonus():
+    # 1 + error * n / horizon with error >= -0.2 is <= 0 once n >= 5 * horizon: the coefficient
+    # went negative (64 rows, horizon 10, KL under target: 0.1 -> -0.028), the KL "penalty"
+    # rewarded drifting from the reference, and the next step raised a traceback
+    controller = pm.AdaptiveKLController(0.1, target=1.0, horizon=10.0)
+    with pytest.raises(ValueError, match="horizon 10.0 .* 64 rows"):
+        controller.update(0.0, 64)
+    assert controller.coef == 0.1  # left as it was
+    assert controller.update(0.0, 49) == pytest.approx(0.1 * (1 - 0.2 * 4.9))  # still > 0
+
+
 def test_fixed_controller_never_moves():
     controller = pm.FixedKLController(0.05)
     assert [controller.update(kl, 64) for kl in (0.0, 100.0)] == [0.05, 0.05]

@@ -98,6 +98,10 @@ def test_config_validation_messages():
     # an adaptive controller starting at 0 stays at 0 (it multiplies): no KL penalty ever
     with pytest.raises(ValueError, match="kl_target > 0 .* needs kl_coef > 0"):
         validate(TrainConfig(model="m", data="d", kl_target=6.0, kl_coef=0.0))
+    # horizon <= rows / 5: a KL under target turned the coefficient negative after one step
+    with pytest.raises(ValueError, match=r"kl_horizon must be > batch_size / 5 = 12.8"):
+        validate(TrainConfig(model="m", data="d", kl_target=6.0, kl_horizon=12.8, batch_size=64))
+    validate(TrainConfig(model="m", data="d", kl_target=6.0, kl_horizon=12.9, batch_size=64))
     # a NaN passed "<= 0" and reached the KL controller, which raised a traceback mid-run
     for value in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="kl_horizon must be a finite number > 0"):

@@ -249,6 +249,11 @@ def validate(config: TrainConfig) -> TrainConfig:
             "kl_target > 0 (the adaptive KL controller) needs kl_coef > 0: the controller "
             "scales the coefficient, and from 0 it never moves"
         )
+    if config.kl_target > 0 and config.kl_horizon <= config.batch_size / 5:
+        raise ConfigError(  # the controller's factor 1 + error * rows / horizon, error >= -0.2
+            f"kl_horizon must be > batch_size / 5 = {config.batch_size / 5:g} (got "
+            f"{config.kl_horizon:g}): a KL under target would turn kl_coef <= 0"
+        )
     if config.quant != "none" and config.full_finetune:
         raise ConfigError(f"--quant {config.quant} freezes the base: drop --full-finetune")
     if config.quant != "none" and config.rollout_quant != "none":

@@ -253,6 +253,11 @@ class AdaptiveKLController:
             raise ValueError(f"init_coef must be > 0 for the adaptive controller, got {init_coef}")
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        if n_steps >= 5 * self.horizon:  # 1 + error * n_steps / horizon could reach 0 or less
+            raise ValueError(
+                f"horizon {self.horizon} is too short for {n_steps} rows a step (it must exceed "
+                "rows / 5): a KL under target would turn the coefficient <= 0"
+            )
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.coef *= 1.0 + error * n_steps / self.horizon
         return self.coef
