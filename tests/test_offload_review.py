@@ -494,3 +494,31 @@ def test_an_inconsistent_resident_file_is_a_shard_error_naming_it(tmp_path, edit
     with pytest.raises(ShardError, match=message) as error:
         load_offloaded(offload_dir)
     assert str(error.value).startswith(str(path) + ": ") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("source", ["directory", "model"])
+def test_prepare_with_a_dtype_keeps_a_stored_quantized_format(tmp_path, source):
+    """A model already quantized (a `rlhf-fast quantize` directory, or QuantLinear modules in
+    memory) prepared with dtype=bf16: its int4 scales and offsets were cast with the dense
+    tensors, and the directory failed at the first token ("scales must be Half")."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+    from rlhf_fast.offload.generate import generate_batch
+    from rlhf_fast.offload.shards import layer_file, read_layout
+    from rlhf_fast.quant import quantize_model
+    from rlhf_fast.quant.io import save_quantized
+
+    quantized = quantize_model(_family_model("llama"), 4, 32)
+    if source == "directory":
+        save_quantized(quantized, None, tmp_path / "int4")
+    origin = tmp_path / "int4" if source == "directory" else quantized
+    offload_dir = prepare_offload(origin, tmp_path / "off", dtype=torch.bfloat16)
+    dtypes = {e.name: e.dtype for e in read_layout(offload_dir / layer_file(0)).tensors}
+    assert dtypes["input_layernorm.weight"] == torch.bfloat16  # dense: cast
+    assert dtypes["mlp.up_proj.scales"] == quantized.model.layers[0].mlp.up_proj.scales.dtype
+    reference = copy.deepcopy(quantized)
+    for parameter in reference.parameters():  # the dense tensors; the formats are buffers
+        parameter.data = parameter.data.to(torch.bfloat16)
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with load_offloaded(offload_dir, bf16_rows=None) as lm:
+        got = generate_batch(lm, ids, max_new_tokens=3)
+    assert torch.equal(got, reference.generate(ids, max_new_tokens=3, do_sample=False))

@@ -69,6 +69,16 @@ def _skeleton(model_dir: Path) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
+_FORMAT_PARTS = ("qdata", "scales", "offsets", "qshape")  # a QuantizedWeight's stored tensors
+
+
+def _format_keys(keys) -> set[str]:
+    """The keys that are parts of an already quantized weight (a source quantized before:
+    `<module>.qdata` and its siblings), whose dtypes belong to the format, never cast."""
+    quantized = {key[: -len(".qdata")] for key in keys if key.endswith(".qdata")}
+    return {f"{module}.{part}" for module in quantized for part in _FORMAT_PARTS}
+
+
 def _has_module(layer: nn.Module, name: str) -> bool:
     """Whether the module that `name` (relative to `layer`) belongs to exists."""
     try:
@@ -119,7 +129,8 @@ def prepare_offload(
     FileExistsError, before any work).
 
     compress: None (as stored), 4 or 8 (decoder-layer linears quantized). dtype: cast float
-    tensors that stay dense (None: keep them as stored). Returns the directory.
+    tensors that stay dense, never the scales of weights quantized here or in the source (None:
+    keep them as stored). Returns the directory.
     """
     from safetensors.torch import save_file
 
@@ -142,6 +153,7 @@ def prepare_offload(
         keys, get = _source_tensors(model_dir)
         model, origin = _skeleton(model_dir), str(model_dir.resolve())
     prefix, layers = decoder_layers(model)
+    formats = _format_keys(keys)
     out_dir = Path(offload_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -163,7 +175,7 @@ def prepare_offload(
                     continue  # a tensor the model has no module for (old rotary_emb.inv_freq)
                 per_layer[int(index)][name] = None  # filled one layer at a time below
             else:
-                resident[key] = prepared(get(key)).clone()
+                resident[key] = prepared(get(key), key not in formats).clone()
         save_file(resident, staged / RESIDENT_FILE, metadata={"format": "pt"})
         layer_bytes = []
         for index, names in enumerate(per_layer):
@@ -171,7 +183,8 @@ def prepare_offload(
             for name in names:
                 full = f"{prefix}.{index}.{name}"
                 stored = _compressed(layers[index], name, get(full), compress, group_size)
-                dense = list(stored) == [name]  # else a quantized format: its own dtypes
+                # else a quantized format (now or in the source): its own dtypes
+                dense = list(stored) == [name] and full not in formats
                 tensors.update({key: prepared(value, dense) for key, value in stored.items()})
             save_file(tensors, staged / layer_file(index), metadata={"format": "pt"})
             layer_bytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
