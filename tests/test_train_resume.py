@@ -284,3 +284,33 @@ def test_corrupt_checkpoints_give_one_line_errors(setup, tmp_path, capsys):
     run_stage(config("sft", setup["llama"], setup["sft"], other, max_steps=1, lora_r=2))
     with pytest.raises(ckpt.CheckpointError, match="has shape"):
         run_stage(config("sft", setup["llama"], setup["sft"], tmp_path / "x"), resume=other)
+
+
+def test_a_kill_while_resuming_loses_no_logged_row(tmp_path, monkeypatch):
+    """A resumed run first drops the metrics.jsonl (and PPO samples.jsonl) rows past its step
+    by rewriting the file: in place, a kill during the rewrite left it cut short or empty,
+    losing rows of the steps the checkpoint holds. The rewrite must replace the file whole."""
+    from rlhf_fast.train.metrics import METRICS_FILE, MetricsLog
+    from rlhf_fast.train.ppo import SAMPLES_FILE, SamplesLog
+
+    rows = "".join(json.dumps({"step": step, "loss": 0.5}) + "\n" for step in range(1, 6))
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        (tmp_path / name).write_text(rows)
+
+    def killed(*args, **kwargs):  # the kill lands before the new file is in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(tmp_path, resume_step=2)
+    with pytest.raises(KeyboardInterrupt):
+        SamplesLog(tmp_path, resume_step=2)
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        assert (tmp_path / name).read_text() == rows, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([METRICS_FILE, SAMPLES_FILE])
+    monkeypatch.undo()
+    MetricsLog(tmp_path, resume_step=2).close()
+    SamplesLog(tmp_path, resume_step=2)
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        lines = (tmp_path / name).read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2], name

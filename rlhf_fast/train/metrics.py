@@ -27,6 +27,21 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def rewrite_lines(path: Path, lines: list[str]) -> None:
+    """Replace the file at `path` by `lines` whole: written beside it, then renamed over it, so
+    that a kill in between leaves the old file (rewriting in place would leave it cut short)."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def _json_value(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf: keep them readable
@@ -55,7 +70,7 @@ class MetricsLog:
                 continue  # a line cut short by a kill
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        rewrite_lines(self.path, kept)
 
     def log(self, record: dict) -> None:
         if self._file is None:

@@ -44,7 +44,7 @@ from rlhf_fast.train import config as config_module
 from rlhf_fast.train.config import ConfigError, TrainConfig
 from rlhf_fast.train.data import DataError, SFTCollator, encode_sft, read_prompts, read_sft
 from rlhf_fast.train.loop import EpochSampler, TrainResult, lr_factor
-from rlhf_fast.train.metrics import MetricsLog, Progress, is_main_process
+from rlhf_fast.train.metrics import MetricsLog, Progress, is_main_process, rewrite_lines
 from rlhf_fast.train.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -115,8 +115,7 @@ class SamplesLog:
         self.enabled = is_main_process()
         if self.enabled and resume_step is not None and self.path.is_file():
             lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            rewrite_lines(self.path, [line for line in lines if _step_of(line) <= resume_step])
 
     def write(self, rows: list[dict]) -> None:
         if self.enabled:
