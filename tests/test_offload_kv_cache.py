@@ -58,6 +58,33 @@ def test_round_trip_matches_the_per_group_oracle(shape, group, dtype):
     assert (got[..., :group] == 0.25).all()
 
 
+@pytest.mark.parametrize(
+    "head_dim, group_size, dtype",
+    [(80, 64, torch.float32), (96, 32, torch.bfloat16), (6, 64, torch.float16),
+     (128, 64, torch.float32)],
+)  # fmt: skip
+def test_cache_layer_over_growing_lengths_equals_the_oracle(head_dim, group_size, dtype):
+    """Int4KVLayer.update over a prefill, single tokens and a chunk: the past comes back as
+    the per-token oracle's round trip (each vector compressed once, when it arrived), the new
+    tokens exactly, in the input dtype, with the length counted."""
+    from rlhf_fast.offload.kv_cache import Int4KVLayer
+
+    layer, group = Int4KVLayer(group_size), kv_group(head_dim, group_size)
+    generator = torch.Generator().manual_seed(head_dim)
+    past_keys, past_values, length = [], [], 0
+    for tokens in (5, 1, 1, 3, 1):
+        keys = (torch.randn(2, 3, tokens, head_dim, generator=generator) * 2).to(dtype)
+        values = torch.randn(2, 3, tokens, head_dim, generator=generator).to(dtype)
+        got_keys, got_values = layer.update(keys, values)
+        length += tokens
+        assert got_keys.dtype == got_values.dtype == dtype
+        assert torch.equal(got_keys, torch.cat([*past_keys, keys], -2))
+        assert torch.equal(got_values, torch.cat([*past_values, values], -2))
+        assert layer.get_seq_length() == length
+        past_keys.append(_oracle(keys, group).to(dtype))
+        past_values.append(_oracle(values, group).to(dtype))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="head_dim must be even"):
         kv_group(63)
