@@ -314,3 +314,26 @@ def test_a_kill_while_resuming_loses_no_logged_row(tmp_path, monkeypatch):
     for name in (METRICS_FILE, SAMPLES_FILE):
         lines = (tmp_path / name).read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == [1, 2], name
+
+
+def test_a_kill_while_writing_config_yaml_keeps_the_run_resumable(tmp_path, monkeypatch):
+    """Every run (a resumed one too) writes RUN/config.yaml, which --resume reads back: in
+    place, a kill mid-write left an empty or cut file, and the run could not resume any more
+    ("--model DIR is required"). It must be replaced whole."""
+    from rlhf_fast.train import config as config_module
+
+    path = tmp_path / "config.yaml"
+    original = config_module.TrainConfig(model="m", data="d", lr=0.5)
+    config_module.write(original, path)
+    text = path.read_text()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        config_module.write(config_module.TrainConfig(model="other", data="d"), path)
+    assert path.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    monkeypatch.undo()
+    assert config_module.load(path) == original

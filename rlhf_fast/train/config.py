@@ -334,4 +334,7 @@ def to_yaml(config: TrainConfig) -> str:
 
 
 def write(config: TrainConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(to_yaml(config))
+    """config.yaml replaced whole (a kill mid-write must not leave a run --resume cannot read)."""
+    from rlhf_fast.train.metrics import rewrite_lines
+
+    rewrite_lines(Path(path), to_yaml(config).splitlines())
