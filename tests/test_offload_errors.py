@@ -200,3 +200,40 @@ def test_close_frees_the_slot_buffers(offload_dir):
     lm.close()
     assert all(slot() is None for slot in slots)  # no garbage collection needed
     assert lm.streamer.held_bytes == sum(b.numel() for b in lm.streamer.resident_buffers.values())
+
+
+@pytest.mark.parametrize("refused", ["open", "first read"])
+def test_o_direct_refused_falls_back_to_a_buffered_read(offload_dir, monkeypatch, refused):
+    """File systems without O_DIRECT (tmpfs before Linux 6.6, some network file systems)
+    refuse it with EINVAL at open or at the first read: the layer is then read buffered (the
+    same bytes) and its pages evicted after, and no file descriptor is left open."""
+    import errno
+
+    from rlhf_fast.offload import shards
+
+    layout = shards.read_layout(offload_dir / layer_file(1))
+    plain = shards.read_into(layout, torch.empty(layout.data_bytes, dtype=torch.uint8)).clone()
+    real_open, evicted = os.open, []
+
+    def no_direct_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def no_direct_read(fd, buffers, offset):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    if refused == "open":
+        monkeypatch.setattr(shards.os, "open", no_direct_open)
+    else:
+        monkeypatch.setattr(shards.os, "preadv", no_direct_read)
+    real_advise = os.posix_fadvise
+    monkeypatch.setattr(
+        shards.os, "posix_fadvise", lambda fd, *a: evicted.append(a) or real_advise(fd, *a)
+    )
+    buffer = shards.aligned_buffer(shards.direct_bytes(layout))
+    got = shards.read_into(layout, buffer, drop_cache=True)
+    assert torch.equal(got, plain)
+    assert got.data_ptr() == buffer.data_ptr()  # the buffered read: from the buffer's start
+    assert evicted == [(0, 0, os.POSIX_FADV_DONTNEED)]
+    assert not _open_shards()
