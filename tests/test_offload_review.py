@@ -522,3 +522,25 @@ def test_prepare_with_a_dtype_keeps_a_stored_quantized_format(tmp_path, source):
     with load_offloaded(offload_dir, bf16_rows=None) as lm:
         got = generate_batch(lm, ids, max_new_tokens=3)
     assert torch.equal(got, reference.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_train_names_a_malformed_config_instead_of_calling_it_missing(tmp_path):
+    """open_for_training reported every config failure as "has no config.json (an adapter
+    directory? merge it first)", also for a config.json that is there but not valid."""
+    from types import SimpleNamespace
+
+    from rlhf_fast.models.load import ModelLoadError
+    from rlhf_fast.offload.training import open_for_training
+
+    config = SimpleNamespace(
+        model=str(tmp_path), offload="auto", max_memory="cpu=64MiB", offload_dir=None,
+        batch_size=1, max_length=8, dtype="fp32",
+    )  # fmt: skip
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        open_for_training(config, rows=1)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError) as error:
+        open_for_training(config, rows=1)
+    message = str(error.value)
+    assert "has no config.json" not in message and "\n" not in message
+    assert message.startswith(f"--offload: {tmp_path / 'config.json'}: ") and "JSON" in message

@@ -10,6 +10,7 @@ cache (the policy's own term, batch_size rows of max_length tokens).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rlhf_fast.models.load import ModelLoadError
 from rlhf_fast.offload.lora import wrap_with_lora
@@ -40,7 +41,11 @@ def open_for_training(train_config, *, rows: int, rollout: bool = False) -> Offl
     model_dir = train_config.model
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        path = Path(model_dir) / "config.json"
+        if path.is_file():  # there, but not a config transformers can read
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ModelLoadError(f"--offload: {path}: {type(error).__name__}: {reason}") from None
         raise ModelLoadError(
             f"--offload: {model_dir} has no config.json (an adapter directory? merge it first)"
         ) from None
