@@ -191,6 +191,12 @@ def test_shards_of_a_model_directory_whose_weights_changed_are_prepared_again(tm
     _prepared(model_dir, target, None)
     second = load_file(target / "layer_000.safetensors")["mlp.down_proj.weight"]
     assert torch.equal(second, first * 2)
+    # the config alone edited (same weights): the offload directory's copy of it was stale
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rms_norm_eps"] = 0.25
+    (model_dir / "config.json").write_text(json.dumps(config))
+    _prepared(model_dir, target, None)
+    assert json.loads((target / "config.json").read_text())["rms_norm_eps"] == 0.25
 
 
 def _edit_layer_shard(offload_dir, edit) -> None:
