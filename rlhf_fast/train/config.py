@@ -59,7 +59,11 @@ class TrainConfig:
     warmup_steps: int = _help("linear warmup steps", default=0)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     max_grad_norm: float = _help("gradient clipping norm (0: off)", default=1.0)
-    batch_size: int = _help("examples (prompts, for rm) per micro-batch", default=4)
+    batch_size: int = _help(
+        "examples per micro-batch (rm: prompts with all their answers); ppo: prompts sampled "
+        "per step (its micro-batches: mini_batch_size / grad_accum rows)",
+        default=4,
+    )
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     epochs: float = _help("passes over the training data (when max_steps is 0)", default=1.0)
     max_steps: int = _help("optimizer steps (0: from epochs)", default=0)

@@ -13,9 +13,10 @@ One step:
      step each, in `grad_accum` micro-batches): clipped policy loss + vf_coef * clipped value
      loss (+ ptx_coef * SFT loss on a batch of `ptx_data`: PPO-ptx).
 
-Metrics of every step go to metrics.jsonl (reward, KL, non-score reward, losses, clip
-fractions, approx-KL, entropy, answer length, rollout vs train seconds and tokens/s, peak RSS),
-a few (prompt, answer, score) rows every `sample_every` steps to samples.jsonl.
+Metrics of every `log_every`-th step go to metrics.jsonl (reward, KL, non-score reward,
+losses, clip fractions, approx-KL, entropy: token means over the step's minibatches; answer
+length, rollout vs train seconds and tokens/s, peak RSS), a few (prompt, answer, score) rows
+every `sample_every` steps to samples.jsonl.
 
 Checkpoints hold the policy and critic adapters, the critic head, the optimizer, scheduler, KL
 controller, data positions and RNG states; sampling and minibatch order are seeded by (seed,
