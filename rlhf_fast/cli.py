@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 
@@ -10,11 +11,22 @@ from rlhf_fast.quant import cli_quantize
 from rlhf_fast.train import cli_train
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line that names the command's --help: the
+    stock one printed the whole usage first (40 lines for `train`) above a typo's error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from rlhf_fast import __version__
+
+    parser = _Parser(
         prog="rlhf-fast",
         description="Fast kernels and a thin trainer for the InstructGPT recipe.",
     )
+    parser.add_argument("--version", action="version", version=f"rlhf-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "doctor",
@@ -78,8 +90,29 @@ def _add_chat_parser(commands) -> None:
     )
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that an unknown flag is reported by its subcommand's parser, with the
+    nearest flag it has: argparse's own error named only `rlhf-fast` and its usage."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _subcommand(parser, args.command)
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        guess = difflib.get_close_matches(unknown[0].split("=", 1)[0], flags, n=1)
+        hint = f"; did you mean {guess[0]}?" if guess and unknown[0].startswith("-") else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise AssertionError("rlhf-fast has no subcommands")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return _run(args)
     except BrokenPipeError:  # `rlhf-fast chat ... | head`: the reader left; so do we, quietly

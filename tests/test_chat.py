@@ -525,6 +525,45 @@ def test_bad_flag_value_exits_2(templated_dir, flag, value, capsys):
     assert captured.err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (
+            ["chat", "m", "--temprature", "0"],
+            "rlhf-fast chat: error: unrecognized arguments: --temprature 0; did you mean "
+            "--temperature? (see rlhf-fast chat --help)\n",
+        ),
+        (
+            ["train", "--stage", "sft", "--lora-rank", "4"],
+            "rlhf-fast train: error: unrecognized arguments: --lora-rank 4; did you mean "
+            "--lora-r? (see rlhf-fast train --help)\n",
+        ),
+        (
+            ["train", "--stage", "spt"],
+            "rlhf-fast train: error: argument --stage: invalid choice: 'spt' (choose from "
+            "'sft', 'rm', 'ppo', 'all') (see rlhf-fast train --help)\n",
+        ),
+    ],
+)
+def test_a_mistyped_flag_is_one_line_from_its_command(argv, error, capsys):
+    """A typo'd chat flag was reported as `rlhf-fast: error: unrecognized arguments` under the
+    top-level usage, naming neither the command nor the flag meant; a bad `train` value came
+    under 40 lines of usage."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == error
+
+
+def test_version_flag(capsys):
+    from rlhf_fast import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"rlhf-fast {__version__}\n"
+
+
 @pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
 def test_seed_out_of_range_exits_2(templated_dir, seed, capsys):
     """torch.Generator.manual_seed raised 'Overflow when unpacking long long' mid-answer."""
