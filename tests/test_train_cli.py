@@ -95,6 +95,9 @@ def test_config_validation_messages():
         validate(TrainConfig(model="m", data="d", dtype="fp16"))
     with pytest.raises(ValueError, match="x: 'merge' must be bool"):
         apply(TrainConfig(), {"merge": "yes"}, "x")
+    # max_length 1 passed as "positive", then the encoder raised a traceback after loading
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        validate(TrainConfig(model="m", data="d", max_length=1))
     # an adaptive controller starting at 0 stays at 0 (it multiplies): no KL penalty ever
     with pytest.raises(ValueError, match="kl_target > 0 .* needs kl_coef > 0"):
         validate(TrainConfig(model="m", data="d", kl_target=6.0, kl_coef=0.0))

@@ -223,6 +223,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         value = getattr(config, name)
         if value < 0 or not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+    if config.max_length < 2:  # the encoders keep a prompt token and an answer token
+        raise ConfigError(f"max_length must be >= 2 (a prompt and an answer token), got "
+                          f"{config.max_length}")  # fmt: skip
     if not 0.0 <= config.eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
     if not 0.0 <= config.lora_dropout < 1.0:
