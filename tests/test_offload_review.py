@@ -550,3 +550,17 @@ def test_train_names_a_malformed_config_instead_of_calling_it_missing(tmp_path):
     message = str(error.value)
     assert "has no config.json" not in message and "\n" not in message
     assert message.startswith(f"--offload: {tmp_path / 'config.json'}: ") and "JSON" in message
+
+
+@pytest.mark.parametrize("missing", ["mlp.up_proj.offsets", "self_attn.o_proj.qshape"])
+def test_a_layer_shard_without_a_quantized_weights_buffer_is_a_shard_error(tmp_path, missing):
+    """Only missing parameters were reported: an int4 shard without a weight's `.offsets`
+    (a persistent buffer) loaded, the buffer was made up by the model's initializer (zeros),
+    and the layer computed with it silently (logits off by 0.1)."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off", compress=4)
+    _edit_layer_shard(offload_dir, lambda tensors: tensors.pop(missing))
+    with pytest.raises(ShardError, match=f"missing tensor {missing}") as error:
+        load_offloaded(offload_dir, resident_layers=0)
+    assert str(error.value).startswith(str(offload_dir / "layer_001.safetensors") + ": ")

@@ -113,9 +113,20 @@ def _check_layer_shard(layer: nn.Module, layout, where: str) -> None:
                 "another model or transformers version? prepare again)"
             )
     stored = {entry.name for entry in layout.tensors}
-    missing = [name for name in parameters if name not in stored]
-    if missing:
+    missing = [name for name in [*parameters, *_persistent_buffers(layer)] if name not in stored]
+    if missing:  # a buffer would otherwise be made up by the model's initializer, silently
         raise ShardError(f"{where}: missing tensor {missing[0]}")
+
+
+def _persistent_buffers(layer: nn.Module) -> list[str]:
+    """Names of the buffers a state dict of `layer` holds (a quantized weight's scales,
+    offsets and shape), not the non-persistent ones built from the config (rotary inv_freq)."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in layer.named_modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and name not in module._non_persistent_buffers_set
+    ]
 
 
 def _materialize_remaining(model: nn.Module, streamed_names: set[str]) -> None:
