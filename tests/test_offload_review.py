@@ -564,3 +564,46 @@ def test_a_layer_shard_without_a_quantized_weights_buffer_is_a_shard_error(tmp_p
     with pytest.raises(ShardError, match=f"missing tensor {missing}") as error:
         load_offloaded(offload_dir, resident_layers=0)
     assert str(error.value).startswith(str(offload_dir / "layer_001.safetensors") + ": ")
+
+
+def _neox_and_gpt2():
+    import transformers
+
+    torch.manual_seed(0)
+    neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, eos_token_id=None,
+        bos_token_id=None, initializer_range=0.3,
+    )).eval()  # fmt: skip
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=97, n_embd=48, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+        eos_token_id=2, initializer_range=0.3,
+    )).eval()  # fmt: skip
+    return {"gpt_neox": neox, "gpt2": gpt2}
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_prepare_reads_checkpoint_keys_the_way_transformers_loads_them(tmp_path, family):
+    """prepare_offload read a model directory's keys as they are stored, but transformers
+    renames some on load: GPT-NeoX (Pythia) stores its head as `embed_out.weight` (the model's
+    `lm_head.weight`: "missing tensor lm_head.weight"), and checkpoints saved from a base model
+    (the hub's gpt2: `h.0.attn...`, no `transformer.` prefix) put every layer tensor into the
+    resident file. Both now stream and compute like the resident model."""
+    from safetensors.torch import load_file as read_all
+    from safetensors.torch import save_file
+
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    model = _neox_and_gpt2()[family]
+    model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    if family == "gpt2":  # as the hub's checkpoint: saved from GPT2Model
+        tensors = {k.removeprefix("transformer."): v for k, v in read_all(weights).items()}
+        save_file({k: v for k, v in tensors.items() if k != "lm_head.weight"}, weights,
+                  metadata={"format": "pt"})  # fmt: skip
+    else:
+        assert "embed_out.weight" in read_all(weights)  # transformers saves the old name
+    offload_dir = prepare_offload(tmp_path / "model", tmp_path / "off")
+    ids = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), load_offloaded(offload_dir, resident_layers=0) as lm:
+        torch.testing.assert_close(lm.model(ids).logits, model(ids).logits)

@@ -52,6 +52,38 @@ def _source_tensors(model_dir: Path) -> tuple[list[str], Callable[[str], torch.T
     return list(where), lambda key: where[key].get_tensor(key)
 
 
+def _model_keys(model: nn.Module, keys: list[str], model_dir: Path) -> dict[str, str]:
+    """{stored key: the model's name for it}, renamed as transformers' loader renames them
+    (GPT-NeoX stores its head as `embed_out`, the model's `lm_head`; a checkpoint saved from a
+    base model lacks the `transformer.` / `model.` prefix; old `gamma` / `beta` names). Keys
+    that transformers converts (fused or split tensors) are refused: ValueError."""
+    try:  # the loader's own renaming (semi-public: peft uses get_model_conversion_mapping)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:  # a transformers without it: names as stored
+        return {key: key for key in keys}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected, prefix = model.state_dict(), getattr(model, "base_model_prefix", None) or None
+    names = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:  # as transformers: the name was right
+            name, converted = rename_source_key(key, [], [], prefix, expected)
+        if converted is not None:
+            raise ValueError(
+                f"{model_dir}: {key} is converted (fused or split) by transformers on load; "
+                "prepare_offload needs the model loaded in memory for this checkpoint"
+            )
+        names[key] = name
+    return names
+
+
 def source_files(model_dir: str | os.PathLike) -> dict[str, list[int]]:
     """{file name: [size, mtime_ns]} of a model directory's weights and config: recorded in the
     manifest so that shards of weights saved over since are not reused (session._prepared)."""
@@ -150,8 +182,14 @@ def prepare_offload(
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir / 'config.json'}: missing (not a model directory)")
         fingerprint = source_files(model_dir)  # before reading: a later change shows
-        keys, get = _source_tensors(model_dir)
+        stored_keys, get_stored = _source_tensors(model_dir)
         model, origin = _skeleton(model_dir), str(model_dir.resolve())
+        stored_as = {new: old for old, new in _model_keys(model, stored_keys, model_dir).items()}
+        keys = list(stored_as)
+
+        def get(key: str) -> torch.Tensor:
+            return get_stored(stored_as[key])
+
     prefix, layers = decoder_layers(model)
     formats = _format_keys(keys)
     out_dir = Path(offload_dir)
