@@ -374,6 +374,37 @@ def test_missing_file(tmp_path):
     assert str(caught.value) == f"{path}: cannot read: No such file or directory"
 
 
+def test_a_file_is_read_a_line_at_a_time(tmp_path):
+    """Datasets carry fields the readers ignore (ids, metadata, whole source documents): the
+    file must not be held in memory whole, nor as a list of all its lines, beside the examples
+    (it was: 2-3x a huge file's size of peak memory on top of the examples)."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    filler = "x" * 4000
+    records = [{"prompt": f"q{i}", "response": "a", "meta": filler} for i in range(1000)]
+    ends = ["\r\n", "\n"]
+    path.write_text("".join(json.dumps(r) + ends[i % 2] for i, r in enumerate(records)))
+    tracemalloc.start()
+    try:
+        examples = read_sft(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(examples) == 1000 and examples[-1].source == f"{path}:1000"
+    assert peak < path.stat().st_size / 4, (peak, path.stat().st_size)
+
+
+def test_lone_carriage_returns_end_lines_as_in_editors(tmp_path):
+    path = tmp_path / "cr.jsonl"
+    line = json.dumps({"prompt": "p", "response": "r"}).encode()
+    path.write_bytes(line + b"\r" + line + b"\r\n\r" + b"{bad\r" + line + b"\r")
+    with pytest.raises(DataError, match=rf"{path}:4: invalid JSON"):
+        read_sft(path)
+    path.write_bytes(line + b"\r" + line + b"\r\n\r\n" + line)
+    assert [e.source for e in read_sft(path)] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+
+
 # ---- held-out split -------------------------------------------------------------------------
 
 

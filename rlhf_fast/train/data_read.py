@@ -26,7 +26,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,9 +86,24 @@ def split_held_out(
 
 def _read_lines(path: str | Path, parse: Callable[[dict, str], object], same_kind=False):
     try:
-        raw_lines = Path(path).read_bytes().splitlines()
+        with open(path, "rb") as handle:
+            return _parse_lines(path, _split_lines(handle), parse, same_kind)
     except OSError as error:
         raise DataError(str(path), f"cannot read: {error.strerror or error}") from None
+
+
+def _split_lines(handle) -> Iterator[bytes]:
+    """The file's lines as bytes.splitlines() cuts them (at LF, CR LF or a lone CR), read one
+    at a time: a huge file is never held whole (datasets carry fields nobody reads)."""
+    for chunk in handle:  # up to and including an LF, or the end of the file
+        if chunk.endswith(b"\n"):
+            chunk = chunk[:-2] if chunk.endswith(b"\r\n") else chunk[:-1]
+        elif chunk.endswith(b"\r"):  # the last line, ended by a lone CR
+            chunk = chunk[:-1]
+        yield from chunk.split(b"\r")
+
+
+def _parse_lines(path, raw_lines: Iterable[bytes], parse, same_kind: bool):
     examples, first_error, bad_lines = [], None, 0
     first_kind = None  # (type, line) of the first good line, when kinds must not mix
     for number, raw in enumerate(raw_lines, start=1):
