@@ -268,6 +268,32 @@ def test_logged_losses_are_means_over_the_trained_tokens(stages, tmp_path):
     assert logged["ptx_loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_rollouts_stop_at_every_id_chat_stops_at(stages, tmp_path, monkeypatch):
+    """Chat ends an answer at the tokenizer's EOS or any id the model's generation_config lists
+    (instruct models end turns with one: Llama 3's <|eot_id|>, Qwen2's <|im_end|>); rollouts
+    stopped at the tokenizer's EOS alone, so PPO trained and scored answers that ran on past
+    where chat stops, each penalised as never having ended."""
+    from rlhf_fast.chat import eos_ids
+    from rlhf_fast.train import ppo
+    from rlhf_fast.train.data import read_prompts
+
+    cfg = ppo_config(stages, tmp_path / "run")
+    models = build(stages)
+    models.model.generation_config.eos_token_id = [models.tokenizer.eos_token_id, 7]
+    trainer = PPOTrainer(cfg, models, read_prompts(cfg.data), tmp_path / "run")
+    seen, generate = {}, ppo.generate_rollouts
+
+    def spy(*args, **kwargs):
+        seen["eos"] = kwargs["eos_token_ids"]
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "generate_rollouts", spy)
+    trainer.rollout([0, 1], 0)
+    expected = eos_ids(models.model, models.tokenizer)
+    assert expected == {models.tokenizer.eos_token_id, 7}
+    assert set(seen["eos"]) == expected
+
+
 def _step_gradients(trainer, experience) -> dict[str, torch.Tensor]:
     """The gradients of one optimize() on `experience`, read where the optimizer would step
     (the step itself is skipped): one minibatch, one epoch."""

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast.chat import eos_ids
 from rlhf_fast.lora import fuse, unfuse
 from rlhf_fast.models.load import check_max_length, check_model_dir, resolve_device
 from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
@@ -179,6 +180,8 @@ class PPOTrainer:
         self.reward_fn = reward_fn
         keep = max(1, config.max_length - config.max_new_tokens)
         self.prompt_ids = [_prompt_ids(self.tokenizer, example)[-keep:] for example in prompts]
+        # where chat ends an answer: the tokenizer's EOS and the generation_config's stop ids
+        self.eos_token_ids = sorted(eos_ids(models.model, self.tokenizer))
         self.total = total_ppo_steps(config, len(prompts))
         disable_dropout(models)  # the rollouts' log-probs and values had none
         self.params = models.trainable()
@@ -235,7 +238,7 @@ class PPOTrainer:
             models.model,
             [self.prompt_ids[i] for i in indices],
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_ids=self.tokenizer.eos_token_id,
+            eos_token_ids=self.eos_token_ids,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_k=config.top_k,
