@@ -89,6 +89,9 @@ def load(args: argparse.Namespace):
         set_int4_activations(model)
     except Exception as error:  # transformers raises many types; report them all on one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if isinstance(error, ValueError) and reason.startswith(("--offload", "--max-memory")):
+            # a flag's value (its own message names it), not a model that failed to load
+            raise ChatError(reason) from None
         raise ChatError(
             f"cannot load model from {model_dir}: {type(error).__name__}: {reason}"
         ) from None

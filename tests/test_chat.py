@@ -497,6 +497,26 @@ def test_offload_settings_without_offload_are_refused(templated_dir, flag, value
     assert captured.err == f"rlhf-fast chat: {flag} applies to --offload (e.g. --offload auto)\n"
 
 
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--offload", "auto", "--max-memory", "2GiB"], "--max-memory: '2GiB' is not cpu=SIZE"),
+        (["--offload", "compress=int3"], "--offload: 'compress=int3' is not auto or one of"),
+        (["--offload", "auto", "--max-memory", "cpu=1KiB"], "--max-memory cpu=1.00 KiB is too"),
+    ],
+)
+def test_a_bad_offload_flag_value_is_not_a_model_that_failed_to_load(
+    templated_dir, tmp_path, flags, error, capsys
+):
+    """These said 'cannot load model from DIR: ValueError: --max-memory: ...', blaming the model."""
+    argv = ["chat", str(templated_dir), "--prompt", "hi", "--offload-dir", str(tmp_path), *flags]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if not line.startswith("[offload:")]
+    assert captured.out == "" and len(errors) == 1  # a too-small budget is known after calibrating
+    assert errors[0].startswith(f"rlhf-fast chat: {error}")
+
+
 def test_missing_dir_subprocess_exit_code(tmp_path):
     command = [sys.executable, "-m", "rlhf_fast.cli", "chat", str(tmp_path / "nope")]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
