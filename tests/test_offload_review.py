@@ -607,3 +607,33 @@ def test_prepare_reads_checkpoint_keys_the_way_transformers_loads_them(tmp_path,
     ids = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), load_offloaded(offload_dir, resident_layers=0) as lm:
         torch.testing.assert_close(lm.model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.update({"mlp.up_proj.qdata": t["mlp.up_proj.qdata"].flatten()}),  # 1-D
+        lambda t: t.update({"mlp.up_proj.scales": t["mlp.up_proj.scales"].flatten()}),  # 1-D
+        lambda t: t.update({"mlp.up_proj.scales": t["mlp.up_proj.scales"][:, :0]}),  # 0 groups
+        # codes for fewer in_features than the config's: failed at the first token instead
+        lambda t: t.update(
+            {
+                k: t[k][:, :1].contiguous()
+                for k in t
+                if k.startswith("mlp.up_proj.") and t[k].dim() == 2
+            }
+        ),
+    ],
+)
+def test_a_quantized_weight_of_a_malformed_shape_is_a_shard_error(tmp_path, edit):
+    """An int4 weight whose codes or scales have the wrong rank raised ValueError ("not
+    enough values to unpack"), IndexError or ZeroDivisionError from the shell builder; codes
+    of the right rank for fewer inputs than the config's failed at the first token ("qdata
+    must have shape [64, 32]", no file named)."""
+    from rlhf_fast.offload import load_offloaded, prepare_offload
+
+    offload_dir = prepare_offload(_family_model("llama"), tmp_path / "off", compress=4)
+    _edit_layer_shard(offload_dir, edit)
+    with pytest.raises(ShardError, match="mlp.up_proj") as error:
+        load_offloaded(offload_dir, resident_layers=0)
+    assert str(error.value).startswith(str(offload_dir / "layer_001.safetensors") + ": ")

@@ -67,6 +67,12 @@ def _install_quant_shells(layer: nn.Module, layout, where: str) -> None:
         scales = shapes.get(f"{name}.scales")
         if bits is None or scales is None:
             raise ShardError(f"{where}: {key} is not an int8/int4 quantized weight")
+        rank = 1 if bits == 8 else 2  # int8: a scale per row; int4: per row and group
+        if len(entry.shape) != 2 or len(scales.shape) != rank or 0 in scales.shape:
+            raise ShardError(
+                f"{where}: {name} has codes of shape {list(entry.shape)} and scales of shape "
+                f"{list(scales.shape)} (expected 2-D codes and {rank}-D scales)"
+            )
         out_features, packed = entry.shape
         group_size = -1 if bits == 8 else packed * 2 // scales.shape[1]
         in_features = old.in_features if hasattr(old, "in_features") else old.weight.shape[0]
@@ -97,16 +103,16 @@ def _check_stored(where: str, name: str, stored, expected: torch.Tensor, shape: 
 
 
 def _check_layer_shard(layer: nn.Module, layout, where: str) -> None:
-    """Each tensor of a layer's shard is one of the layer's (a parameter: of its shape; any:
-    of its kind of dtype) and each parameter is in the shard; else ShardError `FILE: what` (a
-    shard prepared for another model, or by a transformers version that named the modules
-    otherwise)."""
+    """Each tensor of a layer's shard is one of the layer's, of its shape and kind of dtype
+    (quantized weights: of the shapes their shells derive from the shard and the config), and
+    each parameter is in the shard; else ShardError `FILE: what` (a shard prepared for another
+    model, or by a transformers version that named the modules otherwise)."""
     parameters, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
     for entry in layout.tensors:
         if entry.name in parameters:
             _check_stored(where, entry.name, entry, parameters[entry.name], shape=True)
         elif entry.name in buffers:
-            _check_stored(where, entry.name, entry, buffers[entry.name], shape=False)
+            _check_stored(where, entry.name, entry, buffers[entry.name], shape=True)
         else:
             raise ShardError(
                 f"{where}: tensor {entry.name} is not in {type(layer).__name__} (prepared for "
