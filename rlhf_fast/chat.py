@@ -107,6 +107,11 @@ def _not_a_model_hint(directory: Path) -> str:
         return " (it holds a peft adapter: chat with a merged model, which --merge writes)"
     if (directory / "reward_config.json").is_file():
         return " (it holds a reward model, not a model to chat with)"
+    for adapter in (directory / "adapter", directory / "ppo" / "adapter"):  # a run without --merge
+        if (adapter / "adapter_config.json").is_file():
+            return f" (its model is the peft adapter {adapter}: --merge writes a chat-ready one)"
+    if (directory / "reward_model" / "reward_config.json").is_file():  # a --stage rm run
+        return f" (it holds a reward model, {directory / 'reward_model'}, not a model to chat with)"
     return ""
 
 

@@ -458,6 +458,15 @@ def test_bad_model_dir_exits_2_with_one_line(tmp_path, kind, capsys):
             "it holds a peft adapter: chat with a merged model, which --merge writes",
         ),
         ("reward_config.json", "it holds a reward model, not a model to chat with"),
+        (  # `rlhf-fast chat runs/sft` of a run without --merge, and of a --stage rm run, said
+            # only 'no config.json'
+            "adapter/adapter_config.json",
+            "its model is the peft adapter {dir}/adapter: --merge writes a chat-ready one",
+        ),
+        (
+            "reward_model/reward_config.json",
+            "it holds a reward model, {dir}/reward_model, not a model to chat with",
+        ),
     ],
 )
 def test_run_adapter_and_reward_dirs_point_to_the_chat_model(tmp_path, marker, hint, capsys):
