@@ -337,3 +337,28 @@ def test_a_kill_while_writing_config_yaml_keeps_the_run_resumable(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
     monkeypatch.undo()
     assert config_module.load(path) == original
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(setup, tmp_path, capsys):
+    """`--resume RUN/checkpoints/step-2` while step-4 exists: step-4 belongs to the timeline
+    the resumed run leaves (its metrics rows are dropped), yet it survived, and the next
+    `--resume RUN` continued from it, not from the resumed run's newest step."""
+    run = tmp_path / "run"
+    first = config("sft", setup["llama"], setup["sft"], run, **_HARD)  # keeps the newest 2
+    run_stage(first)  # 4 steps, checkpoints at 2 and 4
+    older = run / ckpt.CHECKPOINTS_DIR / "step-00000002"
+    assert ckpt.find_checkpoint(run).name == "step-00000004" and older.is_dir()
+    stopped = run_stage(first, resume=older, stop_after=3)
+    assert stopped.result.step == 3
+    aside = run / ckpt.CHECKPOINTS_DIR / ckpt.ABANDONED_DIR
+    assert (aside / "step-00000004" / ckpt.STATE_FILE).is_file()  # moved, not deleted
+    assert "step-00000004 past step 2 moved to" in capsys.readouterr().err
+    assert ckpt.find_checkpoint(run).name == "step-00000002"  # the resumed timeline's newest
+    assert _steps(run) == [1, 2, 3]
+    # set aside again at the same step: kept beside the first, not overwritten
+    (run / ckpt.CHECKPOINTS_DIR / "step-00000009").mkdir()
+    (run / ckpt.CHECKPOINTS_DIR / "step-00000009" / ckpt.STATE_FILE).write_text("{}")
+    (aside / "step-00000009").mkdir()
+    moved = ckpt.set_aside_later(run, 3)
+    assert moved == [aside / "step-00000009-2"] and (aside / "step-00000009").is_dir()
+    assert ckpt.set_aside_later(run, 3) == []  # nothing past step 3 left

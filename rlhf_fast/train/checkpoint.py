@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,33 @@ def _prune(root: Path, keep: int) -> None:
     if keep > 0:
         for _, path in _complete_checkpoints(root)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+ABANDONED_DIR = "abandoned"  # under checkpoints/: steps of a timeline a resume left behind
+
+
+def set_aside_later(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Moves RUN_DIR's checkpoints past `step` (the one a run resumes from, 0: a fresh start)
+    to checkpoints/abandoned/: they belong to the timeline this run leaves, whose metrics rows
+    are dropped too, and `--resume RUN` would otherwise take the newest of them. Moved, not
+    deleted (they are a user's); returns where they went."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    later = [path for number, path in _complete_checkpoints(root) if number > step]
+    moved = []
+    if later:
+        aside = root / ABANDONED_DIR
+        aside.mkdir(exist_ok=True)
+        for path in later:
+            target, copy = aside / path.name, 1
+            while target.exists():  # abandoned twice at the same step
+                copy += 1
+                target = aside / f"{path.name}-{copy}"
+            os.rename(path, target)
+            moved.append(target)
+        _fsync_path(root)
+        names = ", ".join(path.name for path in later)
+        print(f"[resume: {names} past step {step} moved to {aside}]", file=sys.stderr, flush=True)
+    return moved
 
 
 # ------------------------------------------------------------------------------------ read

@@ -195,7 +195,10 @@ def train(
         _restore(resume, stage.model, optimizer, scheduler)
         step, position = resume.step, dict(resume.position)
         ckpt.restore_rng(resume.rng["json"], resume.rng["tensors"])  # last: nothing draws after
-    # rows past `step` are a killed or earlier run's (a fresh start: all of them), dropped
+    # rows past `step` are a killed or earlier run's (a fresh start: all of them), dropped,
+    # and so are (set aside) its checkpoints past it
+    if is_main_process():
+        ckpt.set_aside_later(run_dir, step)
     metrics_log = MetricsLog(run_dir, resume_step=step)
     progress = Progress(total, initial=step, description=stage.name)
     result = TrainResult(step=step, total_steps=total)

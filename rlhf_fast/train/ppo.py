@@ -441,9 +441,10 @@ class PPOTrainer:
         config = self.config
         if resume is not None:
             self.restore(resume)
+        resume_step = self.step  # rows past it: a killed or earlier run's (fresh: all)
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume_step = self.step  # rows past it: a killed or earlier run's (fresh: all)
+            ckpt.set_aside_later(self.run_dir, resume_step)  # and its checkpoints past it
         metrics_log = MetricsLog(self.run_dir, resume_step=resume_step)
         samples_log = SamplesLog(self.run_dir, resume_step)
         progress = Progress(self.total, initial=self.step, description="ppo")
