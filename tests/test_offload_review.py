@@ -199,6 +199,27 @@ def test_shards_of_a_model_directory_whose_weights_changed_are_prepared_again(tm
     assert json.loads((target / "config.json").read_text())["rms_norm_eps"] == 0.25
 
 
+def test_an_offload_directory_with_a_missing_or_cut_shard_is_prepared_again(tmp_path):
+    """_prepared reused a directory whenever its manifest matched the source, a deleted or
+    truncated layer shard too; loading then said to prepare again, which no command did."""
+    from rlhf_fast.offload import load_offloaded
+    from rlhf_fast.offload.session import _prepared
+    from rlhf_fast.offload.shards import RESIDENT_FILE, layer_file
+
+    model_dir, target = tmp_path / "model", tmp_path / "model" / ".rlhf_fast_offload" / "none"
+    _family_model("llama").save_pretrained(model_dir)
+    _prepared(model_dir, target, None)
+    whole = {name: (target / name).read_bytes() for name in (layer_file(1), RESIDENT_FILE)}
+    (target / layer_file(1)).unlink()
+    _prepared(model_dir, target, None)
+    (target / RESIDENT_FILE).write_bytes(whole[RESIDENT_FILE][:-100])
+    _prepared(model_dir, target, None)
+    for name, data in whole.items():
+        assert (target / name).read_bytes() == data
+    with load_offloaded(target) as lm:  # loads: every shard is whole again
+        assert lm.model.config.num_hidden_layers >= 2
+
+
 def _edit_layer_shard(offload_dir, edit) -> None:
     from safetensors.torch import load_file as read_all
     from safetensors.torch import save_file

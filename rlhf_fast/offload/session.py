@@ -40,7 +40,14 @@ from rlhf_fast.offload.policy import (
     parse_max_memory,
 )
 from rlhf_fast.offload.prepare import prepare_offload, source_files
-from rlhf_fast.offload.shards import MANIFEST, ShardError, read_manifest
+from rlhf_fast.offload.shards import (
+    MANIFEST,
+    RESIDENT_FILE,
+    ShardError,
+    layer_file,
+    read_layout,
+    read_manifest,
+)
 from rlhf_fast.quant.activations import BF16_ROWS
 from rlhf_fast.quant.model import BITS_BY_NAME
 
@@ -136,11 +143,16 @@ def _calibration(root: Path, config, dtype, compressions) -> Calibration:
 
 
 def _prepared(model_dir: Path, target: Path, compress: int | None) -> Path:
-    """`target` prepared from `model_dir`, reused while the directory's weights are unchanged."""
+    """`target` prepared from `model_dir`, reused while the directory's weights are unchanged
+    and every shard it lists is whole (one deleted or cut short: prepared again, since loading
+    would only say to)."""
     try:
         manifest = read_manifest(target)
         same = manifest.get("source_files") == source_files(model_dir)
         if manifest.get("source") == str(model_dir.resolve()) and same:
+            read_layout(target / RESIDENT_FILE)  # headers and sizes: no weight is read
+            for index in range(manifest["num_layers"]):
+                read_layout(target / layer_file(index))
             return target
     except ShardError:
         pass
