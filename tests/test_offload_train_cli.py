@@ -55,6 +55,12 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _reader_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("rlhf-fast-offload")]
+
+
 def test_sft_and_ppo_run_on_a_base_over_budget(setup, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -65,6 +71,7 @@ def test_sft_and_ppo_run_on_a_base_over_budget(setup, capsys):
     argv = ["train", "--stage", "sft", "--model", str(model), "--data", str(data["sft"]),
             "--output", str(sft_run), *SMALL, *_offload_flags(root, "compress=none")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
+    assert not _reader_threads()  # the stage closed its streamed base
     err = capsys.readouterr().err
     assert "[offload: compress=" in err and "training activations" in err
     assert int(re.search(r"resident_layers=(\d+)", err).group(1)) < 8  # some layers stream
@@ -86,6 +93,7 @@ def test_sft_and_ppo_run_on_a_base_over_budget(setup, capsys):
             "--reward-model", str(rm_run / "reward_model"), "--output", str(ppo_run), *SMALL,
             *_offload_flags(root, "auto,kv=int4")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
+    assert not _reader_threads()
     err = capsys.readouterr().err
     assert "[offload: compress=" in err and "kv=int4" in err  # auto may fit int4 entirely
     records = _records(ppo_run)

@@ -102,3 +102,13 @@ def build_offloaded_ppo_models(train_config, build_ppo_models, lora_settings):
         )  # fmt: skip
     lm.enable_training()
     return models
+
+
+def close_streamed(model) -> None:
+    """Stops the reader thread and releases the slots of each streamed base inside `model` (a
+    peft wrapper, PPOModels): the model and its OffloadedLM reference each other, so without
+    this the thread outlived the stage until a garbage collection found the cycle."""
+    for module in model.modules():
+        offloaded = getattr(module, "rlhf_fast_offload", None)
+        if offloaded is not None:
+            offloaded.close()

@@ -586,12 +586,18 @@ def run_ppo(config: TrainConfig, *, resume=None, stop_after: int | None = None):
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         config_module.write(config, run_dir / CONFIG_FILE)
-    trainer = PPOTrainer(config, models, prompts, run_dir, device=device, ptx_examples=ptx)
-    torch.manual_seed(config.seed)
-    result = trainer.train(resume=checkpoint, stop_after=stop_after)
-    exports = {}
-    if result.step >= result.total_steps and is_main_process():
-        exports = trainer.export()
+    try:
+        trainer = PPOTrainer(config, models, prompts, run_dir, device=device, ptx_examples=ptx)
+        torch.manual_seed(config.seed)
+        result = trainer.train(resume=checkpoint, stop_after=stop_after)
+        exports = {}
+        if result.step >= result.total_steps and is_main_process():
+            exports = trainer.export()
+    finally:
+        if config.offload:  # the streamed base's reader thread and slots
+            from rlhf_fast.offload.training import close_streamed
+
+            close_streamed(models)
     outcome = StageOutcome(config, run_dir, result, exports, time.perf_counter() - started)
     outcome.reward_shared = models.reward_source.shared
     return outcome

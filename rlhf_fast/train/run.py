@@ -80,8 +80,16 @@ def run_stage(
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         config_module.write(config, run_dir / CONFIG_FILE)
-    result = train(stage, config, run_dir, device=device, resume=checkpoint, stop_after=stop_after)
-    exports = {}
-    if result.step >= result.total_steps and is_main_process():
-        exports = stage_module.export(stage.model, tokenizer, run_dir, config)
+    try:
+        result = train(
+            stage, config, run_dir, device=device, resume=checkpoint, stop_after=stop_after
+        )
+        exports = {}
+        if result.step >= result.total_steps and is_main_process():
+            exports = stage_module.export(stage.model, tokenizer, run_dir, config)
+    finally:
+        if config.offload:  # the streamed base's reader thread and slots
+            from rlhf_fast.offload.training import close_streamed
+
+            close_streamed(stage.model)
     return StageOutcome(config, run_dir, result, exports, time.perf_counter() - started)
