@@ -268,6 +268,28 @@ def test_judge_policy_reports_the_judges_scores(model_dir):
     assert greedy[0] == greedy[1]
 
 
+def test_judged_answers_stop_where_chat_stops_them(model_dir, monkeypatch):
+    """The judge scored answers generated to the tokenizer's EOS only, while chat (and PPO's
+    rollouts) also stop at the ids the model's generation_config lists."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_fast.demo import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
+    seen, generate = [], evaluate.generate_rollouts
+    monkeypatch.setattr(
+        evaluate,
+        "generate_rollouts",
+        lambda *a, **k: seen.append(k["eos_token_ids"]) or generate(*a, **k),
+    )
+    evaluate.judge_policy(
+        model, tokenizer, [task.make_question(random.Random(0))], max_new_tokens=2
+    )
+    assert seen == [sorted({tokenizer.eos_token_id, 7})]
+
+
 @pytest.mark.parametrize("scale", [0.01, 1, 3, 10])
 def test_every_allowed_demo_scale_has_enough_evaluation_questions(scale):
     """RLHF_FAST_DEMO_SCALE allows (0, 10]; the 'eval' split holds only 369 distinct questions,

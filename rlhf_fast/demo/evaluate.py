@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf_fast.chat import eos_ids
 from rlhf_fast.demo.task import verdict
 from rlhf_fast.models.prompt_format import prompt_token_ids
 from rlhf_fast.train.rollout import generate_rollouts
@@ -50,7 +51,7 @@ def judge_policy(
             model,
             prompts,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_ids=tokenizer.eos_token_id,
+            eos_token_ids=sorted(eos_ids(model, tokenizer)),  # where chat stops an answer
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             generator=generator,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast.chat import eos_ids
 from rlhf_fast.demo import task
 from rlhf_fast.demo.model import DemoModelConfig, build_model_dir
 from rlhf_fast.models.prompt_format import prompt_token_ids
@@ -142,7 +143,7 @@ def evaluate_policy(
     with models.reference() if reference else _nothing():
         out = generate_rollouts(
             models.model, prompts, pad_token_id=tokenizer.pad_token_id,
-            eos_token_ids=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+            eos_token_ids=sorted(eos_ids(models.model, tokenizer)), max_new_tokens=max_new_tokens,
             generator=generator, score_reference=not reference,
         )  # fmt: skip
     mask = out.response_mask
