@@ -88,7 +88,8 @@ def report() -> list[str]:
                     continue
                 reason = _dispatch.unavailable_reason(backend, torch.device(device))
                 others.append(f"{backend}: " + ("available" if reason is None else reason))
-            lines.append(f"{op:<{width}} {device:<7} {chosen:<10} " + "; ".join(others))
+            # an op with no other backend for the device said nothing there, as if cut off
+            lines.append(f"{op:<{width}} {device:<7} {chosen:<10} " + ("; ".join(others) or "none"))
     return lines
 
 

@@ -57,3 +57,16 @@ def test_a_forced_simd_level_says_who_forced_it(monkeypatch):
     monkeypatch.delenv(_native.ISA_ENV)
     line = next(line for line in doctor.report() if line.startswith("C++ kernels"))
     assert _native.ISA_ENV not in line
+
+
+def test_every_op_row_names_its_other_backends_or_none(monkeypatch):
+    """rms_norm, silu_mul and rotary_embedding have only the reference on CUDA: their rows
+    ended after 'reference', as if the report had been cut off."""
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    lines = doctor.report()
+    header = next(line for line in lines if line.startswith("op "))
+    others_column = header.index("other backends")
+    for row in _op_rows(lines):
+        assert row[others_column:].strip(), row
+    rows = {tuple(row.split()[:2]): row for row in _op_rows(lines)}
+    assert rows[("rms_norm", "cuda")].split()[2:] == ["reference", "none"]
