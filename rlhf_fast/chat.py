@@ -50,7 +50,10 @@ def load(args: argparse.Namespace):
     """(model, tokenizer) for the command line's arguments; ChatError on any failure."""
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
-        what = "no config.json in" if model_dir.is_dir() else "no such directory:"
+        if model_dir.is_dir():
+            what = "no config.json in"
+        else:  # a file (a .safetensors or data file given for the directory) exists
+            what = "not a directory:" if model_dir.exists() else "no such directory:"
         raise ChatError(f"cannot load model: {what} {model_dir}{_not_a_model_hint(model_dir)}")
     if not has_tokenizer_files(model_dir):
         # transformers' own error here is several lines whose first ends in "from one of:"

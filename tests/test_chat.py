@@ -434,10 +434,12 @@ def test_ctrl_c_stops_an_answer_then_quits_at_the_prompt(plain_dir, monkeypatch,
 # ---- errors ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "broken"])
+@pytest.mark.parametrize("kind", ["missing", "empty", "broken", "file"])
 def test_bad_model_dir_exits_2_with_one_line(tmp_path, kind, capsys):
     model_dir = tmp_path / "model"
-    if kind != "missing":
+    if kind == "file":  # said "no such directory" of a file that exists
+        model_dir.write_text("{}")
+    elif kind != "missing":
         model_dir.mkdir()
     if kind == "broken":
         (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -446,6 +448,8 @@ def test_bad_model_dir_exits_2_with_one_line(tmp_path, kind, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and str(model_dir) in captured.err
+    reason = {"missing": "no such directory:", "file": "not a directory:"}.get(kind)
+    assert reason is None or f"cannot load model: {reason} {model_dir}" in captured.err
 
 
 @pytest.mark.parametrize(
