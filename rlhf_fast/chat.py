@@ -277,6 +277,23 @@ def _offload_threads(model):
     return intra_op_threads(policy.threads)
 
 
+def _check_one_shot_flags(args: argparse.Namespace) -> None:
+    """Mistakes that used to cost the model's load first, or went unnoticed: an int4 group size
+    the format cannot take (reported as a model that failed to load), an empty --prompt (a
+    script's unset variable: the model answered nothing at length) and a zero-token answer."""
+    from rlhf_fast.quant.weight import INT4_BLOCK
+
+    if args.int4 and (args.group_size <= 0 or args.group_size % INT4_BLOCK):
+        raise ChatError(
+            f"--group-size must be a multiple of {INT4_BLOCK} (32, 64, 128, ...), "
+            f"got {args.group_size}"
+        )
+    if args.prompt is not None and not args.prompt.strip():
+        raise ChatError("--prompt is empty: give the message to answer")
+    if args.max_new_tokens < 1:
+        raise ChatError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = sampling_config(args)  # bad flags fail before the slow load
@@ -287,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, name, None) is not None and not getattr(args, "offload", None):
                 flag = "--" + name.replace("_", "-")
                 raise ChatError(f"{flag} applies to --offload (e.g. --offload auto)")
+        _check_one_shot_flags(args)
         model, tokenizer = load(args)
         system = [{"role": "system", "content": args.system}] if args.system else []
         try:

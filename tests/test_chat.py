@@ -597,6 +597,24 @@ def test_version_flag(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"rlhf-fast {__version__}\n"
 
 
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (  # was 'cannot load model from DIR: ValueError: group_size must be ...', after the load
+            ["--int4", "--group-size", "48"],
+            "--group-size must be a multiple of 32 (32, 64, 128, ...), got 48",
+        ),
+        (["--prompt", "  "], "--prompt is empty: give the message to answer"),  # answered 256
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),  # said nothing
+    ],
+)
+def test_flag_mistakes_fail_before_the_load(tmp_path, flags, error, capsys):
+    missing = tmp_path / "not-loaded"  # the flags are checked first: the directory is never read
+    assert main(["chat", str(missing), "--prompt", "hi", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"rlhf-fast chat: {error}\n"
+
+
 @pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
 def test_seed_out_of_range_exits_2(templated_dir, seed, capsys):
     """torch.Generator.manual_seed raised 'Overflow when unpacking long long' mid-answer."""
