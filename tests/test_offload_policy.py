@@ -396,3 +396,152 @@ def test_calibrate_times_each_thread_count_and_the_cache_keeps_them(tmp_path, mo
     assert json.loads((tmp_path / "calibration.json").read_text())["with_threads"] == [
         asdict(other)
     ]
+
+
+# ------------------------------------------------- mutation-testing additions (hand-computed)
+
+
+def test_binary_units_and_a_tier_without_a_size():
+    assert parse_size("3KiB") == 3 * 1024 and parse_size("1TiB") == 1 << 40
+    assert parse_size("2M") == 2_000_000 and parse_size("1mib") == 1 << 20
+    with pytest.raises(ValueError, match="is not cpu=SIZE"):
+        parse_max_memory("cpu")
+
+
+def test_the_activation_rule_starts_at_exactly_its_threshold():
+    from dataclasses import replace
+
+    from rlhf_fast.offload.policy import head_time
+
+    points = {
+        "int4": [[1.0, 0.010], [8.0, 0.017], [32.0, 0.065], [64.0, 0.097]],
+        "int4-bf16": [[1.0, 0.010], [32.0, 0.030], [64.0, 0.040]],
+    }
+    mixed = Calibration(1e9, {"int4": 1.0}, {"int4": 1.0}, 0.0, 0.0, points, 1)
+    assert layer_time(mixed, 4, 32, bf16_rows=32) == pytest.approx(0.030)
+    assert layer_time(mixed, 4, 31, bf16_rows=32) == pytest.approx(0.017 + 0.048 * 23 / 24)
+    heads = replace(mixed, head_points=[[1.0, 0.002], [128.0, 0.100]],
+                    head_points_bf16=[[32.0, 0.005], [128.0, 0.020]])  # fmt: skip
+    assert head_time(heads, 32, 32) == pytest.approx(0.005)
+    # the head's bf16 copy is charged from a batch of exactly the threshold
+    settings = dict(resident_layers=8, prefetch=1, micro_batch=32, batch=32, context=16)
+    ruled = evaluate(SHAPES[4], heads, compress=4, bf16_rows=32, **settings)
+    fp32 = evaluate(SHAPES[4], heads, compress=4, bf16_rows=None, **settings)
+    assert ruled.memory_bytes - fp32.memory_bytes == 32000 * 1024 * 2
+
+
+def test_interpolation_and_a_short_context_never_predict_a_negative_time():
+    falling = Calibration(1e9, {"none": 1.0}, {"none": 1.0}, 0.0, 0.0,
+                          {"none": [[1.0, 0.010], [8.0, 0.003]]}, 1)  # fmt: skip
+    assert layer_time(falling, None, 64) == pytest.approx(1e-6)
+    # one measured point is no curve: the straight line
+    single = Calibration(1e9, {"none": 0.5}, {"none": 0.25}, 0.0, 0.0, {"none": [[8.0, 9.0]]}, 1)
+    assert layer_time(single, None, 2) == pytest.approx(0.5 + 0.25 * 2)
+    # the attention correction below the timed context may not make a layer cost < 0
+    steep = Calibration(1e9, {"none": 0.001}, {"none": 0.0}, 0.0, 0.0,
+                        attention_per_position=1.0, context=64)  # fmt: skip
+    policy = evaluate(SHAPES[None], steep, compress=None, resident_layers=8, prefetch=0,
+                      micro_batch=1, batch=1, context=16)  # fmt: skip
+    assert 0 < policy.predicted_tokens_per_s < float("inf")
+
+
+def test_evaluate_memory_and_io_bound_by_hand():
+    from rlhf_fast.offload.policy import decode_activations, prefill_activations
+
+    shape = SHAPES[None]
+    policy = evaluate(shape, CALIBRATION, compress=None, resident_layers=3, prefetch=2,
+                      micro_batch=2, batch=4, context=512, prompt=16)  # fmt: skip
+    activations = max(decode_activations(shape, 2, 4), prefill_activations(shape, 2, 4, 16))
+    assert activations < prefill_activations(shape, 2, 4, 512)  # the prompt bound matters
+    expected = 50_000_000 + (3 + 3) * 100_000_000 + 4 * 512 * 1000 + activations
+    assert policy.memory_bytes == expected
+    # 5 streamed layers of 100 MB at 1 GB/s: 0.5 s of reads per step for 4 tokens
+    assert policy.io_bound_tokens_per_s == pytest.approx(4 / 0.5)
+
+
+def test_a_compute_bound_step_on_every_core_pays_the_readers_cpu():
+    from dataclasses import replace
+
+    stall = 0.05 / SHAPES[None].layer_bytes  # 50 ms of the reader's CPU per layer read
+    every = replace(_timed_with(2, 1.0, read_cpu=stall), disk_bandwidth=1e10)  # reads 10 ms
+    kwargs = dict(compress=None, prefetch=1, micro_batch=1, batch=1, context=16)
+    streamed = evaluate(SHAPES[None], every, resident_layers=0, **kwargs)
+    assert 1 / streamed.predicted_tokens_per_s == pytest.approx(
+        8 * (0.011 + 0.05) + 0.0011, rel=1e-3
+    )
+    spare = evaluate(SHAPES[None], replace(every, threads=1), resident_layers=0, **kwargs)
+    assert 1 / spare.predicted_tokens_per_s == pytest.approx(8 * 0.011 + 0.0011, rel=1e-3)
+
+
+def test_search_edges_pinned_micro_batch_no_resident_layer_exact_budget_and_the_error():
+    from rlhf_fast.offload.policy import format_size
+
+    dense = {None: SHAPES[None]}
+    pinned = choose_policy(dense, CALIBRATION, cpu_budget=10**10, batch=8, context=16,
+                           fixed={"micro_batch": 16})  # fmt: skip
+    assert pinned.micro_batch == 8  # never larger than the batch
+    # 50 MB + one 100 MB slot fits 200 MB; a resident layer needs a second 100 MB
+    none = choose_policy(dense, CALIBRATION, cpu_budget=200_000_000, batch=1, context=16)
+    assert none.resident_layers == 0 and none.prefetch == 0
+    fixed = {"compress": None, "resident_layers": 2, "prefetch": 1, "micro_batch": 1}
+    exact = evaluate(SHAPES[None], CALIBRATION, compress=None, resident_layers=2, prefetch=1,
+                     micro_batch=1, batch=1, context=16).memory_bytes  # fmt: skip
+    assert choose_policy(dense, CALIBRATION, cpu_budget=exact, context=16, fixed=fixed)
+    with pytest.raises(ValueError, match="too small"):
+        choose_policy(dense, CALIBRATION, cpu_budget=exact - 1, context=16, fixed=fixed)
+    smallest = min(
+        evaluate(shape, CALIBRATION, compress=bits, resident_layers=0, prefetch=0, micro_batch=1,
+                 batch=1, context=512).memory_bytes
+        for bits, shape in SHAPES.items()
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=f"needs {format_size(smallest)}"):
+        choose_policy(SHAPES, CALIBRATION, cpu_budget=10_000_000, batch=1)
+
+
+def test_model_shapes_never_undercount_the_quantized_layer():
+    import copy
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rlhf_fast.quant import quantize_model
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    shapes = model_shapes(config, torch.float32)
+    assert (shapes[None].hidden, shapes[None].intermediate, shapes[None].vocab) == (256, 512, 1000)
+    assert shapes[None].kv_bytes_per_token == 2 * 2 * 2 * 32 * 4  # head_dim from the config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for bits in (8, 4):
+        layer = quantize_model(copy.deepcopy(model), bits, 32).model.layers[0]
+        actual = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        assert actual <= shapes[bits].layer_bytes <= 1.05 * actual, bits
+
+
+def test_calibration_coefficients_follow_the_timed_points(monkeypatch):
+    from transformers import LlamaConfig
+
+    from rlhf_fast.offload import policy as policy_module
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    # layer at 2 and 8 rows, the head at 2 and 8 rows, the attention at 64 and 64 + 1024
+    times = iter([0.004, 0.010, 0.0003, 0.0009, 0.020, 0.020 + 16 * 1024 * 1e-7])
+    monkeypatch.setattr(policy_module, "_median_seconds", lambda fn, repeats: next(times))
+    fields = policy_module.calibrate_compute(
+        config, torch.float32, compressions=(None,), rows=(2, 8), context=64, threads=1
+    )
+    assert fields["layer_per_row"]["none"] == pytest.approx(0.001)
+    assert fields["layer_fixed"]["none"] == pytest.approx(0.002)
+    assert fields["head_per_row"] == pytest.approx(0.0001)
+    assert fields["head_fixed"] == pytest.approx(0.0001)
+    assert fields["attention_per_position"] == pytest.approx(1e-7)
+    # a thread count given twice is timed once
+    monkeypatch.setattr(policy_module, "calibrate_compute", lambda *a, **k: fields)
+    monkeypatch.setattr(policy_module, "measure_disk_read", lambda *a: (1e9, 0.0))
+    twice = policy_module.calibrate(config, torch.float32, ".", threads=(1, 1))
+    assert [c.threads for c in twice.per_thread_count()] == [1]
