@@ -81,3 +81,65 @@ def test_logits_of_several_rows_are_refused_not_misread():
     with pytest.raises(ValueError, match=r"logits must be \[V\]"):
         apply_repetition_penalty(logits, context, 1.3)
     assert 0 <= sample_next_token(logits[0], context, SamplingConfig(temperature=0)) < 8
+
+
+# ------------------------------------------------- mutation-testing additions (hand-computed)
+
+
+def test_sample_next_token_draws_from_the_tempered_nucleus():
+    """logits [2, 1, 0, -1] at temperature 0.5 are softmax([4, 2, 0, -2]) = [.867, .117, .016,
+    .002]; top_p 0.9 keeps the first two (0.867 < 0.9 <= 0.984): softmax([4, 2]) over them.
+    Each seeded draw equals the draw of the same seed from those probabilities."""
+    from rlhf_fast.models.sampling import sample_from_probs
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    config = SamplingConfig(temperature=0.5, top_p=0.9)
+    expected = torch.zeros(4)
+    expected[:2] = torch.softmax(torch.tensor([4.0, 2.0]), -1)
+    for seed in range(300):
+        got = sample_next_token(logits, torch.tensor([], dtype=torch.long), config,
+                                torch.Generator().manual_seed(seed))  # fmt: skip
+        want = int(sample_from_probs(expected, torch.Generator().manual_seed(seed)))
+        assert got == want, seed
+
+
+def test_top_p_keeps_a_first_token_that_reaches_p_exactly_alone():
+    import math
+
+    from rlhf_fast.models.generate import filter_top_k, filter_top_p
+
+    logits = torch.tensor([0.0, math.log(2), 0.0])  # probabilities [0.25, 0.5, 0.25], exact
+    kept = torch.isfinite(filter_top_p(logits, 0.5))
+    assert kept.tolist() == [False, True, False]
+    assert torch.isfinite(filter_top_p(logits, 0.75)).tolist() == [True, True, False]
+    assert torch.equal(filter_top_k(logits, 3), logits)
+
+
+def test_the_first_new_token_is_penalized_for_the_prompt():
+    model = tiny_model("llama").eval()
+    prompt = sequence(7)
+    with torch.no_grad():
+        raw = model(prompt.reshape(1, -1)).logits[0, -1]
+    # make the prompt hold the unpenalized favourite, so that the penalty must move the choice
+    prompt = torch.cat([prompt, raw.argmax().reshape(1)])
+    with torch.no_grad():
+        raw = model(prompt.reshape(1, -1)).logits[0, -1]
+    penalty = 50.0
+    by_hand = raw.clone()
+    for token in set(prompt.tolist()):
+        value = raw[token]
+        by_hand[token] = value / penalty if value > 0 else value * penalty
+    config = SamplingConfig(temperature=0.0, repetition_penalty=penalty, max_new_tokens=1)
+    for decoder in ("hf", "fast"):
+        got = list(generate_tokens(model, prompt, config, decoder=decoder))
+        assert got == [int(by_hand.argmax())], decoder
+
+
+def test_a_seed_repeats_the_draws_at_a_temperature_below_one():
+    model = tiny_model("llama").eval()
+    config = SamplingConfig(temperature=0.7, max_new_tokens=16)
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # the global generator must not matter
+        runs.append(list(generate_tokens(model, sequence(5), config, seed=11, decoder="hf")))
+    assert runs[0] == runs[1] and len(runs[0]) == 16

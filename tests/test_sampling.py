@@ -128,3 +128,24 @@ def test_zero_rows_give_zero_draws(vocab):
     assert sample_from_probs(torch.rand(0, vocab)).shape == (0,)
     assert sample_from_probs(torch.rand(2, 0, vocab)).shape == (2, 0)
     assert sample_tokens(torch.randn(0, vocab), 1.0, 3, None).shape == (0,)
+
+
+# ------------------------------------------------- mutation-testing additions (hand-computed)
+
+
+def test_top_k_of_one_is_greedy_at_any_temperature():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9, -1.0], [5.0, 4.9, 0.0, 0.0, 0.0]])
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        assert sample_tokens(logits, 5.0, 1, generator).tolist() == [1, 0]
+
+
+def test_search_ties_and_an_overshoot_land_on_a_positive_step():
+    from rlhf_fast.models.sampling import _search
+
+    cdf = torch.tensor([[0.0, 0.5, 1.0, 1.0, 1.0]], dtype=torch.float64)  # weights 0, .5, .5, 0, 0
+    # a target on a running sum belongs to the next entry: the zero-weight first never wins
+    assert _search(cdf, torch.tensor([[0.0]], dtype=torch.float64)).item() == 1
+    assert _search(cdf, torch.tensor([[0.5]], dtype=torch.float64)).item() == 2
+    # a last-ulp overshoot of the total stays on the last positive entry, not a zero tail
+    assert _search(cdf, torch.tensor([[1.0]], dtype=torch.float64)).item() == 2
