@@ -295,3 +295,54 @@ def test_default_run_directories_of_one_second_do_not_collide(tmp_path, monkeypa
     second.mkdir()
     assert run.default_run_dir("sft") not in (first, second)
     assert run.default_run_dir("rm") == run.Path("runs/rm-20260101-000000")
+
+
+def test_a_run_resumes_from_another_directory_and_says_what_it_did(
+    files, tmp_path, monkeypatch, capsys
+):
+    """config.yaml kept paths as typed: a run started with `--model ../base` could not be
+    resumed from another directory. The summary also said "trained 1 steps", and a resume
+    with a lower --max-steps "trained N steps" while it trained none."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(files["model"], tmp_path / "base")
+    shutil.copy(files["sft"], work / "sft.jsonl")
+    monkeypatch.chdir(work)
+    common = ["--device", "cpu", "--max-length", "64", "--save-every", "1"]
+    assert main(["train", "--model", "../base", "--data", "sft.jsonl", "--output", "run",
+                 "--max-steps", "1", *common]) == 0  # fmt: skip
+    assert "trained 1 step in" in capsys.readouterr().out
+    stored = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert stored["model"] == str(tmp_path / "base") and stored["data"] == str(work / "sft.jsonl")
+    assert stored["output"] == str(work / "run")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(work / "run"), "--max-steps", "2"]) == 0
+    assert "trained 2 steps in" in capsys.readouterr().out
+    assert main(["train", "--resume", str(work / "run"), "--max-steps", "1"]) == 0
+    assert "nothing to train: the run is at step 2, past --max-steps 1" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_names_the_directory_to_resume(files, tmp_path, monkeypatch, capsys):
+    from rlhf_fast.train import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train", interrupted)
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "train",
+        "--model",
+        str(files["model"]),
+        "--data",
+        str(files["sft"]),
+        "--max-steps",
+        "1",
+    ]
+    assert main([*args, "--output", "mine"]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted; continue with --resume mine")
+    assert main(args) == 130  # the default run directory, chosen before training
+    err = capsys.readouterr().err.strip()
+    assert err.split("--resume ")[1].startswith("runs/sft-"), err

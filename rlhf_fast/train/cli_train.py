@@ -12,6 +12,7 @@ checkpoint) is one line on stderr and exit code 2, before any training.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -113,10 +114,22 @@ def _no_arguments(args: argparse.Namespace) -> bool:
     return not any(hasattr(args, name) for name in (*FIELDS, "config", "resume", "dry_run"))
 
 
+def _trained(result, kind: str = "") -> str:
+    """'trained 1 step', 'trained 40 PPO steps'; a resumed run already past a lowered
+    --max-steps trains nothing, and says so instead of counting the earlier run's steps."""
+    if result.step > result.total_steps:
+        return (f"nothing to train: the run is at step {result.step}, past --max-steps "
+                f"{result.total_steps}; exported again")  # fmt: skip
+    return f"trained {_steps(result.step, kind)}"
+
+
+def _steps(count: int, kind: str = "") -> str:
+    return f"{count} {kind}step{'' if count == 1 else 's'}"
+
+
 def _summary(outcome) -> list[str]:
     result, exports = outcome.result, outcome.exports
-    lines = [f"trained {result.step} steps in {outcome.seconds:.1f} s; run directory: "
-             f"{outcome.run_dir}"]  # fmt: skip
+    lines = [f"{_trained(result)} in {outcome.seconds:.1f} s; run directory: {outcome.run_dir}"]
     if result.eval_metrics:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.eval_metrics.items())
         lines.append(f"held-out: {shown}")
@@ -145,10 +158,10 @@ def _ppo_summary(outcome) -> list[str]:
         lines.append(f"all stages done in {outcome.seconds:.1f} s; run directory: "
                      f"{outcome.all_dir}")  # fmt: skip
         for name, stage in stages.items():
-            done = "done earlier" if stage is None else f"{stage.result.step} steps"
+            done = "done earlier" if stage is None else _steps(stage.result.step)
             lines.append(f"  {name}: {done} ({outcome.all_dir / name})")
     else:
-        lines.append(f"trained {outcome.result.step} PPO steps in {outcome.seconds:.1f} s; "
+        lines.append(f"{_trained(outcome.result, 'PPO ')} in {outcome.seconds:.1f} s; "
                      f"run directory: {outcome.run_dir}")  # fmt: skip
     metrics = outcome.result.metrics
     if metrics:
@@ -191,11 +204,17 @@ def run(args: argparse.Namespace) -> int:
     from rlhf_fast.train.data import DataError, TemplateError
     from rlhf_fast.train.ppo import RewardError
 
+    run_dir = getattr(args, "resume", None)  # named by the interruption message
     try:
         config = resolve_config(args)
         if getattr(args, "dry_run", False):
             sys.stdout.write(config_module.to_yaml(config))
             return 0
+        if config.output is None:  # chosen now, so that an interruption can name it
+            from rlhf_fast.train.run import default_run_dir
+
+            config = dataclasses.replace(config, output=str(default_run_dir(config.stage)))
+        run_dir = config.output
         _refuse_to_overwrite(config, resuming=hasattr(args, "resume"))
         from rlhf_fast.train.run import run_stage
 
@@ -211,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; continue with --resume", file=sys.stderr)
+        where = f"--resume {run_dir}" if run_dir else "--resume RUN_DIR"
+        print(f"\n{PROG}: interrupted; continue with {where}", file=sys.stderr)
         return 130
     print("\n".join(_summary(outcome)))
     return 0

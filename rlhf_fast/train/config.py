@@ -37,7 +37,7 @@ class TrainConfig:
         "base model directory (HF, safetensors); ppo: the SFT model", default=None
     )
     data: str | None = _help(
-        "training data, JSONL (DESIGN.md formats); ppo, all: prompts", default=None
+        "training data, JSONL (formats: README, Train); ppo, all: prompts", default=None
     )
     reward_model: str | None = _help(
         "ppo: reward-model directory (--stage rm's export)", default=None
@@ -340,8 +340,20 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
+# fields naming files or directories: config.yaml holds them absolute, so that `--resume RUN`
+# run from another directory finds them (as typed, ../base failed there)
+PATH_FIELDS = ("model", "data", "reward_model", "sft_data", "rm_data", "ptx_data", "output",
+               "offload_dir")  # fmt: skip
+
+
 def write(config: TrainConfig, path: str | os.PathLike) -> None:
-    """config.yaml replaced whole (a kill mid-write must not leave a run --resume cannot read)."""
+    """config.yaml replaced whole (a kill mid-write must not leave a run --resume cannot read),
+    its paths absolute (PATH_FIELDS)."""
     from rlhf_fast.train.metrics import rewrite_lines
 
-    rewrite_lines(Path(path), to_yaml(config).splitlines())
+    absolute = {
+        name: str(Path(value).resolve())
+        for name in PATH_FIELDS
+        if (value := getattr(config, name)) and value != "-"  # "-": no file (bench, tests)
+    }
+    rewrite_lines(Path(path), to_yaml(dataclasses.replace(config, **absolute)).splitlines())
