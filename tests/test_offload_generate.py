@@ -273,3 +273,45 @@ def test_direct_reads_equal_buffered_reads_and_catch_truncation(dense, tmp_path)
         handle.truncate(cut.data_offset + cut.data_bytes - 100)
     with pytest.raises(ShardError, match="cut.safetensors: truncated"):
         read_into(cut, aligned_buffer(direct_bytes(cut)), drop_cache=True)
+
+
+# ------------------------------------------------- mutation-testing additions (hand-computed)
+
+
+def test_a_batch_whose_rows_all_ended_stops_at_any_of_several_eos_ids(dense):
+    ids, mask = dense["prompts"]
+    expected = dense["expected"]
+    eos = int(expected[0, ids.shape[1] + 1])  # row 0's second new token
+    with load_offloaded(dense["from_model"]) as lm:
+        # -1 is never drawn: the second id of the list must end the row
+        out = generate_batch(
+            lm, ids[:1], mask[:1], max_new_tokens=NEW_TOKENS, eos_token_id=[-1, eos]
+        )
+        assert torch.equal(out, expected[:1, : ids.shape[1] + 2])  # no pad column after the end
+        none = generate_batch(lm, ids, mask, max_new_tokens=0)
+    assert torch.equal(none, ids) and none.data_ptr() != ids.data_ptr()  # a copy
+
+
+def test_the_schedule_runs_a_sliding_window_model_up_to_exactly_its_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from rlhf_fast.offload.generate import _scheduled
+
+    config = MistralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+    )  # fmt: skip
+    model = MistralForCausalLM(config)
+    # a query attends to the last 16 positions, itself included: at length 16 that is all
+    assert _scheduled(model, 16) and not _scheduled(model, 17)
+
+
+def test_a_zero_thread_count_in_the_environment_is_refused(monkeypatch):
+    from rlhf_fast.offload.generate import THREADS_ENV, streaming_threads
+
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert streaming_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=THREADS_ENV):
+            streaming_threads()
