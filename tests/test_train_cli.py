@@ -346,3 +346,24 @@ def test_an_interrupted_run_names_the_directory_to_resume(files, tmp_path, monke
     assert main(args) == 130  # the default run directory, chosen before training
     err = capsys.readouterr().err.strip()
     assert err.split("--resume ")[1].startswith("runs/sft-"), err
+
+
+def test_a_run_directory_given_for_a_model_names_the_model_inside(files, tmp_path, capsys):
+    """--model runs/sft and --reward-model runs/rm said only "no config.json" and
+    "reward_config.json: missing", not where the model they hold is."""
+    import shutil
+
+    run = tmp_path / "sft-run"
+    shutil.copytree(files["model"], run / "merged")
+    args = ["train", "--stage", "sft", "--data", str(files["sft"]), "--output", str(tmp_path / "o")]
+    assert main([*args, "--model", str(run)]) == 2
+    expected = f"{run}: a run directory, not a model; its model is {run / 'merged'}"
+    assert _error(capsys) == f"rlhf-fast train: error: {expected}"
+    rm_run = tmp_path / "rm-run"
+    (rm_run / "reward_model").mkdir(parents=True)
+    (rm_run / "reward_model" / "reward_config.json").write_text("{}")
+    from rlhf_fast.models.load import ModelLoadError
+    from rlhf_fast.models.reward import read_reward_config
+
+    with pytest.raises(ModelLoadError, match="its reward model is .*rm-run/reward_model$"):
+        read_reward_config(rm_run)

@@ -81,6 +81,13 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a directory (expected a model directory)")
     if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+        for inside in ("merged", "adapter"):  # a --stage sft/rm/ppo run directory
+            if (path / inside / "config.json").is_file() or (
+                path / inside / ADAPTER_CONFIG
+            ).is_file():
+                raise ModelLoadError(
+                    f"{path}: a run directory, not a model; its model is {path / inside}"
+                )
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)")
     return path.resolve()
 

@@ -142,6 +142,12 @@ def read_reward_config(directory: str | os.PathLike) -> dict:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
+        for inside in ("reward_model", "rm/reward_model"):  # a --stage rm (or all) run directory
+            if (Path(directory) / inside / CONFIG_FILE).is_file():
+                found = Path(directory) / inside
+                raise ModelLoadError(
+                    f"{directory}: a run directory, not a reward model; its reward model is {found}"
+                ) from None
         raise ModelLoadError(f"{path}: missing (not a reward-model directory)") from None
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{path}: not valid JSON ({error})".splitlines()[0]) from None
