@@ -237,3 +237,21 @@ def test_offloaded_ppo_rollouts_score_like_the_training_forward(setup, products)
         torch.testing.assert_close(out.logprobs, trained, atol=1e-4, rtol=0)
         # the check can fail: log-probs under the rule are off by far more
         assert (ruled - trained).abs().max() > 1e-2
+
+
+def test_a_head_with_a_bias_keeps_it_under_the_rule():
+    """Mutation-testing addition: the bf16 path of a dense head dropped its bias unnoticed."""
+    from rlhf_fast.quant.activations import set_head_rule
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 24)
+    with torch.no_grad():
+        head.bias.normal_(0, 5.0)
+    set_head_rule(head, BF16_ROWS)
+    x = torch.randn(BF16_ROWS, 16)
+    expected = torch.nn.functional.linear(
+        x.bfloat16(), head.weight.bfloat16(), head.bias.bfloat16()
+    ).float()
+    with torch.no_grad():
+        assert torch.equal(head(x), expected)
+        assert torch.equal(head(x[:-1]), torch.nn.functional.linear(x[:-1], head.weight, head.bias))
