@@ -315,3 +315,15 @@ def test_a_zero_thread_count_in_the_environment_is_refused(monkeypatch):
         monkeypatch.setenv(THREADS_ENV, bad)
         with pytest.raises(ValueError, match=THREADS_ENV):
             streaming_threads()
+
+
+def test_more_resident_layers_than_the_model_has_is_an_error(dense):
+    """load_offloaded(resident_layers=N) beyond the model's depth was clamped silently."""
+    from rlhf_fast.offload.shards import read_manifest
+
+    layers = read_manifest(dense["from_model"])["num_layers"]
+    with load_offloaded(dense["from_model"], resident_layers=layers) as lm:  # all: fine
+        assert len(lm.streamer.resident) == layers
+    for bad in (layers + 1, -1):
+        with pytest.raises(ValueError, match=rf"resident_layers must be in \[0, {layers}\]"):
+            load_offloaded(dense["from_model"], resident_layers=bad)

@@ -545,3 +545,14 @@ def test_calibration_coefficients_follow_the_timed_points(monkeypatch):
     monkeypatch.setattr(policy_module, "measure_disk_read", lambda *a: (1e9, 0.0))
     twice = policy_module.calibrate(config, torch.float32, ".", threads=(1, 1))
     assert [c.threads for c in twice.per_thread_count()] == [1]
+
+
+def test_a_policy_with_every_layer_resident_says_it_reads_nothing():
+    resident = evaluate(SHAPES[4], CALIBRATION, compress=4, resident_layers=8, prefetch=0,
+                        micro_batch=1, batch=1, context=16)  # fmt: skip
+    assert (
+        "(no I/O: every layer resident)" in resident.describe() and "inf" not in resident.describe()
+    )
+    streamed = evaluate(SHAPES[4], CALIBRATION, compress=4, resident_layers=7, prefetch=1,
+                        micro_batch=1, batch=1, context=16)  # fmt: skip
+    assert f"(I/O bound {streamed.io_bound_tokens_per_s:.2f})" in streamed.describe()

@@ -228,6 +228,11 @@ def load_offloaded(
         raise ValueError(f"bf16_rows must be None or an int >= 1, got {bf16_rows!r}")
     path = Path(offload_dir)
     manifest = read_manifest(path)
+    if not 0 <= resident_layers <= manifest["num_layers"]:  # spread() would clamp it silently
+        raise ValueError(
+            f"resident_layers must be in [0, {manifest['num_layers']}] (the model's layers), "
+            f"got {resident_layers}"
+        )
     layouts = [read_layout(path / layer_file(i)) for i in range(manifest["num_layers"])]
     dtype = getattr(torch, manifest["dtype"])
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)

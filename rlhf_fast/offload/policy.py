@@ -29,6 +29,7 @@ threshold (activations.same_side), so that the streamed outputs equal the reside
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import statistics
@@ -170,8 +171,12 @@ class Policy:
             f"(batch {self.batch})"
             + (f" threads={self.threads}" if self.threads else "")
             + f"; memory {format_size(self.memory_bytes)}; predicted "
-            f"{self.predicted_tokens_per_s:.2f} tokens/s (I/O bound "
-            f"{self.io_bound_tokens_per_s:.2f})"
+            f"{self.predicted_tokens_per_s:.2f} tokens/s "
+            + (
+                f"(I/O bound {self.io_bound_tokens_per_s:.2f})"
+                if math.isfinite(self.io_bound_tokens_per_s)
+                else "(no I/O: every layer resident)"
+            )
             + (" kv=int4" if self.kv_bits == 4 else "")
             + (f" act=bf16 (int4 products of >= {self.bf16_rows} rows)" if self.bf16_rows else "")
         )
