@@ -130,6 +130,11 @@ def _run(args: argparse.Namespace) -> int:
         from rlhf_fast import doctor
 
         return doctor.run()
+    # transformers' own progress bars (loading, "Writing model shards") and info logs would
+    # break up ours (the demo builds and saves a model, quantize loads one)
+    from rlhf_fast.models.load import quiet_transformers
+
+    quiet_transformers()
     if args.command == "train":
         return cli_train.run(args)
     if args.command == "quantize":

@@ -494,8 +494,11 @@ def test_quantize_cli_end_to_end(tmp_path, capsys):
     dense.save_pretrained(tmp_path / "dense")
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
     argv = ["quantize", str(tmp_path / "dense"), "--bits", "4", "--group-size", "32"]
+    transformers.utils.logging.enable_progress_bar()  # as in a fresh process
+    capsys.readouterr()
     assert main([*argv, "--clip-search", "--output", str(tmp_path / "q")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "Loading weights" not in err and "it/s" not in err  # transformers' bars, not ours
     assert "MB ->" in out and out.count("relative error") == 3
     assert "model.layers.0.self_attn.q_proj" in out and "model.layers.1.mlp.down_proj" in out
     assert "tokenizer.json" in os.listdir(tmp_path / "q")

@@ -139,7 +139,7 @@ def adapter_base(adapter_dir: Path) -> Path:
     return check_model_dir(base)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -211,7 +211,7 @@ def _refuse_quantized_dir(path: Path) -> None:
 def from_pretrained_checked(auto_class, path: Path, dtype: torch.dtype) -> nn.Module:
     """auto_class.from_pretrained(path) from safetensors only, without remote code; a tensor the
     model needs that the checkpoint lacks is an error. transformers would initialize it at
-    random and only log it (and _quiet_transformers hides that log): a truncated or mismatched
+    random and only log it (and quiet_transformers hides that log): a truncated or mismatched
     export would train or chat with random layers. A tensor whose shape the config does not
     give is an error naming it (transformers' own points at the hidden log)."""
     _refuse_quantized_dir(path)
@@ -258,7 +258,7 @@ def load_causal_lm(
     if not (path / "config.json").is_file():
         merged = _load_adapter_merged(path, torch_dtype, device)
         return _ready(merged, quant)
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoModelForCausalLM
 
     model = from_pretrained_checked(AutoModelForCausalLM, path, torch_dtype)
@@ -277,7 +277,7 @@ def load_backbone(
         return load_causal_lm(path, dtype=dtype, device=device, quant=quant).base_model
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoModel
 
     model = from_pretrained_checked(AutoModel, path, torch_dtype)
@@ -314,7 +314,7 @@ def load_tokenizer(model_dir: str | os.PathLike):
     """The directory's tokenizer (an adapter dir without one: its base's), with a pad token:
     the EOS token when it has none (the collators never treat a trained EOS as padding)."""
     path = check_model_dir(model_dir)
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer
 
     has_own = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
