@@ -264,7 +264,22 @@ BAD_LINES = [
         {"prompt": "p", "responses": ["a", "b", "c", "b"]},
         '"responses"[1] and [3] are the same text; a ranking needs distinct answers',
     ),
-    ("rm", {"prompt": "p", "response": "a"}, 'missing key "score"'),
+    (  # an SFT file given to --stage rm
+        "rm",
+        {"prompt": "p", "response": "a"},
+        'missing key "score" (a "prompt"/"response" line without one is SFT data: --stage sft; '
+        '--stage rm reads "chosen"/"rejected", "responses" or a "score")',
+    ),
+    (  # a rankings file given to --stage sft
+        "sft",
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        'missing key "response" (this line is reward-model data: --stage rm)',
+    ),
+    (
+        "sft",
+        {"prompt": "p", "responses": ["a", "b"]},
+        'missing key "response" (this line is reward-model data: --stage rm)',
+    ),
     ("rm", '{"prompt": "p", "response": "a", "score": NaN}', '"score" must be finite, got nan'),
     (
         "rm",

@@ -180,6 +180,8 @@ def _parse_sft(record: dict, source: str) -> SFTExample:
         return SFTExample(messages[:-1], messages[-1]["content"], source=source)
     if "prompt" not in record:
         raise LineError('expected "prompt" and "response", or "messages"')
+    if "response" not in record and any(k in record for k in ("chosen", "rejected", "responses")):
+        raise LineError('missing key "response" (this line is reward-model data: --stage rm)')
     return SFTExample(_prompt(record), _string(record, "response"), source=source)
 
 
@@ -198,6 +200,11 @@ def _parse_rm(record: dict, source: str) -> RankExample | ScoreExample:
     messages = _prompt(record)
     if present[0] == "score":
         response = _string(record, "response")
+        if "score" not in record:  # a prompt and an answer alone: an SFT line
+            raise LineError(
+                'missing key "score" (a "prompt"/"response" line without one is SFT data: '
+                '--stage sft; --stage rm reads "chosen"/"rejected", "responses" or a "score")'
+            )
         return ScoreExample(messages, response, _score(record), source=source)
     if present[0] == "pairwise":
         responses = [_string(record, "chosen"), _string(record, "rejected")]
