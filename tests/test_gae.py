@@ -149,6 +149,7 @@ BAD_INPUTS = [
     (lambda r, v, m: ops.gae(r, v.to("meta")), ValueError, "values is on meta"),
     (lambda r, v, m: ops.gae(r, v, gamma=float("nan")), ValueError, "gamma must be finite"),
     (lambda r, v, m: ops.gae(r, v, lam="0.9"), TypeError, "lam must be a float"),
+    (lambda r, v, m: ops.gae(r, v, gamma=True), TypeError, "gamma must be a float"),
     (lambda r, v, m: ops.gae(r, v, backend="fortran"), ValueError, "backend must be one of"),
     (lambda r, v, m: ops.gae(r, v, backend="cuda"), ops.BackendUnavailableError, "cuda"),
 ]

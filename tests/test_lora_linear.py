@@ -262,6 +262,7 @@ def _call(**changes):
         ({"weight": torch.zeros(12, 16, dtype=torch.bfloat16)}, TypeError, "weight"),
         ({"weight": torch.zeros(12)}, ValueError, "weight"),
         ({"bias": torch.zeros(11)}, ValueError, "bias"),
+        ({"bias": torch.zeros(12, dtype=torch.bfloat16)}, TypeError, "bias"),
         ({"lora_A": torch.zeros(2, 15)}, ValueError, "lora_A"),
         ({"lora_A": torch.zeros(0, 16)}, ValueError, "lora_A"),
         ({"lora_B": torch.zeros(12, 3)}, ValueError, "lora_B"),
