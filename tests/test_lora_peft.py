@@ -293,3 +293,65 @@ def test_qlora_all_linear_leaves_a_quantized_output_layer_alone():
     assert isinstance(model.get_base_model().lm_head, QuantLinear)  # quantized, not wrapped
     targets = model.peft_config["default"].target_modules
     assert "lm_head" not in targets and {"q_proj", "down_proj"} <= set(targets)
+
+
+# ------------------------------------------------- mutation-testing additions (peft as oracle)
+
+
+def _one_layer(**config):
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(16, 12))
+    lora_config = LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, **config)
+    plain = get_peft_model(layer, lora_config)
+    fused = copy.deepcopy(plain)
+    lora.fuse(fused)
+    return plain, fused
+
+
+def test_eval_mode_passes_no_dropout_to_the_fused_op(counted_calls):
+    plain, fused = _one_layer(lora_dropout=0.5)
+    plain.eval(), fused.eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=0)
+    assert counted_calls == [0.0]
+
+
+def _grads(model, x):
+    model.zero_grad()
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("case", ["merged", "two adapters", "lora_bias", "trainable base"])
+def test_uncovered_calls_give_pefts_outputs_and_gradients(case, counted_calls, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("rlhf_fast.lora.fuse"), "_warned", set())
+    plain, fused = _one_layer(lora_bias=case == "lora_bias")
+    for model in (plain, fused):
+        torch.manual_seed(1)
+        if case == "merged":
+            model.merge_adapter()
+        elif case == "two adapters":
+            model.add_adapter("other", LoraConfig(r=2, target_modules=["0"],
+                                                  init_lora_weights=False))  # fmt: skip
+            model.base_model.set_adapter(["default", "other"])
+        elif case == "lora_bias":
+            with torch.no_grad():
+                model.base_model.model[0].lora_B["default"].bias.normal_(0, 1.0)
+        else:
+            model.base_model.model[0].base_layer.weight.requires_grad_(True)
+    x = torch.randn(5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if case == "merged":  # the frozen base alone: nothing to differentiate
+            with torch.no_grad():
+                torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=0)
+            assert counted_calls == []
+            return
+        (y_plain, g_plain), (y_fused, g_fused) = _grads(plain, x), _grads(fused, x)
+    torch.testing.assert_close(y_fused, y_plain, atol=1e-5, rtol=0)
+    assert len(g_fused) == len(g_plain) and all(g is not None for g in g_fused)
+    for got, want in zip(g_fused, g_plain, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert counted_calls == []
