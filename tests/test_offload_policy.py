@@ -556,3 +556,32 @@ def test_a_policy_with_every_layer_resident_says_it_reads_nothing():
     streamed = evaluate(SHAPES[4], CALIBRATION, compress=4, resident_layers=7, prefetch=1,
                         micro_batch=1, batch=1, context=16)  # fmt: skip
     assert f"(I/O bound {streamed.io_bound_tokens_per_s:.2f})" in streamed.describe()
+
+
+def test_offload_spec_edges_all_resident_rounded_shares_and_compress_auto():
+    assert parse_offload("resident=32", 32) == {"resident_layers": 32}
+    assert parse_offload("resident=100%", 32) == {"resident_layers": 32}
+    assert parse_offload("resident=66%", 3) == {"resident_layers": 2}  # 1.98: the nearest
+    assert parse_offload("compress=auto,prefetch=1", 8) == {"prefetch": 1}
+
+
+def test_the_calibration_cache_key_and_a_corrupt_cache(tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    from rlhf_fast.offload import session
+
+    def config(**changes):
+        fields = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        return LlamaConfig(**{**fields, **changes})
+
+    key = session._measured_for(config(), torch.float32, (None,))
+    # one layer is timed: the depth does not matter, the width does
+    assert session._measured_for(config(num_hidden_layers=7), torch.float32, (None,)) == key
+    assert session._measured_for(config(hidden_size=128), torch.float32, (None,)) != key
+    monkeypatch.setattr(session, "candidate_threads", lambda: (1, 2, 3))
+    assert session._measured_for(config(), torch.float32, (None,)) != key  # other thread counts
+    # a cache that is not JSON is measured again, not an error
+    (tmp_path / "calibration.json").write_text("{not json")
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: CALIBRATION)
+    assert session._calibration(tmp_path, config(), torch.float32, (None,)) == CALIBRATION
