@@ -438,6 +438,7 @@ def test_inconsistent_tensors_are_named(tmp_path, change, message):
         ({"group_size": 48}, "group_size"),
         ({"group_size": True}, "group_size"),
         ({"bits": 8, "group_size": -1}, "says int8 but"),  # the file holds int4: was loaded
+        ({"bits": 8, "group_size": 32}, "group_size must be -1 for int8"),
     ],
 )
 def test_bad_quantization_entry_is_a_one_line_error_naming_the_config(tmp_path, entry, message):
