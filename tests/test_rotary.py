@@ -148,3 +148,19 @@ def test_empty_inputs_forward_and_backward(op_backend):
     x = torch.randn(1, 0, 3, 4, requires_grad=True)
     ops.rotary_embedding(x, cos, sin, backend=op_backend).sum().backward()
     assert x.grad.shape == (1, 0, 3, 4)
+
+
+@pytest.mark.parametrize("op_backend", BACKENDS, indirect=True)
+def test_a_non_contiguous_output_gradient_and_tables_of_two_shapes(op_backend):
+    """Mutation-testing additions: backward on a gradient whose last stride is not 1 (a
+    transposed view), against float64; cos and sin of different (each valid) shapes refused."""
+    generator = torch.Generator().manual_seed(9)
+    cos, sin = tables(2, 3, 8, torch.float32, generator)
+    x = torch.randn(2, 3, 4, 8, generator=generator, requires_grad=True)
+    grad = torch.randn(2, 3, 8, 4, generator=generator).transpose(2, 3)  # stride(-1) == 4
+    ops.rotary_embedding(x, cos, sin).backward(grad)
+    x64, y64 = oracle(x, cos, sin)
+    y64.backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="sin must have the shape of cos"):
+        ops.rotary_embedding(x.detach(), cos, sin[:1])
