@@ -323,7 +323,9 @@ def test_a_kill_while_writing_config_yaml_keeps_the_run_resumable(tmp_path, monk
     from rlhf_fast.train import config as config_module
 
     path = tmp_path / "config.yaml"
-    original = config_module.TrainConfig(model="m", data="d", lr=0.5)
+    original = config_module.TrainConfig(
+        model=str(tmp_path / "m"), data=str(tmp_path / "d"), lr=0.5
+    )
     config_module.write(original, path)
     text = path.read_text()
 
