@@ -156,6 +156,17 @@ def test_generation_stops_at_eos_and_fills_stats(tiny_model):
         b.numel() * b.element_size() for b in tiny_model.buffers()
     )
     assert "tok/s" in stats.summary() and "GB/s" in stats.summary()
+    # the first token comes from the prefill, each decode step draws the next (the last one
+    # the EOS): the rate is the steps' (new_tokens over the decode time would miscount it)
+    assert stats.decode_steps == len(stopped) and stats.decode_seconds > 0
+    capped = GenerationStats()
+    assert len(list(generate_tokens(tiny_model, [3, 4], config, stats=capped))) == 10
+    assert capped.new_tokens == 10 and capped.decode_steps == 9  # no step after the 10th
+    assert capped.tokens_per_second == pytest.approx(9 / capped.decode_seconds)
+    assert stats.tokens_per_second == pytest.approx(stats.decode_steps / stats.decode_seconds)
+    assert stats.gigabytes_per_second == pytest.approx(
+        stats.model_bytes * stats.decode_steps / stats.decode_seconds / 1e9
+    )
 
 
 def test_stream_decoder_never_splits_characters():
