@@ -571,3 +571,24 @@ def test_load_model_refuses_a_checkpoint_missing_a_tensor(tmp_path, family):
         with pytest.raises(ValueError, match="lacks") as error:
             load_model(tmp_path / "dense", quantize=quantize)
         assert dropped in str(error.value) and "\n" not in str(error.value)
+
+
+def test_tensors_sharing_memory_are_saved_as_copies(tmp_path):
+    """safetensors refuses two names over the same memory (a tie the model does not declare):
+    the later one is saved as a copy; views at other offsets of one storage save as they are."""
+    from safetensors.torch import load_file, save_file
+
+    from rlhf_fast.quant.io import _tensors_to_save
+
+    module = nn.Module()
+    module.first = nn.Linear(4, 3)
+    module.second = nn.Linear(4, 3)
+    module.second.weight = module.first.weight  # the same tensor under two names
+    base = torch.randn(8, 4)
+    module.low, module.high = nn.Parameter(base[:4]), nn.Parameter(base[4:])
+    tensors = _tensors_to_save(module)
+    assert tensors["second.weight"].data_ptr() != tensors["first.weight"].data_ptr()
+    save_file(tensors, tmp_path / "w.safetensors")  # raised "share memory" without the copy
+    back = load_file(tmp_path / "w.safetensors")
+    assert torch.equal(back["second.weight"], module.first.weight.detach())
+    assert torch.equal(back["high"], base[4:]) and torch.equal(back["low"], base[:4])
