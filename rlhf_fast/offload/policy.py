@@ -9,6 +9,9 @@ The cost model of one decode step (one new token for each of B sequences):
     (timed at the same row counts; for int4 models under the rule, whose dense head follows
     it too, timed that way from the threshold up);
   * I/O: each streamed layer is read once per step (the block schedule), bytes / disk bandwidth;
+  * threads: the compute is timed at one fewer intra-op thread than torch has (the reader keeps
+    a core) and at all of them, where each streamed layer's compute is also charged the CPU
+    time the reader spends on its read (Calibration.with_threads; the search tries both);
   * overlap: an event simulation of the streamer (one reader thread; a read starts once a slot
     is free and the compute is within `prefetch` streamed layers of it; a layer's compute
     waits for its read), run for a few steps; the last step's duration is the prediction.
@@ -397,7 +400,7 @@ def choose_policy(
             counts = ", ".join(str(c.threads) for c in calibration.per_thread_count())
             raise ValueError(f"--offload threads={fixed['threads']}: calibrated for {counts}")
     best, smallest = None, None
-    for (compress, shape), calibration in itertools.product(shapes.items(), timed):
+    for (compress, shape), timing in itertools.product(shapes.items(), timed):
         if "compress" in fixed and fixed["compress"] != compress:
             continue
         bf16_rows = fixed.get("bf16_rows", BF16_ROWS) if compress == 4 else None
@@ -415,7 +418,7 @@ def choose_policy(
                 )
                 for resident in counts:
                     policy = evaluate(
-                        shape, calibration, compress=compress, resident_layers=resident,
+                        shape, timing, compress=compress, resident_layers=resident,
                         prefetch=prefetch, micro_batch=micro_batch, batch=batch, context=context,
                         kv_bits=fixed.get("kv_bits"), bf16_rows=bf16_rows, prompt=prompt,
                     )  # fmt: skip
