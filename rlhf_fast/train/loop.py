@@ -26,7 +26,7 @@ from torch import nn
 
 from rlhf_fast.train import checkpoint as ckpt
 from rlhf_fast.train.config import TrainConfig
-from rlhf_fast.train.metrics import MetricsLog, Progress, is_main_process
+from rlhf_fast.train.metrics import MetricsLog, Progress, is_main_process, weighted_mean
 
 LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -159,14 +159,7 @@ def _mean_metrics(parts: list[dict[str, float]], weights: list[float]) -> dict[s
     merged: dict[str, float] = {}
     for key in {k for part in parts for k in part}:
         pairs = [(p[key], w) for p, w in zip(parts, weights, strict=True) if key in p]
-        if key == "tokens":
-            merged[key] = sum(value for value, _ in pairs)
-            continue
-        total = sum(weight for _, weight in pairs)
-        if total > 0:
-            merged[key] = sum(value * weight for value, weight in pairs) / total
-        else:
-            merged[key] = sum(value for value, _ in pairs) / len(pairs)
+        merged[key] = sum(value for value, _ in pairs) if key == "tokens" else weighted_mean(pairs)
     return merged
 
 

@@ -42,6 +42,15 @@ def rewrite_lines(path: Path, lines: list[str]) -> None:
         raise
 
 
+def weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    """The mean of (value, weight) pairs as a gradient weights its micro-batches (by tokens,
+    pairs or rows); a plain mean when every weight is 0."""
+    total = sum(weight for _, weight in pairs)
+    if total > 0:
+        return sum(value * weight for value, weight in pairs) / total
+    return sum(value for value, _ in pairs) / len(pairs)
+
+
 def _json_value(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf: keep them readable

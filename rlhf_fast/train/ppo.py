@@ -46,7 +46,13 @@ from rlhf_fast.train import config as config_module
 from rlhf_fast.train.config import ConfigError, TrainConfig
 from rlhf_fast.train.data import DataError, SFTCollator, encode_sft, read_prompts, read_sft
 from rlhf_fast.train.loop import EpochSampler, TrainResult, lr_factor
-from rlhf_fast.train.metrics import MetricsLog, Progress, is_main_process, rewrite_lines
+from rlhf_fast.train.metrics import (
+    MetricsLog,
+    Progress,
+    is_main_process,
+    rewrite_lines,
+    weighted_mean,
+)
 from rlhf_fast.train.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -520,15 +526,13 @@ def _merged_stats(parts: list[tuple[dict, int, int]]) -> dict:
     """The step's stats from its micro-batches' (stats, answer tokens, rows): token means as
     the losses are (each micro-batch weighted by its answer tokens; ptx_loss, a mean over its
     own rows, by rows), and "train_tokens" summed."""
-    merged = {}
-    for key in parts[0][0]:
-        if key == "tokens":
-            continue
-        weights = [rows if key == "ptx_loss" else tokens for _, tokens, rows in parts]
-        total = sum(weights)
-        if total == 0:  # no answer token anywhere: a plain mean
-            weights, total = [1] * len(parts), len(parts)
-        merged[key] = sum(s[key] * w for (s, _, _), w in zip(parts, weights, strict=True)) / total
+    merged = {
+        key: weighted_mean(
+            [(s[key], rows if key == "ptx_loss" else tokens) for s, tokens, rows in parts]
+        )
+        for key in parts[0][0]
+        if key != "tokens"
+    }
     merged["train_tokens"] = sum(stats["tokens"] for stats, _, _ in parts)
     return merged
 

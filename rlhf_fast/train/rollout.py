@@ -10,9 +10,9 @@ top-k, which only restricts what may be drawn; trl and OpenRLHF do the same), so
 KL and ratios that PPO later computes compare like with like. The policy's come from the
 sampling logits themselves in fp32 (no second forward), and from one full forward where
 sampling rounds otherwise (16-bit or quantized weights: sampling_logprobs_exact); the
-reference's from one full forward of the
-policy with its LoRA adapters disabled (peft's `disable_adapter()`): one base model serves
-both roles, and the reference is exactly the model the adapters were added to.
+reference's from one full forward of the policy with its LoRA adapters disabled (peft's
+`disable_adapter()`): one base model serves both roles, and the reference is exactly the model
+the adapters were added to.
 
 The response mask is true on every sampled token up to and including the first EOS; tokens
 after it are `pad_token_id` and masked out. `ended` is false for rows that never emitted EOS.
