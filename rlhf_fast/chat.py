@@ -35,7 +35,7 @@ from rlhf_fast.models.generate import (
     generate_tokens,
     model_bytes,
 )
-from rlhf_fast.models.load import has_tokenizer_files
+from rlhf_fast.models.load import has_tokenizer_files, run_outputs
 from rlhf_fast.models.load import learned_positions as _positions_of_config
 from rlhf_fast.models.prompt_format import TemplateError, prompt_token_ids
 
@@ -103,18 +103,18 @@ def load(args: argparse.Namespace):
 
 def _not_a_model_hint(directory: Path) -> str:
     """Where the model is when `directory` is one of the trainer's other outputs."""
-    for merged in (directory / "merged", directory / "ppo" / "merged"):  # a run (--stage all)
-        if (merged / "config.json").is_file():
-            return f" (its chat-ready model is {merged})"
+    outputs = run_outputs(directory)  # a trainer's run directory
+    if "merged" in outputs:
+        return f" (its chat-ready model is {outputs['merged']})"
     if (directory / "adapter_config.json").is_file():
         return " (it holds a peft adapter: chat with a merged model, which --merge writes)"
     if (directory / "reward_config.json").is_file():
         return " (it holds a reward model, not a model to chat with)"
-    for adapter in (directory / "adapter", directory / "ppo" / "adapter"):  # a run without --merge
-        if (adapter / "adapter_config.json").is_file():
-            return f" (its model is the peft adapter {adapter}: --merge writes a chat-ready one)"
-    if (directory / "reward_model" / "reward_config.json").is_file():  # a --stage rm run
-        return f" (it holds a reward model, {directory / 'reward_model'}, not a model to chat with)"
+    if "adapter" in outputs:  # a run without --merge
+        adapter = outputs["adapter"]
+        return f" (its model is the peft adapter {adapter}: --merge writes a chat-ready one)"
+    if "reward_model" in outputs:  # a --stage rm run
+        return f" (it holds a reward model, {outputs['reward_model']}, not a model to chat with)"
     return ""
 
 

@@ -73,6 +73,27 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# what `rlhf-fast train` exports into a run directory: (kind, the file that marks it, where:
+# the stage's own directory first, then the stage of a --stage all run that holds it)
+_RUN_OUTPUTS = (
+    ("merged", "config.json", ("merged", "ppo/merged")),
+    ("adapter", ADAPTER_CONFIG, ("adapter", "ppo/adapter")),
+    ("reward_model", "reward_config.json", ("reward_model", "rm/reward_model")),
+)
+
+
+def run_outputs(directory: str | os.PathLike) -> dict[str, Path]:
+    """The models a trainer's run directory holds, by kind ("merged", "adapter",
+    "reward_model"): for messages that point a user who gave the run directory to the model."""
+    directory, found = Path(directory), {}
+    for kind, marker, places in _RUN_OUTPUTS:
+        for place in places:
+            if (directory / place / marker).is_file():
+                found[kind] = directory / place
+                break
+    return found
+
+
 def check_model_dir(model_dir: str | os.PathLike) -> Path:
     """The directory as an absolute Path, or ModelLoadError saying what is missing."""
     path = Path(model_dir).expanduser()
@@ -81,13 +102,10 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a directory (expected a model directory)")
     if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
-        for inside in ("merged", "adapter"):  # a --stage sft/rm/ppo run directory
-            if (path / inside / "config.json").is_file() or (
-                path / inside / ADAPTER_CONFIG
-            ).is_file():
-                raise ModelLoadError(
-                    f"{path}: a run directory, not a model; its model is {path / inside}"
-                )
+        outputs = run_outputs(path)  # a trainer's run directory
+        inside = outputs.get("merged") or outputs.get("adapter")
+        if inside is not None:
+            raise ModelLoadError(f"{path}: a run directory, not a model; its model is {inside}")
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)")
     return path.resolve()
 

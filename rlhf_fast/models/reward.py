@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhf_fast.models.load import ModelLoadError, check_model_dir, load_backbone
+from rlhf_fast.models.load import ModelLoadError, check_model_dir, load_backbone, run_outputs
 
 FORMAT = "rlhf_fast.reward_model"
 CONFIG_FILE = "reward_config.json"
@@ -142,12 +142,11 @@ def read_reward_config(directory: str | os.PathLike) -> dict:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        for inside in ("reward_model", "rm/reward_model"):  # a --stage rm (or all) run directory
-            if (Path(directory) / inside / CONFIG_FILE).is_file():
-                found = Path(directory) / inside
-                raise ModelLoadError(
-                    f"{directory}: a run directory, not a reward model; its reward model is {found}"
-                ) from None
+        found = run_outputs(directory).get("reward_model")  # a --stage rm (or all) run dir
+        if found is not None:
+            raise ModelLoadError(
+                f"{directory}: a run directory, not a reward model; its reward model is {found}"
+            ) from None
         raise ModelLoadError(f"{path}: missing (not a reward-model directory)") from None
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{path}: not valid JSON ({error})".splitlines()[0]) from None
