@@ -540,3 +540,42 @@ def test_separate_reward_model_reads_what_it_was_trained_on(stages, tmp_path):
     torch.testing.assert_close(scores[0], rm(expected, torch.ones_like(expected))[0], atol=1e-5,
                                rtol=1e-5)  # fmt: skip
     assert torch.isfinite(scores).all()
+
+
+def test_policy_and_critic_in_one_stacked_pass_equal_two_passes(stages):
+    models = build(stages)
+    _perturb(models, POLICY)
+    _perturb(models, CRITIC)
+    assert models.stacks_roles()
+    ids, mask = _batch(models.tokenizer, ["Hello there", "What is the weather like today?"])
+    models.train()
+
+    def logits_values_grads(stacked: bool):
+        models._stacks_roles = stacked
+        models.zero_grad(set_to_none=True)
+        logits, values = models.policy_and_critic(ids, mask.bool(), 3)
+        (logits.logsumexp(-1).sum() + values.square().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in models.trainable().items() if p.grad is not None}
+        return logits.detach(), values.detach(), grads
+
+    logits, values, grads = logits_values_grads(stacked=True)
+    expected_logits, expected_values, expected_grads = logits_values_grads(stacked=False)
+    assert logits.shape == (2, ids.shape[1] - 3, models.model.config.vocab_size)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, expected_values, atol=1e-5, rtol=1e-5)
+    assert set(grads) == set(expected_grads) == set(models.trainable())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_roles_are_not_stacked_where_the_head_is_more_than_the_output_embedding(stages):
+    models = build(stages)
+    head = models.model.get_output_embeddings()
+    scaled = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    with torch.no_grad():
+        scaled.weight.copy_(head.weight * 2)  # what the stacked pass would use: not the LM's
+    models.model.get_output_embeddings = lambda: scaled
+    assert not models.stacks_roles()
+    ids, mask = _batch(models.tokenizer, ["Hello there"])
+    logits, _ = models.policy_and_critic(ids, mask.bool(), 2)
+    torch.testing.assert_close(logits, models.policy_logits(ids, mask.bool(), 2))

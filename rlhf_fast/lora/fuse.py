@@ -65,7 +65,11 @@ def _uncovered(layer: LoraLinear, args, kwargs) -> str | None:
         return ""
     if len(active) > 1:
         return "several active adapters"
-    adapter = active[0]
+    return adapter_unsupported(layer, active[0])
+
+
+def adapter_unsupported(layer: LoraLinear, adapter: str) -> str | None:
+    """Why `adapter` of `layer` is not plain LoRA (base + B A x * scaling), or None."""
     if adapter in layer.lora_variant:
         return "DoRA or another LoRA variant"
     if layer.lora_bias.get(adapter, False):
@@ -85,34 +89,46 @@ def peft_is_faster_here(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get(_dispatch.ENV_VAR) != "triton"
 
 
-def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    reason = _uncovered(self, args, kwargs)
-    if reason is None and torch.is_autocast_enabled(x.device.type):
+def fused_adapter_call(layer: LoraLinear, x: torch.Tensor, adapter: str):
+    """(output, None) of `layer` with `adapter` through ops.lora_linear, or (None, why not):
+    why is "" where peft's forward is simply the better path (nothing to warn about)."""
+    reason = None
+    if torch.is_autocast_enabled(x.device.type):
         # autocast would hand the op's GEMMs operands of two dtypes (a RuntimeError)
         reason = "torch.autocast is on"
-    if reason is None and peft_is_faster_here(x):
+    elif peft_is_faster_here(x):
         reason = ""  # silently: peft's forward is the better path there, not a limitation
     weight = bias = None
     if reason is None:
-        weight, bias, reason = _base_weight(self)
+        weight, bias, reason = _base_weight(layer)
     if reason is None and not isinstance(weight, QuantizedWeight) and weight.dtype != x.dtype:
         reason = "input dtype differs from the base weight's"
     if reason is not None:
-        if reason:
-            _warn_once(reason)
-        return type(self).forward(self, x, *args, **kwargs)
-    adapter = next(name for name in self.active_adapters if name in self.lora_A)
-    dropout = self.lora_dropout[adapter]
+        return None, reason
+    dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return ops.lora_linear(
+    out = ops.lora_linear(
         x,
         weight,
         bias,
-        self.lora_A[adapter].weight,
-        self.lora_B[adapter].weight,
-        self.scaling[adapter],
+        layer.lora_A[adapter].weight,
+        layer.lora_B[adapter].weight,
+        layer.scaling[adapter],
         dropout=p,
     )
+    return out, None
+
+
+def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    reason = _uncovered(self, args, kwargs)
+    if reason is None:
+        adapter = next(name for name in self.active_adapters if name in self.lora_A)
+        out, reason = fused_adapter_call(self, x, adapter)
+        if reason is None:
+            return out
+    if reason:
+        _warn_once(reason)
+    return type(self).forward(self, x, *args, **kwargs)
 
 
 def _lora_linear_layers(model: nn.Module):

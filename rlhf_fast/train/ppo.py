@@ -347,14 +347,13 @@ class PPOTrainer:
         sequences = torch.cat([query, response], 1)
         mask = torch.cat([query_mask, response_mask], 1)
         q = query.shape[1]
-        logits = self.models.policy_logits(sequences, mask, q)
+        logits, values = self.models.policy_and_critic(sequences, mask, q)
         temperature = config.temperature if config.temperature > 0 else 1.0
         logprobs = token_logprobs(logits, response, temperature)
         pol = policy_loss(
             logprobs, exp.logprobs[rows][:, :width], exp.advantages[rows][:, :width],
             response_mask, config.clip_range,
         )  # fmt: skip
-        values = self.models.critic_values(sequences, mask, q)
         val = value_loss(
             values, exp.values[rows][:, :width], exp.returns[rows][:, :width], response_mask,
             config.value_clip,

@@ -31,6 +31,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rlhf_fast.lora.qlora import qlora_config
+from rlhf_fast.lora.row_groups import adapters_by_rows
+from rlhf_fast.lora.row_groups import unsupported_reason as rows_unsupported_reason
 from rlhf_fast.models.load import (
     LoraSettings,
     ModelLoadError,
@@ -105,6 +107,7 @@ class PPOModels(nn.Module):
         self.reward_source: RewardSource | None = None
         self._trainable: dict[str, nn.Parameter] = {}
         self._active: str | None = None
+        self._stacks_roles: bool | None = None  # decided on first use: stacks_roles()
 
     # ------------------------------------------------------------------ adapters
 
@@ -178,6 +181,59 @@ class PPOModels(nn.Module):
         self.use(CRITIC)
         hidden = self._hidden(sequences, mask)[:, query_width - 1 : -1]
         return self.critic_head(hidden.float()).squeeze(-1)
+
+    def policy_and_critic(
+        self, sequences: torch.Tensor, mask: torch.Tensor, query_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy_logits(..., query_width), critic_values(..., query_width)) from one pass of
+        the two roles stacked as one batch (lora.row_groups: each block of rows with its own
+        adapter), where the model allows it (`stacks_roles`); else two passes."""
+        if not self.stacks_roles():
+            logits = self.policy_logits(sequences, mask, query_width)
+            return logits, self.critic_values(sequences, mask, query_width)
+        rows, q = sequences.shape[0], query_width
+        self.use(POLICY)  # the LM head runs outside the stacked pass, as the policy's
+        with adapters_by_rows(self.model, [(POLICY, rows), (CRITIC, rows)]):
+            hidden = self._hidden(torch.cat([sequences, sequences]), torch.cat([mask, mask]))
+        states = hidden[:, q - 1 : -1]
+        logits = self.model.get_output_embeddings()(states[:rows].contiguous())
+        values = self.critic_head(states[rows:].float()).squeeze(-1)
+        return logits, values
+
+    def stacks_roles(self) -> bool:
+        """Whether policy_and_critic runs its one stacked pass: the adapters are plain LoRA
+        (row_groups.unsupported_reason), the base is not streamed (offload runs layers its own
+        way), and on a 2 x 4-token probe the stacked pass gives what the two passes give (it
+        would not where the LM head is not just the output embedding of the last hidden state,
+        e.g. logit soft-capping, or where a model puts positions before rows). Decided once."""
+        if self._stacks_roles is None:
+            self._stacks_roles = (
+                getattr(self.model, "rlhf_fast_offload", None) is None
+                and rows_unsupported_reason(self.model, [POLICY, CRITIC]) is None
+                and self.model.get_output_embeddings() is not None
+                and self._stacked_pass_agrees()
+            )
+        return self._stacks_roles
+
+    @torch.no_grad()
+    def _stacked_pass_agrees(self) -> bool:
+        device = self.model.get_output_embeddings().weight.device
+        ids = torch.arange(8, device=device).view(2, 4) % self.model.config.vocab_size
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        was_training = self.training
+        self.eval()
+        try:
+            self._stacks_roles = True
+            stacked = self.policy_and_critic(ids, mask, 2)
+            self._stacks_roles = False
+            separate = self.policy_and_critic(ids, mask, 2)
+        finally:
+            self._stacks_roles = None
+            self.train(was_training)
+        return all(
+            a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+            for a, b in zip(stacked, separate, strict=True)
+        )
 
     @torch.no_grad()
     def scores(
