@@ -8,8 +8,10 @@ wrapped by peft with several LoRA adapters on the same layers:
     critic      adapter "critic" + a value head per token     trained; starts as the reward model
     reward      adapter "reward" + the reward head            frozen; read from the RM directory
 
-Only one adapter is active at a time (`PPOModels.use(name)`), so each forward costs what one
-LoRA model costs and the memory is one base plus four adapters. The reward model shares the base
+One adapter is active at a time (`PPOModels.use(name)`), so each forward costs what one LoRA
+model costs and the memory is one base plus four adapters; the training step's policy and
+critic forwards run as one pass of twice the rows instead (`policy_and_critic`, each block of
+rows with its own adapter: lora.row_groups), which saves each layer's fixed costs once. The reward model shares the base
 when `--stage rm` trained it on this very directory (reward_config.json's base_model) in adapter
 form; otherwise (another base, another tokenizer, a merged RM) it is loaded on its own and fed
 the decoded text re-tokenized with its own tokenizer, and the critic starts from a fresh adapter
