@@ -658,3 +658,27 @@ def test_a_quantized_weight_of_a_malformed_shape_is_a_shard_error(tmp_path, edit
     with pytest.raises(ShardError, match="mlp.up_proj") as error:
         load_offloaded(offload_dir, resident_layers=0)
     assert str(error.value).startswith(str(offload_dir / "layer_001.safetensors") + ": ")
+
+
+def test_prepare_removes_staging_left_by_a_killed_prepare_and_keeps_a_live_ones(tmp_path):
+    """A kill -9 during prepare_offload left its staging directory (shards written so far)
+    beside the output for good; the next prepare of that output now removes it, unless the
+    process that owns it is still running."""
+    import os
+    import subprocess
+    import sys
+
+    from rlhf_fast.offload import prepare_offload
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    abandoned = tmp_path / f".off.tmp-{int(dead.stdout)}-0badf00d"
+    live = tmp_path / f".off.tmp-{os.getpid()}-c0ffee00"
+    other = tmp_path / f".other.tmp-{int(dead.stdout)}-0badf00d"  # another output's
+    for path in (abandoned, live, other):
+        path.mkdir()
+        (path / "layer_00000.safetensors").write_bytes(b"partial")
+    prepare_offload(_family_model("llama"), tmp_path / "off")
+    assert not abandoned.exists()
+    assert live.is_dir() and other.is_dir()
+    assert (tmp_path / "off" / "offload.json").is_file()

@@ -148,6 +148,26 @@ def _check_replaceable(out_dir: Path) -> None:
     )
 
 
+def _remove_abandoned_staging(out_dir: Path) -> None:
+    """Delete the staging directories (`.NAME.tmp-PID-XXXXXXXX`, beside out_dir) of earlier
+    prepares of out_dir whose process is gone: a kill -9 mid-way leaves one, as large as the
+    shards written so far. A live process's (another prepare of the same directory) stays."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if path.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def prepare_offload(
     source: str | os.PathLike | nn.Module,
     offload_dir: str | os.PathLike,
@@ -194,7 +214,8 @@ def prepare_offload(
     formats = _format_keys(keys)
     out_dir = Path(offload_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_abandoned_staging(out_dir)
+    staged = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staged.mkdir()
 
     def prepared(tensor: torch.Tensor, dense: bool = True) -> torch.Tensor:
