@@ -498,7 +498,7 @@ def test_search_edges_pinned_micro_batch_no_resident_layer_exact_budget_and_the_
         choose_policy(SHAPES, CALIBRATION, cpu_budget=10_000_000, batch=1)
 
 
-def test_model_shapes_never_undercount_the_quantized_layer():
+def test_model_shapes_count_the_quantized_layer():
     import copy
 
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -517,7 +517,34 @@ def test_model_shapes_never_undercount_the_quantized_layer():
     for bits in (8, 4):
         layer = quantize_model(copy.deepcopy(model), bits, 32).model.layers[0]
         actual = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-        assert actual <= shapes[bits].layer_bytes <= 1.05 * actual, bits
+        assert shapes[bits].layer_bytes == actual, bits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_model_shapes_count_exactly_what_prepare_writes(tmp_path, family, group_size):
+    """The policy's layer bytes are those of the prepared shards, to the byte: odd widths (the
+    int4 codes padded to whole groups) and GPT-2's Conv1D ([in, out], quantized transposed)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from rlhf_fast.offload import prepare_offload
+
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        )  # fmt: skip
+    else:
+        config = GPT2Config(vocab_size=300, n_embd=96, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    shapes = model_shapes(config, torch.float32, group_size=group_size)
+    for bits in (None, 8, 4):
+        out = prepare_offload(model, tmp_path / f"{bits}", compress=bits, group_size=group_size)
+        written = json.loads((out / "offload.json").read_text())["layer_bytes"]
+        assert written == [shapes[bits].layer_bytes] * 2, bits
 
 
 def test_calibration_coefficients_follow_the_timed_points(monkeypatch):

@@ -441,6 +441,19 @@ def choose_policy(
 # ----------------------------------------------------------------------------- model shapes
 
 
+def quantized_bytes(rows: int, columns: int, bits: int | None, group_size: int, element: int):
+    """Bytes of a [rows, columns] weight as stored dense (bits None: `element` bytes each) or
+    quantized (quant/weight.py): int8 codes and an fp32 scale per row; int4 codes two to a
+    byte over the columns padded to whole groups, an fp16 scale and offset per group; and
+    the [2] int64 shape a quantized layer keeps."""
+    if bits is None:
+        return rows * columns * element
+    if bits == 8:
+        return rows * columns + rows * 4 + 16
+    groups = -(-columns // group_size)
+    return rows * groups * group_size // 2 + rows * groups * 4 + 16
+
+
 def model_shapes(config, dtype: torch.dtype, group_size: int = 32) -> dict[int | None, ModelShape]:
     """Per compression, the streamed bytes of a layer of `config` (built on meta: no memory)."""
     from transformers import AutoModelForCausalLM
@@ -453,13 +466,17 @@ def model_shapes(config, dtype: torch.dtype, group_size: int = 32) -> dict[int |
     _, layers = decoder_layers(model)
     layer = layers[0]
     element = torch.empty((), dtype=dtype).element_size()
-    linear_params, rows, other = 0, 0, 0
+    per_bits = {None: 0, 8: 0, 4: 0}
+    other = 0
     linear_ids = set()
     for module in layer.modules():
         if is_quantizable(module):
             linear_ids.add(id(module.weight))
-            linear_params += module.weight.numel()
-            rows += module.weight.shape[0]
+            rows, columns = module.weight.shape  # [out, in] (the stored [in, out] of a Conv1D
+            if not isinstance(module, torch.nn.Linear):  # quantized as its [out, in] transpose)
+                rows, columns = columns, rows
+            for bits in per_bits:
+                per_bits[bits] += quantized_bytes(rows, columns, bits, group_size, element)
     for tensor in layer.parameters():
         if id(tensor) not in linear_ids:
             other += tensor.numel() * element
@@ -469,11 +486,6 @@ def model_shapes(config, dtype: torch.dtype, group_size: int = 32) -> dict[int |
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     kv = 2 * len(layers) * kv_heads * head_dim * element
-    per_bits = {
-        None: linear_params * element,
-        8: linear_params + rows * 4 + rows * 8,
-        4: linear_params // 2 + linear_params // group_size * 4 + rows * 8,
-    }
     hidden, vocab = config.hidden_size, config.vocab_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     return {
