@@ -60,6 +60,54 @@ def test_16_bit_and_strided_inputs(isa, x_dtype):
     torch.testing.assert_close(y, expected, atol=2e-2, rtol=1e-2)
 
 
+def bf16_reference(x, weight, bias):
+    """F.linear's bf16 result: fp32 sums of the bf16 products, the bias added, one rounding."""
+    y = x.float() @ weight.float().T
+    return (y if bias is None else y + bias.float()).bfloat16()
+
+
+# bf16 x with bf16 weights: the vdpbf16ps kernel on avx512 where the CPU has AVX512_BF16. (K, N)
+# pairs: K below, at and past the 32 bf16 of one step, odd, and many steps with a ragged tail;
+# N odd (a partial channel block and a partial 8-channel tile) or 1
+BF16_SIZES = [(1, 1), (31, 7), (32, 9), (33, 1), (94, 13), (257, 11), (688, 5)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", range(1, 17))
+def test_bf16_inputs_match_rounded_fp32(isa, m):
+    generator = torch.Generator().manual_seed(m)
+    for k, n in BF16_SIZES:
+        x = torch.randn(m, k, generator=generator).bfloat16()
+        weight = torch.randn(n, k, generator=generator).bfloat16()
+        bias = torch.randn(n, generator=generator).bfloat16() if (k + m) % 2 else None
+        with using(isa):
+            y = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        expected = bf16_reference(x, weight, bias)
+        # The kernel's fp32 sums differ from the reference's only in the order of the exact
+        # products (a few fp32 ulps of sum |x||w|); rounding both to bf16 can then land on
+        # either side of a rounding boundary: at most one bf16 ulp, <= 2^-7 of the value.
+        scale = x.abs().float() @ weight.abs().float().T + 1.0
+        bound = 4e-7 * scale * k**0.5 + 2.0**-7 * expected.float().abs()
+        assert ((y.float() - expected.float()).abs() <= bound).all(), (k, n)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_strided_inputs_and_special_values(isa):
+    generator = torch.Generator().manual_seed(5)
+    both = torch.randn(9, 2 * 45, generator=generator).bfloat16()
+    x = both[:, 1::2]  # column stride 2
+    weight = torch.randn(2 * 7, 45, generator=generator).bfloat16()[::2]  # row stride 90
+    x[2, 40] = float("inf")
+    x[4, 3] = float("nan")
+    with using(isa):
+        y = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, None)
+    expected = bf16_reference(x, weight, None)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(y[finite], expected[finite], atol=0.1, rtol=2.0**-7)
+
+
 def test_bad_arguments():
     x, weight = torch.randn(2, 8), torch.randn(5, 8).bfloat16()
     op = torch.ops.rlhf_fast.decode_gemv_dense

@@ -2,7 +2,8 @@
 // with activations quantized per chunk (int8 / int16: decode_gemv.h). On a CPU without
 // AVX512_VNNI they are the exact quant_matmul kernels, so callers never need a second path.
 // rlhf_fast::decode_gemv_dense: the same products with dense fp32 / bf16 / fp16 weights and
-// fp32 activations and sums (dense_gemv_kernel.h, per SIMD level).
+// fp32 activations and sums (dense_gemv_kernel.h, per SIMD level); bf16 activations with bf16
+// weights as bf16 pairs on AVX512_BF16 (dense_gemv_bf16_avx512.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -156,9 +157,7 @@ at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
       y.zero_();
     return finish(y, x);
   }
-  const at::Tensor x32 = fp32_contiguous(x);
   DenseGemvArgs args{};
-  args.x = x32.const_data_ptr<float>();
   args.w = w.const_data_ptr();
   args.bias = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
   args.y = y.data_ptr<float>();
@@ -166,7 +165,18 @@ at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
   args.K = K;
   args.N = N;
   args.ldw = N > 1 ? w.stride(0) : K;
-  const DenseGemvFn kernel = active_kernels().dense_gemv[weight_dtype];
+  // bf16 x and W (a bf16 model's decode step): products of bf16 pairs with vdpbf16ps where the
+  // CPU has it, x read as it is; otherwise x in fp32 and the weights widened to fp32.
+  DenseGemvFn kernel = active_kernels().dense_gemv_bf16_dot;
+  at::Tensor x_in;
+  if (kernel != nullptr && weight_dtype == kBF16 && x.scalar_type() == at::kBFloat16) {
+    x_in = x.contiguous();
+    args.x_bf16 = static_cast<const bf16_t*>(x_in.const_data_ptr());
+  } else {
+    x_in = fp32_contiguous(x);
+    args.x = x_in.const_data_ptr<float>();
+    kernel = active_kernels().dense_gemv[weight_dtype];
+  }
   parallel_channels(N, K, M, [&](int64_t n0, int64_t n1) { kernel(args, n0, n1); });
   return finish(y, x);
 }
