@@ -10,7 +10,7 @@ from backends_under_test import cpu_backend_params, using
 
 from rlhf_fast import _native
 from rlhf_fast.models import decode_linear as decode_linear_module
-from rlhf_fast.models.decode_linear import GEMV_ROWS, decode_linear, uses_gemv
+from rlhf_fast.models.decode_linear import GEMV_ROWS, decode_linear, gemv_rows, uses_gemv
 
 pytestmark = pytest.mark.skipif(
     _native.cpp is None or not hasattr(torch.ops.rlhf_fast, "decode_gemv_dense"),
@@ -66,10 +66,10 @@ def bf16_reference(x, weight, bias):
     return (y if bias is None else y + bias.float()).bfloat16()
 
 
-# bf16 x with bf16 weights: the vdpbf16ps kernel on avx512 where the CPU has AVX512_BF16. (K, N)
-# pairs: K below, at and past the 32 bf16 of one step, odd, and many steps with a ragged tail;
-# N odd (a partial channel block and a partial 8-channel tile) or 1
-BF16_SIZES = [(1, 1), (31, 7), (32, 9), (33, 1), (94, 13), (257, 11), (688, 5)]
+# bf16 x with bf16 weights: AMX tiles on avx512 where the CPU has them. (K, N) pairs: K below, at
+# and past the 32 bf16 of one tile row, odd, and many tiles with a ragged tail; N 1, under one
+# 16-channel tile, and past 64 channels (four tiles, single tiles, a ragged tile)
+BF16_SIZES = [(1, 1), (31, 7), (32, 9), (33, 1), (94, 13), (257, 83), (688, 21), (64, 150)]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -108,6 +108,25 @@ def test_bf16_strided_inputs_and_special_values(isa):
     torch.testing.assert_close(y[finite], expected[finite], atol=0.1, rtol=2.0**-7)
 
 
+@pytest.mark.skipif(
+    _native.cpp is None or not _native.cpp.dense_gemv_bf16_tiles(), reason="no AMX-BF16 tiles"
+)
+def test_bf16_tiles_leave_torch_amx_matmul_intact():
+    """Our kernel configures and releases the tile registers on torch's threads; oneDNN's bf16
+    matmul (AMX at this many rows) must still be right before and after it."""
+    generator = torch.Generator().manual_seed(7)
+    big_x = torch.randn(96, 256, generator=generator).bfloat16()
+    weight = torch.randn(80, 256, generator=generator).bfloat16()
+    x = big_x[:8]
+    torch_before = F.linear(big_x, weight)
+    ours = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, None)
+    torch_after = F.linear(big_x, weight)
+    assert torch.equal(torch_before, torch_after)
+    expected = bf16_reference(big_x, weight, None)
+    torch.testing.assert_close(torch_after, expected, atol=0.1, rtol=2.0**-7)
+    torch.testing.assert_close(ours, expected[:8], atol=0.1, rtol=2.0**-7)
+
+
 def test_bad_arguments():
     x, weight = torch.randn(2, 8), torch.randn(5, 8).bfloat16()
     op = torch.ops.rlhf_fast.decode_gemv_dense
@@ -140,7 +159,7 @@ def test_decode_linear_routes_few_rows(monkeypatch, dtype):
         return op(x, weight, bias)
 
     monkeypatch.setattr(decode_linear_module.torch.ops.rlhf_fast, "decode_gemv_dense", counting)
-    limit = GEMV_ROWS[dtype]
+    limit = gemv_rows(dtype, dtype)
     weight, bias = torch.randn(9, 16).to(dtype), torch.randn(9).to(dtype)
     x = torch.randn(1, limit, 16).to(dtype)  # leading dims are flattened
     with torch.no_grad():
@@ -154,3 +173,13 @@ def test_decode_linear_routes_few_rows(monkeypatch, dtype):
     assert not uses_gemv(grad_x, weight)  # under autograd: F.linear, which has a backward
     decode_linear(grad_x, weight).float().sum().backward()
     assert grad_x.grad is not None
+
+
+def test_gemv_rows_follow_the_bf16_tiles():
+    tiles = _native.cpp.dense_gemv_bf16_tiles()
+    assert gemv_rows(torch.bfloat16, torch.bfloat16) == (16 if tiles else GEMV_ROWS[torch.bfloat16])
+    assert gemv_rows(torch.float32, torch.bfloat16) == GEMV_ROWS[torch.bfloat16]  # widened
+    assert gemv_rows(torch.float32, torch.float64) == 0
+    with using(("cpp", "scalar")):  # no tiles below avx512
+        assert not _native.cpp.dense_gemv_bf16_tiles()
+        assert gemv_rows(torch.bfloat16, torch.bfloat16) == GEMV_ROWS[torch.bfloat16]

@@ -3,7 +3,7 @@
 // AVX512_VNNI they are the exact quant_matmul kernels, so callers never need a second path.
 // rlhf_fast::decode_gemv_dense: the same products with dense fp32 / bf16 / fp16 weights and
 // fp32 activations and sums (dense_gemv_kernel.h, per SIMD level); bf16 activations with bf16
-// weights as bf16 pairs on AVX512_BF16 (dense_gemv_bf16_avx512.cpp).
+// weights on AMX-BF16 tiles where the CPU has them (dense_gemv_bf16_amx.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -41,6 +41,20 @@ void parallel_channels(int64_t N, int64_t K, int64_t M,
 
 at::Tensor fp32_contiguous(const at::Tensor& x) {
   return (x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).contiguous();
+}
+
+// bf16 x [M, K] as `pairs` pairs of its columns, pair-major: (x[m, 2p], x[m, 2p + 1]) at
+// p * M + m, zeros past K (DenseGemvArgs::x_pairs).
+std::vector<uint32_t> pack_bf16_pairs(const at::Tensor& x, int64_t pairs) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<uint32_t> packed(pairs * M, 0);
+  auto* halves = reinterpret_cast<uint16_t*>(packed.data());
+  const auto* bits = static_cast<const uint16_t*>(x.const_data_ptr());
+  const int64_t row_stride = x.stride(0), column_stride = x.stride(1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      halves[((k / 2) * M + m) * 2 + k % 2] = bits[m * row_stride + k * column_stride];
+  return packed;
 }
 
 at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
@@ -165,16 +179,17 @@ at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
   args.K = K;
   args.N = N;
   args.ldw = N > 1 ? w.stride(0) : K;
-  // bf16 x and W (a bf16 model's decode step): products of bf16 pairs with vdpbf16ps where the
-  // CPU has it, x read as it is; otherwise x in fp32 and the weights widened to fp32.
-  DenseGemvFn kernel = active_kernels().dense_gemv_bf16_dot;
-  at::Tensor x_in;
+  // bf16 x and W (a bf16 model's decode step): AMX tiles where the CPU has them, x packed into
+  // the pairs their B tiles read; otherwise x in fp32 and the weights widened to fp32.
+  DenseGemvFn kernel = active_kernels().dense_gemv_bf16_amx;
+  at::Tensor x32;
+  std::vector<uint32_t> x_pairs;
   if (kernel != nullptr && weight_dtype == kBF16 && x.scalar_type() == at::kBFloat16) {
-    x_in = x.contiguous();
-    args.x_bf16 = static_cast<const bf16_t*>(x_in.const_data_ptr());
+    x_pairs = pack_bf16_pairs(x, (K + 31) / 32 * 16);
+    args.x_pairs = x_pairs.data();
   } else {
-    x_in = fp32_contiguous(x);
-    args.x = x_in.const_data_ptr<float>();
+    x32 = fp32_contiguous(x);
+    args.x = x32.const_data_ptr<float>();
     kernel = active_kernels().dense_gemv[weight_dtype];
   }
   parallel_channels(N, K, M, [&](int64_t n0, int64_t n1) { kernel(args, n0, n1); });

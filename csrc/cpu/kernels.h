@@ -111,10 +111,12 @@ using RotaryFn = void (*)(const RotaryArgs&, int64_t row_begin, int64_t row_end)
 
 // dense_gemv: y[M, N] = x @ W.T (+ bias) for output channels [n_begin, n_end), M <= 16 rows of
 // fp32 x, W rows of the table index's dtype (row stride ldw, unit column stride), fp32 sums.
-// dense_gemv_bf16_dot reads bf16 x (x_bf16) instead, and bf16 W.
+// dense_gemv_bf16_amx reads bf16 W and x as bf16 pairs (x_pairs) instead.
 struct DenseGemvArgs {
   const float* x;  // [M, K] contiguous
-  const bf16_t* x_bf16;  // [M, K] contiguous: dense_gemv_bf16_dot's x
+  // dense_gemv_bf16_amx's x: bf16 pairs (x[m, 2p], x[m, 2p + 1]) at p * M + m, for p up to
+  // K rounded up to 32, over 2 (zeros past K)
+  const uint32_t* x_pairs;
   const void* w;   // [N, K] rows
   const float* bias;  // nullptr or [N]
   float* y;           // [M, N] contiguous
@@ -157,8 +159,8 @@ struct KernelTable {
   SiluMulFn silu_mul_backward[kNumDTypes];
   RotaryFn rotary[kNumDTypes];
   DenseGemvFn dense_gemv[kNumDTypes];
-  // bf16 x and W with vdpbf16ps (AVX512_BF16); nullptr where the CPU lacks it.
-  DenseGemvFn dense_gemv_bf16_dot;
+  // bf16 x and W on AMX-BF16 tiles; nullptr where the CPU (or the OS) does not grant them.
+  DenseGemvFn dense_gemv_bf16_amx;
   RmsNormFn rms_norm[kNumDTypes][2];
   RmsNormBackwardFn rms_norm_backward[kNumDTypes][2];
 };
@@ -175,8 +177,9 @@ const KernelTable& kernel_table();
 namespace avx512vnni {
 void quant_gemv_int4_vnni(const QuantMatmulArgs& args, int64_t n_begin, int64_t n_end);
 }
-namespace avx512bf16 {
-void dense_gemv_bf16_dot(const DenseGemvArgs& args, int64_t n_begin, int64_t n_end);
+namespace avx512amx {
+bool enable_amx();  // whether the CPU has AMX-BF16 and Linux let this process use the tiles
+void dense_gemv_bf16_amx(const DenseGemvArgs& args, int64_t n_begin, int64_t n_end);
 }
 
 

@@ -80,6 +80,10 @@ PYBIND11_MODULE(_C, module) {
       "cpu_supports", [](const std::string& isa) { return rlhf_fast::cpu_supports(isa.c_str()); },
       "Whether this CPU can run the kernels of `isa`.");
   module.def(
+      "dense_gemv_bf16_tiles",
+      [] { return rlhf_fast::active_kernels().dense_gemv_bf16_amx != nullptr; },
+      "Whether decode_gemv_dense multiplies bf16 x by bf16 weights on AMX tiles.");
+  module.def(
       "set_poison_outputs", [](bool enabled) { rlhf_fast::poison_outputs() = enabled; },
       "Test hook: fill every output with NaN before the kernels write it.");
 }

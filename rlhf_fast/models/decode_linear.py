@@ -20,22 +20,31 @@ import torch.nn.functional as F
 
 from rlhf_fast import _native
 
-# up to this many rows (of x) the C++ GEMV beats torch's F.linear, by weight dtype (docstring)
+# Up to this many rows (of x) the C++ GEMV beats torch's F.linear, by weight dtype (docstring);
+# bf16 x with bf16 weights on AMX tiles: BF16_TILE_ROWS.
 GEMV_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
+BF16_TILE_ROWS = 16
+
+
+def gemv_rows(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> int:
+    """The most rows of x that decode_linear sends to the C++ GEMV (0: never)."""
+    if _native.cpp is None or weight_dtype not in GEMV_ROWS:
+        return 0
+    if x_dtype == weight_dtype == torch.bfloat16 and _native.cpp.dense_gemv_bf16_tiles():
+        return BF16_TILE_ROWS
+    return GEMV_ROWS[weight_dtype]
 
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether decode_linear(x, weight) runs the C++ GEMV."""
     return (
-        _native.cpp is not None
-        and weight.dtype in GEMV_ROWS
-        and weight.dim() == 2
+        weight.dim() == 2
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.is_floating_point()
         and x.dim() >= 1
-        and x.numel() <= GEMV_ROWS[weight.dtype] * x.shape[-1]
         and x.shape[-1] > 0
+        and x.numel() <= gemv_rows(x.dtype, weight.dtype) * x.shape[-1]
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 
