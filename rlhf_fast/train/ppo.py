@@ -65,8 +65,20 @@ from rlhf_fast.train.ppo_math import (
     token_logprobs,
     value_loss,
 )
-from rlhf_fast.train.ppo_models import POLICY, PPOModels, build_ppo_models, disable_dropout
-from rlhf_fast.train.rollout import choose_decoder, generate_rollouts
+from rlhf_fast.train.ppo_models import (
+    CRITIC,
+    POLICY,
+    REWARD,
+    PPOModels,
+    build_ppo_models,
+    disable_dropout,
+)
+from rlhf_fast.train.rollout import (
+    Rollout,
+    choose_decoder,
+    generate_rollouts,
+    sampling_logprobs_exact,
+)
 from rlhf_fast.train.sft import lora_settings, merge_for_export, token_loss
 
 SAMPLES_FILE = "samples.jsonl"
@@ -237,9 +249,17 @@ class PPOTrainer:
         models.eval()
         models.use(POLICY)
         started = time.perf_counter()
-        generate = generate_rollouts
+        generate, keywords = generate_rollouts, {}
         if getattr(models.model, "rlhf_fast_offload", None) is not None:  # streamed base
             from rlhf_fast.offload.rollout import generate_offloaded_rollouts as generate
+        # The reference, the critic, the shared reward model (and the policy, where sampling
+        # rounds otherwise) score the answers in one stacked pass of the base, not one each.
+        stacked = generate is generate_rollouts and models.stacks_roles()
+        rescore_policy = False
+        if stacked:
+            path = choose_decoder(models.model, quant=config.rollout_quant)
+            rescore_policy = not sampling_logprobs_exact(models.model, path, config.rollout_quant)
+            keywords = {"score_reference": False, "exact_logprobs": False}
         out = generate(
             models.model,
             [self.prompt_ids[i] for i in indices],
@@ -250,11 +270,15 @@ class PPOTrainer:
             top_k=config.top_k,
             generator=self._generator(step),
             quant=config.rollout_quant,
+            **keywords,
         )
         generated = time.perf_counter()
         mask = out.response_mask
         sequences, attention = out.sequences, out.attention_mask
-        values = models.critic_values(sequences, attention, out.query.shape[1])
+        if stacked:
+            out, values, shared_scores = self._stacked_scores(out, rescore_policy)
+        else:
+            values = models.critic_values(sequences, attention, out.query.shape[1])
         answers = [
             self.tokenizer.decode(out.response[row][mask[row]], skip_special_tokens=True)
             for row in range(len(indices))
@@ -265,6 +289,8 @@ class PPOTrainer:
         ]
         if self.reward_fn is not None:
             scores = self.reward_fn(out, texts).float()
+        elif stacked and shared_scores is not None:
+            scores = shared_scores.float()
         else:
             scores = models.scores(sequences, attention, texts, config.max_length).float()
         models.use(POLICY)
@@ -306,6 +332,29 @@ class PPOTrainer:
             returns,
         )  # fmt: skip
         return experience, metrics, samples
+
+    def _stacked_scores(self, out: Rollout, rescore_policy: bool):
+        """(out with the reference's log-probs, and the policy's too with rescore_policy;
+        values [B, R]; the shared reward model's scores [B] or None) from one stacked pass."""
+        models, query_width = self.models, out.query.shape[1]
+        with_reward = self.reward_fn is None and models.reward_head is not None
+        roles = [POLICY] * rescore_policy + [None, CRITIC] + [REWARD] * with_reward
+        mask = out.attention_mask
+        hidden = dict(zip(roles, models.stacked_hidden(out.sequences, mask, roles), strict=True))
+        temperature = self.config.temperature if self.config.temperature > 0 else 1.0
+
+        def logprobs(role):
+            logits = models.response_logits_of(hidden[role], query_width)
+            scored = token_logprobs(logits, out.response, temperature)
+            return torch.where(out.response_mask, scored, 0.0)
+
+        out = dataclasses.replace(
+            out,
+            ref_logprobs=logprobs(None),
+            logprobs=logprobs(POLICY) if rescore_policy else out.logprobs,
+        )
+        scores = models.scores_of(hidden[REWARD], mask) if with_reward else None
+        return out, models.values_of(hidden[CRITIC], query_width), scores
 
     def _check_scores(self, scores: torch.Tensor, indices: list[int], step: int) -> None:
         """A NaN or infinite score would turn every advantage, then the adapters, into NaN

@@ -9,13 +9,16 @@ wrapped by peft with several LoRA adapters on the same layers:
     reward      adapter "reward" + the reward head            frozen; read from the RM directory
 
 One adapter is active at a time (`PPOModels.use(name)`), so each forward costs what one LoRA
-model costs and the memory is one base plus four adapters; the training step's policy and
-critic forwards run as one pass of twice the rows instead (`policy_and_critic`, each block of
-rows with its own adapter: lora.row_groups), which saves each layer's fixed costs once. The reward model shares the base
-when `--stage rm` trained it on this very directory (reward_config.json's base_model) in adapter
-form; otherwise (another base, another tokenizer, a merged RM) it is loaded on its own and fed
-the decoded text re-tokenized with its own tokenizer, and the critic starts from a fresh adapter
-with the reward head's weights when the widths match.
+model costs and the memory is one base plus four adapters. Where the roles score the same
+rows, they run as one pass instead, each block of rows with its own adapter (lora.row_groups):
+the training step's policy and critic (`policy_and_critic`), and a rollout's reference,
+critic and reward (`stacked_hidden`); each layer's fixed costs are then paid once.
+
+The reward model shares the base when `--stage rm` trained it on this very directory
+(reward_config.json's base_model) in adapter form; otherwise (another base, another
+tokenizer, a merged RM) it is loaded on its own and fed the decoded text re-tokenized with its
+own tokenizer, and the critic starts from a fresh adapter with the reward head's weights when
+the widths match.
 
 The RM adapter was saved from the bare decoder (AutoModel), the policy wraps the causal LM: the
 same layers sit one attribute deeper (`base_model_prefix`), so its keys are renamed on loading.
@@ -181,8 +184,7 @@ class PPOModels(nn.Module):
         """Values [B, R] of the states before each response token (the positions whose logits
         predict the response tokens)."""
         self.use(CRITIC)
-        hidden = self._hidden(sequences, mask)[:, query_width - 1 : -1]
-        return self.critic_head(hidden.float()).squeeze(-1)
+        return self.values_of(self._hidden(sequences, mask), query_width)
 
     def policy_and_critic(
         self, sequences: torch.Tensor, mask: torch.Tensor, query_width: int
@@ -197,32 +199,60 @@ class PPOModels(nn.Module):
         self.use(POLICY)  # the LM head runs outside the stacked pass, as the policy's
         with adapters_by_rows(self.model, [(POLICY, rows), (CRITIC, rows)]):
             hidden = self._hidden(torch.cat([sequences, sequences]), torch.cat([mask, mask]))
-        states = hidden[:, q - 1 : -1]
-        logits = self.model.get_output_embeddings()(states[:rows].contiguous())
-        values = self.critic_head(states[rows:].float()).squeeze(-1)
-        return logits, values
+        return self.response_logits_of(hidden[:rows], q), self.values_of(hidden[rows:], q)
+
+    @torch.no_grad()
+    def stacked_hidden(
+        self, sequences: torch.Tensor, mask: torch.Tensor, roles: list[str | None]
+    ) -> list[torch.Tensor]:
+        """The decoder's last hidden states [B, T, H] of `sequences` under each of `roles`
+        (an adapter, or None: adapters disabled, the reference), from one pass of the rows
+        stacked len(roles) times; stacks_roles() must be true."""
+        rows, count = sequences.shape[0], len(roles)
+        with adapters_by_rows(self.model, [(role, rows) for role in roles]):
+            hidden = self._hidden(sequences.repeat(count, 1), mask.repeat(count, 1))
+        return list(hidden.split(rows))
+
+    def response_logits_of(self, hidden: torch.Tensor, query_width: int) -> torch.Tensor:
+        """The LM head's logits [B, R, V] at the positions that predict the response tokens."""
+        return self.model.get_output_embeddings()(hidden[:, query_width - 1 : -1].contiguous())
+
+    def values_of(self, hidden: torch.Tensor, query_width: int) -> torch.Tensor:
+        """The critic head's values [B, R] of the states before each response token."""
+        return self.critic_head(hidden[:, query_width - 1 : -1].float()).squeeze(-1)
+
+    def scores_of(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The shared reward head's scores [B] at each row's last real token."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.reward_head(hidden[rows, last_token_index(mask.long())].float()).squeeze(-1)
 
     def stacks_roles(self) -> bool:
-        """Whether policy_and_critic runs its one stacked pass: the adapters are plain LoRA
-        (row_groups.unsupported_reason), the base is not streamed (offload runs layers its own
-        way), and on a 2 x 4-token probe the stacked pass gives what the two passes give (it
-        would not where the LM head is not just the output embedding of the last hidden state,
-        e.g. logit soft-capping, or where a model puts positions before rows). Decided once."""
+        """Whether the roles run as one stacked pass (policy_and_critic, stacked_hidden): the
+        adapters are plain LoRA (row_groups.unsupported_reason), the base is not streamed
+        (offload runs layers its own way), the LM head is a plain nn.Linear (an adapter of its
+        own would give the reference's rows the policy's), and on a 2 x 4-token probe the
+        stacked pass gives what the two passes give (it would not where the LM head is more
+        than the output embedding of the last hidden state, e.g. logit soft-capping, or where
+        a model puts positions before rows). Decided once."""
         if self._stacks_roles is None:
             self._stacks_roles = (
                 getattr(self.model, "rlhf_fast_offload", None) is None
-                and rows_unsupported_reason(self.model, [POLICY, CRITIC]) is None
-                and self.model.get_output_embeddings() is not None
+                and rows_unsupported_reason(self.model, [POLICY, CRITIC, self._shared_reward()])
+                is None
+                and isinstance(self.model.get_output_embeddings(), nn.Linear)
                 and self._stacked_pass_agrees()
             )
         return self._stacks_roles
+
+    def _shared_reward(self) -> str | None:
+        return REWARD if self.reward_head is not None else None
 
     @torch.no_grad()
     def _stacked_pass_agrees(self) -> bool:
         device = self.model.get_output_embeddings().weight.device
         ids = torch.arange(8, device=device).view(2, 4) % self.model.config.vocab_size
         mask = torch.ones_like(ids, dtype=torch.bool)
-        was_training = self.training
+        was_training, active = self.training, self._active
         self.eval()
         try:
             self._stacks_roles = True
@@ -232,6 +262,8 @@ class PPOModels(nn.Module):
         finally:
             self._stacks_roles = None
             self.train(was_training)
+            if active is not None:  # the two passes leave the critic's adapter active
+                self.use(active)
         return all(
             a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
             for a, b in zip(stacked, separate, strict=True)
@@ -249,12 +281,9 @@ class PPOModels(nn.Module):
             return self._separate_scores(texts, sequences.device, max_length)
         self.use(REWARD)
         try:
-            hidden = self._hidden(sequences, mask)
+            return self.scores_of(self._hidden(sequences, mask), mask)
         finally:
             self.use(POLICY)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(mask.long())]
-        return self.reward_head(last.float()).squeeze(-1)
 
     def _separate_scores(self, texts, device, max_length: int | None = None) -> torch.Tensor:
         tokenizer = self.reward_tokenizer

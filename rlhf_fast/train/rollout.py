@@ -191,6 +191,7 @@ def generate_rollouts(
     score_reference: bool = True,
     decoder: str = "auto",
     quant: str = "none",
+    exact_logprobs: bool = True,
 ) -> Rollout:
     """Sample one answer per prompt (token id lists) and score it; see the module docstring.
 
@@ -198,7 +199,9 @@ def generate_rollouts(
     score_reference=False skips the reference (ref_logprobs is None): for evaluation.
     decoder: "auto" (the lean batched decoder of rollout_decoder.py where it runs the model,
     else the HF loop), "hf" or "lean"; quant: "none", "int8" or "int4" weights for sampling
-    (lean decoder only); the stored log-probs are then the unquantized policy's."""
+    (lean decoder only); the stored log-probs are then the unquantized policy's.
+    exact_logprobs=False: the sampling log-probs as they are, also where they round otherwise
+    (sampling_logprobs_exact is false): for a caller that scores the policy itself."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -216,7 +219,7 @@ def generate_rollouts(
             generator,
         )  # fmt: skip
         del steps  # the KV cache
-        if not sampling_logprobs_exact(model, path, quant):
+        if exact_logprobs and not sampling_logprobs_exact(model, path, quant):
             logprobs = response_logprobs(
                 model, query, query_mask, response, response_mask, temperature
             )
