@@ -29,11 +29,13 @@ bool have_vnni() {
   return supported && std::strcmp(active_kernels().isa, "avx512") == 0;
 }
 
-// Small GEMVs finish in microseconds: a thread only pays off with ~256K weights of its own.
+// Small GEMVs finish in microseconds: a thread only pays off with ~256K products of its own
+// (`thread_products`: the AMX tiles, faster per product, ask for more).
 void parallel_channels(int64_t N, int64_t K, int64_t M,
-                       const std::function<void(int64_t, int64_t)>& body) {
+                       const std::function<void(int64_t, int64_t)>& body,
+                       int64_t thread_products = int64_t(1) << 18) {
   const int64_t tiles = (N + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (4 * K * std::max<int64_t>(M, 1)));
+  const int64_t grain = std::max<int64_t>(1, thread_products / (4 * K * std::max<int64_t>(M, 1)));
   at::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
     body(first * 4, std::min(last * 4, N));
   });
@@ -58,7 +60,7 @@ std::vector<uint32_t> pack_bf16_pairs(const at::Tensor& x, int64_t pairs) {
 }
 
 at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return x.scalar_type() == y.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 }  // namespace
@@ -163,7 +165,12 @@ at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor w = (K <= 1 || weight.stride(1) == 1) ? weight : weight.contiguous();
   const int64_t N = w.size(0);
   const at::Tensor bias32 = bias_fp32(bias, N);
-  at::Tensor y = new_output({M, N});
+  // bf16 x and W (a bf16 model's decode step): AMX tiles where the CPU has them, x packed into
+  // the pairs their B tiles read, y written in bf16; otherwise x in fp32 and the weights
+  // widened to fp32, y in fp32 (converted to x's dtype at the end).
+  const bool tiles = active_kernels().dense_gemv_bf16_amx != nullptr && weight_dtype == kBF16 &&
+                     x.scalar_type() == at::kBFloat16;
+  at::Tensor y = new_output({M, N}, tiles ? at::kBFloat16 : at::kFloat);
   if (M == 0 || N == 0 || K == 0) {  // nothing to sum: the bias, or zeros
     if (bias32.defined())
       y.copy_(bias32.expand({M, N}));
@@ -174,25 +181,30 @@ at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
   DenseGemvArgs args{};
   args.w = w.const_data_ptr();
   args.bias = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
-  args.y = y.data_ptr<float>();
   args.M = M;
   args.K = K;
   args.N = N;
   args.ldw = N > 1 ? w.stride(0) : K;
-  // bf16 x and W (a bf16 model's decode step): AMX tiles where the CPU has them, x packed into
-  // the pairs their B tiles read; otherwise x in fp32 and the weights widened to fp32.
-  DenseGemvFn kernel = active_kernels().dense_gemv_bf16_amx;
+  DenseGemvFn kernel;
   at::Tensor x32;
   std::vector<uint32_t> x_pairs;
-  if (kernel != nullptr && weight_dtype == kBF16 && x.scalar_type() == at::kBFloat16) {
+  if (tiles) {
     x_pairs = pack_bf16_pairs(x, (K + 31) / 32 * 16);
     args.x_pairs = x_pairs.data();
+    args.y_bf16 = static_cast<bf16_t*>(y.data_ptr());
+    kernel = active_kernels().dense_gemv_bf16_amx;
   } else {
     x32 = fp32_contiguous(x);
     args.x = x32.const_data_ptr<float>();
+    args.y = y.data_ptr<float>();
     kernel = active_kernels().dense_gemv[weight_dtype];
   }
-  parallel_channels(N, K, M, [&](int64_t n0, int64_t n1) { kernel(args, n0, n1); });
+  // AMX: ~150 products per ns on one core, ~8x the widened kernel, so ~4M products make the
+  // ~25 us of work that pays for a second thread (2000 x 256 at 8 rows, 4M products, ran 54 us
+  // on two threads and 29 us on one)
+  parallel_channels(
+      N, K, M, [&](int64_t n0, int64_t n1) { kernel(args, n0, n1); },
+      tiles ? int64_t(1) << 22 : int64_t(1) << 18);
   return finish(y, x);
 }
 

@@ -61,11 +61,20 @@ void configure_tiles(int channels, int64_t M) {
   _tile_loadconfig(&config);
 }
 
+// fp32 to bf16, rounded to nearest even; NaN as torch's quiet NaN
+inline uint16_t round_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 // Channels [n, n + G * 16) (G C tiles), `channels` rows per tile (16, or fewer in the one
-// ragged group, where G is 1).
+// ragged group, where G is 1). No software prefetch: 16 rows per tile made it one prefetch
+// per 32 products, and the tile loads ran 2x faster without them, from cache and from DRAM
+// alike (the hardware prefetcher follows the rows).
 template <int G>
 void amx_channel_group(const DenseGemvArgs& a, int64_t n, int channels) {
-  constexpr int64_t kAhead = 256;  // bf16: each weight row prefetched 8 cache lines ahead
   const int64_t K = a.K, M = a.M, ldw = a.ldw;
   const uint16_t* w = reinterpret_cast<const uint16_t*>(a.w) + n * ldw;
   const uint32_t* x_pairs = a.x_pairs;
@@ -76,7 +85,6 @@ void amx_channel_group(const DenseGemvArgs& a, int64_t n, int channels) {
   if constexpr (G > 3) _tile_zero(3);
   int64_t k = 0;
   for (; k + kBlock <= K; k += kBlock) {
-    for (int r = 0; r < G * channels; ++r) __builtin_prefetch(w + r * ldw + k + kAhead);
     _tile_loadd(6, x_pairs + (k / 2) * M, M * 4);
     _tile_loadd(4, w + k, w_stride);
     _tile_dpbf16ps(0, 4, 6);
@@ -119,8 +127,9 @@ void amx_channel_group(const DenseGemvArgs& a, int64_t n, int channels) {
   if constexpr (G > 2) _tile_stored(2, sums[32], kSumsStride);
   if constexpr (G > 3) _tile_stored(3, sums[48], kSumsStride);
   for (int64_t m = 0; m < M; ++m) {
-    float* y = a.y + m * a.N + n;
-    for (int c = 0; c < G * channels; ++c) y[c] = sums[c][m] + (a.bias ? a.bias[n + c] : 0.0f);
+    uint16_t* y = reinterpret_cast<uint16_t*>(a.y_bf16) + m * a.N + n;
+    for (int c = 0; c < G * channels; ++c)
+      y[c] = round_to_bf16(sums[c][m] + (a.bias ? a.bias[n + c] : 0.0f));
   }
 }
 

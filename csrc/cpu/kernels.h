@@ -111,12 +111,13 @@ using RotaryFn = void (*)(const RotaryArgs&, int64_t row_begin, int64_t row_end)
 
 // dense_gemv: y[M, N] = x @ W.T (+ bias) for output channels [n_begin, n_end), M <= 16 rows of
 // fp32 x, W rows of the table index's dtype (row stride ldw, unit column stride), fp32 sums.
-// dense_gemv_bf16_amx reads bf16 W and x as bf16 pairs (x_pairs) instead.
+// dense_gemv_bf16_amx reads bf16 W and x as bf16 pairs (x_pairs) and writes bf16 y (y_bf16).
 struct DenseGemvArgs {
   const float* x;  // [M, K] contiguous
   // dense_gemv_bf16_amx's x: bf16 pairs (x[m, 2p], x[m, 2p + 1]) at p * M + m, for p up to
   // K rounded up to 32, over 2 (zeros past K)
   const uint32_t* x_pairs;
+  bf16_t* y_bf16;  // dense_gemv_bf16_amx's y: [M, N] contiguous, rounded to bf16 (y unused)
   const void* w;   // [N, K] rows
   const float* bias;  // nullptr or [N]
   float* y;           // [M, N] contiguous
