@@ -93,6 +93,26 @@ def test_bf16_inputs_match_rounded_fp32(isa, m):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_bf16_split_over_threads(isa):
+    """Enough products for two threads: the split falls inside a 16-channel tile (500)."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(16, 520, generator=generator).bfloat16()
+    weight = torch.randn(1000, 520, generator=generator).bfloat16()
+    bias = torch.randn(1000, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with using(isa):
+            y = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, bias)
+    finally:
+        torch.set_num_threads(threads)
+    expected = bf16_reference(x, weight, bias)
+    scale = x.abs().float() @ weight.abs().float().T + 1.0
+    bound = 4e-7 * scale * 520**0.5 + 2.0**-7 * expected.float().abs()
+    assert ((y.float() - expected.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_bf16_strided_inputs_and_special_values(isa):
     generator = torch.Generator().manual_seed(5)
     both = torch.randn(9, 2 * 45, generator=generator).bfloat16()
