@@ -2,9 +2,17 @@
 
 A decode step multiplies a few rows by every weight of the model: a stream over the weights.
 rlhf_fast::decode_gemv_dense (csrc/cpu/dense_gemv_kernel.h) streams fp32, bf16 and fp16 weights
-with fp32 sums. Where it beats torch's CPU F.linear (dev VM, 2048 x 5632, weights beyond L3):
-- bf16, 1-4 rows: torch reads bf16 at ~16 GB/s, slower than its fp32 GEMV reads twice the
-  bytes; ours 1.1-1.6x torch. From ~6 rows torch's bf16 GEMM (AMX tiles) is the faster.
+with fp32 sums; bf16 x with bf16 weights runs on AMX-BF16 tiles where the CPU has them
+(csrc/cpu/dense_gemv_bf16_amx.cpp). Where it beats torch's CPU F.linear:
+- bf16 x and weights on AMX tiles, 1-16 rows. Dev VM (Xeon, AMX), one thread, us per call,
+  torch / ours, the PPO bench's h256-L4 layers (in cache) at 8 rows: 768 x 256 47 / 17,
+  256 x 256 30 / 10, 1376 x 256 133 / 59, 256 x 688 71 / 34, 2000 x 256 145 / 54; 1.8-2.1x at
+  16 rows, 2.4-4.9x at 1-4. 5632 x 2048 from DRAM: ~2.0 ms against 2.7-2.9 ms at 1-16 rows.
+  Two threads (bench/test_bench_dense_gemv.py), on a VM whose other core was busy: 1.5-3.5x
+  at 8 rows, with stalls of a scheduler slice on either side.
+- bf16 otherwise (fp32 x, or no AMX), 1-4 rows: torch reads bf16 at ~16 GB/s, slower than its
+  fp32 GEMV reads twice the bytes; ours 1.1-1.6x torch. From ~6 rows torch's bf16 GEMM (AMX
+  tiles) is the faster.
 - fp16, 1-16 rows: 1.5x torch at 4 rows, 1.25x at 8, even at 16 (this CPU has no AMX-FP16).
 - fp32, 1-16 rows: even at 1-2 rows (both read at the bandwidth), 1.9-2.2x torch at 4-12 rows,
   where torch's small-M sgemm is far from either bound; 1.2x at 16. This is the PPO rollout's
