@@ -9,6 +9,7 @@
 #include "cpu/rms_norm_kernel.h"
 #include "cpu/rotary_kernel.h"
 #include "cpu/silu_mul_kernel.h"
+#include "cpu/token_logprobs_kernel.h"
 
 namespace rlhf_fast {
 namespace RLHF_ISA_NS {
@@ -50,6 +51,12 @@ KernelTable make_kernel_table(const char* isa) {
   table.rms_norm_backward[kBF16][1] = &rms_norm_backward_rows<V, bf16_t, float>;
   table.rms_norm_backward[kF16][0] = &rms_norm_backward_rows<V, fp16_t, fp16_t>;
   table.rms_norm_backward[kF16][1] = &rms_norm_backward_rows<V, fp16_t, float>;
+  table.token_logprobs[kF32] = &token_logprobs_rows<V, float>;
+  table.token_logprobs[kBF16] = &token_logprobs_rows<V, bf16_t>;
+  table.token_logprobs[kF16] = &token_logprobs_rows<V, fp16_t>;
+  table.token_logprobs_backward[kF32] = &token_logprobs_backward_rows<V, float>;
+  table.token_logprobs_backward[kBF16] = &token_logprobs_backward_rows<V, bf16_t>;
+  table.token_logprobs_backward[kF16] = &token_logprobs_backward_rows<V, fp16_t>;
   return table;
 }
 

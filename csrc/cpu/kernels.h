@@ -144,6 +144,25 @@ using RmsNormFn = void (*)(const RmsNormArgs&, int64_t m_begin, int64_t m_end);
 using RmsNormBackwardFn = void (*)(const RmsNormArgs&, int64_t m_begin, int64_t m_end,
                                    float* dweight);
 
+// token_logprobs: rows [row_begin, row_end) of the B * T rows of logits [B, T, V] (strides in
+// elements, unit stride along V), tokens int64 [B * T] in [0, V). Forward writes logprobs,
+// entropy (fp32 [B * T]) and stats (fp32 [B * T, 2]: the row's max logit and log sum exp of
+// (x - max) / temperature); backward reads grad (fp32 [B * T]) and stats and writes
+// grad_logits (contiguous [B, T, V], the logits' dtype). See token_logprobs_kernel.h.
+struct TokenLogprobsArgs {
+  const void* logits;
+  int64_t stride_b, stride_t;
+  int64_t T, V;
+  const int64_t* tokens;
+  float inv_temperature;
+  float* logprobs;
+  float* entropy;
+  float* stats;
+  const float* grad;
+  void* grad_logits;
+};
+using TokenLogprobsFn = void (*)(const TokenLogprobsArgs&, int64_t row_begin, int64_t row_end);
+
 struct KernelTable {
   const char* isa;
   int width;  // fp32 lanes; row blocks are this many rows
@@ -164,6 +183,8 @@ struct KernelTable {
   DenseGemvFn dense_gemv_bf16_amx;
   RmsNormFn rms_norm[kNumDTypes][2];
   RmsNormBackwardFn rms_norm_backward[kNumDTypes][2];
+  TokenLogprobsFn token_logprobs[kNumDTypes];
+  TokenLogprobsFn token_logprobs_backward[kNumDTypes];
 };
 
 namespace scalar {

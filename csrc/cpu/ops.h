@@ -46,4 +46,15 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_backward_cpu(const at::Tensor& grad,
 at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& cos,
                                 const at::Tensor& sin, bool transpose);
 
+// log softmax(logits / temperature)[token] and the entropy of that softmax per row of logits
+// [B, T, V] (unit stride along V), with the per-row stats [B, T, 2] the backward reads; the
+// backward's gradient is contiguous, in the logits' dtype (token_logprobs_op.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits,
+                                                                  const at::Tensor& tokens,
+                                                                  double temperature);
+
+at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                       const at::Tensor& tokens, const at::Tensor& stats,
+                                       double temperature);
+
 }  // namespace rlhf_fast

@@ -45,6 +45,12 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "silu_mul_backward(Tensor grad, Tensor gate, Tensor up)"
       " -> (Tensor grad_gate, Tensor grad_up)");
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool transpose) -> Tensor");
+  m.def(
+      "token_logprobs(Tensor logits, Tensor tokens, float temperature)"
+      " -> (Tensor logprobs, Tensor entropy, Tensor stats)");
+  m.def(
+      "token_logprobs_backward(Tensor grad, Tensor logits, Tensor tokens, Tensor stats,"
+      " float temperature) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
@@ -66,6 +72,8 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("silu_mul", &rlhf_fast::silu_mul_cpu);
   m.impl("silu_mul_backward", &rlhf_fast::silu_mul_backward_cpu);
   m.impl("rotary_embedding", &rlhf_fast::rotary_embedding_cpu);
+  m.impl("token_logprobs", &rlhf_fast::token_logprobs_cpu);
+  m.impl("token_logprobs_backward", &rlhf_fast::token_logprobs_backward_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -14,6 +14,7 @@ from rlhf_fast.ops.rank_loss import rank_loss, rank_loss_reference
 from rlhf_fast.ops.rms_norm import rms_norm, rms_norm_reference
 from rlhf_fast.ops.rotary import rotary_embedding, rotary_embedding_reference
 from rlhf_fast.ops.silu_mul import silu_mul, silu_mul_reference
+from rlhf_fast.ops.token_logprobs import token_logprobs, token_logprobs_reference
 
 __all__ = [
     "BACKENDS",
@@ -33,4 +34,6 @@ __all__ = [
     "rotary_embedding_reference",
     "silu_mul",
     "silu_mul_reference",
+    "token_logprobs",
+    "token_logprobs_reference",
 ]

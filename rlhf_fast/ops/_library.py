@@ -115,3 +115,19 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "rotary_embedding"):
     @torch.library.register_fake("rlhf_fast::rotary_embedding")
     def _rotary_embedding_fake(x, cos, sin, transpose):
         return x.new_empty(x.shape)
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "token_logprobs"):
+
+    @torch.library.register_fake("rlhf_fast::token_logprobs")
+    def _token_logprobs_fake(logits, tokens, temperature):
+        rows = logits.shape[:2]
+        return (
+            logits.new_empty(rows, dtype=torch.float32),
+            logits.new_empty(rows, dtype=torch.float32),
+            logits.new_empty((*rows, 2), dtype=torch.float32),
+        )
+
+    @torch.library.register_fake("rlhf_fast::token_logprobs_backward")
+    def _token_logprobs_backward_fake(grad, logits, tokens, stats, temperature):
+        return logits.new_empty(logits.shape)
