@@ -4,6 +4,8 @@ backward against autograd through the float64 reference, and bad input."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from backends_under_test import cpu_backend_params, using
@@ -28,9 +30,7 @@ SHAPES = [(2, 3, 37), (1, 1, 1), (1, 1, 16), (3, 17), (1, 5000), (2, 2, 4099)]
 def oracle(logits, tokens, temperature):
     """log-probs and entropy in float64 (from the logits as given), with autograd."""
     z = logits.detach().double().requires_grad_(True)
-    logprobs, entropy = ops.token_logprobs_reference(
-        z, tokens, temperature, with_entropy=True
-    )
+    logprobs, entropy = ops.token_logprobs_reference(z, tokens, temperature, with_entropy=True)
     return z, logprobs, entropy
 
 
@@ -54,11 +54,19 @@ def check_against_oracle(backend, logits, tokens, grad, temperature):
     assert logprobs.dtype == entropy.dtype == torch.float32
     assert logprobs.shape == entropy.shape == tokens.shape
     assert not entropy.requires_grad
+    slack = 0.0
+    if name == "reference":
+        # fp32 z - logsumexp(z) cancels: a few ulps of the largest |z| (1e-3 at 1e4), in the
+        # log-probs and in the exponents of the gradient; the kernel works relative to the
+        # row's max and keeps the tight bounds
+        finite = logits.float()[torch.isfinite(logits.float())]
+        slack = 4 * torch.finfo(torch.float32).eps * float(finite.abs().max()) / temperature
     atol, rtol = TOLERANCE
-    torch.testing.assert_close(logprobs.double(), expected, atol=atol, rtol=rtol)
-    torch.testing.assert_close(entropy.double(), expected_entropy, atol=atol, rtol=rtol)
+    torch.testing.assert_close(logprobs.double(), expected, atol=atol + slack, rtol=rtol)
+    torch.testing.assert_close(entropy.double(), expected_entropy, atol=atol + slack, rtol=rtol)
     assert grad_logits.dtype == logits.dtype and grad_logits.shape == logits.shape
     atol, rtol = GRAD_TOLERANCE[logits.dtype]
+    atol += slack * float(grad.abs().max()) / temperature
     torch.testing.assert_close(grad_logits.double(), expected_grad, atol=atol, rtol=rtol)
 
 
@@ -82,9 +90,7 @@ def test_strided_logits(backend, dtype):
     assert not swapped.is_contiguous()
     check_against_oracle(backend, swapped, tokens.T, grad.T.contiguous(), 1.0)
     every_other = big[..., ::2]
-    check_against_oracle(
-        backend, every_other, tokens.clamp(max=26), grad, 0.9
-    )
+    check_against_oracle(backend, every_other, tokens.clamp(max=26), grad, 0.9)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -139,10 +145,12 @@ def test_cpp_backend_gradcheck_in_float32():
     generator = torch.Generator().manual_seed(6)
     logits = torch.randn(3, 11, generator=generator, requires_grad=True)
     tokens = torch.randint(0, 11, (3,), generator=generator)
-    torch.autograd.gradcheck(
-        lambda z: ops.token_logprobs(z, tokens, 0.8, backend="cpp"), (logits,),
-        eps=1e-2, atol=2e-3, rtol=2e-3,
-    )  # fmt: skip
+    with warnings.catch_warnings():  # "not double precision": on purpose, hence the tolerances
+        warnings.simplefilter("ignore", UserWarning)
+        torch.autograd.gradcheck(
+            lambda z: ops.token_logprobs(z, tokens, 0.8, backend="cpp"), (logits,),
+            eps=1e-2, atol=2e-3, rtol=2e-3,
+        )  # fmt: skip
 
 
 def test_bad_inputs_raise_one_line_errors():
