@@ -108,7 +108,8 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log softmax(logits / temperature)[token] for each position: logits [B, T, V],
     tokens [B, T] -> [B, T] (fp32 at least). Pass the temperature that sampled the tokens, so
-    the log-probs are those of the distribution that actually drew them."""
+    the log-probs are those of the distribution that actually drew them. Runs the fused op
+    (rlhf_fast.ops.token_logprobs: one read of the logits, no [B, T, V] temporaries)."""
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise ValueError(
             f"logits must be [B, T, V] and tokens [B, T], got {tuple(logits.shape)} "
@@ -116,11 +117,7 @@ def token_logprobs(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = _at_least_fp32(logits)
-    if temperature != 1.0:  # skips a pass over [B, T, V] (and its autograd node) at 1
-        logits = logits / temperature
-    picked = torch.gather(logits, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return ops.token_logprobs(logits, tokens, temperature)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -371,13 +368,25 @@ def value_loss(
     return ValueLoss(loss, clip_fraction)
 
 
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over tokens of the entropy of softmax(logits) ([B, T, V] -> scalar):
-    H = -sum_v p_v log p_v, from one log_softmax."""
+def entropy_from_logits(
+    logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Masked mean over tokens of the entropy of softmax(logits / temperature) ([B, T, V] ->
+    scalar): H = -sum_v p_v log p_v. Logits that need no gradient (PPO's metric) go through
+    the fused op (one read, nothing of size V kept); otherwise one differentiable
+    log_softmax."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got {tuple(logits.shape)}")
-    logprobs = torch.log_softmax(_at_least_fp32(logits), -1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    differentiable = logits.requires_grad and torch.is_grad_enabled()
+    if differentiable or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        z = _at_least_fp32(logits)
+        logprobs = torch.log_softmax(z / temperature if temperature != 1.0 else z, -1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+    else:
+        any_token = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        _, entropy = ops.token_logprobs(logits, any_token, temperature, with_entropy=True)
     return masked_mean(entropy, _as_mask(mask, entropy, "logits[..., 0]"))
 
 
