@@ -119,9 +119,7 @@ def token_logprobs(
         backend = "reference"
     backend = _dispatch.choose("token_logprobs", logits.device, backend)
     if backend == "reference":
-        return token_logprobs_reference(
-            logits, tokens, temperature, with_entropy=with_entropy
-        )
+        return token_logprobs_reference(logits, tokens, temperature, with_entropy=with_entropy)
     if logits.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"logits: the {backend} backend takes float32, bfloat16 or float16, "
                         f"got {logits.dtype}")  # fmt: skip
@@ -130,5 +128,6 @@ def token_logprobs(
         rows = rows.contiguous()  # the kernel walks V with unit stride; B and T may stride
     ids = tokens.reshape(rows.shape[:2]).to(torch.int64).contiguous()
     logprobs, entropy = _FusedTokenLogprobs.apply(rows, ids, temperature)
-    logprobs, entropy = logprobs.reshape(tokens.shape), entropy.reshape(tokens.shape)
+    if logits.dim() == 2:  # (a view, and its autograd node, only where the shape changes)
+        logprobs, entropy = logprobs.reshape(tokens.shape), entropy.reshape(tokens.shape)
     return (logprobs, entropy) if with_entropy else logprobs
