@@ -128,6 +128,17 @@ def test_bf16_strided_inputs_and_special_values(isa):
     torch.testing.assert_close(y[finite], expected[finite], atol=0.1, rtol=2.0**-7)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m, k, n", [(3, 0, 4), (0, 5, 4), (2, 6, 0)])
+def test_bf16_empty_products(isa, m, k, n):
+    x, weight, bias = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n)
+    with using(isa):
+        y = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, bias)
+        unbiased = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, None)
+    assert y.dtype == unbiased.dtype == torch.bfloat16 and y.shape == unbiased.shape == (m, n)
+    assert torch.equal(y, bias.bfloat16().expand(m, n)) and not unbiased.any()
+
+
 @pytest.mark.skipif(
     _native.cpp is None or not _native.cpp.dense_gemv_bf16_tiles(), reason="no AMX-BF16 tiles"
 )
