@@ -216,3 +216,20 @@ def test_double_backward_is_refused_not_silently_missing():
     logprobs = ops.token_logprobs(logits, tokens, backend="cpp")
     with pytest.raises(RuntimeError, match="first-order only"):
         torch.autograd.grad(logprobs.sum(), logits, create_graph=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_ppo_entropy_metric_runs_the_fused_entropy(temperature):
+    # ppo_math.entropy_from_logits: logits without gradient (PPO's metric) go through the op;
+    # the same logits with gradient through the differentiable composition: equal results
+    from rlhf_fast.train.ppo_math import entropy_from_logits
+
+    logits, _, _ = random_case((3, 4, 301), torch.float32, seed=9)
+    mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    metric = entropy_from_logits(logits, mask, temperature)
+    differentiable = entropy_from_logits(logits.requires_grad_(True), mask, temperature)
+    assert differentiable.requires_grad and not metric.requires_grad
+    z = logits.detach().double() / temperature
+    expected = torch.distributions.Categorical(logits=z).entropy()[mask].mean()
+    torch.testing.assert_close(metric.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(differentiable.double(), expected, atol=1e-5, rtol=1e-5)
