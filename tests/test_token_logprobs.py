@@ -233,3 +233,19 @@ def test_ppo_entropy_metric_runs_the_fused_entropy(temperature):
     expected = torch.distributions.Categorical(logits=z).entropy()[mask].mean()
     torch.testing.assert_close(metric.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(differentiable.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_nan_logits_poison_only_their_row(backend):
+    logits, tokens, _ = random_case((4, 40), torch.float32, seed=12)
+    logits[0, 5] = float("nan")  # not the token
+    logits[1, tokens[1]] = float("nan")  # the token
+    logits[2, :] = float("-inf")  # no finite logit: log p is -inf - -inf
+    with using(backend) as name:
+        logprobs, entropy = ops.token_logprobs(logits, tokens, with_entropy=True, backend=name)
+    assert logprobs[:3].isnan().all() and entropy[:3].isnan().all()
+    expected, expected_entropy = ops.token_logprobs_reference(
+        logits[3:].double(), tokens[3:], with_entropy=True
+    )
+    torch.testing.assert_close(logprobs[3:].double(), expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(entropy[3:].double(), expected_entropy, atol=2e-5, rtol=2e-5)

@@ -25,10 +25,10 @@ _KERNEL_DTYPES = _checks.FLOAT_DTYPES
 
 def _entropy(z: torch.Tensor) -> torch.Tensor:
     """-sum_v p_v log p_v of softmax(z) over the last dimension; 0 log 0 counts as 0 (a
-    logit of -inf), where p * log p would be 0 * -inf = NaN."""
+    logit of -inf), where p * log p would be 0 * -inf = NaN. A NaN logit stays NaN."""
     log_p = torch.log_softmax(z, -1)
     p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    return -torch.where(p == 0, 0.0, p * log_p).sum(-1)
 
 
 def token_logprobs_reference(
