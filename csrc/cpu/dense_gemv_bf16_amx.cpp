@@ -61,12 +61,17 @@ void configure_tiles(int channels, int64_t M) {
   _tile_loadconfig(&config);
 }
 
-// fp32 to bf16, rounded to nearest even; NaN as torch's quiet NaN
-inline uint16_t round_to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+// 16 fp32 to bf16, rounded to nearest even; NaN as torch's quiet NaN (as simd.h's stores)
+inline __m256i round_to_bf16(__m512 values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+      _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  const __m512i high =
+      _mm512_mask_mov_epi32(_mm512_srli_epi32(rounded, 16), nan, _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(high);
 }
 
 // Channels [n, n + G * 16) (G C tiles), `channels` rows per tile (16, or fewer in the one
@@ -126,10 +131,21 @@ void amx_channel_group(const DenseGemvArgs& a, int64_t n, int channels) {
   if constexpr (G > 1) _tile_stored(1, sums[16], kSumsStride);
   if constexpr (G > 2) _tile_stored(2, sums[32], kSumsStride);
   if constexpr (G > 3) _tile_stored(3, sums[48], kSumsStride);
-  for (int64_t m = 0; m < M; ++m) {
-    uint16_t* y = reinterpret_cast<uint16_t*>(a.y_bf16) + m * a.N + n;
-    for (int c = 0; c < G * channels; ++c)
-      y[c] = round_to_bf16(sums[c][m] + (a.bias ? a.bias[n + c] : 0.0f));
+  // y's rows hold channels: 16 at a time, gathered down a column of the sums (a scalar loop
+  // here cost about as much as the tile products)
+  const __mmask16 lanes = static_cast<__mmask16>((1u << channels) - 1u);
+  const __m512i column = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(kDenseGemvMaxRows));
+  for (int g = 0; g < G; ++g) {
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(lanes, a.bias + n + 16 * g)
+                               : _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512 sum =
+          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, column, sums[16 * g] + m, 4);
+      _mm256_mask_storeu_epi16(a.y_bf16 + m * a.N + n + 16 * g, lanes,
+                               round_to_bf16(_mm512_add_ps(sum, bias)));
+    }
   }
 }
 
