@@ -5,11 +5,12 @@ rlhf_fast::decode_gemv_dense (csrc/cpu/dense_gemv_kernel.h) streams fp32, bf16 a
 with fp32 sums; bf16 x with bf16 weights runs on AMX-BF16 tiles where the CPU has them
 (csrc/cpu/dense_gemv_bf16_amx.cpp). Where it beats torch's CPU F.linear:
 - bf16 x and weights on AMX tiles, 1-16 rows. Dev VM (Xeon, AMX), one thread, us per call,
-  torch / ours, the PPO bench's h256-L4 layers (in cache) at 8 rows: 768 x 256 47 / 17,
-  256 x 256 30 / 10, 1376 x 256 133 / 59, 256 x 688 71 / 34, 2000 x 256 145 / 54; 1.8-2.1x at
-  16 rows, 2.4-4.9x at 1-4. 5632 x 2048 from DRAM: ~2.0 ms against 2.7-2.9 ms at 1-16 rows.
-  Two threads (bench/test_bench_dense_gemv.py), on a VM whose other core was busy: 1.5-3.5x
-  at 8 rows, with stalls of a scheduler slice on either side.
+  torch / ours, the PPO bench's h256-L4 layers (in cache) at 8 rows: 768 x 256 86 / 31,
+  256 x 256 35 / 10, 1376 x 256 71 / 21, 256 x 688 45 / 18, 2000 x 256 171 / 70; 2.0-2.7x at
+  16 rows, 2.7-4.6x at 1-4 (a busy VM: absolute times drift 2x, the ratios less). 5632 x 2048
+  rotated over 646 MB: 1.9-2.5 ms against 3.0-3.4 ms at 1-16 rows. Two threads (bench/
+  test_bench_dense_gemv.py), on a VM whose other core was busy: 1.5-3.5x at 8 rows, with
+  stalls of a scheduler slice on either side.
 - bf16 otherwise (fp32 x, or no AMX), 1-4 rows: torch reads bf16 at ~16 GB/s, slower than its
   fp32 GEMV reads twice the bytes; ours 1.1-1.6x torch. From ~6 rows torch's bf16 GEMM (AMX
   tiles) is the faster.
