@@ -1,12 +1,12 @@
 // bf16 x bf16 few-row GEMV (M <= 16) on AMX-BF16 tiles: y = x @ W.T for the decode step of a
 // bf16 model, fp32 sums. The avx512 kernel table points at it where the CPU has AMX-BF16 and
-// the kernel grants this process the tile state (isa_avx512.cpp); other CPUs keep
+// Linux grants this process the tile state (isa_avx512.cpp); other CPUs keep
 // dense_gemv_kernel.h's path, which widens the bf16 weights to fp32.
 //
 // Why tiles: on the dev VM's Xeon one vdpbf16ps (32 bf16 products) issues at a quarter of the
 // rate of a 16-lane FMA, so the AVX512_BF16 pair products ran 1.7x slower than widening the
 // weights to fp32; one tdpbf16ps multiplies a 16 x 32 tile of weights by 32 x M inputs (up to
-// 8192 products) and measured ~180-330 products per ns at M = 8-16, ~3-4x the FMAs' peak.
+// 8192 products) and measured ~180-330 products per ns at M = 8-16, 2-4x the FMAs' peak (~80).
 //
 // The product is computed transposed, y.T = W x.T: the A tile is 16 weight rows x 32 columns,
 // loaded as the weights lie ([N, K] row-major bf16, row stride ldw), and the B tile is 16 pairs
