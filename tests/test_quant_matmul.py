@@ -91,10 +91,10 @@ def test_strided_and_batched_inputs(backend, bits):
 @pytest.mark.parametrize("backend", cpu_backend_params())
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_rows_across_weight_tiles(backend, threads):
-    # The many-row int4 path dequantizes ~1 MiB tiles of channels (128 at K = 4096 in bf16, 64
-    # in fp32) into a per-thread buffer reused across calls and writes each tile's GEMM into
-    # its column slice of the output: N = 300 is several tiles and a ragged last one, and each
-    # call follows one with other weights in the same buffers.
+    # The many-row int4 path dequantizes tiles of channels (256 at K = 4096, up to one per
+    # thread) into a per-thread buffer reused across calls and writes each tile's GEMM into its
+    # column slice of the output: N = 300 is two tiles (1 thread) with a ragged last one, and
+    # each call follows one with other weights in the same buffers.
     generator = torch.Generator().manual_seed(11)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -107,6 +107,34 @@ def test_many_rows_across_weight_tiles(backend, threads):
                 with using(backend) as name, torch.inference_mode():
                     y = ops.quant_matmul(x, qweight, bias, backend=name)
                 assert_close_to_oracle(y, x, qweight, bias)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_rows_at_the_tile_width_floor(backend, threads):
+    # Past K = 2048 (bf16) / 1024 (fp32) a 1 MiB tile is under 256 channels, so tiles are 256
+    # wide: N = 600 is 256 + 256 + 88 on 1 thread; N = 200 is less than one tile. K = 3000 ends
+    # in a partial group (g = 128) and a partial 32-weight block. M = 32 (bf16) and 64 (fp32,
+    # fp16) are the thresholds of the tiled path, 31 and 63 just below them; x is a column
+    # slice of a wider tensor (row stride 3017).
+    generator = torch.Generator().manual_seed(23)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (600, 200):
+            qweight = make_weight(4, 128, n, 3000, generator)
+            bias = torch.randn(n, generator=generator)
+            for dtype, m in ((torch.bfloat16, 32), (torch.bfloat16, 31), (torch.float32, 64),
+                             (torch.float32, 63), (torch.float16, 64)):  # fmt: skip
+                x = torch.randn(m, 3017, generator=generator).to(dtype)[:, 9:3009]
+                with using(backend) as name:
+                    y = ops.quant_matmul(x, qweight, bias, backend=name)
+                assert_close_to_oracle(y, x, qweight, bias)
+                with using(backend) as name:
+                    y = ops.quant_matmul(x, qweight, backend=name)
+                assert_close_to_oracle(y, x, qweight, None)
     finally:
         torch.set_num_threads(previous)
 

@@ -70,9 +70,9 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks)
   return q;
 }
 
-// Many rows: dequantize tiles of the weight (~1 MiB, so a tile stays in L2) and multiply each
-// with torch's GEMM (oneDNN), whose bf16 and fp32 flop rates beat our register-dequantizing
-// kernel here once the weight is reused by enough rows. fp32 tiles hold exactly dequantize()'s
+// Many rows: dequantize tiles of the weight (~1 MiB, so a tile stays in L2, but at least 256
+// channels) and multiply each with torch's GEMM (oneDNN), whose bf16 and fp32 flop rates beat
+// our register-dequantizing kernel here once the weight is reused by enough rows. fp32 tiles hold exactly dequantize()'s
 // values (fp32 and fp16 x, computed in fp32); bf16 tiles round the weight to bf16, the
 // precision the bf16 activations already have (oneDNN sums the products in fp32 and rounds
 // the result to bf16 once).
@@ -93,10 +93,17 @@ at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn de
                                     const at::Tensor& x, const at::Tensor& bias32, int64_t N) {
   const int64_t M = x.size(0), K = args.K;
   // ~1 MiB tiles, but at least one per thread: a small layer (N = 688, K = 256) would
-  // otherwise be one tile, and one thread would do the whole product
+  // otherwise be one tile, and one thread would do the whole product. And at least 256
+  // channels (up to 8 MiB): 1 MiB is only 93 channels at K = 5632 in bf16 (46 in fp32), and
+  // oneDNN's GEMM is slow that narrow. Measured, 128 rows x [2048, 5632] int4 g32, old /
+  // new per call over 150 alternating pairs on the noisy 2-vCPU VM: bf16 x 1 thread 0.77,
+  // 2 threads 0.84; fp32 x 0.94 and 0.57; at K = 2048 (256 bf16 channels already) fp32 x
+  // 0.91 and 1.01. Per thread buffer: max(1 MiB, min(256 K-element rows, 8 MiB)).
+  const int64_t row_bytes = K * x.element_size();
+  const int64_t min_tile = std::min<int64_t>(256, (int64_t(8) << 20) / row_bytes);
   const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
   const int64_t tile = std::max<int64_t>(
-      16, std::min((int64_t(1) << 20) / (K * x.element_size()), (per_thread + 15) / 16 * 16));
+      16, std::min(std::max((int64_t(1) << 20) / row_bytes, min_tile), (per_thread + 15) / 16 * 16));
   const at::Tensor xc = x.contiguous();
   at::Tensor y = new_output({M, N}, x.scalar_type());
   // Worker threads do not inherit the caller's grad / inference mode: without this, a call
@@ -104,7 +111,7 @@ at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn de
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t first, int64_t last) {
     at::ThreadLocalStateGuard state_guard(caller_state);
-    void* buffer = thread_tile_buffer(static_cast<size_t>(tile * K * x.element_size()));
+    void* buffer = thread_tile_buffer(static_cast<size_t>(tile * row_bytes));
     for (int64_t t = first; t < last; ++t) {
       const int64_t n0 = t * tile, n1 = std::min(n0 + tile, N);
       dequantize(args, n0, n1, buffer);
