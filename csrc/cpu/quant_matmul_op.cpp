@@ -72,10 +72,10 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks)
 
 // Many rows: dequantize tiles of the weight (~1 MiB, so a tile stays in L2, but at least 256
 // channels) and multiply each with torch's GEMM (oneDNN), whose bf16 and fp32 flop rates beat
-// our register-dequantizing kernel here once the weight is reused by enough rows. fp32 tiles hold exactly dequantize()'s
-// values (fp32 and fp16 x, computed in fp32); bf16 tiles round the weight to bf16, the
-// precision the bf16 activations already have (oneDNN sums the products in fp32 and rounds
-// the result to bf16 once).
+// our register-dequantizing kernel here once the weight is reused by enough rows. fp32 tiles
+// hold exactly dequantize()'s values (fp32 and fp16 x, computed in fp32); bf16 tiles round the
+// weight to bf16, the precision the bf16 activations already have (oneDNN sums the products in
+// fp32 and rounds the result to bf16 once).
 //
 // Nothing here allocates per tile: each thread dequantizes into its own tile buffer, kept
 // across calls (a fresh 1 MiB block per call is an mmap and 256 page faults under glibc), and
@@ -102,8 +102,8 @@ at::Tensor dequantized_tiles_matmul(const QuantMatmulArgs& args, DequantizeFn de
   const int64_t row_bytes = K * x.element_size();
   const int64_t min_tile = std::min<int64_t>(256, (int64_t(8) << 20) / row_bytes);
   const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t tile = std::max<int64_t>(
-      16, std::min(std::max((int64_t(1) << 20) / row_bytes, min_tile), (per_thread + 15) / 16 * 16));
+  const int64_t widest = std::max((int64_t(1) << 20) / row_bytes, min_tile);
+  const int64_t tile = std::max<int64_t>(16, std::min(widest, (per_thread + 15) / 16 * 16));
   const at::Tensor xc = x.contiguous();
   at::Tensor y = new_output({M, N}, x.scalar_type());
   // Worker threads do not inherit the caller's grad / inference mode: without this, a call
