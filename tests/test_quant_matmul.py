@@ -3,6 +3,7 @@ here from the packed bytes (independently of QuantizedWeight.dequantize)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -88,6 +89,17 @@ def test_strided_and_batched_inputs(backend, bits):
         assert_close_to_oracle(y.reshape(-1, 21), flat, qweight, bias.float())
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to `count` inside, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("backend", cpu_backend_params())
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_rows_across_weight_tiles(backend, threads):
@@ -96,9 +108,7 @@ def test_many_rows_across_weight_tiles(backend, threads):
     # column slice of the output: N = 300 is two tiles (1 thread) with a ragged last one, and
     # each call follows one with other weights in the same buffers.
     generator = torch.Generator().manual_seed(11)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for dtype, m in ((torch.bfloat16, 40), (torch.float32, 70), (torch.float16, 65)):
             for n in (300, 133):
                 qweight = make_weight(4, 64, n, 4096, generator)
@@ -107,8 +117,6 @@ def test_many_rows_across_weight_tiles(backend, threads):
                 with using(backend) as name, torch.inference_mode():
                     y = ops.quant_matmul(x, qweight, bias, backend=name)
                 assert_close_to_oracle(y, x, qweight, bias)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -120,9 +128,7 @@ def test_many_rows_at_the_tile_width_floor(backend, threads):
     # fp16) are the thresholds of the tiled path, 31 and 63 just below them; x is a column
     # slice of a wider tensor (row stride 3017).
     generator = torch.Generator().manual_seed(23)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for n in (600, 200):
             qweight = make_weight(4, 128, n, 3000, generator)
             bias = torch.randn(n, generator=generator)
@@ -135,8 +141,6 @@ def test_many_rows_at_the_tile_width_floor(backend, threads):
                 with using(backend) as name:
                     y = ops.quant_matmul(x, qweight, backend=name)
                 assert_close_to_oracle(y, x, qweight, None)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
