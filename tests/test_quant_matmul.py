@@ -3,7 +3,6 @@ here from the packed bytes (independently of QuantizedWeight.dequantize)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
 
@@ -12,6 +11,7 @@ import torch
 from backends_under_test import cpu_backend_params, using
 
 from rlhf_fast import _native, ops
+from rlhf_fast.offload.generate import intra_op_threads
 from rlhf_fast.ops.quant_matmul import registered_quant_matmul
 from rlhf_fast.quant.weight import QuantizedWeight, quantize_weight
 
@@ -89,17 +89,6 @@ def test_strided_and_batched_inputs(backend, bits):
         assert_close_to_oracle(y.reshape(-1, 21), flat, qweight, bias.float())
 
 
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """torch's intra-op thread count set to `count` inside, restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("backend", cpu_backend_params())
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_rows_across_weight_tiles(backend, threads):
@@ -108,7 +97,7 @@ def test_many_rows_across_weight_tiles(backend, threads):
     # column slice of the output: N = 300 is two tiles (1 thread) with a ragged last one, and
     # each call follows one with other weights in the same buffers.
     generator = torch.Generator().manual_seed(11)
-    with torch_threads(threads):
+    with intra_op_threads(threads):
         for dtype, m in ((torch.bfloat16, 40), (torch.float32, 70), (torch.float16, 65)):
             for n in (300, 133):
                 qweight = make_weight(4, 64, n, 4096, generator)
@@ -128,7 +117,7 @@ def test_many_rows_at_the_tile_width_floor(backend, threads):
     # fp16) are the thresholds of the tiled path, 31 and 63 just below them; x is a column
     # slice of a wider tensor (row stride 3017).
     generator = torch.Generator().manual_seed(23)
-    with torch_threads(threads):
+    with intra_op_threads(threads):
         for n in (600, 200):
             qweight = make_weight(4, 128, n, 3000, generator)
             bias = torch.randn(n, generator=generator)
