@@ -77,6 +77,7 @@ from rlhf_fast.train.rollout import (
     Rollout,
     choose_decoder,
     generate_rollouts,
+    masked_logprobs,
     sampling_logprobs_exact,
 )
 from rlhf_fast.train.sft import lora_settings, merge_for_export, token_loss
@@ -341,12 +342,10 @@ class PPOTrainer:
         roles = [POLICY] * rescore_policy + [None, CRITIC] + [REWARD] * with_reward
         mask = out.attention_mask
         hidden = dict(zip(roles, models.stacked_hidden(out.sequences, mask, roles), strict=True))
-        temperature = self.config.temperature if self.config.temperature > 0 else 1.0
 
         def logprobs(role):
             logits = models.response_logits_of(hidden[role], query_width)
-            scored = token_logprobs(logits, out.response, temperature)
-            return torch.where(out.response_mask, scored, 0.0)
+            return masked_logprobs(logits, out.response, out.response_mask, self.config.temperature)
 
         out = dataclasses.replace(
             out,

@@ -214,7 +214,9 @@ class PPOModels(nn.Module):
         return list(hidden.split(rows))
 
     def response_logits_of(self, hidden: torch.Tensor, query_width: int) -> torch.Tensor:
-        """The LM head's logits [B, R, V] at the positions that predict the response tokens."""
+        """The LM head's logits [B, R, V] at the positions that predict the response tokens
+        (a contiguous copy of those states: a strided [B, R, H] slice would multiply by the
+        head through bmm on an expanded weight, see rollout.response_logits)."""
         return self.model.get_output_embeddings()(hidden[:, query_width - 1 : -1].contiguous())
 
     def values_of(self, hidden: torch.Tensor, query_width: int) -> torch.Tensor:

@@ -103,6 +103,14 @@ def response_logprobs(
     """Log-probs [B, R] of the response tokens under `model`, from one full forward pass of
     query + response (0 where response_mask is false)."""
     logits = response_logits(model, query, query_mask, response, response_mask)
+    return masked_logprobs(logits, response, response_mask, temperature)
+
+
+def masked_logprobs(
+    logits: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Log-probs [B, R] of the response tokens under logits [B, R, V] that predict them, as
+    sampled at `temperature` (0, greedy: 1), and 0 where response_mask is false."""
     logprobs = token_logprobs(logits, response, temperature if temperature > 0 else 1.0)
     return torch.where(response_mask, logprobs, 0.0)
 
