@@ -92,7 +92,11 @@ def test_loaded_model_equals_hf_forward_and_backward(family, lora, family_dirs):
     expected_logits, expected_grads = _logits_and_grads(model, ids)
     torch.testing.assert_close(logits, expected_logits, atol=2e-5, rtol=1e-5)
     for grad, expected in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected, atol=2e-5, rtol=1e-4)
+        # the gradients reach ~100 here: a few fp32 ulps of the largest element, since the
+        # fused and HF layers sum in different orders (1 of 2016 elements was off by 2.5e-5
+        # on an AMD Zen 4 host under a fixed 2e-5)
+        scale = max(1.0, float(expected.abs().max()))
+        torch.testing.assert_close(grad, expected, atol=1e-6 * scale, rtol=1e-4)
 
 
 def test_a_gelu_mlp_is_left_alone(family_dirs):
