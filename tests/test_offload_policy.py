@@ -556,8 +556,11 @@ def test_calibration_coefficients_follow_the_timed_points(monkeypatch):
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     )  # fmt: skip
-    # layer at 2 and 8 rows, the head at 2 and 8 rows, the attention at 64 and 64 + 1024
-    times = iter([0.004, 0.010, 0.0003, 0.0009, 0.020, 0.020 + 16 * 1024 * 1e-7])
+    # the layer (inside, the rest of the forward) at 2 and 8 rows
+    layer = iter([(0.004, 0.0005), (0.010, 0.0007)])
+    monkeypatch.setattr(policy_module, "_layer_share_seconds", lambda *a: next(layer))
+    # the head at 2 and 8 rows, the attention at 64 and 64 + 1024
+    times = iter([0.0003, 0.0009, 0.020, 0.020 + 16 * 1024 * 1e-7])
     monkeypatch.setattr(policy_module, "_median_seconds", lambda fn, repeats: next(times))
     fields = policy_module.calibrate_compute(
         config, torch.float32, compressions=(None,), rows=(2, 8), context=64, threads=1
@@ -567,6 +570,7 @@ def test_calibration_coefficients_follow_the_timed_points(monkeypatch):
     assert fields["head_per_row"] == pytest.approx(0.0001)
     assert fields["head_fixed"] == pytest.approx(0.0001)
     assert fields["attention_per_position"] == pytest.approx(1e-7)
+    assert fields["forward_fixed"] == pytest.approx(0.0006)  # the median of the rests
     # a thread count given twice is timed once
     monkeypatch.setattr(policy_module, "calibrate_compute", lambda *a, **k: fields)
     monkeypatch.setattr(policy_module, "measure_disk_read", lambda *a: (1e9, 0.0))
@@ -612,3 +616,45 @@ def test_the_calibration_cache_key_and_a_corrupt_cache(tmp_path, monkeypatch):
     (tmp_path / "calibration.json").write_text("{not json")
     monkeypatch.setattr(session, "calibrate", lambda *a, **k: CALIBRATION)
     assert session._calibration(tmp_path, config(), torch.float32, (None,)) == CALIBRATION
+
+
+def test_the_layer_share_is_the_layers_own_time_not_the_forwards():
+    import time as clock
+
+    from rlhf_fast.offload.policy import _layer_share_seconds
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            clock.sleep(0.05)
+            return x
+
+    class Model(torch.nn.Module):
+        config = type("Config", (), {"num_hidden_layers": 1})()
+
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer()])
+
+        def forward(self, x):
+            clock.sleep(0.05)  # the embedding, mask and head of a real forward
+            return self.layers[0](x)
+
+    model = Model()
+    inside, outside = _layer_share_seconds(model, lambda: model(torch.ones(1)), repeats=2)
+    # the whole forward takes >= 0.1 s: the layer's share must exclude the other 0.05 s
+    assert 0.05 <= inside < 0.095 and outside >= 0.05
+    assert not model.layers[0]._forward_hooks and not model.layers[0]._forward_pre_hooks
+
+
+def test_the_forwards_own_work_is_charged_once_per_micro_batch():
+    from dataclasses import replace
+
+    kwargs = dict(compress=4, resident_layers=8, prefetch=0, batch=8, context=16)
+    for micro_batch in (8, 2):
+        plain = evaluate(SHAPES[4], CALIBRATION, micro_batch=micro_batch, **kwargs)
+        charged = evaluate(
+            SHAPES[4], replace(CALIBRATION, forward_fixed=0.003), micro_batch=micro_batch, **kwargs
+        )
+        blocks = 8 // micro_batch
+        step = 8 / plain.predicted_tokens_per_s
+        assert 8 / charged.predicted_tokens_per_s == pytest.approx(step + 0.003 * blocks)

@@ -7,7 +7,8 @@ The cost model of one decode step (one new token for each of B sequences):
     between them, plus the attention's cost per row and cached position beyond the timed
     context (64), times the number of micro-batches; plus the lm_head once over the batch
     (timed at the same row counts; for int4 models under the rule, whose dense head follows
-    it too, timed that way from the threshold up);
+    it too, timed that way from the threshold up); plus, once per micro-batch, the forward's
+    work outside the layers (embedding, mask, rotary, final norm: `forward_fixed`);
   * I/O: each streamed layer is read once per step (the block schedule), bytes / disk bandwidth;
   * threads: the compute is timed at one fewer intra-op thread than torch has (the reader keeps
     a core) and at all of them, where each streamed layer's compute is also charged the CPU
@@ -128,6 +129,9 @@ class Calibration:
     version: int = 0  # CALIBRATION_VERSION of the code that measured it (0: older than that)
     cores: int = 0  # torch's intra-op threads before the calibration capped them
     read_cpu_per_byte: float = 0.0  # CPU seconds the reading thread spent per byte read
+    # the forward's work outside its decoder layers (embedding, mask, rotary, final norm), which
+    # the block schedule does once per micro-batch and step, not once per layer
+    forward_fixed: float = 0.0
     # the same model's compute timed with other thread counts (same disk figures): one more
     # dimension of the policy search, choose_policy tries each
     with_threads: list[Calibration] = field(default_factory=list)
@@ -339,6 +343,7 @@ def evaluate(
     step = simulate_step(compute, reads, prefetch)
     rule = bf16_rows if compress == 4 else None
     step += head_time(calibration, batch, rule)  # once over the batch
+    step += calibration.forward_fixed * blocks
     streamed = shape.num_layers - len(resident)
     slots = min(prefetch + 1, streamed)
     activations = max(
@@ -582,8 +587,9 @@ def _median_seconds(fn, repeats: int) -> float:
 
 # 2: 9 repeats, attention over 1024 extra positions; 3: the int4 many-row kernel got faster;
 # 4: the lm_head of int4 models under the activation rule runs bf16 (head_points_bf16);
-# 5: timed at several thread counts (with_threads), the reader's CPU per byte
-CALIBRATION_VERSION = 5
+# 5: timed at several thread counts (with_threads), the reader's CPU per byte;
+# 6: the layer's own time (hooks), the rest of the forward as forward_fixed
+CALIBRATION_VERSION = 6
 ATTENTION_EXTRA = 1024  # cached positions added to time the attention's cost per position
 CALIBRATION_ROWS = (1, 8, 16, 32, 64, 128)  # decode rows timed (the kernels change method
 # at 16, 32 and 64 rows; generate_batch's micro-batches are powers of two or the whole batch)
@@ -610,8 +616,9 @@ def calibrate_compute(
     medians of int4 at 128 rows came out 40% high and the attention's coefficient (a
     difference of two timings) 4x high on the dev machine, predictions 0.4-0.7x the measured.
     Returns Calibration's fields but the disk bandwidth and threads: the straight-line
-    coefficients (first and last rows), the measured points (layer per compression, lm_head)
-    and the attention's coefficient. int4 is timed again under the activation rule with
+    coefficients (first and last rows), the measured points (layer per compression, lm_head),
+    the attention's coefficient and the forward's work outside the layer (forward_fixed). The
+    layer's points are its own forward's time (_layer_share_seconds). int4 is timed again under the activation rule with
     threshold `bf16_rows` at the rows from there up, under the key "int4-bf16"."""
     from rlhf_fast.offload.generate import streaming_threads
 
@@ -639,6 +646,36 @@ def _filled_cache(config, count: int, context: int, dtype: torch.dtype):
     return cache
 
 
+def _layer_share_seconds(model, step, repeats: int) -> tuple[float, float]:
+    """(seconds inside the model's only decoder layer, seconds of the rest) of `step`, medians
+    over `repeats` runs after a warm-up, from forward hooks on the layer. Timing the whole
+    1-layer forward charged every layer the forward's own work (embedding, mask, rotary, norm):
+    ~0.5 ms, 14% of an int4 layer of the 1.57B model at one decode row on the dev machine, and
+    the policy predicted 0.73x the measured throughput at batch 1 on 12 such layers."""
+    from rlhf_fast.offload.prepare import decoder_layers
+
+    layer = decoder_layers(model)[1][0]
+    marks: list[float] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_: marks.append(time.perf_counter())),
+        layer.register_forward_hook(lambda *_: marks.append(time.perf_counter())),
+    ]
+    try:
+        step()
+        inside, outside = [], []
+        for _ in range(repeats):
+            marks.clear()
+            started = time.perf_counter()
+            step()
+            total = time.perf_counter() - started
+            inside.append(marks[1] - marks[0])
+            outside.append(total - inside[-1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return statistics.median(inside), statistics.median(outside)
+
+
 def _monotone(times: list[float]) -> list[float]:
     """Each time capped by the next one: more rows never take less time, so a smaller count
     timed slower than a larger one was slowed by another process (the dev machine is shared),
@@ -662,7 +699,7 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
     small.tie_word_embeddings = False
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
-    fixed, per_row, points = {}, {}, {}
+    fixed, per_row, points, outside = {}, {}, {}, []
     variants = [(bits, None) for bits in compressions]
     variants += [(4, bf16_rows)] if 4 in compressions and bf16_rows else []
     for bits, rule in variants:
@@ -678,8 +715,9 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
             def step(model=model, ids=step_ids, cache=cache):  # cache grows a few positions
                 model(input_ids=ids, cache=cache, use_cache=True)
 
-            # the 1-layer model's own embedding/norm/head are tiny next to the layer (vocab 256)
-            times.append(_median_seconds(step, repeats))
+            layer_seconds, rest_seconds = _layer_share_seconds(model, step, repeats)
+            times.append(layer_seconds)
+            outside.append(rest_seconds)
         times = _monotone(times)
         slope = (times[-1] - times[0]) / max(counts[-1] - counts[0], 1)
         fixed[key] = max(times[0] - slope * counts[0], 1e-6)
@@ -716,7 +754,7 @@ def _calibrate_compute(config, dtype, compressions, group_size, rows, context, r
         "layer_fixed": fixed, "layer_per_row": per_row, "head_fixed": head_fixed,
         "head_per_row": max(head_slope, 0.0), "layer_points": points, "head_points": head_points,
         "attention_per_position": attention, "context": context,
-        "head_points_bf16": head_points_bf16,
+        "head_points_bf16": head_points_bf16, "forward_fixed": statistics.median(outside),
     }  # fmt: skip
 
 
