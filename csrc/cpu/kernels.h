@@ -72,6 +72,14 @@ struct QuantMatmulArgs {
   const float* x_scales;        // per 128 columns [M, x_chunks], their scales [M, x_chunks]
   const float* x_sums;          // and the sums of the quantized x [M, x_chunks]
   int64_t x_chunks;
+  const uint16_t* x_bf16;       // int4 bf16-dot GEMV only (quant_gemv_bf16dot_avx512.h): x as
+  int64_t x_parts;              // x_parts bf16 terms, [M, x_bf16_row_stride] words, the sums
+  int64_t x_bf16_row_stride;    // of x per group [M, x_group_sums_stride] (zero past K),
+  const float* x_group_sums;    // and each 64-column pair's lane -> group table [pairs, 16]
+  int64_t x_group_sums_stride;
+  const int32_t* pair_groups;
+  const float* x_pair_bias;     // per pair, -128 * the x of each lane [M, pairs * 16]
+  int64_t x_pair_bias_row_stride;
   const float* bias;            // nullptr: no bias
   float* y;
   int64_t y_row_stride;
@@ -172,6 +180,9 @@ struct KernelTable {
   // int4 x 16-bit activations, M <= 16, group size a multiple of 128 (AVX512_VNNI, int16
   // activations); nullptr where the CPU lacks VNNI.
   QuantMatmulFn quant_gemv_int4_vnni;
+  // int4 x any float activations, M <= 16, any group size (AVX512_BF16: vdpbf16ps on exact
+  // bf16 codes and x split into bf16 terms); nullptr where the CPU lacks AVX512_BF16.
+  QuantMatmulFn quant_gemv_int4_bf16dot;
   // int4 -> fp32 / bf16 tiles for the large-M paths (bf16: nullptr below AVX-512).
   DequantizeFn dequantize_int4_f32;
   DequantizeFn dequantize_int4_bf16;
@@ -198,6 +209,9 @@ const KernelTable& kernel_table();
 }
 namespace avx512vnni {
 void quant_gemv_int4_vnni(const QuantMatmulArgs& args, int64_t n_begin, int64_t n_end);
+}
+namespace avx512bf16 {
+void quant_gemv_int4_bf16dot(const QuantMatmulArgs& args, int64_t n_begin, int64_t n_end);
 }
 namespace avx512amx {
 bool enable_amx();  // whether the CPU has AMX-BF16 and Linux let this process use the tiles
