@@ -18,7 +18,9 @@ namespace rlhf_fast {
 namespace {
 
 // 16-bit activations are widened once (M x K is small next to the weight): every dtype gets
-// fp32-exact products, except in the int4 VNNI GEMV for 16-bit x (quant_gemv_vnni_avx512.h). (A vdpbf16ps path for bf16 x was slower here: on our Zen 5 one
+// fp32-exact products, except in the int4 VNNI GEMV for 16-bit x (quant_gemv_vnni_avx512.h),
+// now used only where the CPU lacks AVX512_BF16 (else quant_gemv_bf16dot_avx512.h: exact
+// products of x's bf16 terms, fp32 sums). (A vdpbf16ps path for bf16 x was slower here: on our Zen 5 one
 // vdpbf16ps zmm issues every ~0.8 ns against ~0.2 ns for an FMA, half the FMA's flop rate.)
 at::Tensor fp32_rows(const at::Tensor& x) {
   return unit_stride_rows(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
