@@ -10,7 +10,13 @@ from backends_under_test import cpu_backend_params, using
 
 from rlhf_fast import _native
 from rlhf_fast.models import decode_linear as decode_linear_module
-from rlhf_fast.models.decode_linear import GEMV_ROWS, decode_linear, gemv_rows, uses_gemv
+from rlhf_fast.models.decode_linear import (
+    BF16_DOT_ROWS,
+    GEMV_ROWS,
+    decode_linear,
+    gemv_rows,
+    uses_gemv,
+)
 
 pytestmark = pytest.mark.skipif(
     _native.cpp is None or not hasattr(torch.ops.rlhf_fast, "decode_gemv_dense"),
@@ -66,10 +72,14 @@ def bf16_reference(x, weight, bias):
     return (y if bias is None else y + bias.float()).bfloat16()
 
 
-# bf16 x with bf16 weights: AMX tiles on avx512 where the CPU has them. (K, N) pairs: K below, at
-# and past the 32 bf16 of one tile row, odd, and many tiles with a ragged tail; N 1, under one
-# 16-channel tile, and past 64 channels (four tiles, single tiles, a ragged tile)
-BF16_SIZES = [(1, 1), (31, 7), (32, 9), (33, 1), (94, 13), (257, 83), (688, 21), (64, 150)]
+# bf16 x with bf16 weights: on avx512, AMX tiles where the CPU has them, else vdpbf16ps where it
+# has AVX512_BF16 (1-7 rows: channel blocks of 3-8; 8-16 rows: 16-channel blocks transposed in
+# 512-column chunks). (K, N) pairs: K below, at and past the 32 bf16 of one tile row or step,
+# odd, many steps with a ragged tail, past two 512-column chunks with a ragged tail, and 2048
+# (rows of 4 KB); N 1, under one 16-channel tile, and past 64 channels (four tiles, single
+# tiles, a ragged tile)
+BF16_SIZES = [(1, 1), (31, 7), (32, 9), (33, 1), (94, 13), (257, 83), (688, 21), (64, 150),
+              (1100, 19), (2048, 35)]  # fmt: skip
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -93,10 +103,27 @@ def test_bf16_inputs_match_rounded_fp32(isa, m):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_bf16_split_over_threads(isa):
+@pytest.mark.parametrize("m", [1, 5, 8, 16])
+def test_bf16_exact_sums_round_like_torch(isa, m):
+    """Small integers: every product and partial sum is exact in fp32 whatever the order, so
+    the one rounding to bf16 (to nearest even, sums up to ~2^14 lose bits) must match torch's
+    bit for bit; a bound of one ulp would let a truncating kernel through."""
+    generator = torch.Generator().manual_seed(100 + m)
+    for k, n in [(300, 37), (1100, 19)]:
+        x = torch.randint(-4, 5, (m, k), generator=generator).bfloat16()
+        weight = torch.randint(-4, 5, (n, k), generator=generator).bfloat16()
+        bias = torch.randint(-300, 300, (n,), generator=generator).float()
+        with using(isa):
+            y = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, bias)
+        assert torch.equal(y, bf16_reference(x, weight, bias)), (k, n)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [5, 16])
+def test_bf16_split_over_threads(isa, m):
     """Enough products for two threads: the split falls inside a 16-channel tile (500)."""
     generator = torch.Generator().manual_seed(11)
-    x = torch.randn(16, 520, generator=generator).bfloat16()
+    x = torch.randn(m, 520, generator=generator).bfloat16()
     weight = torch.randn(1000, 520, generator=generator).bfloat16()
     bias = torch.randn(1000, generator=generator)
     threads = torch.get_num_threads()
@@ -113,13 +140,15 @@ def test_bf16_split_over_threads(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_bf16_strided_inputs_and_special_values(isa):
+@pytest.mark.parametrize("m", [6, 9, 16])
+def test_bf16_strided_inputs_and_special_values(isa, m):
     generator = torch.Generator().manual_seed(5)
-    both = torch.randn(9, 2 * 45, generator=generator).bfloat16()
+    both = torch.randn(m, 2 * 45, generator=generator).bfloat16()
     x = both[:, 1::2]  # column stride 2
-    weight = torch.randn(2 * 7, 45, generator=generator).bfloat16()[::2]  # row stride 90
+    weight = torch.randn(2 * 19, 45, generator=generator).bfloat16()[::2]  # row stride 90
     x[2, 40] = float("inf")
     x[4, 3] = float("nan")
+    weight[17, 44] = float("-inf")  # in the ragged last channels of a 16-channel block
     with using(isa):
         y = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, None)
     expected = bf16_reference(x, weight, None)
@@ -137,6 +166,41 @@ def test_bf16_empty_products(isa, m, k, n):
         unbiased = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, None)
     assert y.dtype == unbiased.dtype == torch.bfloat16 and y.shape == unbiased.shape == (m, n)
     assert torch.equal(y, bias.bfloat16().expand(m, n)) and not unbiased.any()
+
+
+@pytest.mark.parametrize("m", [1, 4, 8, 16])
+def test_bf16_dot_runs_where_expected(m):
+    """vdpbf16ps reads denormal inputs as zero (its definition): 2^-130 x 1 sums to exactly 0
+    on it, and to a denormal on the widening kernel. So the output shows which kernel ran."""
+    x = torch.full((m, 40), 2.0**-130).bfloat16()
+    weight = torch.ones(3, 40).bfloat16()
+    assert (x != 0).all()
+    with using(("cpp", "active")):
+        y = torch.ops.rlhf_fast.decode_gemv_dense(x, weight, None)
+        widened = torch.ops.rlhf_fast.decode_gemv_dense(x.float(), weight, None)
+    assert (widened != 0).all()  # fp32 x: always the widening kernel
+    dot = _native.cpp.dense_gemv_bf16_dot()
+    assert dot == (
+        _native.cpp.cpu_isa() == "avx512"
+        and "avx512_bf16" in _cpu_flags()
+        and not _native.cpp.dense_gemv_bf16_tiles()
+    )
+    if not _native.cpp.dense_gemv_bf16_tiles():  # AMX also flushes: nothing to tell apart
+        assert bool((y == 0).all()) == dot and bool((y != 0).all()) == (not dot)
+    with using(("cpp", "avx2")):  # below avx512: never
+        assert not _native.cpp.dense_gemv_bf16_dot()
+        assert (torch.ops.rlhf_fast.decode_gemv_dense(x, weight, None) != 0).all()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 @pytest.mark.skipif(
@@ -175,8 +239,10 @@ def test_bad_arguments():
         op(x, weight, torch.randn(4))
 
 
-def test_opcheck():
-    x, weight = torch.randn(3, 20), torch.randn(6, 20).bfloat16()
+@pytest.mark.parametrize("m", [3, 12])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(m, x_dtype):
+    x, weight = torch.randn(m, 20).to(x_dtype), torch.randn(6, 20).bfloat16()
     torch.library.opcheck(torch.ops.rlhf_fast.decode_gemv_dense, (x, weight, torch.randn(6)))
 
 
@@ -206,11 +272,13 @@ def test_decode_linear_routes_few_rows(monkeypatch, dtype):
     assert grad_x.grad is not None
 
 
-def test_gemv_rows_follow_the_bf16_tiles():
-    tiles = _native.cpp.dense_gemv_bf16_tiles()
-    assert gemv_rows(torch.bfloat16, torch.bfloat16) == (16 if tiles else GEMV_ROWS[torch.bfloat16])
+def test_gemv_rows_follow_the_bf16_kernel():
+    tiles, dot = _native.cpp.dense_gemv_bf16_tiles(), _native.cpp.dense_gemv_bf16_dot()
+    assert not (tiles and dot)  # AMX keeps priority
+    expected = 16 if tiles else BF16_DOT_ROWS if dot else GEMV_ROWS[torch.bfloat16]
+    assert gemv_rows(torch.bfloat16, torch.bfloat16) == expected
     assert gemv_rows(torch.float32, torch.bfloat16) == GEMV_ROWS[torch.bfloat16]  # widened
     assert gemv_rows(torch.float32, torch.float64) == 0
-    with using(("cpp", "scalar")):  # no tiles below avx512
-        assert not _native.cpp.dense_gemv_bf16_tiles()
+    with using(("cpp", "scalar")):  # no tiles nor vdpbf16ps below avx512
+        assert not _native.cpp.dense_gemv_bf16_tiles() and not _native.cpp.dense_gemv_bf16_dot()
         assert gemv_rows(torch.bfloat16, torch.bfloat16) == GEMV_ROWS[torch.bfloat16]

@@ -3,7 +3,8 @@
 // AVX512_VNNI they are the exact quant_matmul kernels, so callers never need a second path.
 // rlhf_fast::decode_gemv_dense: the same products with dense fp32 / bf16 / fp16 weights and
 // fp32 activations and sums (dense_gemv_kernel.h, per SIMD level); bf16 activations with bf16
-// weights on AMX-BF16 tiles where the CPU has them (dense_gemv_bf16_amx.cpp).
+// weights on AMX-BF16 tiles where the CPU has them (dense_gemv_bf16_amx.cpp), else with
+// AVX512_BF16's vdpbf16ps where it has that (dense_gemv_bf16_avx512.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -57,6 +58,22 @@ std::vector<uint32_t> pack_bf16_pairs(const at::Tensor& x, int64_t pairs) {
     for (int64_t k = 0; k < K; ++k)
       halves[((k / 2) * M + m) * 2 + k % 2] = bits[m * row_stride + k * column_stride];
   return packed;
+}
+
+// bf16 x [M, K] as rows of `ldx` bf16, zeros past K (DenseGemvArgs::x_bf16).
+std::vector<uint16_t> pad_bf16_rows(const at::Tensor& x, int64_t ldx) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<uint16_t> padded(M * ldx, 0);
+  const auto* bits = static_cast<const uint16_t*>(x.const_data_ptr());
+  const int64_t row_stride = x.stride(0), column_stride = x.stride(1);
+  for (int64_t m = 0; m < M; ++m) {
+    if (column_stride == 1) {
+      std::memcpy(padded.data() + m * ldx, bits + m * row_stride, K * 2);
+      continue;
+    }
+    for (int64_t k = 0; k < K; ++k) padded[m * ldx + k] = bits[m * row_stride + k * column_stride];
+  }
+  return padded;
 }
 
 at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
@@ -166,11 +183,14 @@ at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t N = w.size(0);
   const at::Tensor bias32 = bias_fp32(bias, N);
   // bf16 x and W (a bf16 model's decode step): AMX tiles where the CPU has them, x packed into
-  // the pairs their B tiles read, y written in bf16; otherwise x in fp32 and the weights
-  // widened to fp32, y in fp32 (converted to x's dtype at the end).
-  const bool tiles = active_kernels().dense_gemv_bf16_amx != nullptr && weight_dtype == kBF16 &&
-                     x.scalar_type() == at::kBFloat16;
-  at::Tensor y = new_output({M, N}, tiles ? at::kBFloat16 : at::kFloat);
+  // the pairs their B tiles read; else vdpbf16ps where the CPU has AVX512_BF16, x read as it
+  // is; either writes y in bf16. Otherwise x in fp32 and the weights widened to fp32, y in fp32
+  // (converted to x's dtype at the end).
+  const KernelTable& kernels = active_kernels();
+  const bool bf16_inputs = weight_dtype == kBF16 && x.scalar_type() == at::kBFloat16;
+  const bool tiles = bf16_inputs && kernels.dense_gemv_bf16_amx != nullptr;
+  const bool dot = bf16_inputs && !tiles && kernels.dense_gemv_bf16_dot != nullptr;
+  at::Tensor y = new_output({M, N}, tiles || dot ? at::kBFloat16 : at::kFloat);
   if (M == 0 || N == 0 || K == 0) {  // nothing to sum: the bias, or zeros
     if (bias32.defined())
       y.copy_(bias32.expand({M, N}));
@@ -188,20 +208,32 @@ at::Tensor decode_gemv_dense_cpu(const at::Tensor& x, const at::Tensor& weight,
   DenseGemvFn kernel;
   at::Tensor x32;
   std::vector<uint32_t> x_pairs;
+  std::vector<uint16_t> x_padded;
   if (tiles) {
     x_pairs = pack_bf16_pairs(x, (K + 31) / 32 * 16);
     args.x_pairs = x_pairs.data();
     args.y_bf16 = static_cast<bf16_t*>(y.data_ptr());
-    kernel = active_kernels().dense_gemv_bf16_amx;
+    kernel = kernels.dense_gemv_bf16_amx;
+  } else if (dot) {
+    // rows padded to whole 32-column steps (the kernel reads x in pairs up to there), plus one
+    // cache line so that rows of 2^n bytes do not share one L1 set with each other and with
+    // the weight rows (a precaution: not measured apart from the kernel's own x copy)
+    args.ldx = (K + 31) / 32 * 32 + 32;
+    x_padded = pad_bf16_rows(x, args.ldx);
+    args.x_bf16 = reinterpret_cast<const bf16_t*>(x_padded.data());
+    args.y_bf16 = static_cast<bf16_t*>(y.data_ptr());
+    kernel = kernels.dense_gemv_bf16_dot;
   } else {
     x32 = fp32_contiguous(x);
     args.x = x32.const_data_ptr<float>();
     args.y = y.data_ptr<float>();
-    kernel = active_kernels().dense_gemv[weight_dtype];
+    kernel = kernels.dense_gemv[weight_dtype];
   }
   // AMX: ~150 products per ns on one core, ~8x the widened kernel, so ~4M products make the
   // ~25 us of work that pays for a second thread (2000 x 256 at 8 rows, 4M products, ran 54 us
-  // on two threads and 29 us on one)
+  // on two threads and 29 us on one). vdpbf16ps splits as the widened kernel does: with 2^19
+  // products a thread, 2000 x 256 at one row stayed on one thread and ran 17.7 us on two,
+  // where the widened kernel split and ran 15.4 us (Zen 4).
   parallel_channels(
       N, K, M, [&](int64_t n0, int64_t n1) { kernel(args, n0, n1); },
       tiles ? int64_t(1) << 22 : int64_t(1) << 18);

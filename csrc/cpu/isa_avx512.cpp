@@ -20,8 +20,10 @@ const KernelTable& kernel_table() {
     t.dequantize_int4_bf16 = &dequantize_int4_bf16;
     if (__builtin_cpu_supports("avx512vnni"))
       t.quant_gemv_int4_vnni = &avx512vnni::quant_gemv_int4_vnni;
-    if (__builtin_cpu_supports("avx512bf16"))
+    if (__builtin_cpu_supports("avx512bf16")) {
       t.quant_gemv_int4_bf16dot = &avx512bf16::quant_gemv_int4_bf16dot;
+      t.dense_gemv_bf16_dot = &avx512bf16::dense_gemv_bf16_dot;
+    }
     if (avx512amx::enable_amx()) t.dense_gemv_bf16_amx = &avx512amx::dense_gemv_bf16_amx;
     return t;
   }();

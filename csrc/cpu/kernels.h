@@ -119,17 +119,21 @@ using RotaryFn = void (*)(const RotaryArgs&, int64_t row_begin, int64_t row_end)
 
 // dense_gemv: y[M, N] = x @ W.T (+ bias) for output channels [n_begin, n_end), M <= 16 rows of
 // fp32 x, W rows of the table index's dtype (row stride ldw, unit column stride), fp32 sums.
-// dense_gemv_bf16_amx reads bf16 W and x as bf16 pairs (x_pairs) and writes bf16 y (y_bf16).
+// dense_gemv_bf16_amx reads bf16 W and x as bf16 pairs (x_pairs) and writes bf16 y (y_bf16);
+// dense_gemv_bf16_dot reads bf16 W and bf16 x (x_bf16) and writes bf16 y (y_bf16).
 struct DenseGemvArgs {
   const float* x;  // [M, K] contiguous
+  // dense_gemv_bf16_dot's x: [M, ldx], ldx >= K rounded up to 32, zeros past K
+  const bf16_t* x_bf16;
   // dense_gemv_bf16_amx's x: bf16 pairs (x[m, 2p], x[m, 2p + 1]) at p * M + m, for p up to
   // K rounded up to 32, over 2 (zeros past K)
   const uint32_t* x_pairs;
-  bf16_t* y_bf16;  // dense_gemv_bf16_amx's y: [M, N] contiguous, rounded to bf16 (y unused)
+  bf16_t* y_bf16;  // the bf16 kernels' y: [M, N] contiguous, rounded to bf16 (y unused)
   const void* w;   // [N, K] rows
   const float* bias;  // nullptr or [N]
   float* y;           // [M, N] contiguous
   int64_t M, K, N, ldw;
+  int64_t ldx;  // x_bf16's row stride
 };
 using DenseGemvFn = void (*)(const DenseGemvArgs&, int64_t n_begin, int64_t n_end);
 constexpr int64_t kDenseGemvMaxRows = 16;
@@ -192,6 +196,9 @@ struct KernelTable {
   DenseGemvFn dense_gemv[kNumDTypes];
   // bf16 x and W on AMX-BF16 tiles; nullptr where the CPU (or the OS) does not grant them.
   DenseGemvFn dense_gemv_bf16_amx;
+  // bf16 x and W with vdpbf16ps (AVX512_BF16); nullptr where the CPU lacks it. The op prefers
+  // the AMX tiles where both exist.
+  DenseGemvFn dense_gemv_bf16_dot;
   RmsNormFn rms_norm[kNumDTypes][2];
   RmsNormBackwardFn rms_norm_backward[kNumDTypes][2];
   TokenLogprobsFn token_logprobs[kNumDTypes];
@@ -212,6 +219,7 @@ void quant_gemv_int4_vnni(const QuantMatmulArgs& args, int64_t n_begin, int64_t 
 }
 namespace avx512bf16 {
 void quant_gemv_int4_bf16dot(const QuantMatmulArgs& args, int64_t n_begin, int64_t n_end);
+void dense_gemv_bf16_dot(const DenseGemvArgs& args, int64_t n_begin, int64_t n_end);
 }
 namespace avx512amx {
 bool enable_amx();  // whether the CPU has AMX-BF16 and Linux let this process use the tiles

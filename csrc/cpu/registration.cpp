@@ -92,6 +92,14 @@ PYBIND11_MODULE(_C, module) {
       [] { return rlhf_fast::active_kernels().dense_gemv_bf16_amx != nullptr; },
       "Whether decode_gemv_dense multiplies bf16 x by bf16 weights on AMX tiles.");
   module.def(
+      "dense_gemv_bf16_dot",
+      [] {
+        const rlhf_fast::KernelTable& kernels = rlhf_fast::active_kernels();
+        return kernels.dense_gemv_bf16_amx == nullptr && kernels.dense_gemv_bf16_dot != nullptr;
+      },
+      "Whether decode_gemv_dense multiplies bf16 x by bf16 weights with AVX512_BF16's vdpbf16ps "
+      "(where the CPU has it and no AMX tiles).");
+  module.def(
       "set_poison_outputs", [](bool enabled) { rlhf_fast::poison_outputs() = enabled; },
       "Test hook: fill every output with NaN before the kernels write it.");
 }
