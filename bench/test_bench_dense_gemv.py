@@ -3,14 +3,16 @@ runs for a decode step's rows) beside torch's F.linear at the shapes of the PPO 
 
 Sizes: every linear layer of the PPO bench's h256-L4 policy (hidden 256, MLP 688, vocab 2000:
 fused qkv 768 x 256, o 256 x 256, gate+up 1376 x 256, down 256 x 688, lm head 2000 x 256) at 8
-and 16 rows (one row per prompt), whose bf16 weights sit in cache during a rollout as here; and
+and 16 rows (one row per prompt; bf16 also at 1 and 4, the chat and small-batch decode steps),
+whose bf16 weights sit in cache during a rollout as here; and
 one 5632 x 2048 layer whose copies are rotated over twice the largest cache
 (test_bench_quant_matmul.ROTATE_BYTES), so every call streams its weights from DRAM.
 
-Providers: "cpp" is decode_gemv_dense with x in the weight's dtype (bf16: vdpbf16ps on a CPU
-with AVX512_BF16); "cpp-widened" (bf16 only) is the same op with fp32 x, which runs the kernel
-that widens each bf16 weight to fp32 (what bf16 x ran before the vdpbf16ps path); "peer" is
-F.linear. The session summary's speedup column is each provider's over F.linear's.
+Providers: "cpp" is decode_gemv_dense with x in the weight's dtype (bf16: AMX tiles where the
+CPU has them, else vdpbf16ps where it has AVX512_BF16, else the widening kernel); "cpp-widened"
+(bf16 only) is the same op with fp32 x, which always runs the kernel that widens each bf16
+weight to fp32 (what bf16 x runs on a CPU with neither); "peer" is F.linear. The session
+summary's speedup column is each provider's over F.linear's.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ SIZES = [
                  else ())
     for dtype in (torch.bfloat16, torch.float32)
     for n, k in [*PPO_SHAPES, BEYOND_L3]
-    for m in (8, 16)
-    if dtype == torch.bfloat16 or (n, k) in ((1376, 256), BEYOND_L3)
+    for m in (1, 4, 8, 16)
+    if (dtype == torch.bfloat16 or (n, k) in ((1376, 256), BEYOND_L3))
+    and (m >= 8 or dtype == torch.bfloat16)
 ]  # fmt: skip
 PROVIDERS = ["peer", "cpp", "cpp-widened"]  # peer first: the summary's speedups are over it
 
