@@ -367,10 +367,28 @@ def test_offload_generation_throughput(shape: str) -> None:
             f"(batch {peer_batch}) = {tokens / peer_best:.2f}x"
         )
     print(_prediction_summary(predicted, measured, batches))
+    print(_calibration_summary(calibration))
 
 
 def _thread_counts(calibration) -> str:
     return " and ".join(str(c.threads) for c in calibration.per_thread_count())
+
+
+def _calibration_summary(calibration) -> str:
+    """The timings the predictions rest on (ms per decoder layer at each row count, the
+    forward's own work once per micro-batch), to tell a miss of the model from a calibration
+    that ran in a fast or slow spell of the VM."""
+    lines = ["calibration (ms):"]
+    for timing in calibration.per_thread_count():
+        points = "; ".join(
+            f"{key} " + ", ".join(f"{int(rows)}: {seconds * 1e3:.3g}" for rows, seconds in series)
+            for key, series in sorted(timing.layer_points.items())
+        )
+        lines.append(
+            f"  {timing.threads} threads: layer {points}; forward outside the layers "
+            f"{timing.forward_fixed * 1e3:.3g}"
+        )
+    return "\n".join(lines)
 
 
 def _prediction_summary(predicted: dict[int, float], measured: dict, batches) -> str:
