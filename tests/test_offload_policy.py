@@ -658,3 +658,15 @@ def test_the_forwards_own_work_is_charged_once_per_micro_batch():
         blocks = 8 // micro_batch
         step = 8 / plain.predicted_tokens_per_s
         assert 8 / charged.predicted_tokens_per_s == pytest.approx(step + 0.003 * blocks)
+
+
+def test_contexts_shorter_than_the_calibrated_one_cost_the_calibrated_time():
+    from dataclasses import replace
+
+    timed = replace(CALIBRATION, attention_per_position=1e-6, context=64)
+    kwargs = dict(compress=4, resident_layers=8, prefetch=0, micro_batch=8, batch=8)
+    at = {context: evaluate(SHAPES[4], timed, context=context, **kwargs).predicted_tokens_per_s
+          for context in (8, 64, 1064)}  # fmt: skip
+    assert at[8] == at[64]  # no credit below the timed context
+    step_64, step_1064 = 8 / at[64], 8 / at[1064]
+    assert step_1064 - step_64 == pytest.approx(8 * 8 * 1000 * 1e-6)  # layers x rows x positions
