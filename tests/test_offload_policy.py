@@ -4,6 +4,8 @@ the search (budget respected, explicit settings honoured, best of the grid, too-
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -670,3 +672,22 @@ def test_contexts_shorter_than_the_calibrated_one_cost_the_calibrated_time():
     assert at[8] == at[64]  # no credit below the timed context
     step_64, step_1064 = 8 / at[64], 8 / at[1064]
     assert step_1064 - step_64 == pytest.approx(8 * 8 * 1000 * 1e-6)  # layers x rows x positions
+
+
+def test_the_disk_is_measured_one_request_per_file_as_the_streamer_reads(tmp_path, monkeypatch):
+    from rlhf_fast.offload import policy as policy_module
+
+    path = tmp_path / "layer.bin"
+    path.write_bytes(os.urandom((65 << 20) + 100))  # over the temporary file's 64 MiB requests
+    requests = []
+    real = os.preadv
+
+    def counted(fd, buffers, offset):
+        requests.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(policy_module.os, "preadv", counted)
+    bandwidth, _ = policy_module.measure_disk_read(tmp_path, [str(path)])
+    assert bandwidth > 0
+    if requests:  # O_DIRECT (else a buffered read, which this file system forced)
+        assert requests == [0]

@@ -556,9 +556,12 @@ def measure_disk_read(
 ) -> tuple[float, float]:
     """(bytes/s, CPU seconds per byte) of measure_disk_bandwidth's reads: the CPU time of the
     reading thread (O_DIRECT: ~0 s, the device copies; buffered: a copy per byte)."""
-    from rlhf_fast.offload.shards import aligned_buffer
+    from rlhf_fast.offload.shards import DIRECT_ALIGN, aligned_buffer
 
-    buffer = aligned_buffer(64 << 20)
+    # each file in one request, as the streamer reads a layer's file (in 64 MiB requests a
+    # 256 MiB file read 6-10% slower on the dev machine); the temporary file in 64 MiB ones
+    largest = max((os.path.getsize(path) for path in files or ()), default=64 << 20)
+    buffer = aligned_buffer(-(-largest // DIRECT_ALIGN) * DIRECT_ALIGN)
     created = None
     try:
         if not files:
@@ -622,8 +625,9 @@ def calibrate_compute(
     Returns Calibration's fields but the disk bandwidth and threads: the straight-line
     coefficients (first and last rows), the measured points (layer per compression, lm_head),
     the attention's coefficient and the forward's work outside the layer (forward_fixed). The
-    layer's points are its own forward's time (_layer_share_seconds). int4 is timed again under the activation rule with
-    threshold `bf16_rows` at the rows from there up, under the key "int4-bf16"."""
+    layer's points are its own forward's time (_layer_share_seconds). int4 is timed again under
+    the activation rule with threshold `bf16_rows` at the rows from there up, under the key
+    "int4-bf16"."""
     from rlhf_fast.offload.generate import streaming_threads
 
     before = torch.get_num_threads()
