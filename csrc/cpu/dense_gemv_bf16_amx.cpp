@@ -27,6 +27,9 @@
 #include <cstring>
 
 #include "cpu/kernels.h"
+#define RLHF_ISA_AVX512
+#define RLHF_ISA_NS avx512amx
+#include "cpu/simd.h"  // VecAvx512::store: torch's rounding of fp32 to bf16
 
 namespace rlhf_fast::avx512amx {
 namespace {
@@ -59,19 +62,6 @@ void configure_tiles(int channels, int64_t M) {
   config.rows[6] = kBlock / 2;  // B: 16 pairs x M
   config.bytes_per_row[6] = static_cast<uint16_t>(M * 4);
   _tile_loadconfig(&config);
-}
-
-// 16 fp32 to bf16, rounded to nearest even; NaN as torch's quiet NaN (as simd.h's stores)
-inline __m256i round_to_bf16(__m512 values) {
-  const __m512i bits = _mm512_castps_si512(values);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-      _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  const __m512i high =
-      _mm512_mask_mov_epi32(_mm512_srli_epi32(rounded, 16), nan, _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(high);
 }
 
 // Channels [n, n + G * 16) (G C tiles), `channels` rows per tile (16, or fewer in the one
@@ -143,8 +133,7 @@ void amx_channel_group(const DenseGemvArgs& a, int64_t n, int channels) {
     for (int64_t m = 0; m < M; ++m) {
       const __m512 sum =
           _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, column, sums[16 * g] + m, 4);
-      _mm256_mask_storeu_epi16(a.y_bf16 + m * a.N + n + 16 * g, lanes,
-                               round_to_bf16(_mm512_add_ps(sum, bias)));
+      VecAvx512::store(a.y_bf16 + m * a.N + n + 16 * g, _mm512_add_ps(sum, bias), channels);
     }
   }
 }

@@ -36,6 +36,9 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#define RLHF_ISA_AVX512
+#define RLHF_ISA_NS avx512bf16
+#include "cpu/simd.h"  // VecAvx512::store / float_to_bf16: torch's rounding of fp32 to bf16
 
 namespace rlhf_fast::avx512bf16 {
 namespace {
@@ -61,27 +64,6 @@ inline __m512 sum_lanes_16(const __m512* v) {
                               _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
   return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
                        _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
-}
-
-// fp32 to bf16 bits, rounded to nearest even; NaN as torch's quiet NaN (as simd.h's stores)
-inline uint16_t round_to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-// 16 fp32 to bf16, as round_to_bf16
-inline __m256i round_to_bf16x16(__m512 values) {
-  const __m512i bits = _mm512_castps_si512(values);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-      _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  const __m512i high =
-      _mm512_mask_mov_epi32(_mm512_srli_epi32(rounded, 16), nan, _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(high);
 }
 
 // The R rows of x against channels [n, n + channels), channels <= C (missing channels re-read
@@ -119,11 +101,10 @@ void bf16_dot_block(const DenseGemvArgs& a, int64_t n, int channels) {
 #pragma GCC unroll 2
   for (int g = 0; g < kSums / 16; ++g)
     _mm512_store_ps(totals + 16 * g, sum_lanes_16(sums + 16 * g));
-  uint16_t* const y = reinterpret_cast<uint16_t*>(a.y_bf16);
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < channels; ++c)
-      y[r * a.N + n + c] =
-          round_to_bf16(totals[r * C + c] + (a.bias ? a.bias[n + c] : 0.0f));
+      a.y_bf16[r * a.N + n + c] =
+          float_to_bf16(totals[r * C + c] + (a.bias ? a.bias[n + c] : 0.0f));
 }
 
 template <int R, int C>
@@ -216,8 +197,7 @@ void bf16_broadcast_block(const DenseGemvArgs& a, const TransposeIndex& index, i
   const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(lanes, a.bias + n) : _mm512_setzero_ps();
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    _mm256_mask_storeu_epi16(a.y_bf16 + r * a.N + n, lanes,
-                             round_to_bf16x16(_mm512_add_ps(sums[r], bias)));
+    VecAvx512::store(a.y_bf16 + r * a.N + n, _mm512_add_ps(sums[r], bias), int(channels));
 }
 
 template <int R>
