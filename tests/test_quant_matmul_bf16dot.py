@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from backends_under_test import cpu_backend_params, using
-from test_quant_matmul import expected_output
+from test_quant_matmul import assert_close_to_oracle
 
 from rlhf_fast import ops
 from rlhf_fast.quant.weight import quantize_weight
@@ -26,11 +26,7 @@ RELATIVE_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 
 
 
 def check(y, x, qweight, bias):
-    expected = expected_output(x, qweight, bias)
-    assert y.dtype == x.dtype and y.shape == expected.shape
-    tolerance = RELATIVE_TOLERANCE[x.dtype]
-    scale = expected.abs().max().item() + 1e-30
-    torch.testing.assert_close(y.double(), expected, atol=tolerance * scale, rtol=tolerance)
+    assert_close_to_oracle(y, x, qweight, bias, RELATIVE_TOLERANCE)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
