@@ -8,6 +8,9 @@
 //   decode_attention     one query row: RoPE on q and k, k and v written to the caches at
 //                        `position`, attention of every q head over its KV head's positions
 //                        [max(0, position - window + 1), position] (window <= 0: all), fp32.
+//   decode_attention_rows  the attention alone for B rows of one query each (batched rollout
+//                        decoding, rlhf_fast/train/rollout_decoder.py): q already rotated, the
+//                        caches already written, each row's visible keys given by a mask.
 //   decode_silu_mul      silu(gate) * up of [M, 2I] = [gate | up] (rounded as the torch pair).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "cpu/decode_ops.h"
+#include "cpu/op_checks.h"
 
 namespace rlhf_fast {
 namespace {
@@ -175,6 +179,85 @@ at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos,
           for (int64_t i = 0; i < D; ++i) acc[i] += p * float(vg[j * D + i]);
         }
         for (int64_t i = 0; i < D; ++i) o[h * D + i] = static_cast<scalar_t>(acc[i] / total);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor decode_attention_rows_cpu(const at::Tensor& q, const at::Tensor& keys,
+                                     const at::Tensor& values, const at::Tensor& key_mask,
+                                     int64_t first, double scale) {
+  check_float(q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0,
+                    "q must be [B, heads, head_dim], got ", q.sizes());
+  const int64_t B = q.size(0), heads = q.size(1), D = q.size(2);
+  for (auto* cache : {&keys, &values}) {
+    const char* name = cache == &keys ? "keys" : "values";
+    check_same_dtype(*cache, name, q);
+    TORCH_CHECK_VALUE(cache->dim() == 4 && cache->size(0) == B && cache->size(3) == D &&
+                          cache->is_contiguous(),
+                      name, " must be a contiguous [", B, ", kv_heads, capacity, ", D,
+                      "], got ", cache->sizes());
+  }
+  TORCH_CHECK_VALUE(values.sizes() == keys.sizes(), "values must have the shape of keys ",
+                    keys.sizes(), ", got ", values.sizes());
+  const int64_t kv_heads = keys.size(1), capacity = keys.size(2);
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, "q's heads (", heads,
+                    ") must be a multiple of the caches' kv_heads (", kv_heads, ")");
+  TORCH_CHECK_TYPE(key_mask.scalar_type() == at::kBool, "key_mask must be bool, got ",
+                   key_mask.scalar_type());
+  TORCH_CHECK_VALUE(key_mask.device().is_cpu(), "key_mask must be on the CPU, got ",
+                    key_mask.device());
+  TORCH_CHECK_VALUE(key_mask.dim() == 2 && key_mask.size(0) == B && key_mask.size(1) > 0,
+                    "key_mask must be [", B, ", keys] with keys >= 1, got ", key_mask.sizes());
+  const int64_t length = key_mask.size(1);
+  TORCH_CHECK_VALUE(first >= 0 && first + length <= capacity, "key columns [", first, ", ",
+                    first + length, ") are outside the cache of ", capacity, " positions");
+  // The rollout's query is a strided view of the rotated q/k block; only its rows need unit
+  // stride. The mask is a few hundred bytes: a copy costs nothing.
+  const at::Tensor query = q.stride(2) == 1 ? q : q.contiguous();
+  const at::Tensor visible = key_mask.contiguous();
+  const int64_t q_row = query.stride(0), q_head = query.stride(1), group = heads / kv_heads;
+  at::Tensor out = new_output({B, heads * D}, q.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_rows", [&] {
+    const scalar_t* qs = query.const_data_ptr<scalar_t>();
+    const scalar_t* ks = keys.const_data_ptr<scalar_t>();
+    const scalar_t* vs = values.const_data_ptr<scalar_t>();
+    const bool* mask = visible.const_data_ptr<bool>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const float softmax_scale = static_cast<float>(scale);
+    // One (row, head) pair is ~4 length x D flops: at the PPO bench's 8 rows x 4 heads and 16-64
+    // keys the whole call is 30-130 kflop, a few microseconds, so pairs are only split across
+    // threads in chunks of >= ~64 kflop.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * D));
+    at::parallel_for(0, B * heads, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> qh(D), scores(length), acc(D);
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t b = pair / heads, h = pair % heads, g = h / group;
+        const bool* row_mask = mask + b * length;
+        const scalar_t* kg = ks + ((b * kv_heads + g) * capacity + first) * D;
+        const scalar_t* vg = vs + ((b * kv_heads + g) * capacity + first) * D;
+        for (int64_t i = 0; i < D; ++i) qh[i] = float(qs[b * q_row + h * q_head + i]);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < length; ++j) {
+          if (!row_mask[j]) continue;
+          scores[j] = dot(qh.data(), kg + j * D, D) * softmax_scale;
+          top = std::max(top, scores[j]);
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float total = 0.0f;
+        for (int64_t j = 0; j < length; ++j) {
+          if (!row_mask[j]) continue;
+          const float p = std::exp(scores[j] - top);
+          total += p;
+          for (int64_t i = 0; i < D; ++i) acc[i] += p * float(vg[j * D + i]);
+        }
+        // A row that sees no key attends to nothing: zeros, where softmax over an empty set
+        // would give 0/0 (SDPA returns NaN there).
+        const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+        scalar_t* oh = o + b * heads * D + h * D;
+        for (int64_t i = 0; i < D; ++i) oh[i] = static_cast<scalar_t>(acc[i] * inverse);
       }
     });
   });

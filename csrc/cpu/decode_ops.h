@@ -29,6 +29,11 @@ at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos,
                                 const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
                                 int64_t position, int64_t heads, int64_t kv_heads,
                                 int64_t window, double scale);
+// Attention of B single-query rows: q [B, heads, head_dim] over the cache columns
+// [first, first + keys) where key_mask [B, keys] is true; out [B, heads * head_dim].
+at::Tensor decode_attention_rows_cpu(const at::Tensor& q, const at::Tensor& keys,
+                                     const at::Tensor& values, const at::Tensor& key_mask,
+                                     int64_t first, double scale);
 at::Tensor decode_silu_mul_cpu(const at::Tensor& gate_up);
 
 }  // namespace rlhf_fast

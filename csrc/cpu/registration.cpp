@@ -33,6 +33,9 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values,"
       " int position, int heads, int kv_heads, int window, float scale) -> Tensor");
+  m.def(
+      "decode_attention_rows(Tensor q, Tensor keys, Tensor values, Tensor key_mask, int first,"
+      " float scale) -> Tensor");
   m.def("decode_silu_mul(Tensor gate_up) -> Tensor");
   m.def(
       "rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype)"
@@ -66,6 +69,7 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("decode_gemv_dense", &rlhf_fast::decode_gemv_dense_cpu);
   m.impl("decode_add_rms_norm", &rlhf_fast::decode_add_rms_norm_cpu);
   m.impl("decode_attention", &rlhf_fast::decode_attention_cpu);
+  m.impl("decode_attention_rows", &rlhf_fast::decode_attention_rows_cpu);
   m.impl("decode_silu_mul", &rlhf_fast::decode_silu_mul_cpu);
   m.impl("rms_norm", &rlhf_fast::rms_norm_cpu);
   m.impl("rms_norm_backward", &rlhf_fast::rms_norm_backward_cpu);

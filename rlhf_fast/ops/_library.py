@@ -68,6 +68,12 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "decode_attention"):
     ):
         return qkv.new_empty((1, heads * (qkv.shape[1] // (heads + 2 * kv_heads))))
 
+    if hasattr(torch.ops.rlhf_fast, "decode_attention_rows"):
+
+        @torch.library.register_fake("rlhf_fast::decode_attention_rows")
+        def _decode_attention_rows_fake(q, keys, values, key_mask, first, scale):
+            return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
     @torch.library.register_fake("rlhf_fast::decode_silu_mul")
     def _decode_silu_mul_fake(gate_up):
         return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
