@@ -75,7 +75,8 @@ struct QuantMatmulArgs {
   const uint16_t* x_bf16;       // int4 bf16-dot GEMV only (quant_gemv_bf16dot_avx512.h): x as
   int64_t x_parts;              // x_parts bf16 terms, [M, x_bf16_row_stride] words, the sums
   int64_t x_bf16_row_stride;    // of x per group [M, x_group_sums_stride] (zero past K),
-  const float* x_group_sums;    // and each 64-column pair's lane -> group table [pairs, 16]
+  const float* x_group_sums;    // and the lane -> group table of each pair of a window
+                                // [group_size / 4, 16], the same for every window
   int64_t x_group_sums_stride;
   const int32_t* pair_groups;
   const float* x_pair_bias;     // per pair, -128 * the x of each lane [M, pairs * 16]

@@ -76,7 +76,8 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t chunks)
 // Activations of the bf16-dot GEMV (quant_gemv_bf16dot_avx512.h): x as `parts` bf16 terms
 // that sum to it (each the bf16 rounding of what the previous ones left), in the kernel's
 // column order, zero past K; the fp32 sum of x over each group (zero past the last group, up
-// to a whole window of 16); and per 64-column pair, the lane -> group table.
+// to a whole window of 16); and per 64-column pair of a window, the lane -> group table
+// (the same for every window).
 struct SplitActivations {
   std::vector<uint16_t> words;
   std::vector<float> group_sums;
@@ -135,13 +136,11 @@ SplitActivations split_activations(const at::Tensor& x32, int64_t parts, int64_t
     for (int64_t i = 0; i < pairs * 16; ++i)
       s.pair_bias[m * pairs * 16 + i] = static_cast<float>(-128.0 * lane_sums[i]);
   }
-  s.pair_groups.resize(pairs * 16);
   const int64_t pairs_per_window = group_size / 4;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t base = p / pairs_per_window * 16;
+  s.pair_groups.resize(pairs_per_window * 16);
+  for (int64_t p = 0; p < pairs_per_window; ++p)
     for (int lane = 0; lane < 16; ++lane)
-      s.pair_groups[p * 16 + lane] = static_cast<int32_t>((2 * p + lane / 8) * 32 / group_size - base);
-  }
+      s.pair_groups[p * 16 + lane] = static_cast<int32_t>((2 * p + lane / 8) * 32 / group_size);
   return s;
 }
 
