@@ -55,3 +55,20 @@ def test_large_and_tiny_activations(backend):
     with using(backend) as name:
         y = ops.quant_matmul(x, qweight, backend=name)
     check(y, x, qweight, None)
+
+
+# Long rows: a tile's x terms and two tiles' codes outgrow 24 KB of L1 (bf16 x at one row from
+# K ~ 4096; fp32 x sooner), so the kernel prefetches the next tile into L2 only. K = 5632: the
+# MLP down projection, 11 windows at g32; 4160: 65 pairs, the last window partial.
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_long_rows_match_the_oracle(backend, group_size, dtype):
+    generator = torch.Generator().manual_seed(group_size + 11)
+    for index, (m, k, n) in enumerate([(1, 5632, 10), (2, 4160, 5), (5, 5632, 3)]):
+        qweight = quantize_weight(torch.randn(n, k, generator=generator), 4, group_size)
+        x = torch.randn(m, k + 3, generator=generator)[:, 2 : 2 + k].to(dtype)
+        bias = torch.randn(n, generator=generator) if index % 2 == 0 else None
+        with using(backend) as name:
+            y = ops.quant_matmul(x, qweight, bias, backend=name)
+        check(y, x, qweight, bias)

@@ -29,6 +29,16 @@
 // (group of the lane's block minus the window's first group), which repeats every window:
 // one table per pair of a window (its [pairs, 16] form cost a 64-byte line per pair beside x's
 // and measured 3-7% slower at one row, weights from DRAM, Zen 4).
+//
+// Prefetch: each tile loads the next tile's codes (one line per channel per two pairs) with
+// prefetcht0 while a tile's x terms, its biases and two tiles' codes fit in 24 KB, else with
+// prefetcht1. Long rows outgrow the L1: at K = 5632, one row, bf16 x, that set is ~39 KB
+// against Zen 4's 32 KB, and prefetcht1 (which behaved there as a fill of L2 only) measured
+// 1.10-1.14x prefetcht0 at K = 4096-8192 (fp32 x 1.03-1.05x), weights from DRAM, one thread;
+// at K = 2048 (~14 KB) it measured 0.91x. Presumably prefetcht0's lines were evicted from L1
+// before their use (this VM has no cache counters to show it). Blocking K so x stays in L1
+// (walking every tile over a few windows, then the next windows) measured 0.7-0.8x: short
+// runs of each row read from DRAM more slowly than whole rows.
 #pragma once
 
 #include "cpu/quant_matmul_kernel.h"
@@ -40,7 +50,8 @@ inline __mmask16 bf16dot_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-template <int S, int MR, int NR>
+// Locality: __builtin_prefetch's hint for the next tile's codes (3: prefetcht0, 2: prefetcht1).
+template <int S, int MR, int NR, int Locality>
 void int4_bf16dot_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0) {
   const int64_t groups = a.group_row_stride;
   const int64_t blocks = (a.K + 31) / 32, pairs = (blocks + 1) / 2;
@@ -52,7 +63,7 @@ void int4_bf16dot_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0) {
     for (int m = 0; m < MR; ++m) acc[m][j] = _mm512_setzero_ps();
   }
   // As in int4_gemv_tile_avx512: the next tile's rows follow this tile's in memory and are
-  // prefetched in address order (one line per channel per two pairs), its scales up front.
+  // prefetched in address order, its scales up front.
   const uint8_t* next_tile = rows[0] + NR * a.qdata_row_stride;
   {
     const char* s0 = reinterpret_cast<const char*>(a.scales_f16 + (n0 + NR) * groups);
@@ -86,7 +97,7 @@ void int4_bf16dot_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0) {
       __m512i lo[NR], hi[NR];
       __m512 pair_scales[NR];
       for (int j = 0; j < NR; ++j) {
-        if ((p & 1) == 0) __builtin_prefetch(next_tile + (p / 2 * NR + j) * 64, 0, 3);
+        if ((p & 1) == 0) __builtin_prefetch(next_tile + (p / 2 * NR + j) * 64, 0, Locality);
         const uint8_t* packed = rows[j] + 32 * p;
         const __m512i words = _mm512_cvtepu8_epi16(
             whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed))
@@ -122,20 +133,29 @@ void int4_bf16dot_tile(const QuantMatmulArgs& a, int64_t m0, int64_t n0) {
   }
 }
 
-// fn[rows - 1][channels - 1] for one number of x terms S.
+// fn[prefetch into L1][rows - 1][channels - 1] for one number of x terms S.
 template <int S>
 struct Bf16DotTiles {
   using Fn = void (*)(const QuantMatmulArgs&, int64_t, int64_t);
-  Fn fn[4][4];
+  Fn fn[2][4][4];
   Bf16DotTiles() { fill<0>(); }
   template <int I>
   void fill() {
-    if constexpr (I < 16) {
-      fn[I / 4][I % 4] = &int4_bf16dot_tile<S, I / 4 + 1, I % 4 + 1>;
+    if constexpr (I < 32) {
+      constexpr int near = I / 16, rows = I % 16 / 4 + 1, channels = I % 4 + 1;
+      fn[near][rows - 1][channels - 1] = &int4_bf16dot_tile<S, rows, channels, near ? 3 : 2>;
       fill<I + 1>();
     }
   }
 };
+
+// Whether a tile's working set fits in L1 with room to spare (3/4 of a 32 KB L1): every
+// row's x terms and biases for the whole K, this tile's codes and the next tile's.
+inline bool bf16dot_fits_l1(const QuantMatmulArgs& a, int64_t terms, int64_t width) {
+  const int64_t pairs = (a.K + 63) / 64;
+  const int64_t x_bytes = a.M * pairs * (terms * 128 + 64);
+  return x_bytes + 2 * width * a.qdata_row_stride <= 24 * 1024;
+}
 
 template <int S>
 void bf16dot_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end) {
@@ -143,11 +163,12 @@ void bf16dot_channels(const QuantMatmulArgs& a, int64_t n_begin, int64_t n_end) 
   // 4 channels a tile for up to 2 rows, else 2: MR x NR accumulators, 2 NR unpacked codes and
   // NR scale vectors must fit the 32 registers.
   const int64_t width = a.M <= 2 ? 4 : 2;
+  const auto& fn = tiles.fn[bf16dot_fits_l1(a, S, width) ? 1 : 0];
   for (int64_t n = n_begin; n < n_end; n += width) {
     const int64_t nr = n_end - n < width ? n_end - n : width;
     for (int64_t m = 0; m < a.M; m += 4) {
       const int64_t mr = a.M - m < 4 ? a.M - m : 4;
-      tiles.fn[mr - 1][nr - 1](a, m, n);
+      fn[mr - 1][nr - 1](a, m, n);
     }
   }
 }

@@ -222,6 +222,12 @@ at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
   // tile reads them. fp32 x (3 terms) only up to 2 rows: measured on Zen 4, 1 thread, weights
   // from DRAM, against the fp32 kernel before it: 1.6-2.0x at 1 row, 1.2-1.6x at 2, but even
   // at 4 rows and 0.8x at 8 (three vdpbf16ps per 32 weights and row outweigh the unpacking).
+  // Against aten's _weight_int4pack_mm_for_cpu at g32 (bf16 x), one row, weights from DRAM,
+  // Zen 4, medians of interleaved rounds: K x N = 2048 x 5632 bf16 x 1.53-1.68x (1 thread),
+  // 1.26-1.38x (2); fp32 x 0.98-1.01x / 0.96x. 5632 x 2048 (long rows: the next tile's codes
+  // are prefetched into L2, see quant_gemv_bf16dot_avx512.h) bf16 x 1.04-1.13x / 0.95-0.96x
+  // (0.84-0.88x / 0.77-0.80x with the L1 prefetch); fp32 x 0.82-0.88x / 0.73-0.78x, its three
+  // vdpbf16ps per 32 weights leave it compute-bound at ~12 GB/s even from L3.
   const int64_t parts = x.scalar_type() == at::kBFloat16 ? 1 : x.scalar_type() == at::kHalf ? 2 : 3;
   if (format == kInt4 && M <= (parts == 3 ? 2 : 16) && kernels.quant_gemv_int4_bf16dot != nullptr) {
     split = split_activations(x32, parts, args.group_size);
