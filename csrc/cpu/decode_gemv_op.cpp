@@ -4,7 +4,7 @@
 // rlhf_fast::decode_gemv_dense: the same products with dense fp32 / bf16 / fp16 weights and
 // fp32 activations and sums (dense_gemv_kernel.h, per SIMD level); bf16 activations with bf16
 // weights on AMX-BF16 tiles where the CPU has them (dense_gemv_bf16_amx.cpp), else with
-// AVX512_BF16's vdpbf16ps where it has that (dense_gemv_bf16_avx512.cpp).
+// AVX512_BF16's vdpbf16ps where it has that (dense_gemv_bf16_dot_avx512.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 

@@ -4,7 +4,7 @@ A decode step multiplies a few rows by every weight of the model: a stream over 
 rlhf_fast::decode_gemv_dense (csrc/cpu/dense_gemv_kernel.h) streams fp32, bf16 and fp16 weights
 with fp32 sums; bf16 x with bf16 weights runs on AMX-BF16 tiles where the CPU has them
 (csrc/cpu/dense_gemv_bf16_amx.cpp), else on AVX512_BF16's vdpbf16ps where it has that
-(csrc/cpu/dense_gemv_bf16_avx512.cpp). Where it beats torch's CPU F.linear:
+(csrc/cpu/dense_gemv_bf16_dot_avx512.h). Where it beats torch's CPU F.linear:
 - bf16 x and weights on AMX tiles, 1-16 rows. Dev VM (Xeon, AMX), one thread, us per call,
   torch / ours, the PPO bench's h256-L4 layers (in cache) at 8 rows: 768 x 256 86 / 31,
   256 x 256 35 / 10, 1376 x 256 71 / 21, 256 x 688 45 / 18, 2000 x 256 171 / 70; 2.0-2.7x at

@@ -27,21 +27,21 @@
 // their order. vdpbf16ps treats denormal inputs as zero and flushes denormal sums (by its
 // definition, whatever MXCSR says): values below 1.2e-38, far under the resolution of the
 // bf16 outputs.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,popcnt")
+//
+// Compiled in isa_avx512bf16.cpp, under its target pragma and ISA namespace.
+#pragma once
+
 #include <immintrin.h>
 
 #include <cstring>
 #include <vector>
 
 #include "cpu/kernels.h"
-#define RLHF_ISA_AVX512
-#define RLHF_ISA_NS avx512bf16
 #include "cpu/simd.h"  // VecAvx512::store / float_to_bf16: torch's rounding of fp32 to bf16
 
-namespace rlhf_fast::avx512bf16 {
-namespace {
+namespace rlhf_fast {
+namespace RLHF_ISA_NS {
+namespace dense_bf16_dot {
 
 constexpr int64_t kStep = 32;        // bf16 per vdpbf16ps
 constexpr int kMaxSums = 24;         // zmm sums per block
@@ -218,9 +218,11 @@ void bf16_broadcast_rows(const DenseGemvArgs& a, int64_t n_begin, int64_t n_end)
   }
 }
 
-}  // namespace
+}  // namespace dense_bf16_dot
 
-void dense_gemv_bf16_dot(const DenseGemvArgs& a, int64_t n_begin, int64_t n_end) {
+inline void dense_gemv_bf16_dot_channels(const DenseGemvArgs& a, int64_t n_begin,
+                                         int64_t n_end) {
+  using namespace dense_bf16_dot;
   static_assert(kBroadcastRows == 8, "the cases below start at 8 rows");
   if (a.M >= kBroadcastRows) {
     switch (a.M) {
@@ -246,4 +248,5 @@ void dense_gemv_bf16_dot(const DenseGemvArgs& a, int64_t n_begin, int64_t n_end)
   }
 }
 
-}  // namespace rlhf_fast::avx512bf16
+}  // namespace RLHF_ISA_NS
+}  // namespace rlhf_fast
