@@ -4,11 +4,11 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "cpu/op_checks.h"
@@ -19,9 +19,8 @@ namespace {
 
 // 16-bit activations are widened once (M x K is small next to the weight): every dtype gets
 // fp32-exact products, except in the int4 VNNI GEMV for 16-bit x (quant_gemv_vnni_avx512.h),
-// now used only where the CPU lacks AVX512_BF16 (else quant_gemv_bf16dot_avx512.h: exact
-// products of x's bf16 terms, fp32 sums). (A vdpbf16ps path for bf16 x was slower here: on our Zen 5 one
-// vdpbf16ps zmm issues every ~0.8 ns against ~0.2 ns for an FMA, half the FMA's flop rate.)
+// used only where the CPU lacks AVX512_BF16 (else quant_gemv_bf16dot_avx512.h: exact products
+// of x's bf16 terms, fp32 sums).
 at::Tensor fp32_rows(const at::Tensor& x) {
   return unit_stride_rows(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
 }
@@ -83,23 +82,9 @@ struct SplitActivations {
   std::vector<float> group_sums;
   std::vector<int32_t> pair_groups;
   std::vector<float> pair_bias;
-  int64_t row_words = 0, row_groups = 0;
+  int64_t row_words = 0, row_groups = 0, row_lanes = 0;  // row strides: words, groups, pair_bias
   bool finite = true;
 };
-
-uint16_t bf16_nearest_even(float value) {  // finite values only
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-float bf16_value(uint16_t bits) {
-  const uint32_t widened = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &widened, 4);
-  return value;
-}
 
 SplitActivations split_activations(const at::Tensor& x32, int64_t parts, int64_t group_size) {
   const int64_t M = x32.size(0), K = x32.size(1);
@@ -110,7 +95,8 @@ SplitActivations split_activations(const at::Tensor& x32, int64_t parts, int64_t
   s.row_groups = (groups + 15) / 16 * 16;
   s.words.assign(M * s.row_words, 0);
   s.group_sums.assign(M * s.row_groups, 0.0f);
-  s.pair_bias.assign(M * pairs * 16, 0.0f);
+  s.row_lanes = pairs * 16;
+  s.pair_bias.assign(M * s.row_lanes, 0.0f);
   std::vector<double> lane_sums(pairs * 16);
   for (int64_t m = 0; m < M; ++m) {
     const float* x = x32.const_data_ptr<float>() + m * x32.stride(0);
@@ -128,13 +114,13 @@ SplitActivations split_activations(const at::Tensor& x32, int64_t parts, int64_t
       lane_sums[pair * 16 + word % 32 / 2] += x[k];  // vdpbf16ps: words 2i, 2i + 1 -> lane i
       float rest = x[k];
       for (int64_t t = 0; t < parts && s.finite; ++t) {
-        const uint16_t term = bf16_nearest_even(rest);
-        words[(pair * parts + t) * 64 + word] = term;
-        rest -= bf16_value(term);
+        const c10::BFloat16 term(rest);  // torch's rounding, nearest even
+        words[(pair * parts + t) * 64 + word] = term.x;
+        rest -= static_cast<float>(term);
       }
     }
     for (int64_t i = 0; i < pairs * 16; ++i)
-      s.pair_bias[m * pairs * 16 + i] = static_cast<float>(-128.0 * lane_sums[i]);
+      s.pair_bias[m * s.row_lanes + i] = static_cast<float>(-128.0 * lane_sums[i]);
   }
   const int64_t pairs_per_window = group_size / 4;
   s.pair_groups.resize(pairs_per_window * 16);
@@ -228,8 +214,10 @@ at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
   // are prefetched into L2, see quant_gemv_bf16dot_avx512.h) bf16 x 1.04-1.13x / 0.95-0.96x
   // (0.84-0.88x / 0.77-0.80x with the L1 prefetch); fp32 x 0.82-0.88x / 0.73-0.78x, its three
   // vdpbf16ps per 32 weights leave it compute-bound at ~12 GB/s even from L3.
-  const int64_t parts = x.scalar_type() == at::kBFloat16 ? 1 : x.scalar_type() == at::kHalf ? 2 : 3;
-  if (format == kInt4 && M <= (parts == 3 ? 2 : 16) && kernels.quant_gemv_int4_bf16dot != nullptr) {
+  const int64_t parts =
+      x.scalar_type() == at::kBFloat16 ? 1 : x.scalar_type() == at::kHalf ? 2 : 3;
+  if (format == kInt4 && M <= (parts == 3 ? 2 : 16) &&
+      kernels.quant_gemv_int4_bf16dot != nullptr) {
     split = split_activations(x32, parts, args.group_size);
     if (split.finite) {
       args.x_bf16 = split.words.data();
@@ -239,13 +227,15 @@ at::Tensor run(QuantMatmulArgs& args, QuantFormat format, const at::Tensor& x,
       args.x_group_sums_stride = split.row_groups;
       args.pair_groups = split.pair_groups.data();
       args.x_pair_bias = split.pair_bias.data();
-      args.x_pair_bias_row_stride = (args.K + 63) / 64 * 16;
+      args.x_pair_bias_row_stride = split.row_lanes;
       kernel = kernels.quant_gemv_int4_bf16dot;
     }
   }
   // Up to 16 rows the quantized x (M x K int16) stays in L2 while every channel tile reads it.
-  if (format == kInt4 && kernel == kernels.quant_matmul[format] && x.scalar_type() != at::kFloat && M <= 16 &&
-      args.group_size % 128 == 0 && kernels.quant_gemv_int4_vnni != nullptr) {
+  // (where the bf16-dot GEMV did not take it)
+  if (format == kInt4 && kernel == kernels.quant_matmul[format] &&
+      x.scalar_type() != at::kFloat && M <= 16 && args.group_size % 128 == 0 &&
+      kernels.quant_gemv_int4_vnni != nullptr) {
     args.x_chunks = (args.K + 127) / 128;
     quantized = quantize_activations(x32, args.x_chunks);
     if (quantized.finite) {
