@@ -53,6 +53,30 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
+// Softmax attention of one fp32 query over `length` cached positions (rows of D in k and v),
+// skipping those whose `visible` is false (nullptr: all visible): the unnormalised sum
+// sum_j exp(s_j - max s) v_j into acc[D], and the softmax's total as the result (0 when no
+// position is visible). `scores` is scratch for `length` floats.
+template <class T>
+float attend(const float* q, const T* k, const T* v, const bool* visible, int64_t length,
+             int64_t D, float scale, float* scores, float* acc) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < length; ++j) {
+    if (visible && !visible[j]) continue;
+    scores[j] = dot(q, k + j * D, D) * scale;
+    top = std::max(top, scores[j]);
+  }
+  std::fill(acc, acc + D, 0.0f);
+  float total = 0.0f;
+  for (int64_t j = 0; j < length; ++j) {
+    if (visible && !visible[j]) continue;
+    const float p = std::exp(scores[j] - top);
+    total += p;
+    for (int64_t i = 0; i < D; ++i) acc[i] += p * float(v[j * D + i]);
+  }
+  return total;
+}
+
 }  // namespace
 
 at::Tensor decode_add_rms_norm_cpu(at::Tensor& x, const std::optional<at::Tensor>& delta,
@@ -166,18 +190,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos,
         const float* qh = q.data() + h * D;
         const scalar_t* kg = ks + (g * capacity + first) * D;
         const scalar_t* vg = vs + (g * capacity + first) * D;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < length; ++j) {
-          scores[j] = dot(qh, kg + j * D, D) * softmax_scale;
-          top = std::max(top, scores[j]);
-        }
-        float total = 0.0f;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < length; ++j) {
-          const float p = std::exp(scores[j] - top);
-          total += p;
-          for (int64_t i = 0; i < D; ++i) acc[i] += p * float(vg[j * D + i]);
-        }
+        const float total = attend(qh, kg, vg, static_cast<const bool*>(nullptr), length, D,
+                                   softmax_scale, scores.data(), acc.data());
         for (int64_t i = 0; i < D; ++i) o[h * D + i] = static_cast<scalar_t>(acc[i] / total);
       }
     });
@@ -239,20 +253,8 @@ at::Tensor decode_attention_rows_cpu(const at::Tensor& q, const at::Tensor& keys
         const scalar_t* kg = ks + ((b * kv_heads + g) * capacity + first) * D;
         const scalar_t* vg = vs + ((b * kv_heads + g) * capacity + first) * D;
         for (int64_t i = 0; i < D; ++i) qh[i] = float(qs[b * q_row + h * q_head + i]);
-        float top = -INFINITY;
-        for (int64_t j = 0; j < length; ++j) {
-          if (!row_mask[j]) continue;
-          scores[j] = dot(qh.data(), kg + j * D, D) * softmax_scale;
-          top = std::max(top, scores[j]);
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        float total = 0.0f;
-        for (int64_t j = 0; j < length; ++j) {
-          if (!row_mask[j]) continue;
-          const float p = std::exp(scores[j] - top);
-          total += p;
-          for (int64_t i = 0; i < D; ++i) acc[i] += p * float(vg[j * D + i]);
-        }
+        const float total = attend(qh.data(), kg, vg, row_mask, length, D, softmax_scale,
+                                   scores.data(), acc.data());
         // A row that sees no key attends to nothing: zeros, where softmax over an empty set
         // would give 0/0 (SDPA returns NaN there).
         const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
