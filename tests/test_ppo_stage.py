@@ -184,6 +184,34 @@ def test_resume_equals_uninterrupted(stages, tmp_path, kl_target):
     assert whole.exports["adapter"].is_dir()
 
 
+def test_first_epoch_forward_run_by_the_rollout_trains_as_its_own_forward(
+    stages, tmp_path, monkeypatch
+):
+    """With the whole batch as one micro-batch, the rollout runs the first PPO epoch's
+    training forward (its log-probs and values become the old ones) and optimize() trains
+    from its graph: the run must equal one where epoch 1 runs its own forward, that epoch's
+    ratios must be exactly 1, and later epochs must run forwards of their own."""
+    common = dict(max_steps=2, mini_batch_size=0, ppo_epochs=3, save_every=0)
+    reused = []
+    micro_losses = PPOTrainer._micro_losses
+
+    def spy(self, exp, rows, forward=None):
+        loss, sft_loss, stats = micro_losses(self, exp, rows, forward)
+        reused.append((forward is not None, stats["approx_kl"], stats["clip_frac"]))
+        return loss, sft_loss, stats
+
+    monkeypatch.setattr(PPOTrainer, "_micro_losses", spy)
+    run_ppo(ppo_config(stages, tmp_path / "reused", **common))
+    assert [r for r, _, _ in reused] == [True, False, False] * 2
+    assert all(kl == 0.0 and clip == 0.0 for r, kl, clip in reused if r)
+    reused.clear()
+    monkeypatch.setattr(PPOTrainer, "_first_forward_reusable", lambda self, batch: False)
+    run_ppo(ppo_config(stages, tmp_path / "own", **common))
+    assert not any(r for r, _, _ in reused)
+    a, b = load_checkpoint(tmp_path / "reused"), load_checkpoint(tmp_path / "own")
+    assert_same_parameters(a.trainable, b.trainable, atol=1e-5)
+
+
 def test_exports_load_in_plain_peft_and_transformers(stages, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -250,8 +278,8 @@ def test_logged_losses_are_means_over_the_trained_tokens(stages, tmp_path):
     experience.response_mask &= torch.arange(experience.response.shape[1]) < lengths[:, None]
     calls, micro_losses = [], trainer._micro_losses
 
-    def spy(exp, rows):
-        loss, sft_loss, stats = micro_losses(exp, rows)
+    def spy(exp, rows, forward=None):
+        loss, sft_loss, stats = micro_losses(exp, rows, forward)
         calls.append((int(exp.response_mask[rows].sum()), len(rows), stats))
         return loss, sft_loss, stats
 

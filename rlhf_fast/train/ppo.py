@@ -4,7 +4,9 @@ One step:
   1. rollout: `batch_size` prompts (an epoch permutation, as the other stages), one sampled
      answer each with the KV cache (rollout.py), the policy's and the reference's log-probs
      (the reference is the policy with its adapters disabled), the critic's values, and the
-     reward model's score of each whole answer;
+     reward model's score of each whole answer; where the first PPO epoch is a single
+     micro-batch (no mini_batch_size, grad_accum 1), the policy's log-probs and the values
+     come from that epoch's training forward, run here with autograd and reused by step 4;
   2. rewards: per-token KL penalty -kl_coef * KL (k1 or k3) plus the clipped score on the last
      token, less `missing_eos_penalty` for answers that never emitted EOS; the KL coefficient
      is fixed or follows Ziegler et al.'s adaptive controller (`kl_target` > 0);
@@ -109,6 +111,20 @@ class Experience:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+
+
+@dataclass
+class TrainingForward:
+    """The PPO training forward of some rows: the policy's log-probs of the answer tokens
+    [b, w] and its logits [b, w, V], the critic's values [b, w], the answers [b, w] and their
+    mask cut to the rows' longest (w), and the tokens in the pass (stats)."""
+
+    logprobs: torch.Tensor
+    logits: torch.Tensor
+    values: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    tokens: int
 
 
 def peak_rss_mib() -> float:
@@ -227,6 +243,8 @@ class PPOTrainer:
         self.step = 0
         self.position = {"epoch": 0, "index": 0, "ptx": {"epoch": 0, "index": 0}}
         self._pause = _pause_request()
+        # (step, TrainingForward): the first epoch's forward, run by the rollout of that step
+        self._first_forward: tuple[int, TrainingForward] | None = None
 
     # ------------------------------------------------------------------ rollout
 
@@ -235,17 +253,6 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, indices: list[int], step: int) -> tuple[Experience, dict, list[dict]]:
-        # The fused LoRA op pays off in training (memory saved for backward); without a
-        # backward, and at the few rows of a decode step, peft's own forward is faster
-        # (measured: 5 ms vs 80 ms a decode step of the bench's policy), so rollouts use it.
-        refuse = unfuse(self.models.model) > 0
-        try:
-            return self._rollout(indices, step)
-        finally:
-            if refuse:
-                fuse(self.models.model)
-
-    def _rollout(self, indices: list[int], step: int) -> tuple[Experience, dict, list[dict]]:
         config, models = self.config, self.models
         models.eval()
         models.use(POLICY)
@@ -261,8 +268,8 @@ class PPOTrainer:
             path = choose_decoder(models.model, quant=config.rollout_quant)
             rescore_policy = not sampling_logprobs_exact(models.model, path, config.rollout_quant)
             keywords = {"score_reference": False, "exact_logprobs": False}
-        out = generate(
-            models.model,
+        out = self._generate(
+            generate,
             [self.prompt_ids[i] for i in indices],
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_ids=self.eos_token_ids,
@@ -277,7 +284,7 @@ class PPOTrainer:
         mask = out.response_mask
         sequences, attention = out.sequences, out.attention_mask
         if stacked:
-            out, values, shared_scores = self._stacked_scores(out, rescore_policy)
+            out, values, shared_scores = self._stacked_scores(out, rescore_policy, step)
         else:
             values = models.critic_values(sequences, attention, out.query.shape[1])
         answers = [
@@ -334,12 +341,45 @@ class PPOTrainer:
         )  # fmt: skip
         return experience, metrics, samples
 
-    def _stacked_scores(self, out: Rollout, rescore_policy: bool):
+    def _generate(self, generate, *args, **kwargs) -> Rollout:
+        # The fused LoRA op pays off in training (memory saved for backward); without a
+        # backward, and at the few rows of a decode step, peft's own forward is faster
+        # (measured: 5 ms vs 80 ms a decode step of the bench's policy), so sampling uses it.
+        refuse = unfuse(self.models.model) > 0
+        try:
+            return generate(self.models.model, *args, **kwargs)
+        finally:
+            if refuse:
+                fuse(self.models.model)
+
+    def _micro_batch_rows(self, batch: int) -> tuple[int, int]:
+        """(minibatch rows, micro-batch rows) of the PPO epochs over a batch of `batch` rows."""
+        mini = min(self.config.mini_batch_size or batch, batch)
+        return mini, max(1, math.ceil(mini / self.config.grad_accum))
+
+    def _first_forward_reusable(self, batch: int) -> bool:
+        """Whether the rollout can run the first PPO epoch's training forward (see
+        _stacked_scores): that epoch must be one micro-batch of all `batch` rows, at the
+        parameters the rollout sampled with (after the first of several optimizer steps or
+        micro-batches, each forward sees updated adapters or other rows)."""
+        return self.config.ppo_epochs > 0 and self._micro_batch_rows(batch)[1] == batch
+
+    def _stacked_scores(self, out: Rollout, rescore_policy: bool, step: int):
         """(out with the reference's log-probs, and the policy's too with rescore_policy;
-        values [B, R]; the shared reward model's scores [B] or None) from one stacked pass."""
+        values [B, R]; the shared reward model's scores [B] or None) from one stacked pass.
+
+        Where the first PPO epoch is one micro-batch of all rows (_first_forward_reusable),
+        the policy and the critic instead run that epoch's training forward here, with
+        autograd, in its row order, and optimize() starts from its graph: the old log-probs
+        and values are that forward's, as a separate scoring pass would compute them (so
+        the first epoch's ratios are exactly 1), and one of the step's forwards of the two
+        trained roles is saved. The reference and the reward model run as a no-grad stacked
+        pass before it, so their activations are gone when the graph is built."""
         models, query_width = self.models, out.query.shape[1]
         with_reward = self.reward_fn is None and models.reward_head is not None
-        roles = [POLICY] * rescore_policy + [None, CRITIC] + [REWARD] * with_reward
+        reuse = self._first_forward_reusable(out.query.shape[0])
+        trained = [] if reuse else [POLICY] * rescore_policy + [CRITIC]
+        roles = trained + [None] + [REWARD] * with_reward
         mask = out.attention_mask
         hidden = dict(zip(roles, models.stacked_hidden(out.sequences, mask, roles), strict=True))
 
@@ -347,13 +387,32 @@ class PPOTrainer:
             logits = models.response_logits_of(hidden[role], query_width)
             return masked_logprobs(logits, out.response, out.response_mask, self.config.temperature)
 
-        out = dataclasses.replace(
-            out,
-            ref_logprobs=logprobs(None),
-            logprobs=logprobs(POLICY) if rescore_policy else out.logprobs,
-        )
         scores = models.scores_of(hidden[REWARD], mask) if with_reward else None
-        return out, models.values_of(hidden[CRITIC], query_width), scores
+        ref_logprobs = logprobs(None)
+        if not reuse:
+            out = dataclasses.replace(
+                out,
+                ref_logprobs=ref_logprobs,
+                logprobs=logprobs(POLICY) if rescore_policy else out.logprobs,
+            )
+            return out, models.values_of(hidden[CRITIC], query_width), scores
+        hidden.clear()  # before the graph is built: the peak is the training forward's
+        rows = self._epoch_order(step, 0, out.query.shape[0])
+        models.train()  # as optimize() runs it (gradient checkpointing applies in train mode)
+        try:
+            with torch.enable_grad():
+                forward = self._training_forward(out, rows)
+        finally:
+            models.eval()
+        self._first_forward = (step, forward)
+        old_logprobs = torch.zeros_like(out.logprobs)
+        values = torch.zeros_like(out.logprobs)
+        width = forward.response.shape[1]
+        answered = forward.response_mask
+        old_logprobs[rows, :width] = torch.where(answered, forward.logprobs.detach(), 0.0)
+        values[rows, :width] = forward.values.detach().to(values.dtype)
+        out = dataclasses.replace(out, ref_logprobs=ref_logprobs, logprobs=old_logprobs)
+        return out, values, scores
 
     def _check_scores(self, scores: torch.Tensor, indices: list[int], step: int) -> None:
         """A NaN or infinite score would turn every advantage, then the adapters, into NaN
@@ -381,23 +440,37 @@ class PPOTrainer:
         self.models.use(POLICY)
         return token_loss(self.models.model, batch)
 
-    def _micro_losses(
-        self, exp: Experience, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """(PPO loss: token means over these rows, the ptx SFT loss or None, stats)."""
-        config = self.config
-        query_mask = exp.query_mask[rows]
+    def _epoch_order(self, step: int, epoch: int, rows: int) -> torch.Tensor:
+        """The order of a batch's `rows` in PPO epoch `epoch` of step `step` (seeded:
+        resumable)."""
+        return torch.randperm(rows, generator=self._generator(step, 1 + epoch))
+
+    def _training_forward(self, batch, rows: torch.Tensor) -> TrainingForward:
+        """The policy's log-probs and logits and the critic's values of `rows` of `batch` (an
+        Experience or a Rollout), differentiable where autograd is on."""
+        query_mask = batch.query_mask[rows]
         first = int(query_mask.any(0).nonzero()[0])  # drop columns of padding only
-        response_mask = exp.response_mask[rows]
+        response_mask = batch.response_mask[rows]
         width = max(1, int(response_mask.sum(1).max()))
-        query, query_mask = exp.query[rows][:, first:], query_mask[:, first:]
-        response, response_mask = exp.response[rows][:, :width], response_mask[:, :width]
+        query, query_mask = batch.query[rows][:, first:], query_mask[:, first:]
+        response, response_mask = batch.response[rows][:, :width], response_mask[:, :width]
         sequences = torch.cat([query, response], 1)
         mask = torch.cat([query_mask, response_mask], 1)
-        q = query.shape[1]
-        logits, values = self.models.policy_and_critic(sequences, mask, q)
-        temperature = config.temperature if config.temperature > 0 else 1.0
+        logits, values = self.models.policy_and_critic(sequences, mask, query.shape[1])
+        temperature = self.config.temperature if self.config.temperature > 0 else 1.0
         logprobs = token_logprobs(logits, response, temperature)
+        return TrainingForward(logprobs, logits, values, response, response_mask, int(mask.sum()))
+
+    def _micro_losses(
+        self, exp: Experience, rows: torch.Tensor, forward: TrainingForward | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(PPO loss: token means over these rows, the ptx SFT loss or None, stats); forward:
+        these rows' training forward when the rollout already ran it."""
+        config = self.config
+        forward = forward or self._training_forward(exp, rows)
+        logprobs, logits, values = forward.logprobs, forward.logits, forward.values
+        response_mask, width = forward.response_mask, forward.response.shape[1]
+        temperature = config.temperature if config.temperature > 0 else 1.0
         pol = policy_loss(
             logprobs, exp.logprobs[rows][:, :width], exp.advantages[rows][:, :width],
             response_mask, config.clip_range,
@@ -418,7 +491,7 @@ class PPOTrainer:
                 logits.detach() / temperature if temperature != 1.0 else logits.detach(),
                 response_mask,
             ).item(),
-            "tokens": int(mask.sum()),
+            "tokens": forward.tokens,
         }
         sft_loss = None
         if self.ptx is not None:
@@ -430,11 +503,12 @@ class PPOTrainer:
         config = self.config
         self.models.train()
         batch = exp.query.shape[0]
-        mini = min(config.mini_batch_size or batch, batch)
-        micro = max(1, math.ceil(mini / config.grad_accum))
+        mini, micro = self._micro_batch_rows(batch)
         parts = []
+        first_step, first_forward = self._first_forward or (None, None)
+        self._first_forward = None
         for epoch in range(config.ppo_epochs):
-            order = torch.randperm(batch, generator=self._generator(step, 1 + epoch))
+            order = self._epoch_order(step, epoch, batch)
             for start in range(0, batch, mini):
                 minibatch = order[start : start + mini]
                 self.optimizer.zero_grad(set_to_none=True)
@@ -444,7 +518,8 @@ class PPOTrainer:
                 tokens = exp.response_mask[minibatch.to(self.device)].sum().clamp(min=1)
                 for rows in minibatch.split(micro):
                     rows = rows.to(self.device)
-                    loss, sft_loss, stats = self._micro_losses(exp, rows)
+                    reused = first_forward if epoch == 0 and first_step == step else None
+                    loss, sft_loss, stats = self._micro_losses(exp, rows, reused)
                     answer_tokens = exp.response_mask[rows].sum()
                     loss = loss * (answer_tokens / tokens)
                     if sft_loss is not None:

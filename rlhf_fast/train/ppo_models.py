@@ -12,7 +12,8 @@ One adapter is active at a time (`PPOModels.use(name)`), so each forward costs w
 model costs and the memory is one base plus four adapters. Where the roles score the same
 rows, they run as one pass instead, each block of rows with its own adapter (lora.row_groups):
 the training step's policy and critic (`policy_and_critic`), and a rollout's reference,
-critic and reward (`stacked_hidden`); each layer's fixed costs are then paid once.
+critic and reward (`stacked_hidden`; without the critic where the rollout runs the first
+epoch's `policy_and_critic` itself: ppo.py); each layer's fixed costs are then paid once.
 
 The reward model shares the base when `--stage rm` trained it on this very directory
 (reward_config.json's base_model) in adapter form; otherwise (another base, another
