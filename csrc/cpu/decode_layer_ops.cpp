@@ -273,16 +273,20 @@ at::Tensor decode_silu_mul_cpu(const at::Tensor& gate_up) {
   const at::Tensor in = gate_up.contiguous();
   const int64_t M = in.size(0), I = in.size(1) / 2;
   at::Tensor out = at::empty({M, I}, in.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "silu_mul", [&] {
-    const scalar_t* src = in.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < I; ++i) {
-        const float gate = float(src[m * 2 * I + i]);
-        const scalar_t silu = static_cast<scalar_t>(gate / (1.0f + std::exp(-gate)));
-        dst[m * I + i] = static_cast<scalar_t>(float(silu) * float(src[m * 2 * I + I + i]));
-      }
-  });
+  // one vectorized pass per row (the table's ISA): the scalar loop's std::exp made this ~34 us
+  // at [8, 2 x 688] bf16, a tenth of a rollout's decode step
+  const SiluMulFn kernel =
+      active_kernels().silu_mul_forward_as_torch[float_dtype_index(in, "gate_up")];
+  const int64_t element = in.element_size();
+  const char* src = static_cast<const char*>(in.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  for (int64_t m = 0; m < M; ++m) {
+    SiluMulArgs args{};
+    args.gate = src + m * 2 * I * element;
+    args.up = src + (m * 2 * I + I) * element;
+    args.out = dst + m * I * element;
+    kernel(args, 0, I);
+  }
   return out;
 }
 

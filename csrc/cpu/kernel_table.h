@@ -34,6 +34,9 @@ KernelTable make_kernel_table(const char* isa) {
   table.silu_mul_backward[kF32] = &silu_mul_backward<V, float>;
   table.silu_mul_backward[kBF16] = &silu_mul_backward<V, bf16_t>;
   table.silu_mul_backward[kF16] = &silu_mul_backward<V, fp16_t>;
+  table.silu_mul_forward_as_torch[kF32] = &silu_mul_forward_as_torch<V, float>;
+  table.silu_mul_forward_as_torch[kBF16] = &silu_mul_forward_as_torch<V, bf16_t>;
+  table.silu_mul_forward_as_torch[kF16] = &silu_mul_forward_as_torch<V, fp16_t>;
   table.rotary[kF32] = &rotary_rows<V, float>;
   table.rotary[kBF16] = &rotary_rows<V, bf16_t>;
   table.rotary[kF16] = &rotary_rows<V, fp16_t>;

@@ -193,6 +193,7 @@ struct KernelTable {
   DequantizeFn dequantize_int4_bf16;
   SiluMulFn silu_mul_forward[kNumDTypes];
   SiluMulFn silu_mul_backward[kNumDTypes];
+  SiluMulFn silu_mul_forward_as_torch[kNumDTypes];  // the silu rounded first (decoders)
   RotaryFn rotary[kNumDTypes];
   DenseGemvFn dense_gemv[kNumDTypes];
   // bf16 x and W on AMX-BF16 tiles; nullptr where the CPU (or the OS) does not grant them.

@@ -27,6 +27,22 @@ void silu_mul_forward(const SiluMulArgs& args, int64_t begin, int64_t end) {
   }
 }
 
+// The same product rounded as torch's bf16 / fp16 pair F.silu(gate) * up rounds it: the silu
+// to T, then the product. The decoders use it (decode_silu_mul), so that their logits follow
+// HF's unfused MLP's.
+template <class V, class T>
+void silu_mul_forward_as_torch(const SiluMulArgs& args, int64_t begin, int64_t end) {
+  const T* gate = static_cast<const T*>(args.gate);
+  const T* up = static_cast<const T*>(args.up);
+  T* out = static_cast<T*>(args.out);
+  for (int64_t i = begin; i < end; i += V::W) {
+    const int n = static_cast<int>(end - i < V::W ? end - i : V::W);
+    const typename V::reg g = V::load(gate + i, n);
+    const typename V::reg silu = V::round_as(V::mul(g, sigmoid<V>(g)), T{});
+    V::store(out + i, V::mul(silu, V::load(up + i, n)), n);
+  }
+}
+
 template <class V, class T>
 void silu_mul_backward(const SiluMulArgs& args, int64_t begin, int64_t end) {
   using reg = typename V::reg;
