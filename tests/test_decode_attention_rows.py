@@ -112,6 +112,25 @@ def test_a_row_without_visible_keys_gives_zeros():
     torch.testing.assert_close(out, reference(q, keys, values, key_mask, 2, 0.5))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keys_a_row_may_not_see_are_never_read(dtype):
+    """NaN and inf in the caches at masked positions (another row's padding, say) must not
+    reach the output: the kernel scores keys four at a time, masked ones included, so it has
+    to drop those scores and skip their values, not weigh them by 0 (0 * inf is NaN)."""
+    generator = torch.Generator().manual_seed(5)
+    rows, heads, kv_heads, head_dim, capacity = 3, 4, 2, 64, 23
+    key_mask = torch.rand(rows, capacity, generator=generator) > 0.4
+    key_mask[:, -1] = True
+    keys = torch.randn(rows, kv_heads, capacity, head_dim, generator=generator).to(dtype)
+    values = torch.randn(rows, kv_heads, capacity, head_dim, generator=generator).to(dtype)
+    q = torch.randn(rows, heads, head_dim, generator=generator).to(dtype)
+    expected = reference(q, keys, values, key_mask, 0, 0.125)
+    hidden = ~key_mask[:, None, :, None].expand_as(keys)
+    keys, values = keys.masked_fill(hidden, float("nan")), values.masked_fill(hidden, float("inf"))
+    out = ops.decode_attention_rows(q, keys, values, key_mask, 0, 0.125)
+    torch.testing.assert_close(out.float(), expected, **TOLERANCE[dtype])
+
+
 def test_large_scores_stay_finite():
     """Scores of several hundred: the softmax subtracts the row's largest visible score (a
     masked key's larger score must not be the one subtracted)."""

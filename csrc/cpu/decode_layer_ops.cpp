@@ -39,44 +39,6 @@ void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
 }
 
-// Eight partial sums, so that the compiler can vectorize the reduction (it may not reorder a
-// single running sum).
-template <class T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  float partial[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int u = 0; u < 8; ++u) partial[u] += a[i + u] * float(b[i + u]);
-  float sum = 0.0f;
-  for (; i < n; ++i) sum += a[i] * float(b[i]);
-  for (int u = 0; u < 8; ++u) sum += partial[u];
-  return sum;
-}
-
-// Softmax attention of one fp32 query over `length` cached positions (rows of D in k and v),
-// skipping those whose `visible` is false (nullptr: all visible): the unnormalised sum
-// sum_j exp(s_j - max s) v_j into acc[D], and the softmax's total as the result (0 when no
-// position is visible). `scores` is scratch for `length` floats.
-template <class T>
-float attend(const float* q, const T* k, const T* v, const bool* visible, int64_t length,
-             int64_t D, float scale, float* scores, float* acc) {
-  float top = -INFINITY;
-  for (int64_t j = 0; j < length; ++j) {
-    if (visible && !visible[j]) continue;
-    scores[j] = dot(q, k + j * D, D) * scale;
-    top = std::max(top, scores[j]);
-  }
-  std::fill(acc, acc + D, 0.0f);
-  float total = 0.0f;
-  for (int64_t j = 0; j < length; ++j) {
-    if (visible && !visible[j]) continue;
-    const float p = std::exp(scores[j] - top);
-    total += p;
-    for (int64_t i = 0; i < D; ++i) acc[i] += p * float(v[j * D + i]);
-  }
-  return total;
-}
-
 }  // namespace
 
 at::Tensor decode_add_rms_norm_cpu(at::Tensor& x, const std::optional<at::Tensor>& delta,
@@ -181,6 +143,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos,
     }
     scalar_t* o = out.data_ptr<scalar_t>();
     const float softmax_scale = static_cast<float>(scale);
+    const DecodeAttendFn attend = active_kernels().decode_attend[float_dtype_index(qkv, "qkv")];
     // Heads in parallel once the context is long enough to pay for the threads.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, length * D));
     at::parallel_for(0, heads, grain, [&](int64_t h_begin, int64_t h_end) {
@@ -190,8 +153,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos,
         const float* qh = q.data() + h * D;
         const scalar_t* kg = ks + (g * capacity + first) * D;
         const scalar_t* vg = vs + (g * capacity + first) * D;
-        const float total = attend(qh, kg, vg, static_cast<const bool*>(nullptr), length, D,
-                                   softmax_scale, scores.data(), acc.data());
+        const float total = attend(qh, kg, vg, nullptr, length, D, softmax_scale,
+                                   scores.data(), acc.data());
         for (int64_t i = 0; i < D; ++i) o[h * D + i] = static_cast<scalar_t>(acc[i] / total);
       }
     });
@@ -241,6 +204,7 @@ at::Tensor decode_attention_rows_cpu(const at::Tensor& q, const at::Tensor& keys
     const bool* mask = visible.const_data_ptr<bool>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const float softmax_scale = static_cast<float>(scale);
+    const DecodeAttendFn attend = active_kernels().decode_attend[float_dtype_index(q, "q")];
     // One (row, head) pair is ~4 length x D flops: at the PPO bench's 8 rows x 4 heads and 16-64
     // keys the whole call is 30-130 kflop, a few microseconds, so pairs are only split across
     // threads in chunks of >= ~64 kflop.

@@ -2,6 +2,7 @@
 // isa_<name>.cpp, after it has set the target and RLHF_ISA_NS.
 #pragma once
 
+#include "cpu/decode_attend_kernel.h"
 #include "cpu/dense_gemv_kernel.h"
 #include "cpu/gae_kernel.h"
 #include "cpu/quant_matmul_kernel.h"
@@ -37,6 +38,9 @@ KernelTable make_kernel_table(const char* isa) {
   table.silu_mul_forward_as_torch[kF32] = &silu_mul_forward_as_torch<V, float>;
   table.silu_mul_forward_as_torch[kBF16] = &silu_mul_forward_as_torch<V, bf16_t>;
   table.silu_mul_forward_as_torch[kF16] = &silu_mul_forward_as_torch<V, fp16_t>;
+  table.decode_attend[kF32] = &decode_attend<V, float>;
+  table.decode_attend[kBF16] = &decode_attend<V, bf16_t>;
+  table.decode_attend[kF16] = &decode_attend<V, fp16_t>;
   table.rotary[kF32] = &rotary_rows<V, float>;
   table.rotary[kBF16] = &rotary_rows<V, bf16_t>;
   table.rotary[kF16] = &rotary_rows<V, fp16_t>;

@@ -103,6 +103,14 @@ struct SiluMulArgs {
 };
 using SiluMulFn = void (*)(const SiluMulArgs&, int64_t begin, int64_t end);
 
+// decode attention of one fp32 query q[D] over `length` cached positions (rows of D in keys and
+// values, of the table's dtype), skipping those whose visible[j] is false (nullptr: all
+// visible): acc[D] = sum_j exp(s_j - max s) v_j, unnormalised; returns the softmax's total (0
+// when no position is visible). scores: scratch for `length` floats.
+using DecodeAttendFn = float (*)(const float* q, const void* keys, const void* values,
+                                 const bool* visible, int64_t length, int64_t D, float scale,
+                                 float* scores, float* acc);
+
 // rotary: rows [row_begin, row_end) of the B * T (batch, position) rows of x [B, T, H, D]
 // (unit stride along D), by cos and sin rows of D; y is contiguous [B, T, H, D]; all of one
 // dtype (the table's index). transpose: the backward (see rotary_kernel.h).
@@ -194,6 +202,7 @@ struct KernelTable {
   SiluMulFn silu_mul_forward[kNumDTypes];
   SiluMulFn silu_mul_backward[kNumDTypes];
   SiluMulFn silu_mul_forward_as_torch[kNumDTypes];  // the silu rounded first (decoders)
+  DecodeAttendFn decode_attend[kNumDTypes];
   RotaryFn rotary[kNumDTypes];
   DenseGemvFn dense_gemv[kNumDTypes];
   // bf16 x and W on AMX-BF16 tiles; nullptr where the CPU (or the OS) does not grant them.
