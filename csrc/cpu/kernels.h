@@ -184,6 +184,39 @@ struct TokenLogprobsArgs {
 };
 using TokenLogprobsFn = void (*)(const TokenLogprobsArgs&, int64_t row_begin, int64_t row_end);
 
+// short_attention: causal / masked softmax attention of short sequences (Tq == Tk), forward
+// and backward, one (batch, head) pair at a time (short_attention_kernel.h). q [B, H, T, D],
+// k and v [B, Hkv, T, D] with any strides (in elements); the mask, when given, bytes with unit
+// stride along keys and stride 0 on its broadcast dimensions. Outputs: out and dq contiguous
+// [B, T, H, D], dk and dv contiguous [B, T, Hkv, D] (the projections' layout, so HF's
+// transpose back is free), probs fp32 [B, H, T, Tp] (Tp: T rounded up to 16; zeros wherever
+// a query does not see a key, and past T).
+struct ShortAttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* grad;  // backward: d out, [B, H, T, D] with grad_strides
+  int64_t q_strides[4], k_strides[4], v_strides[4], grad_strides[4];
+  const uint8_t* mask;  // nullptr: no mask
+  int64_t mask_strides[3];  // batch, head, query (the key stride is 1)
+  bool causal;
+  int64_t B, H, Hkv, T, D, Tp, Dp;  // Dp: D rounded up to 16
+  float scale;
+  void* out;
+  float* probs;  // forward: written; backward: read
+  void* dq;
+  void* dk;
+  void* dv;
+};
+// Forward: pairs [begin, end) of the B * H (batch, head) pairs; backward: pairs of the
+// B * Hkv (batch, kv head) pairs, each summing dk and dv over its query heads. scratch:
+// short_attention_scratch_floats() floats private to the caller, ranges 4 * Tp int32.
+using ShortAttentionFn = void (*)(const ShortAttentionArgs&, int64_t begin, int64_t end,
+                                  float* scratch, int32_t* ranges);
+inline int64_t short_attention_scratch_floats(int64_t T, int64_t Tp, int64_t Dp) {
+  return 6 * Tp * Dp + T * Tp + 16 * Dp;
+}
+
 struct KernelTable {
   const char* isa;
   int width;  // fp32 lanes; row blocks are this many rows
@@ -214,6 +247,8 @@ struct KernelTable {
   RmsNormBackwardFn rms_norm_backward[kNumDTypes][2];
   TokenLogprobsFn token_logprobs[kNumDTypes];
   TokenLogprobsFn token_logprobs_backward[kNumDTypes];
+  ShortAttentionFn short_attention_forward[kNumDTypes];
+  ShortAttentionFn short_attention_backward[kNumDTypes];
 };
 
 namespace scalar {

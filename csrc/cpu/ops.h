@@ -57,4 +57,15 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad, const at::Tensor&
                                        const at::Tensor& tokens, const at::Tensor& stats,
                                        double temperature);
 
+// Causal and/or bool-masked attention of short sequences and its backward
+// (short_attention_op.cpp): (out, probs) and (dq, dk, dv).
+std::tuple<at::Tensor, at::Tensor> short_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& v,
+                                                       const std::optional<at::Tensor>& mask,
+                                                       bool causal, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& probs, const std::optional<at::Tensor>& mask, bool causal, double scale);
+
 }  // namespace rlhf_fast

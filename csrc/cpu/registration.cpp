@@ -54,6 +54,12 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "token_logprobs_backward(Tensor grad, Tensor logits, Tensor tokens, Tensor stats,"
       " float temperature) -> Tensor");
+  m.def(
+      "short_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale)"
+      " -> (Tensor out, Tensor probs)");
+  m.def(
+      "short_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor probs,"
+      " Tensor? mask, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
@@ -78,6 +84,8 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("rotary_embedding", &rlhf_fast::rotary_embedding_cpu);
   m.impl("token_logprobs", &rlhf_fast::token_logprobs_cpu);
   m.impl("token_logprobs_backward", &rlhf_fast::token_logprobs_backward_cpu);
+  m.impl("short_attention", &rlhf_fast::short_attention_cpu);
+  m.impl("short_attention_backward", &rlhf_fast::short_attention_backward_cpu);
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -137,3 +137,25 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "token_logprobs"):
     @torch.library.register_fake("rlhf_fast::token_logprobs_backward")
     def _token_logprobs_backward_fake(grad, logits, tokens, stats, temperature):
         return logits.new_empty(logits.shape)
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "short_attention"):
+
+    def _round16(n):
+        return (n + 15) // 16 * 16
+
+    @torch.library.register_fake("rlhf_fast::short_attention")
+    def _short_attention_fake(q, k, v, mask, causal, scale):
+        batch, heads, steps, dim = q.shape
+        out = q.new_empty((batch, steps, heads, dim)).transpose(1, 2)
+        return out, q.new_empty((batch, heads, steps, _round16(steps)), dtype=torch.float32)
+
+    @torch.library.register_fake("rlhf_fast::short_attention_backward")
+    def _short_attention_backward_fake(grad, q, k, v, probs, mask, causal, scale):
+        batch, heads, steps, dim = q.shape
+        kv_shape = (batch, steps, k.shape[1], dim)
+        return (
+            q.new_empty((batch, steps, heads, dim)).transpose(1, 2),
+            q.new_empty(kv_shape).transpose(1, 2),
+            q.new_empty(kv_shape).transpose(1, 2),
+        )
