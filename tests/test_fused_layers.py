@@ -229,3 +229,61 @@ def test_autocast_forward_and_backward_equal_hfs(family, family_dirs):
     for grad, expected in zip(grads, expected_grads, strict=True):
         scale = expected.abs().max().item()
         torch.testing.assert_close(grad, expected, atol=3e-2 * scale + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", LLAMA_LIKE)
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+def test_short_attention_gives_sdpas_logits_and_lora_gradients(family, padded, family_dirs,
+                                                               monkeypatch):  # fmt: skip
+    # fp32 with LoRA on every projection: training forward and backward through
+    # ops.short_attention against HF's SDPA (SHORT_ATTENTION off), no mask (is_causal), or a
+    # left-padded one (and Mistral's window of 16 < 21 positions: a mask either way)
+    calls = []
+    real = fused_layers.ops.short_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["is_causal"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_layers.ops, "short_attention", counting)
+    torch.manual_seed(0)
+    model = attach_lora(load_causal_lm(family_dirs[family]), LoraSettings(r=4, alpha=8))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    ids = torch.randint(3, 60, (3, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :6] = 0
+        mask[2, :1] = 0
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_grads():
+        logits = model(input_ids=ids, attention_mask=mask if padded else None).logits
+        grads = torch.autograd.grad((logits * torch.linspace(-1, 1, logits.shape[-1])).sum(),
+                                    trained)  # fmt: skip
+        return logits.detach()[mask.bool()], grads
+
+    logits, grads = logits_and_grads()
+    assert len(calls) == 2  # both layers took the op
+    assert all(calls) == (not padded and family != "mistral")
+    monkeypatch.setattr(fused_layers, "SHORT_ATTENTION", False)
+    expected_logits, expected_grads = logits_and_grads()
+    assert len(calls) == 2
+    torch.testing.assert_close(logits, expected_logits, atol=2e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        scale = max(1.0, float(expected.abs().max()))
+        torch.testing.assert_close(grad, expected, atol=2e-6 * scale, rtol=1e-4)
+
+
+def test_short_attention_is_skipped_for_cached_steps_and_long_or_float_masked_calls(family_dirs):
+    model = load_causal_lm(family_dirs["llama"])
+    attention = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 5, 8)
+    applies = fused_layers._short_attention_applies
+    assert applies(attention, q, q[:, :2], None, {})
+    assert not applies(attention, q[:, :, :1], q[:, :2], None, {})  # decode step over a cache
+    assert not applies(attention, q, q[:, :2], torch.zeros(1, 1, 5, 5), {})  # additive mask
+    long = torch.randn(1, 2, fused_layers.SHORT_ATTENTION_MAX_KEYS + 1, 8)
+    assert not applies(attention, long, long, None, {})
+    assert not applies(attention, q, q[:, :2], None, {"is_causal": False})

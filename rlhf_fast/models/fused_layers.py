@@ -70,6 +70,31 @@ def _widen_for_cpu_sdpa(implementation: str, query, key) -> bool:
     )
 
 
+# ops.short_attention replaces SDPA for training and scoring passes (as many queries as keys)
+# up to this many keys; SHORT_ATTENTION = False keeps HF's path (for A/B measurements).
+SHORT_ATTENTION = True
+SHORT_ATTENTION_MAX_KEYS = 256
+
+
+def _short_attention_applies(module: nn.Module, query, key, attention_mask, kwargs) -> bool:
+    """Whether this call is one ops.short_attention computes as HF's sdpa path does: CPU, no
+    past keys (Tq == Tk), no dropout, and no mask (HF's sdpa then passes is_causal=True) or a
+    boolean one (which already holds causality, sliding windows and padding)."""
+    return (
+        SHORT_ATTENTION
+        and module.config._attn_implementation == "sdpa"
+        and query.device.type == "cpu"
+        and query.shape[-2] == key.shape[-2] <= SHORT_ATTENTION_MAX_KEYS
+        and (not module.training or module.attention_dropout == 0.0)
+        and (attention_mask is None or attention_mask.dtype == torch.bool)
+        and getattr(module, "is_causal", True)
+        and kwargs.get("is_causal", True) is not False
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+    )
+
+
 def _attention_forward(
     self: nn.Module,
     hidden_states,
@@ -80,9 +105,10 @@ def _attention_forward(
     **kwargs,
 ):
     """HF's Llama/Qwen2/Mistral attention forward (transformers 5.24) with the rotary step on
-    ops.rotary_embedding, applied to q and k in the projections' [B, T, H, D] layout, and
-    short 16-bit CPU attentions under autograd computed in fp32 (`_widen_for_cpu_sdpa`); under
-    torch.autocast, HF's forward itself."""
+    ops.rotary_embedding, applied to q and k in the projections' [B, T, H, D] layout, training
+    and scoring passes of up to SHORT_ATTENTION_MAX_KEYS keys on ops.short_attention
+    (`_short_attention_applies`), other short 16-bit CPU attentions under autograd computed in
+    fp32 (`_widen_for_cpu_sdpa`); under torch.autocast, HF's forward itself."""
     cache = cache if cache is not None else past_key_values
     if torch.is_autocast_enabled(hidden_states.device.type):
         # HF's rotary multiplies autocast's bf16 q/k by fp32 cos/sin (promoting them to fp32);
@@ -110,6 +136,18 @@ def _attention_forward(
         kwargs["sliding_window"] = self.sliding_window
     elif window == "config":
         kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+    if _short_attention_applies(self, query_states, key_states, attention_mask, kwargs):
+        attn_output = ops.short_attention(
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            is_causal=attention_mask is None,
+            scale=self.scaling,
+        )
+        # the op's output is a [B, H, T, D] view of a [B, T, H, D] buffer: this is a view too
+        attn_output = attn_output.transpose(1, 2).reshape(*input_shape, -1)
+        return self.o_proj(attn_output), None
     dtype = query_states.dtype
     if _widen_for_cpu_sdpa(self.config._attn_implementation, query_states, key_states):
         query_states, key_states, value_states = (
