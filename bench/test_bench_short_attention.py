@@ -73,9 +73,11 @@ def call(provider: str, q, k, v, mask, grad, backward: bool):
         return out.to(q.dtype)
 
     if not backward:
+
         def forward():
             with torch.no_grad():
                 return attention()
+
         return forward
     return lambda: torch.autograd.grad(attention(), (q, k, v), grad)
 
@@ -89,8 +91,12 @@ def visible_flops(shape: str, backward: bool) -> float:
     return visible * dim * (4 + (10 if backward else 0))
 
 
+def case_id(shape: str, dtype: torch.dtype, backward: bool) -> str:
+    return f"{shape}-{str(dtype)[6:]}-{'fwdbwd' if backward else 'fwd'}"
+
+
 CASES = [
-    pytest.param(shape, dtype, backward, id=f"{shape}-{str(dtype)[6:]}-{'fwdbwd' if backward else 'fwd'}",
+    pytest.param(shape, dtype, backward, id=case_id(shape, dtype, backward),
                  marks=() if shape == "ppo-h256" else pytest.mark.bench_full)
     for shape in SHAPES
     for dtype in (torch.float32, torch.bfloat16)
@@ -157,13 +163,14 @@ def ppo_interleaved(shape: str, dtype: str, rounds: int) -> None:
     gc.collect()
     gc.freeze()
     times: dict[bool, dict[str, list[float]]] = {
-        flag: {"rollout": [], "train": []} for flag in (True, False)
+        flag: {"rollout": [], "train": [], "cpu": []} for flag in (True, False)
     }
     for round_ in range(rounds):
         for flag in (True, False) if round_ % 2 == 0 else (False, True):
             fused_layers.SHORT_ATTENTION = flag
-            before = dict(clock)
+            before, cpu = dict(clock), time.process_time()
             iteration()
+            times[flag]["cpu"].append(time.process_time() - cpu)
             for part in ("rollout", "train"):
                 times[flag][part].append(clock[part] - before[part])
     fused_layers.SHORT_ATTENTION = True
@@ -174,7 +181,8 @@ def ppo_interleaved(shape: str, dtype: str, rounds: int) -> None:
             [r + t for r, t in zip(times[flag]["rollout"], times[flag]["train"], strict=True)]
         )
         print(f"  short_attention {'on ' if flag else 'off'}: rollout {parts['rollout']:.3f} s"
-              f"  train {parts['train']:.3f} s  iteration {total:.3f} s")  # fmt: skip
+              f"  train {parts['train']:.3f} s  iteration {total:.3f} s"
+              f"  (CPU time {parts['cpu']:.3f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":

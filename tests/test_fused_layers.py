@@ -283,7 +283,10 @@ def test_short_attention_is_skipped_for_cached_steps_and_long_or_float_masked_ca
     applies = fused_layers._short_attention_applies
     assert applies(attention, q, q[:, :2], None, {})
     assert not applies(attention, q[:, :, :1], q[:, :2], None, {})  # decode step over a cache
+    assert applies(attention, q, q[:, :2], torch.ones(1, 1, 5, 5, dtype=torch.bool), {})
     assert not applies(attention, q, q[:, :2], torch.zeros(1, 1, 5, 5), {})  # additive mask
+    wide = torch.ones(1, 1, 5, 9, dtype=torch.bool)  # a static cache's mask: more key columns
+    assert not applies(attention, q, q[:, :2], wide, {})
     long = torch.randn(1, 2, fused_layers.SHORT_ATTENTION_MAX_KEYS + 1, 8)
     assert not applies(attention, long, long, None, {})
     assert not applies(attention, q, q[:, :2], None, {"is_causal": False})

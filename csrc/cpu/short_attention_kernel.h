@@ -165,10 +165,13 @@ inline void visible_ranges(const uint8_t* mask, int64_t mask_row, bool causal, i
   }
 }
 
-// The keys [k0, k1) that rows [i0, i0 + rows) see, widened to multiples of W (k0 == k1: none).
+// The keys [k0, k1) that rows [i0, i0 + rows) see (k0 == k1: none), and the same range widened
+// to multiples of W, [n0, n1), for the products whose columns are keys (scores, dP). Products
+// that sum over keys (P V, dS K) run over [k0, k1) alone: P and dS are 0 outside each row's
+// keys, so the union's exact bounds lose nothing (and skip ~15% of their work at T = 64).
 template <class V>
 void block_keys(const int32_t* lo, const int32_t* hi, int64_t i0, int rows, int64_t& k0,
-                int64_t& k1) {
+                int64_t& k1, int64_t& n0, int64_t& n1) {
   k0 = 1 << 30;
   k1 = 0;
   for (int r = 0; r < rows; ++r)
@@ -176,12 +179,9 @@ void block_keys(const int32_t* lo, const int32_t* hi, int64_t i0, int rows, int6
       k0 = min64(k0, lo[i0 + r]);
       k1 = max64(k1, hi[i0 + r]);
     }
-  if (k1 == 0) {
-    k0 = 0;
-    return;
-  }
-  k0 = k0 / V::W * V::W;
-  k1 = (k1 + V::W - 1) / V::W * V::W;
+  if (k1 == 0) k0 = 0;
+  n0 = k0 / V::W * V::W;
+  n1 = (k1 + V::W - 1) / V::W * V::W;
 }
 
 // The query rows [i0, i1) that see any of the keys [j0, j0 + cols) (i0 == i1: none).
@@ -277,9 +277,10 @@ void short_attention_forward(const ShortAttentionArgs& a, int64_t begin, int64_t
     float* P = a.probs + pair * T_len * Tp;
     for (int64_t i0 = 0; i0 < T_len; i0 += kRows) {
       const int rows = static_cast<int>(min64(kRows, T_len - i0));
-      int64_t k0, k1;
-      block_keys<V>(lo, hi, i0, rows, k0, k1);
-      if (k1 > k0) gemm<V>(rows, qs + i0 * Dp, Dp, 1, kt, Tp, P + i0 * Tp, Tp, 0, D, k0, k1, false);
+      int64_t k0, k1, n0, n1;
+      block_keys<V>(lo, hi, i0, rows, k0, k1, n0, n1);
+      if (k1 > k0)
+        gemm<V>(rows, qs + i0 * Dp, Dp, 1, kt, Tp, P + i0 * Tp, Tp, 0, D, n0, n1, false);
       for (int r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         softmax_row<V>(P + i * Tp, lo[i], hi[i],
@@ -336,24 +337,24 @@ void short_attention_backward(const ShortAttentionArgs& a, int64_t begin, int64_
       const float* P = a.probs + (b * H + h) * T_len * Tp;
       for (int64_t i0 = 0; i0 < T_len; i0 += kRows) {
         const int rows = static_cast<int>(min64(kRows, T_len - i0));
-        int64_t k0, k1;
-        block_keys<V>(lo, hi, i0, rows, k0, k1);
+        int64_t k0, k1, n0, n1;
+        block_keys<V>(lo, hi, i0, rows, k0, k1, n0, n1);
         if (k1 > k0)
-          gemm<V>(rows, dout + i0 * Dp, Dp, 1, vt, Tp, ds + i0 * Tp, Tp, 0, D, k0, k1, false);
+          gemm<V>(rows, dout + i0 * Dp, Dp, 1, vt, Tp, ds + i0 * Tp, Tp, 0, D, n0, n1, false);
         for (int r = 0; r < rows; ++r) {
           const float* p = P + (i0 + r) * Tp;
           float* d = ds + (i0 + r) * Tp;
-          // P is 0 outside the row's visible keys, so [k0, k1) holds all of its sum
+          // P is 0 outside the row's visible keys, so [n0, n1) holds all of its sum
           reg sum = V::zero();
-          for (int64_t j = k0; j < k1; j += V::W)
+          for (int64_t j = n0; j < n1; j += V::W)
             sum = V::fma(V::load(p + j, V::W), V::load(d + j, V::W), sum);
           const reg delta = V::set1(V::hsum_float(sum));
-          for (int64_t j = k0; j < k1; j += V::W) {
+          for (int64_t j = n0; j < n1; j += V::W) {
             const reg dp = V::sub(V::load(d + j, V::W), delta);
             V::store(d + j, V::mul(V::mul(V::load(p + j, V::W), dp), scale_v), V::W);
           }
-          zero(d, k0);  // the key blocks below read dS columns this row block did not compute
-          zero(d + k1, Tp - k1);
+          zero(d, n0);  // the key blocks below read dS columns this row block did not compute
+          zero(d + n1, Tp - n1);
         }
         gemm<V>(rows, ds + i0 * Tp, Tp, 1, ks, Dp, tmp, Dp, k0, k1, 0, Dp, false);
         for (int r = 0; r < rows; ++r)

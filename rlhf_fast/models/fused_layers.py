@@ -16,6 +16,8 @@ is fused by replacing the whole forward with `_attention_forward`, a copy of HF'
 rotary step on the fused op; so it is fused only when the class's forward is, character for
 character, the one that function mirrors (ATTENTION_SOURCES: a hash per class, of transformers
 5.24): another transformers version keeps HF's attention, the norms and MLPs still fused.
+Within it, the softmax attention of CPU training and scoring passes (no past keys, no mask or
+a bool one) is ops.short_attention instead of SDPA (`_short_attention_applies`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def _swiglu_mlp_forward(self: nn.Module, x):
 
 # torch's CPU flash-attention backward in bf16/fp16 pays a fixed cost per (batch, head) that
 # dominates short sequences: fwd+bwd at [8, 4, 64, 64] takes 5.8 ms in bf16, 2.0 ms through fp32
-# and back (torch 2.13, dev VM); from ~256 keys on, bf16 is the faster again.
+# and back (torch 2.13, dev VM); from ~256 keys on, bf16 is the faster again. Training passes
+# go to ops.short_attention (below) instead; this is for the SDPA calls it does not take (a
+# float mask, dropout, queries over a cache's past keys).
 SHORT_KEYS_IN_FP32 = 256
 
 
@@ -71,7 +75,9 @@ def _widen_for_cpu_sdpa(implementation: str, query, key) -> bool:
 
 
 # ops.short_attention replaces SDPA for training and scoring passes (as many queries as keys)
-# up to this many keys; SHORT_ATTENTION = False keeps HF's path (for A/B measurements).
+# up to this many keys; SHORT_ATTENTION = False keeps HF's path (for A/B measurements). It
+# beat SDPA up to 512 keys (fwd+bwd 2.0-2.4x at 1 thread, [B, 4, T, 64], B * T = 1024); the cap
+# is the fp32 probabilities it keeps for the backward (4 T^2 bytes per batch row and head).
 SHORT_ATTENTION = True
 SHORT_ATTENTION_MAX_KEYS = 256
 
@@ -86,7 +92,12 @@ def _short_attention_applies(module: nn.Module, query, key, attention_mask, kwar
         and query.device.type == "cpu"
         and query.shape[-2] == key.shape[-2] <= SHORT_ATTENTION_MAX_KEYS
         and (not module.training or module.attention_dropout == 0.0)
-        and (attention_mask is None or attention_mask.dtype == torch.bool)
+        and (
+            attention_mask is None
+            or attention_mask.dtype == torch.bool
+            and attention_mask.dim() == 4
+            and attention_mask.shape[-2:] == (query.shape[-2], key.shape[-2])
+        )
         and getattr(module, "is_causal", True)
         and kwargs.get("is_causal", True) is not False
         and kwargs.get("position_bias") is None
