@@ -8,8 +8,8 @@ q/k/v are HF's [B, T, H, D] projections viewed as [B, H, T, D]. "fwd" is the for
 (scoring passes), "fwdbwd" forward and backward of all three inputs (training).
 
 `python bench/test_bench_short_attention.py [ROUNDS]` times ours and the peers in turns in one
-process (CPU time per call, at the torch thread count set by the environment) and prints the
-medians, ratios and the GFLOP/s of ours (visible scores only: 4 T_vis D flops forward,
+process (wall and CPU time per call, at the torch thread count set by the environment) and
+prints the medians, ratios and the GFLOP/s of ours (visible scores only: 4 T_vis D flops forward,
 10 T_vis D backward with the probabilities kept).
 
 `python bench/test_bench_short_attention.py ppo SHAPE DTYPE [ROUNDS]` (SHAPE of
@@ -120,28 +120,33 @@ def test_short_attention(measure, shape, dtype, backward, provider):
 
 
 def interleaved(rounds: int, calls: int = 20) -> None:
-    print(f"threads {torch.get_num_threads()}, median CPU ms per call over {rounds} rounds")
+    threads = torch.get_num_threads()
+    print(f"threads {threads}, medians over {rounds} rounds: wall ms per call (CPU ms)")
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             for backward in (False, True):
                 names = [p for p in PROVIDERS if dtype != torch.float32 or p != "peer-sdpa-fp32"]
                 fns = {p: call(p, *inputs(shape, dtype), backward) for p in names}
-                times: dict[str, list[float]] = {p: [] for p in names}
+                wall: dict[str, list[float]] = {p: [] for p in names}
+                cpu: dict[str, list[float]] = {p: [] for p in names}
                 for _ in range(rounds):
                     for provider, fn in fns.items():
                         fn()
-                        start = time.process_time()
+                        start, start_cpu = time.perf_counter(), time.process_time()
                         for _ in range(calls):
                             fn()
-                        times[provider].append((time.process_time() - start) / calls * 1e3)
-                med = {p: statistics.median(t) for p, t in times.items()}
+                        wall[provider].append((time.perf_counter() - start) / calls * 1e3)
+                        cpu[provider].append((time.process_time() - start_cpu) / calls * 1e3)
+                med = {p: statistics.median(t) for p, t in wall.items()}
+                med_cpu = {p: statistics.median(t) for p, t in cpu.items()}
                 ours = med["cpp"]
                 peer = min(v for p, v in med.items() if p.startswith("peer"))
-                gflops = visible_flops(shape, backward) / ours / 1e6
+                flops = visible_flops(shape, backward)
                 print(f"{shape:9} {str(dtype)[6:]:8} {'fwd+bwd' if backward else 'fwd':7} "
-                      + "  ".join(f"{p} {m:.3f}" for p, m in med.items())
+                      + "  ".join(f"{p} {med[p]:.3f} ({med_cpu[p]:.3f})" for p in names)
                       + f"  | peer/ours {peer / ours:.2f}x  ref/ours {med['reference'] / ours:.2f}x"
-                      f"  ours {gflops:.0f} GFLOP/s")  # fmt: skip
+                      f"  ours {flops / ours / 1e6:.0f} GFLOP/s ({flops / med_cpu['cpp'] / 1e6:.0f}"
+                      " per CPU second)")  # fmt: skip
 
 
 def ppo_interleaved(shape: str, dtype: str, rounds: int) -> None:
