@@ -2,11 +2,13 @@
 // simd.h), for decode_attention and decode_attention_rows (decode_layer_ops.cpp): the query's
 // scores by V-wide dot products, their exps in one vectorized pass (vmath.h), the weighted sum
 // of values with V-wide FMAs. Keys a row may not see are scored too (four keys at a time), but
-// their scores are dropped and their values never read. A rollout's decode step runs 8 rows x 4 heads of these over 16-64
+// their scores are dropped and their values never read. `scores` is scratch for 2 x length
+// floats (the second half holds the indices of the keys that weigh something). A rollout's decode step runs 8 rows x 4 heads of these over 16-64
 // keys; the scalar loop with std::exp it replaces ran them at ~12 GFLOP/s.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "cpu/simd.h"
 #include "cpu/vmath.h"
@@ -66,20 +68,35 @@ float decode_attend(const float* q, const void* keys, const void* values, const 
     const int n = static_cast<int>(length - j < V::W ? length - j : V::W);
     V::store(scores + j, exp_nonpositive<V>(V::sub(V::load(scores + j, n), shift)), n);
   }
+  // The keys that weigh something, compacted (weights into scores' front, indices into its
+  // second half): the weighted sum then runs without branches, and a key the row may not see
+  // is never read (0 * inf in its cache row would be NaN). An exp that underflowed to 0 adds
+  // nothing either way; a NaN weight is kept, so NaN reaches the output.
+  int32_t* index = reinterpret_cast<int32_t*>(scores + length);
+  int64_t count = 0;
   float total = 0.0f;
-  for (j = 0; j < length; ++j) total += scores[j];
-  // The weighted sum one D-chunk at a time, its accumulators in registers: two chains
-  // (alternate keys) to hide the FMA latency; each value element is read once.
+  for (j = 0; j < length; ++j) {
+    total += scores[j];
+    if (scores[j] != 0.0f) {
+      scores[count] = scores[j];
+      index[count++] = static_cast<int32_t>(j);
+    }
+  }
+  // One D-chunk at a time, four accumulators in registers (alternate keys) to hide the FMA
+  // latency; each value element is read once.
   for (int64_t d = 0; d < D; d += V::W) {
     const int n = static_cast<int>(D - d < V::W ? D - d : V::W);
-    reg sums[2] = {V::zero(), V::zero()};
-    int chain = 0;
-    for (j = 0; j < length; ++j) {
-      if (scores[j] == 0.0f) continue;  // a key the row may not see (or an exp that underflowed)
-      sums[chain] = V::fma(V::set1(scores[j]), V::load(v + j * D + d, n), sums[chain]);
-      chain ^= 1;
+    const T* vd = v + d;
+    reg a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+    int64_t c = 0;
+    for (; c + 4 <= count; c += 4) {
+      a0 = V::fma(V::set1(scores[c]), V::load(vd + index[c] * D, n), a0);
+      a1 = V::fma(V::set1(scores[c + 1]), V::load(vd + index[c + 1] * D, n), a1);
+      a2 = V::fma(V::set1(scores[c + 2]), V::load(vd + index[c + 2] * D, n), a2);
+      a3 = V::fma(V::set1(scores[c + 3]), V::load(vd + index[c + 3] * D, n), a3);
     }
-    V::store(acc + d, V::add(sums[0], sums[1]), n);
+    for (; c < count; ++c) a0 = V::fma(V::set1(scores[c]), V::load(vd + index[c] * D, n), a0);
+    V::store(acc + d, V::add(V::add(a0, a1), V::add(a2, a3)), n);
   }
   return total;
 }

@@ -147,7 +147,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& qkv, const at::Tensor& cos,
     // Heads in parallel once the context is long enough to pay for the threads.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, length * D));
     at::parallel_for(0, heads, grain, [&](int64_t h_begin, int64_t h_end) {
-      std::vector<float> scores(length), acc(D);
+      std::vector<float> scores(2 * length), acc(D);  // see DecodeAttendFn
       for (int64_t h = h_begin; h < h_end; ++h) {
         const int64_t g = h / group;
         const float* qh = q.data() + h * D;
@@ -210,7 +210,7 @@ at::Tensor decode_attention_rows_cpu(const at::Tensor& q, const at::Tensor& keys
     // threads in chunks of >= ~64 kflop.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * D));
     at::parallel_for(0, B * heads, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> qh(D), scores(length), acc(D);
+      std::vector<float> qh(D), scores(2 * length), acc(D);  // see DecodeAttendFn
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t b = pair / heads, h = pair % heads, g = h / group;
         const bool* row_mask = mask + b * length;

@@ -106,7 +106,7 @@ using SiluMulFn = void (*)(const SiluMulArgs&, int64_t begin, int64_t end);
 // decode attention of one fp32 query q[D] over `length` cached positions (rows of D in keys and
 // values, of the table's dtype), skipping those whose visible[j] is false (nullptr: all
 // visible): acc[D] = sum_j exp(s_j - max s) v_j, unnormalised; returns the softmax's total (0
-// when no position is visible). scores: scratch for `length` floats.
+// when no position is visible). scores: scratch for 2 x `length` floats.
 using DecodeAttendFn = float (*)(const float* q, const void* keys, const void* values,
                                  const bool* visible, int64_t length, int64_t D, float scale,
                                  float* scores, float* acc);
