@@ -36,9 +36,9 @@ KernelTable make_kernel_table(const char* isa) {
   table.silu_mul_backward[kF32] = &silu_mul_backward<V, float>;
   table.silu_mul_backward[kBF16] = &silu_mul_backward<V, bf16_t>;
   table.silu_mul_backward[kF16] = &silu_mul_backward<V, fp16_t>;
-  table.silu_mul_forward_as_torch[kF32] = &silu_mul_forward_as_torch<V, float>;
-  table.silu_mul_forward_as_torch[kBF16] = &silu_mul_forward_as_torch<V, bf16_t>;
-  table.silu_mul_forward_as_torch[kF16] = &silu_mul_forward_as_torch<V, fp16_t>;
+  table.silu_mul_forward_as_torch[kF32] = &silu_mul_forward<V, float, true>;
+  table.silu_mul_forward_as_torch[kBF16] = &silu_mul_forward<V, bf16_t, true>;
+  table.silu_mul_forward_as_torch[kF16] = &silu_mul_forward<V, fp16_t, true>;
   table.decode_attend[kF32] = &decode_attend<V, float>;
   table.decode_attend[kBF16] = &decode_attend<V, bf16_t>;
   table.decode_attend[kF16] = &decode_attend<V, fp16_t>;

@@ -3,7 +3,7 @@
 // Elementwise: the caller splits the arrays among threads.
 //
 // Computed in fp32 whatever T is, each output rounded once to T (torch's bf16 ops round the
-// silu, then the product: one rounding more).
+// silu, then the product: one rounding more; the forward's kRoundSilu does that too).
 // silu(g) = g * sigmoid(g), vmath.h's sigmoid (one exp of -|g|: a few ulps).
 // Backward, with s = sigmoid(g):  d_up = dy * silu(g),  d_gate = dy * up * s * (1 + g (1 - s)).
 #pragma once
@@ -14,7 +14,10 @@
 namespace rlhf_fast {
 namespace RLHF_ISA_NS {
 
-template <class V, class T>
+// kRoundSilu: the silu rounded to T before the product, as torch's bf16 / fp16 pair
+// F.silu(gate) * up rounds it. The decoders use that (decode_silu_mul), so that their logits
+// follow HF's unfused MLP's.
+template <class V, class T, bool kRoundSilu = false>
 void silu_mul_forward(const SiluMulArgs& args, int64_t begin, int64_t end) {
   const T* gate = static_cast<const T*>(args.gate);
   const T* up = static_cast<const T*>(args.up);
@@ -22,23 +25,8 @@ void silu_mul_forward(const SiluMulArgs& args, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; i += V::W) {
     const int n = static_cast<int>(end - i < V::W ? end - i : V::W);
     const typename V::reg g = V::load(gate + i, n);
-    const typename V::reg u = V::load(up + i, n);
-    V::store(out + i, V::mul(V::mul(g, sigmoid<V>(g)), u), n);
-  }
-}
-
-// The same product rounded as torch's bf16 / fp16 pair F.silu(gate) * up rounds it: the silu
-// to T, then the product. The decoders use it (decode_silu_mul), so that their logits follow
-// HF's unfused MLP's.
-template <class V, class T>
-void silu_mul_forward_as_torch(const SiluMulArgs& args, int64_t begin, int64_t end) {
-  const T* gate = static_cast<const T*>(args.gate);
-  const T* up = static_cast<const T*>(args.up);
-  T* out = static_cast<T*>(args.out);
-  for (int64_t i = begin; i < end; i += V::W) {
-    const int n = static_cast<int>(end - i < V::W ? end - i : V::W);
-    const typename V::reg g = V::load(gate + i, n);
-    const typename V::reg silu = V::round_as(V::mul(g, sigmoid<V>(g)), T{});
+    typename V::reg silu = V::mul(g, sigmoid<V>(g));
+    if constexpr (kRoundSilu) silu = V::round_as(silu, T{});
     V::store(out + i, V::mul(silu, V::load(up + i, n)), n);
   }
 }
