@@ -243,8 +243,9 @@ class PPOTrainer:
         self.step = 0
         self.position = {"epoch": 0, "index": 0, "ptx": {"epoch": 0, "index": 0}}
         self._pause = _pause_request()
-        # (step, TrainingForward): the first epoch's forward, run by the rollout of that step
-        self._first_forward: tuple[int, TrainingForward] | None = None
+        # (step, TrainingForward, its seconds): the first epoch's forward, run by the rollout
+        # of that step; its time counts as training in the metrics (rollout_s, train_s)
+        self._first_forward: tuple[int, TrainingForward, float] | None = None
 
     # ------------------------------------------------------------------ rollout
 
@@ -326,7 +327,7 @@ class PPOTrainer:
             "non_score_reward": shaped.non_score_rewards.sum(1).mean().item(),
             "response_length": mask.sum(1).float().mean().item(),
             "ended": out.ended.float().mean().item(),
-            "rollout_s": time.perf_counter() - started,
+            "rollout_s": time.perf_counter() - started - self._first_forward_seconds(step),
             "rollout_tok/s": int(mask.sum()) / max(generated - started, 1e-9),
         }
         self.kl_controller.update(sequence_kl, len(indices))
@@ -356,6 +357,12 @@ class PPOTrainer:
         """(minibatch rows, micro-batch rows) of the PPO epochs over a batch of `batch` rows."""
         mini = min(self.config.mini_batch_size or batch, batch)
         return mini, max(1, math.ceil(mini / self.config.grad_accum))
+
+    def _first_forward_seconds(self, step: int) -> float:
+        """Seconds of step `step`'s first-epoch forward that its rollout ran, else 0."""
+        if self._first_forward is None or self._first_forward[0] != step:
+            return 0.0
+        return self._first_forward[2]
 
     def _first_forward_reusable(self, batch: int) -> bool:
         """Whether the rollout can run the first PPO epoch's training forward (see
@@ -399,12 +406,13 @@ class PPOTrainer:
         hidden.clear()  # before the graph is built: the peak is the training forward's
         rows = self._epoch_order(step, 0, out.query.shape[0])
         models.train()  # as optimize() runs it (gradient checkpointing applies in train mode)
+        forward_started = time.perf_counter()
         try:
             with torch.enable_grad():
                 forward = self._training_forward(out, rows)
         finally:
             models.eval()
-        self._first_forward = (step, forward)
+        self._first_forward = (step, forward, time.perf_counter() - forward_started)
         old_logprobs = torch.zeros_like(out.logprobs)
         values = torch.zeros_like(out.logprobs)
         width = forward.response.shape[1]
@@ -505,7 +513,7 @@ class PPOTrainer:
         batch = exp.query.shape[0]
         mini, micro = self._micro_batch_rows(batch)
         parts = []
-        first_step, first_forward = self._first_forward or (None, None)
+        first_step, first_forward, _ = self._first_forward or (None, None, 0.0)
         self._first_forward = None
         for epoch in range(config.ppo_epochs):
             order = self._epoch_order(step, epoch, batch)
@@ -583,7 +591,7 @@ class PPOTrainer:
                 self.position.update(epoch=position["epoch"], index=position["index"])
                 lr = self.scheduler.get_last_lr()[0]
                 experience, record, samples = self.rollout(indices, self.step)
-                started = time.perf_counter()
+                started = time.perf_counter() - self._first_forward_seconds(self.step)
                 record.update(self.optimize(experience, self.step))
                 record["train_s"] = time.perf_counter() - started
                 record["train_tok/s"] = record.pop("train_tokens") / max(record["train_s"], 1e-9)
