@@ -2,9 +2,9 @@
 // softmax attention of short sequences (training and scoring passes: Tq == Tk, no KV cache),
 // forward and backward, fp32 / bf16 / fp16 in, fp32 arithmetic (short_attention_kernel.h).
 //
-// torch's CPU flash attention takes ~3.9 ms fwd+bwd at the PPO bench's [16, 4, 64, 64] fp32
-// (2 threads) for ~100 MFLOP: its per-block bookkeeping, not arithmetic, dominates at 64
-// positions. Here each (batch, head) pair is a handful of register-blocked products over the
+// torch's CPU flash attention takes ~2.0 ms fwd+bwd at the PPO bench's [16, 4, 64, 64] fp32
+// (2 threads, a quiet machine) for ~100 MFLOP: its per-block bookkeeping, not arithmetic,
+// dominates at 64 positions. Here each (batch, head) pair is a handful of register-blocked products over the
 // visible part of its T x T scores.
 //
 // q [B, H, T, D], k and v [B, Hkv, T, D] (H a multiple of Hkv), any strides; mask: bool,
