@@ -9,6 +9,7 @@
 #include "cpu/rank_loss_kernel.h"
 #include "cpu/rms_norm_kernel.h"
 #include "cpu/rotary_kernel.h"
+#include "cpu/sample_logits_kernel.h"
 #include "cpu/short_attention_kernel.h"
 #include "cpu/silu_mul_kernel.h"
 #include "cpu/token_logprobs_kernel.h"
@@ -65,6 +66,9 @@ KernelTable make_kernel_table(const char* isa) {
   table.token_logprobs_backward[kF32] = &token_logprobs_backward_rows<V, float>;
   table.token_logprobs_backward[kBF16] = &token_logprobs_backward_rows<V, bf16_t>;
   table.token_logprobs_backward[kF16] = &token_logprobs_backward_rows<V, fp16_t>;
+  table.sample_logits[kF32] = &sample_logits_rows<V, float>;
+  table.sample_logits[kBF16] = &sample_logits_rows<V, bf16_t>;
+  table.sample_logits[kF16] = &sample_logits_rows<V, fp16_t>;
   table.short_attention_forward[kF32] = &short_attention_forward<V, float>;
   table.short_attention_forward[kBF16] = &short_attention_forward<V, bf16_t>;
   table.short_attention_forward[kF16] = &short_attention_forward<V, fp16_t>;

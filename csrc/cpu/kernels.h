@@ -184,6 +184,22 @@ struct TokenLogprobsArgs {
 };
 using TokenLogprobsFn = void (*)(const TokenLogprobsArgs&, int64_t row_begin, int64_t row_end);
 
+// sample_logits: rows [row_begin, row_end) of logits [B, V] (row_stride in elements, unit
+// stride along V): tokens (int64 [B]) drawn with uniforms (fp64 [B], in [0, 1)) from
+// softmax(logits / temperature) restricted to the top_k largest (0: all), and their log-probs
+// under the unrestricted softmax (fp32 [B]); bad[row] = 1 for a row with no distribution (a
+// NaN or +inf logit, or only -inf). See sample_logits_kernel.h.
+struct SampleLogitsArgs {
+  const void* logits;
+  int64_t row_stride, V, top_k;
+  float inv_temperature;
+  const double* uniforms;
+  int64_t* tokens;
+  float* logprobs;
+  uint8_t* bad;
+};
+using SampleLogitsFn = void (*)(const SampleLogitsArgs&, int64_t row_begin, int64_t row_end);
+
 // short_attention: causal / masked softmax attention of short sequences (Tq == Tk), forward
 // and backward, one (batch, head) pair at a time (short_attention_kernel.h). q [B, H, T, D],
 // k and v [B, Hkv, T, D] with any strides (in elements); the mask, when given, bytes with unit
@@ -247,6 +263,7 @@ struct KernelTable {
   RmsNormBackwardFn rms_norm_backward[kNumDTypes][2];
   TokenLogprobsFn token_logprobs[kNumDTypes];
   TokenLogprobsFn token_logprobs_backward[kNumDTypes];
+  SampleLogitsFn sample_logits[kNumDTypes];
   ShortAttentionFn short_attention_forward[kNumDTypes];
   ShortAttentionFn short_attention_backward[kNumDTypes];
 };

@@ -57,6 +57,13 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad, const at::Tensor&
                                        const at::Tensor& tokens, const at::Tensor& stats,
                                        double temperature);
 
+// One token per row of logits [B, V] drawn with uniforms [B] (fp64) from softmax(logits /
+// temperature) restricted to the top_k largest (0: all), and its log-prob under the whole
+// softmax: (tokens int64 [B], logprobs fp32 [B]) (sample_logits_op.cpp).
+std::tuple<at::Tensor, at::Tensor> sample_logits_cpu(const at::Tensor& logits,
+                                                     const at::Tensor& uniforms,
+                                                     double temperature, int64_t top_k);
+
 // Causal and/or bool-masked attention of short sequences and its backward
 // (short_attention_op.cpp): (out, probs) and (dq, dk, dv).
 std::tuple<at::Tensor, at::Tensor> short_attention_cpu(const at::Tensor& q, const at::Tensor& k,

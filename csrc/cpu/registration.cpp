@@ -55,6 +55,9 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "token_logprobs_backward(Tensor grad, Tensor logits, Tensor tokens, Tensor stats,"
       " float temperature) -> Tensor");
   m.def(
+      "sample_logits(Tensor logits, Tensor uniforms, float temperature, int top_k)"
+      " -> (Tensor tokens, Tensor logprobs)");
+  m.def(
       "short_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale)"
       " -> (Tensor out, Tensor probs)");
   m.def(
@@ -84,6 +87,7 @@ TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("rotary_embedding", &rlhf_fast::rotary_embedding_cpu);
   m.impl("token_logprobs", &rlhf_fast::token_logprobs_cpu);
   m.impl("token_logprobs_backward", &rlhf_fast::token_logprobs_backward_cpu);
+  m.impl("sample_logits", &rlhf_fast::sample_logits_cpu);
   m.impl("short_attention", &rlhf_fast::short_attention_cpu);
   m.impl("short_attention_backward", &rlhf_fast::short_attention_backward_cpu);
 }

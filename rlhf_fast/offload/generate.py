@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.models.sampling import sample_tokens
+from rlhf_fast.models.sampling import sample_tokens_and_logprobs
 from rlhf_fast.offload.kv_cache import compressed_cache
 from rlhf_fast.offload.model import OffloadedLM
 
@@ -248,10 +248,9 @@ def _generate(
     for _ in range(max_new_tokens):
         started = time.perf_counter()
         logits = torch.cat(forward(lm, batches, tokens))
-        chosen = sample_tokens(logits, temperature, top_k, generator)
+        chosen, chosen_logprobs = sample_tokens_and_logprobs(logits, temperature, top_k, generator)
         if logprobs is not None:
-            scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-            logprobs.append(scaled.log_softmax(-1).gather(-1, chosen[:, None])[:, 0])
+            logprobs.append(chosen_logprobs)
         chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
         generated.append(chosen)
         if step_seconds is not None:

@@ -13,6 +13,7 @@ from rlhf_fast.ops.quant_matmul import quant_matmul, quant_matmul_reference
 from rlhf_fast.ops.rank_loss import rank_loss, rank_loss_reference
 from rlhf_fast.ops.rms_norm import rms_norm, rms_norm_reference
 from rlhf_fast.ops.rotary import rotary_embedding, rotary_embedding_reference
+from rlhf_fast.ops.sample_logits import sample_logits, sample_logits_reference
 from rlhf_fast.ops.short_attention import short_attention, short_attention_reference
 from rlhf_fast.ops.silu_mul import silu_mul, silu_mul_reference
 from rlhf_fast.ops.token_logprobs import token_logprobs, token_logprobs_reference
@@ -33,6 +34,8 @@ __all__ = [
     "rms_norm_reference",
     "rotary_embedding",
     "rotary_embedding_reference",
+    "sample_logits",
+    "sample_logits_reference",
     "short_attention",
     "short_attention_reference",
     "silu_mul",

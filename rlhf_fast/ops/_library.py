@@ -159,3 +159,13 @@ if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "short_attention"):
             q.new_empty(kv_shape).transpose(1, 2),
             q.new_empty(kv_shape).transpose(1, 2),
         )
+
+
+if _native.cpp is not None and hasattr(torch.ops.rlhf_fast, "sample_logits"):
+
+    @torch.library.register_fake("rlhf_fast::sample_logits")
+    def _sample_logits_fake(logits, uniforms, temperature, top_k):
+        rows = logits.shape[0]
+        return logits.new_empty((rows,), dtype=torch.int64), logits.new_empty(
+            (rows,), dtype=torch.float32
+        )

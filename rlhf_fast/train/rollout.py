@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.models.sampling import sample_tokens
+from rlhf_fast.models.sampling import sample_tokens_and_logprobs
 from rlhf_fast.train.ppo_math import token_logprobs
 
 
@@ -338,14 +338,12 @@ def _sample(steps, query, query_mask, pad_token_id, eos, max_new_tokens, tempera
     last_logits = steps.start(query, query_mask, max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=query.device)
     tokens, masks, logprobs = [], [], []
-    scale = temperature if temperature > 0 else 1.0
     for step in range(max_new_tokens):
-        token = sample_tokens(last_logits, temperature, top_k, generator)
-        logprob = torch.log_softmax(last_logits.float() / scale, -1).gather(-1, token[:, None])
+        token, logprob = sample_tokens_and_logprobs(last_logits, temperature, top_k, generator)
         alive = ~finished
         tokens.append(torch.where(alive, token, pad_token_id))
         masks.append(alive)
-        logprobs.append(torch.where(alive, logprob.squeeze(-1), 0.0))
+        logprobs.append(torch.where(alive, logprob, 0.0))
         finished = finished | torch.isin(token, eos)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
