@@ -60,7 +60,8 @@ float sample_top_k_threshold(const T* x, int64_t n, int64_t top_k, std::vector<f
 
 // The first index of weights[0, count) whose fp64 running sum exceeds target, or the last
 // positive one when rounding leaves the target past every sum.
-inline int64_t sample_search(const double* weights, int64_t count, double target) {
+template <class W>
+int64_t sample_search(const W* weights, int64_t count, double target) {
   double running = 0.0;
   int64_t last_positive = 0;
   for (int64_t i = 0; i < count; ++i) {
@@ -78,7 +79,7 @@ void sample_logits_rows(const SampleLogitsArgs& a, int64_t row_begin, int64_t ro
   const int64_t n = a.V, blocks = (n + kSampleBlock - 1) / kSampleBlock;
   const float inv_t = a.inv_temperature;
   std::vector<float> kept(n), copy;
-  std::vector<double> block_sums(blocks), inside(kSampleBlock);
+  std::vector<double> block_sums(blocks);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* x = static_cast<const T*>(a.logits) + row * a.row_stride;
     const float row_max = sample_row_max<V>(x, n);
@@ -122,8 +123,7 @@ void sample_logits_rows(const SampleLogitsArgs& a, int64_t row_begin, int64_t ro
     double before = 0.0;
     for (int64_t b = 0; b < block; ++b) before += block_sums[b];
     const int64_t begin = block * kSampleBlock, end = std::min(n, begin + kSampleBlock);
-    for (int64_t k = begin; k < end; ++k) inside[k - begin] = kept[k];
-    const int64_t token = begin + sample_search(inside.data(), end - begin, target - before);
+    const int64_t token = begin + sample_search(kept.data() + begin, end - begin, target - before);
     a.tokens[row] = token;
     a.logprobs[row] = (to_float(x[token]) - row_max) * inv_t - static_cast<float>(std::log(all));
   }
