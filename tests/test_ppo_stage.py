@@ -658,3 +658,21 @@ def test_rollout_scored_in_one_stacked_pass_equals_one_pass_per_role(stages, tmp
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == "fp32" else {"atol": 1e-3, "rtol": 1e-3}
     for field in ("logprobs", "values", "advantages", "returns"):
         torch.testing.assert_close(getattr(stacked, field), getattr(separate, field), **tolerance)
+
+
+def test_mode_switches_reach_every_module_even_when_skipped(stages):
+    """PPOModels.train skips a switch only where every module is already in that mode: a
+    submodule left in the other mode (by a caller's own .train()) is still switched."""
+    models = build(stages)
+    models.eval()
+    assert not any(m.training for m in models.modules())
+    models.eval()  # nothing to switch
+    models.model.get_base_model().model.layers[0].mlp.train()
+    models.eval()
+    assert not any(m.training for m in models.modules())
+    models.train()
+    assert all(m.training for m in models.modules())
+    models.critic_head.eval()
+    models.train()
+    assert all(m.training for m in models.modules())
+    models.eval()

@@ -259,11 +259,16 @@ def evaluating(model: torch.nn.Module):
     """`model` in eval mode inside (no dropout while sampling: the log-probs PPO stores must
     be exact), in the caller's mode again afterwards, even on an exception."""
     was_training = model.training
-    model.eval()
+    # a switch sets `training` on every module (~1.4 ms on the PPO bench's policy): skipped
+    # where no module is training, as in PPO, whose models are already in eval mode here
+    switch = any(module.training for module in model.modules())
+    if switch:
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
 
 
 def scored_rollout(
