@@ -119,6 +119,31 @@ def fused_adapter_call(layer: LoraLinear, x: torch.Tensor, adapter: str):
     return out, None
 
 
+def fused_rows_call(layer: LoraLinear, x: torch.Tensor, blocks) -> torch.Tensor | None:
+    """`layer` on x [rows, ..., in] whose row blocks (adapter or None, first row, end row) each
+    run their own adapter, through one ops.lora_linear_by_rows call (one base GEMM over every
+    row, each way); None where that op does not cover the call (dropout, autocast, CUDA
+    inputs, a base the fused op does not take), for the caller's per-block path."""
+    if torch.is_autocast_enabled(x.device.type) or peft_is_faster_here(x):
+        return None
+    weight, bias, reason = _base_weight(layer)
+    if reason is not None or (not isinstance(weight, QuantizedWeight) and weight.dtype != x.dtype):
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    unit = x2d.shape[0] // blocks[-1][2]  # positions per row where the input has them
+    rows = []
+    for adapter, start, stop in blocks:
+        if adapter is None or adapter not in layer.lora_A:
+            continue  # the base alone
+        dropout = layer.lora_dropout[adapter]
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            return None
+        rows.append(ops.LoraRows(start * unit, stop * unit, layer.lora_A[adapter].weight,
+                                 layer.lora_B[adapter].weight, layer.scaling[adapter]))  # fmt: skip
+    out = ops.lora_linear_by_rows(x2d, weight, bias, rows)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     reason = _uncovered(self, args, kwargs)
     if reason is None:

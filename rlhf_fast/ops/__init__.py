@@ -8,7 +8,13 @@ overrides that pick. The "reference" backend is plain PyTorch and defines each o
 from rlhf_fast.ops import _library  # noqa: F401  (fake implementations for torch.compile)
 from rlhf_fast.ops._dispatch import BACKENDS, BackendUnavailableError, backends
 from rlhf_fast.ops.gae import gae, gae_reference
-from rlhf_fast.ops.lora_linear import lora_linear, lora_linear_reference
+from rlhf_fast.ops.lora_linear import (
+    LoraRows,
+    lora_linear,
+    lora_linear_by_rows,
+    lora_linear_by_rows_reference,
+    lora_linear_reference,
+)
 from rlhf_fast.ops.quant_matmul import quant_matmul, quant_matmul_reference
 from rlhf_fast.ops.rank_loss import rank_loss, rank_loss_reference
 from rlhf_fast.ops.rms_norm import rms_norm, rms_norm_reference
@@ -24,7 +30,10 @@ __all__ = [
     "backends",
     "gae",
     "gae_reference",
+    "LoraRows",
     "lora_linear",
+    "lora_linear_by_rows",
+    "lora_linear_by_rows_reference",
     "lora_linear_reference",
     "quant_matmul",
     "quant_matmul_reference",

@@ -30,6 +30,8 @@ B's dtypes (peft keeps fp32 adapters on a bf16 model: those get bf16-accurate gr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -384,3 +386,122 @@ def lora_linear(
     if backend == "reference":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout)
     return _lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, dropout, backend)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks of rows, each with its own adapter (PPO's stacked roles: lora/row_groups.py)
+# --------------------------------------------------------------------------------------------
+
+
+class LoraRows(NamedTuple):
+    """Rows [start, stop) of x2d and the LoRA adapter they run (no dropout)."""
+
+    start: int
+    stop: int
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+
+def lora_linear_by_rows_reference(
+    x2d: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
+    bias: torch.Tensor | None,
+    blocks: list[LoraRows],
+) -> torch.Tensor:
+    """The definition of lora_linear_by_rows, in fp32 with plain autograd (as
+    lora_linear_reference), returned in x2d's dtype."""
+    if isinstance(weight, QuantizedWeight):
+        dense = weight.dequantize(torch.float32).to(x2d.device)
+    else:
+        dense = weight.detach().float()
+    x32 = x2d.float()
+    y = F.linear(x32, dense, None if bias is None else bias.float())
+    pieces, row = [], 0
+    for block in sorted(blocks, key=lambda b: b.start):
+        pieces.append(y.new_zeros(block.start - row, y.shape[1]))  # rows of the base alone
+        low_rank = F.linear(F.linear(x32[block.start : block.stop], block.lora_A.float()),
+                            block.lora_B.float())  # fmt: skip
+        pieces.append(block.scaling * low_rank)
+        row = block.stop
+    pieces.append(y.new_zeros(y.shape[0] - row, y.shape[1]))
+    return (y + torch.cat(pieces)).to(x2d.dtype)
+
+
+class _LoraLinearByRows(torch.autograd.Function):
+    """One base GEMM over every row each way; each block's low-rank term in place on its rows.
+    Per-block lora_linear calls would run the base once per block (GEMMs of fewer rows), and
+    autograd would give each block's slice of x its own full-size zero-filled gradient to sum."""
+
+    @staticmethod
+    def forward(ctx, x2d, bias, base, spans, *adapters):
+        compute = x2d.dtype
+        y = base.forward(x2d, bias)
+        saved = []
+        for (start, stop, scaling), (lora_a, lora_b) in zip(
+            spans, zip(adapters[0::2], adapters[1::2], strict=True), strict=True
+        ):
+            a, b = lora_a.detach().to(compute), lora_b.detach().to(compute)
+            scaled_t = torch.mm(x2d[start:stop], a.t()).mul_(scaling)  # [rows, r]
+            y[start:stop].addmm_(scaled_t, b.t())
+            saved += [a, b, scaled_t]
+        ctx.base, ctx.spans = base, spans
+        ctx.lora_dtypes = [t.dtype for t in adapters]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x2d, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        _checks.first_order_backward("lora_linear")
+        x2d, *saved = ctx.saved_tensors
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_y = grad_y.to(x2d.dtype)
+        grad_x = ctx.base.grad_input(grad_y) if need_x else None
+        grads = []
+        for index, (start, stop, scaling) in enumerate(ctx.spans):
+            a, b, scaled_t = saved[3 * index : 3 * index + 3]
+            rows_grad = grad_y[start:stop]
+            scaled_dt = torch.mm(rows_grad, b).mul_(scaling)  # s * dy B, [rows, r]
+            if need_x:
+                grad_x[start:stop].addmm_(scaled_dt, a)
+            grads.append(torch.mm(scaled_dt.t(), x2d[start:stop]).to(ctx.lora_dtypes[2 * index]))
+            grads.append(torch.mm(rows_grad.t(), scaled_t).to(ctx.lora_dtypes[2 * index + 1]))
+        grad_bias = grad_y.sum(0).to(ctx.bias_dtype) if need_bias else None
+        return grad_x, grad_bias, None, None, *grads
+
+
+def lora_linear_by_rows(
+    x2d: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
+    bias: torch.Tensor | None,
+    blocks: list[LoraRows],
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x2d [M, in] @ W.T (+ bias), plus on the rows of each block its own LoRA term,
+    block.scaling * (x2d[rows] @ A.T) @ B.T (rows in no block get the base alone): the layer
+    of several adapters run as one batch (PPO's policy and critic rows, lora/row_groups.py),
+    without dropout. Blocks must not overlap. Gradients flow to x2d, each A and B and a bias
+    that requires grad; each block's adapter is checked as lora_linear checks one."""
+    blocks = sorted(blocks, key=lambda block: block.start)
+    rows = x2d.shape[0] if isinstance(x2d, torch.Tensor) and x2d.dim() == 2 else None
+    if rows is None:
+        raise ValueError(f"x2d must be [M, in_features], got {getattr(x2d, 'shape', x2d)}")
+    end = 0
+    for block in blocks:
+        if not (end <= block.start < block.stop <= rows):
+            raise ValueError(f"blocks must be non-empty, in [0, {rows}) and not overlap, got "
+                             f"{[(b.start, b.stop) for b in blocks]}")  # fmt: skip
+        _check(x2d, weight, bias, block.lora_A, block.lora_B, block.scaling, 0.0)
+        end = block.stop
+    if not blocks:
+        _checks.tensor(x2d, "x")
+    backend = _dispatch.choose("lora_linear", x2d.device, backend)
+    if backend == "reference":
+        return lora_linear_by_rows_reference(x2d, weight, bias, blocks)
+    # the torch epilogue on any device: one GEMM per block and direction is all the LoRA adds
+    base = _QuantizedBase(weight) if isinstance(weight, QuantizedWeight) else _DenseBase(weight)
+    spans = tuple((block.start, block.stop, float(block.scaling)) for block in blocks)
+    adapters = [t for block in blocks for t in (block.lora_A, block.lora_B)]
+    return _LoraLinearByRows.apply(x2d, bias, base, spans, *adapters)
