@@ -57,6 +57,15 @@ def finite_float(value: object, name: str) -> float:
     return float(value)
 
 
+def temperature(value: object) -> float:
+    """A softmax temperature: a finite float > 0 (greedy decoding is argmax, not 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    return float(value)
+
+
 def first_order_backward(op: str) -> None:
     """Called at the top of a fused backward whose C++ op has no autograd formula. Under
     create_graph=True (grad mode is on inside backward only then) its result would carry no

@@ -13,8 +13,6 @@ falls within rounding (~1e-7 of the row's mass) of the boundary between two toke
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from rlhf_fast.models.sampling import pick_from_weights
@@ -63,15 +61,9 @@ def _check(logits: object, uniforms: object, temperature: object, top_k: object)
             f"uniforms must have shape ({logits.shape[0]},) (one per row), got "
             f"{tuple(uniforms.shape)}"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"temperature must be finite and > 0 (greedy is argmax), got {temperature}"
-        )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: every token), got {top_k!r}")
-    return float(temperature)
+    return _checks.temperature(temperature)
 
 
 def sample_logits(

@@ -11,8 +11,6 @@ floats per row for the backward, nothing of size V) and writes the gradient in o
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from rlhf_fast.ops import _checks, _dispatch
@@ -88,10 +86,7 @@ def _check(logits: object, tokens: object, temperature: object) -> float:
             f"{tuple(tokens.shape)}"
         )
     _checks.same_device(tokens, "tokens", logits, "logits")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    temperature = _checks.temperature(temperature)
     # on the CPU only: the check would wait for a GPU (whose gather asserts on its own)
     if tokens.device.type == "cpu" and tokens.numel() > 0:
         low, high = torch.aminmax(tokens)
