@@ -33,6 +33,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -46,6 +47,12 @@ namespace dense_bf16_dot {
 constexpr int64_t kStep = 32;        // bf16 per vdpbf16ps
 constexpr int kMaxSums = 24;         // zmm sums per block
 constexpr int64_t kBroadcastRows = 8;  // from this many rows: bf16_broadcast_rows
+// Rows of up to this many columns (2 KB) are prefetched a block ahead: a block reads 8-16 rows
+// of 1 KB each, streams too short for the hardware prefetcher to ramp up. Zen 4, 2 threads,
+// weights rotated over 96 MB, on / off interleaved: K = 512 1.05-1.16x (8 rows 13.1 -> 14.3
+// and 14.3 -> 16.1 GB/s), K = 1376 1.00-1.06x; K = 2048 0.89-1.05x (8 and 16 rows slower: those
+// rows stream well on their own, and the extra prefetches compete with them).
+constexpr int64_t kPrefetchMaxK = 1024;
 
 // Lane i of the result is the sum of the 16 lanes of v[i] (a tree of 15 vector adds and 30
 // shuffles instead of 16 horizontal sums of ~7 dependent instructions each).
@@ -80,6 +87,10 @@ void bf16_dot_block(const DenseGemvArgs& a, int64_t n, int channels) {
   const uint16_t* x[R];
   for (int c = 0; c < C; ++c) w[c] = weights + (n + (c < channels ? c : 0)) * ldw;
   for (int r = 0; r < R; ++r) x[r] = inputs + r * a.ldx;
+  // The next block's rows (those that exist), read ahead: see kPrefetchMaxK.
+  const bool ahead = n + C < a.N && K <= kPrefetchMaxK;
+  const uint16_t* next[C];
+  for (int c = 0; c < C; ++c) next[c] = weights + std::min<int64_t>(n + C + c, a.N - 1) * ldw;
   constexpr int kSums = (R * C + 15) / 16 * 16;  // whole groups of 16 for the reduction
   __m512 sums[kSums];
 #pragma GCC unroll 32
@@ -89,7 +100,10 @@ void bf16_dot_block(const DenseGemvArgs& a, int64_t n, int channels) {
         K - k >= kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << (K - k)) - 1);
     __m512bh wv[C];
 #pragma GCC unroll 16
-    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_maskz_loadu_epi16(lanes, w[c] + k);
+    for (int c = 0; c < C; ++c) {
+      wv[c] = (__m512bh)_mm512_maskz_loadu_epi16(lanes, w[c] + k);
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(next[c] + k), _MM_HINT_T0);
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(lanes, x[r] + k);
@@ -147,15 +161,20 @@ struct TransposeIndex {
 inline void transpose_chunk(const DenseGemvArgs& a, const TransposeIndex& index, int64_t n,
                             int channels, int64_t k0, int64_t columns, __m512i* buffer) {
   const uint16_t* const w = reinterpret_cast<const uint16_t*>(a.w) + n * a.ldw;
+  // the next block's rows that exist, read ahead (see kPrefetchMaxK)
+  const int64_t next_rows = a.K <= kPrefetchMaxK ? std::min<int64_t>(16, a.N - n - 16) : 0;
   for (int64_t k = k0; k < k0 + columns; k += kStep) {
     const __mmask32 lanes = a.K - k >= kStep ? ~__mmask32(0)
                             : a.K > k      ? static_cast<__mmask32>((uint64_t(1) << (a.K - k)) - 1)
                                            : __mmask32(0);
     __m512i v[16];
 #pragma GCC unroll 16
-    for (int c = 0; c < 16; ++c)
+    for (int c = 0; c < 16; ++c) {
       v[c] = c < channels ? _mm512_maskz_loadu_epi16(lanes, w + c * a.ldw + k)
                           : _mm512_setzero_si512();
+      if (c < next_rows && k < a.K)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (16 + c) * a.ldw + k), _MM_HINT_T0);
+    }
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const int d = 1 << j;
