@@ -121,3 +121,21 @@ def test_no_blocks_is_the_base_and_bad_blocks_are_refused():
         ops.lora_linear_by_rows(x, w, bias, [LoraRows(0, 4, a[:, :5], b, 1.0)])
     with pytest.raises(ValueError, match="x2d must be"):
         ops.lora_linear_by_rows(x[None], w, bias, blocks)
+
+
+def test_non_contiguous_x_and_adapters():
+    """x2d a strided view (every other column of a wider tensor) and B a transposed view: the
+    same values and gradients as on contiguous copies."""
+    x, w, bias, blocks, dy = _inputs(torch.float32, torch.float32, 11, [(1, 9), (9, 20)])
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1])
+    wide[:, ::2] = x.detach()
+    strided = wide[:, ::2].requires_grad_()
+    assert not strided.is_contiguous()
+    for block in blocks:
+        block.lora_B.data = block.lora_B.detach().t().contiguous().t()
+    y, dx, grads, _ = _run("cpp", strided, w, bias, blocks, dy)
+    ey, edx, egrads, _ = _oracle(x, w, bias, blocks, dy)
+    _assert_close(y, ey, torch.float32, "y")
+    _assert_close(dx, edx, torch.float32, "dx")
+    for actual, expected in zip(grads, egrads, strict=True):
+        _assert_close(actual, expected, torch.float32, "adapter gradient")
